@@ -1,0 +1,197 @@
+"""The detector bundle: everything needed to use a trained detector, in one folder.
+
+A bundle is a directory (local path or object-store URI) with two files:
+
+- ``weights.safetensors``: the MLP's state dict (safetensors: no pickle to trust);
+- ``detector.json``: format version, detector kind, CLIP model name and pretrained
+  tag/path, feature mode, MLP config (input width included), the decision threshold
+  and how it was calibrated, the training config and metrics, creation time, and a
+  content hash over the weights and the fields that change a score.
+
+``detector.json`` is written last, so a reader that finds it finds whole weights; the
+hash is checked on load, so weights overwritten under an older ``detector.json`` are
+caught. Scores are ``sigmoid(logit)``; the decision is ``logit >= threshold_logit``
+(made in logit space so that it stays exact where float probabilities saturate at 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from detector_core.features import FEATURE_MODES, feature_dim
+from detector_core.model import DetectorMLP
+from detector_core.storage import join, open_fs
+
+__all__ = ["FORMAT_VERSION", "BundleError", "DetectorBundle", "save_bundle", "load_bundle"]
+
+FORMAT_VERSION = 1
+KIND_CLIP_MLP = "clip-mlp"
+WEIGHTS_FILE = "weights.safetensors"
+META_FILE = "detector.json"
+
+
+class BundleError(RuntimeError):
+    """A bundle that is missing, corrupt, or does not fit this code."""
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+@dataclass
+class DetectorBundle:
+    """A trained detector and its metadata.
+
+    ``threshold_logit`` is the calibrated decision boundary; ``calibration`` records how
+    it was found (``target_fpr``, ``n_real``, ``achieved_fpr``, the split used).
+    """
+
+    model: DetectorMLP
+    clip_model: str
+    pretrained: str
+    feature_mode: str
+    threshold_logit: float = 0.0
+    calibration: dict = field(default_factory=lambda: {"method": "default", "note": "probability 0.5"})
+    training_config: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    kind: str = KIND_CLIP_MLP
+    created_at: str = ""
+    content_hash: str = ""
+
+    def __post_init__(self) -> None:
+        if self.feature_mode not in FEATURE_MODES:
+            raise BundleError(f"feature mode must be one of {FEATURE_MODES}, got {self.feature_mode!r}")
+
+    @property
+    def in_dim(self) -> int:
+        return self.model.in_dim
+
+    @property
+    def threshold(self) -> float:
+        """The decision threshold on the probability scale (for people; decide on logits)."""
+        return _sigmoid(self.threshold_logit)
+
+    @property
+    def needs_captions(self) -> bool:
+        return self.feature_mode == "image+text"
+
+    @property
+    def detector_id(self) -> str:
+        """Short stable name of these exact weights and settings."""
+        return f"{self.kind}-{self.content_hash[:12]}" if self.content_hash else f"{self.kind}-unsaved"
+
+    def _identity(self) -> dict:
+        return {
+            "kind": self.kind,
+            "clip_model": self.clip_model,
+            "pretrained": self.pretrained,
+            "feature_mode": self.feature_mode,
+            "model_config": self.model.config(),
+            "threshold_logit": self.threshold_logit,
+        }
+
+    def metadata(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            **self._identity(),
+            "in_dim": self.in_dim,
+            "threshold": self.threshold,
+            "calibration": self.calibration,
+            "training_config": self.training_config,
+            "metrics": self.metrics,
+            "created_at": self.created_at,
+            "content_hash": self.content_hash,
+        }
+
+
+def _hash(weights: bytes, identity: dict) -> str:
+    h = hashlib.sha256(weights)
+    h.update(json.dumps(identity, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def save_bundle(bundle: DetectorBundle, uri: str, storage_options: dict | None = None) -> str:
+    """Write a bundle to a directory (local or object store); returns its content hash."""
+    state = {k: v.detach().cpu().contiguous() for k, v in bundle.model.state_dict().items()}
+    weights = save_safetensors(state)
+    bundle.content_hash = _hash(weights, bundle._identity())
+    bundle.created_at = bundle.created_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    fs, root = open_fs(uri, storage_options)
+    fs.makedirs(root, exist_ok=True)
+    meta = json.dumps(bundle.metadata(), indent=2, sort_keys=True, default=str).encode()
+    for name, payload in ((WEIGHTS_FILE, weights), (META_FILE, meta)):
+        target = join(root, name)
+        tmp = f"{target}.tmp"
+        with fs.open(tmp, "wb") as f:
+            f.write(payload)
+        fs.mv(tmp, target)
+    return bundle.content_hash
+
+
+def load_bundle(uri: str, storage_options: dict | None = None, device: torch.device | str = "cpu") -> DetectorBundle:
+    """Read a bundle; the MLP comes back in eval mode on ``device``.
+
+    Raises ``BundleError`` when the folder has no bundle, its format is newer than this
+    code, the weights do not fit the recorded shapes, or the content hash disagrees.
+    """
+    fs, root = open_fs(uri, storage_options)
+    meta_path, weights_path = join(root, META_FILE), join(root, WEIGHTS_FILE)
+    if not fs.exists(meta_path):
+        raise BundleError(f"no detector bundle at {uri} (missing {META_FILE}); pass the folder that train wrote as OUT/detector")
+    try:
+        meta = json.loads(fs.cat_file(meta_path))
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{uri}/{META_FILE} is not valid JSON: {exc}") from exc
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"bundle at {uri} has format version {version!r}; this code reads version {FORMAT_VERSION}")
+    kind = meta.get("kind")
+    if kind != KIND_CLIP_MLP:
+        raise BundleError(f"bundle at {uri} is of kind {kind!r}; this code loads {KIND_CLIP_MLP!r}")
+    try:
+        cfg = meta["model_config"]
+        expected = feature_dim(meta["clip_model"], meta["feature_mode"])
+    except (KeyError, ValueError) as exc:
+        raise BundleError(f"bundle at {uri} has incomplete or invalid metadata: {exc}") from exc
+    if cfg["in_dim"] != expected:
+        raise BundleError(
+            f"bundle at {uri}: MLP input width {cfg['in_dim']} does not match {meta['clip_model']} "
+            f"{meta['feature_mode']} features ({expected})"
+        )
+    if not fs.exists(weights_path):
+        raise BundleError(f"bundle at {uri} has {META_FILE} but no {WEIGHTS_FILE}")
+    weights = fs.cat_file(weights_path)
+    try:
+        state = load_safetensors(weights)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise BundleError(f"{uri}/{WEIGHTS_FILE} is not a readable safetensors file: {exc}") from exc
+    model = DetectorMLP(**cfg)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise BundleError(f"weights in {uri} do not fit the recorded MLP config {cfg}: {exc}") from exc
+    bundle = DetectorBundle(
+        model=model.to(device).eval(),
+        clip_model=meta["clip_model"],
+        pretrained=meta["pretrained"],
+        feature_mode=meta["feature_mode"],
+        threshold_logit=float(meta["threshold_logit"]),
+        calibration=meta.get("calibration", {}),
+        training_config=meta.get("training_config", {}),
+        metrics=meta.get("metrics", {}),
+        kind=kind,
+        created_at=meta.get("created_at", ""),
+        content_hash=meta.get("content_hash", ""),
+    )
+    actual = _hash(weights, bundle._identity())
+    if actual != bundle.content_hash:
+        raise BundleError(f"bundle at {uri} fails its content hash (recorded {bundle.content_hash[:12]}, found {actual[:12]}): files were changed or mixed")
+    return bundle

@@ -1,0 +1,208 @@
+"""Frozen CLIP features: the detector's input (shared/method.md section 1).
+
+``ClipEncoder`` wraps an open_clip model built from a model name and a ``pretrained``
+that is one of: an open_clip tag (``openai``, ``laion2b_s32b_b82k``, ...), a local
+checkpoint file, an object-store URI (``s3://``, ``gs://``; fetched once into a local
+cache), or ``none`` for a random initialisation (seeded, so that every process builds
+the same weights). Image and caption embeddings are *not* L2-normalised, as in the
+reference; captions are tokenised to CLIP's 77-token context (cut, not 77 characters).
+On CUDA the forward runs under bf16 autocast and returns float32.
+
+The package ships a tiny random config, ``test-tiny`` (64 px, 64-d), registered with
+open_clip on import, so that tests and the demo run without any weights. A missing or
+unreachable weight file is an error that says what to pass; there is no fallback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Sequence
+
+import open_clip
+import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+
+from detector_core.storage import is_remote, open_fs
+
+__all__ = [
+    "FEATURE_MODES",
+    "TEST_TINY",
+    "ClipEncoder",
+    "WeightsNotFoundError",
+    "build_preprocess",
+    "feature_dim",
+    "preprocess_config",
+]
+
+FEATURE_MODES = ("image", "image+text")
+TEST_TINY = "test-tiny"
+NO_WEIGHTS = ("", "none", "random")
+_CONFIG_DIR = Path(__file__).with_name("model_configs")
+open_clip.add_model_config(_CONFIG_DIR)
+
+
+class WeightsNotFoundError(RuntimeError):
+    """CLIP weights were asked for but cannot be loaded here."""
+
+
+def _is_no_weights(pretrained: str | None) -> bool:
+    return pretrained is None or str(pretrained).strip().lower() in NO_WEIGHTS
+
+
+def _model_config(model_name: str) -> dict:
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise ValueError(f"unknown CLIP model {model_name!r}; known: {', '.join(open_clip.list_models())}")
+    return cfg
+
+
+def feature_dim(model_name: str, mode: str) -> int:
+    """Width of the feature vector a model gives in a feature mode."""
+    if mode not in FEATURE_MODES:
+        raise ValueError(f"feature mode must be one of {FEATURE_MODES}, got {mode!r}")
+    embed = int(_model_config(model_name)["embed_dim"])
+    return embed if mode == "image" else 2 * embed
+
+
+def preprocess_config(model_name: str, pretrained: str | None) -> dict:
+    """open_clip's eval preprocessing settings for a model and weights, without building it."""
+    cfg = asdict(PreprocessCfg())
+    if not _is_no_weights(pretrained):
+        tag_cfg = open_clip.get_pretrained_cfg(model_name, str(pretrained))
+        if tag_cfg:
+            cfg = merge_preprocess_dict(cfg, tag_cfg)
+    cfg = merge_preprocess_dict(cfg, _model_config(model_name).get("preprocess_cfg", {}))
+    cfg["size"] = _model_config(model_name)["vision_cfg"]["image_size"]
+    return cfg
+
+
+def build_preprocess(model_name: str, pretrained: str | None) -> Callable:
+    """The PIL -> normalised tensor transform that CPU workers apply before embedding."""
+    return image_transform_v2(PreprocessCfg(**preprocess_config(model_name, pretrained)), is_train=False)
+
+
+def _fetch_remote(uri: str, cache_dir: str | None, storage_options: dict | None) -> str:
+    """Copy an object-store checkpoint to a local cache once; returns the local path."""
+    cache = Path(cache_dir or os.environ.get("DETECTOR_CACHE", Path.home() / ".cache" / "detector"))
+    local = cache / "clip-weights" / hashlib.sha256(uri.encode()).hexdigest()[:16] / Path(uri).name
+    if local.is_file():
+        return str(local)
+    fs, path = open_fs(uri, storage_options)
+    if not fs.exists(path):
+        raise WeightsNotFoundError(f"CLIP weights not found at {uri}; pass --pretrained with an existing checkpoint URI or local path")
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_suffix(local.suffix + f".part{os.getpid()}")
+    fs.get(path, str(tmp))
+    tmp.replace(local)
+    return str(local)
+
+
+def _resolve_pretrained(model_name: str, pretrained: str | None, cache_dir: str | None, storage_options: dict | None) -> str | None:
+    if _is_no_weights(pretrained):
+        return None
+    pretrained = str(pretrained)
+    if is_remote(pretrained):
+        return _fetch_remote(pretrained, cache_dir, storage_options)
+    if open_clip.get_pretrained_cfg(model_name, pretrained):
+        return pretrained
+    if os.path.isfile(pretrained):
+        return pretrained
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    raise WeightsNotFoundError(
+        f"--pretrained {pretrained!r} is neither an existing checkpoint file nor an open_clip tag for {model_name} "
+        f"(tags: {', '.join(tags) or 'none'}). Pass a local path or s3:// URI of the weights, a tag whose weights are "
+        f"in the open_clip cache, or 'none' for random weights (tests only)."
+    )
+
+
+class ClipEncoder:
+    """A frozen open_clip model on one device, giving detector features.
+
+    Args:
+        model_name: open_clip architecture, e.g. ``ViT-L-14`` (the paper's) or ``test-tiny``.
+        pretrained: open_clip tag, local checkpoint path, object-store URI, or ``none``.
+        device: where the model runs; passed in, never guessed here.
+        precision: ``auto`` (bf16 autocast on CUDA, fp32 elsewhere), ``fp32``, ``bf16`` or ``fp16``.
+        cache_dir: where tag downloads and object-store weights are cached.
+        storage_options: fsspec options for object-store weights (endpoint, credentials).
+        seed: RNG seed for a random initialisation (``pretrained='none'``).
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        pretrained: str | None,
+        device: torch.device | str = "cpu",
+        precision: str = "auto",
+        cache_dir: str | None = None,
+        storage_options: dict | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.model_name = model_name
+        self.pretrained = "none" if _is_no_weights(pretrained) else str(pretrained)
+        self.device = torch.device(device)
+        _model_config(model_name)
+        checkpoint = _resolve_pretrained(model_name, pretrained, cache_dir, storage_options)
+        # A random CLIP must be the same in the trainer and in every scan worker.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            try:
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    model_name, pretrained=checkpoint, device=self.device, cache_dir=cache_dir
+                )
+            except RuntimeError as exc:
+                if "download" in str(exc).lower():
+                    raise WeightsNotFoundError(
+                        f"could not fetch the {self.pretrained!r} weights of {model_name} (no network here?): {exc}. "
+                        f"Download them where there is network and pass --pretrained /path/to/checkpoint (or s3://...)."
+                    ) from exc
+                raise
+        self.model = model.eval().requires_grad_(False)
+        self.preprocess = preprocess
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.embed_dim = int(_model_config(model_name)["embed_dim"])
+        self.image_size = preprocess_config(model_name, self.pretrained)["size"]
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+        self.precision = precision
+
+    def _autocast(self):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        return torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def feature_dim(self, mode: str) -> int:
+        return feature_dim(self.model_name, mode)
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images ``(n, 3, H, W)`` -> float32 embeddings ``(n, embed_dim)``."""
+        pixels = pixels.to(self.device, non_blocking=True)
+        with self._autocast():
+            return self.model.encode_image(pixels).float()
+
+    @torch.inference_mode()
+    def encode_texts(self, captions: Sequence[str]) -> torch.Tensor:
+        """Captions -> float32 embeddings; each is cut to CLIP's 77-token context."""
+        if any(c is None for c in captions):
+            raise ValueError("a caption is missing (None); image+text features need a caption for every image")
+        tokens = self.tokenizer(list(captions)).to(self.device, non_blocking=True)
+        with self._autocast():
+            return self.model.encode_text(tokens).float()
+
+    def encode(self, pixels: torch.Tensor, captions: Sequence[str] | None, mode: str) -> torch.Tensor:
+        """Detector features for a batch in a feature mode (``image`` or ``image+text``)."""
+        if mode not in FEATURE_MODES:
+            raise ValueError(f"feature mode must be one of {FEATURE_MODES}, got {mode!r}")
+        image = self.encode_images(pixels)
+        if mode == "image":
+            return image
+        if captions is None:
+            raise ValueError("this detector uses image+text features and needs a caption per image; none were given")
+        if len(captions) != image.shape[0]:
+            raise ValueError(f"{len(captions)} captions for {image.shape[0]} images")
+        return torch.cat([image, self.encode_texts(captions)], dim=1)

@@ -1,0 +1,144 @@
+"""Safe decoding of untrusted image bytes into RGB PIL images.
+
+Buckets hold anything: empty objects, HTML saved as ``.jpg``, truncated uploads,
+decompression bombs, CMYK JPEGs, 16-bit PNGs, palette images with transparency,
+animations. ``decode_image`` turns bytes into an RGB image the way a viewer shows it
+(EXIF orientation applied, alpha composited over white, 16-bit scaled to 8-bit, the
+first frame of an animation) or raises ``ImageDecodeError`` with a ``kind`` that the
+scan writes to its errors table. It never returns a silent black image and never
+lets a Pillow exception other than the typed one escape.
+
+``draft_size`` lets JPEGs decode at a reduced DCT scale (Pillow's ``draft``) when the
+model needs far fewer pixels than the photo has; the result is still at least that
+size on its shorter side.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+__all__ = ["DEFAULT_MAX_PIXELS", "DecodedImage", "ImageDecodeError", "decode_image"]
+
+# Pillow's own bomb limit is ~89 MP; 2**26 (~67 MP) still admits every camera photo
+# while capping a decode at ~200 MB of RGB.
+DEFAULT_MAX_PIXELS = 1 << 26
+
+# Never decode a truncated file as if it were whole (it would pad with grey).
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that cannot be turned into an image; ``kind`` says why.
+
+    Kinds: ``empty``, ``not_an_image``, ``too_large``, ``truncated``, ``corrupt``,
+    ``unsupported_mode``.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+
+
+@dataclass
+class DecodedImage:
+    """An RGB image and what the file said about itself."""
+
+    image: Image.Image
+    format: str
+    width: int
+    height: int
+    mode: str
+    n_frames: int
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        mode = im.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(im)
+        if mode == "F":
+            scale = 255.0 if np.nanmax(arr) <= 1.0 else 1.0
+            arr8 = np.clip(np.nan_to_num(arr) * scale, 0, 255)
+        elif mode == "I" and arr.max(initial=0) <= 255:
+            arr8 = np.clip(arr, 0, 255)
+        else:
+            arr8 = np.clip(arr.astype(np.float64) / 257.0, 0, 255)
+        return Image.fromarray(np.rint(arr8).astype(np.uint8), mode="L").convert("RGB")
+    if mode in ("1", "L", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
+        return im.convert("RGB")
+    try:
+        return im.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ImageDecodeError("unsupported_mode", f"cannot convert mode {mode} to RGB: {exc}") from exc
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> DecodedImage:
+    """Decode untrusted bytes to RGB, or raise ``ImageDecodeError``.
+
+    Args:
+        data: the object's bytes.
+        max_pixels: refuse images whose header claims more pixels (decompression bombs).
+        draft_size: for JPEG, allow DCT downscaling as long as both sides stay at least
+            this many pixels (None: full resolution).
+    """
+    if not data:
+        raise ImageDecodeError("empty", "the object has no bytes")
+    try:
+        with warnings.catch_warnings():
+            # We check the pixel count ourselves, against our own limit.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError("too_large", str(exc)) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError("not_an_image", "no image format recognises these bytes") from exc
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError) as exc:
+        raise ImageDecodeError("corrupt", f"{type(exc).__name__}: {exc}") from exc
+    fmt = im.format or "unknown"
+    width, height = im.size
+    if width <= 0 or height <= 0:
+        raise ImageDecodeError("corrupt", f"image claims size {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageDecodeError("too_large", f"{width}x{height} = {width * height} pixels is over the limit of {max_pixels}")
+    n_frames = int(getattr(im, "n_frames", 1) or 1)
+    mode = im.mode
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if n_frames > 1:
+                im.seek(0)
+            if draft_size and fmt == "JPEG":
+                im.draft("RGB", (draft_size, draft_size))
+            im.load()
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError("too_large", str(exc)) from exc
+    except OSError as exc:
+        kind = "truncated" if "truncat" in str(exc).lower() or "broken data stream" in str(exc).lower() else "corrupt"
+        raise ImageDecodeError(kind, f"{type(exc).__name__}: {exc}") from exc
+    except (SyntaxError, ValueError, TypeError, EOFError, IndexError, MemoryError) as exc:
+        raise ImageDecodeError("corrupt", f"{type(exc).__name__}: {exc}") from exc
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception:  # noqa: BLE001 - a bad EXIF block must not cost the image its pixels
+        pass
+    try:
+        rgb = _to_rgb(im)
+    except ImageDecodeError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise ImageDecodeError("corrupt", f"{type(exc).__name__}: {exc}") from exc
+    return DecodedImage(image=rgb, format=fmt, width=width, height=height, mode=mode, n_frames=n_frames)

@@ -1,0 +1,44 @@
+"""Local paths and object-store URIs behind one fsspec interface.
+
+Every byte the product reads or writes (images, manifests, feature caches, bundles,
+scan tables) goes through ``open_fs``, so ``s3://`` (AWS or any S3-compatible store,
+endpoint from the argument or ``AWS_ENDPOINT_URL``), ``gs://`` and local paths behave
+alike. Credentials come from the usual environment / instance profile, never from
+files in this repository.
+"""
+
+from __future__ import annotations
+
+import os
+
+import fsspec
+from fsspec import AbstractFileSystem
+
+__all__ = ["is_remote", "open_fs", "s3_storage_options", "join"]
+
+
+def is_remote(uri: str) -> bool:
+    """True for ``scheme://`` URIs other than ``file://``."""
+    return "://" in uri and not uri.startswith("file://")
+
+
+def s3_storage_options(endpoint_url: str | None = None) -> dict:
+    """s3fs options for an S3-compatible endpoint (argument, else ``AWS_ENDPOINT_URL``)."""
+    endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return {"client_kwargs": {"endpoint_url": endpoint_url}} if endpoint_url else {}
+
+
+def open_fs(uri: str, storage_options: dict | None = None) -> tuple[AbstractFileSystem, str]:
+    """The filesystem and in-filesystem path for a URI or local path."""
+    options = dict(storage_options or {})
+    if uri.startswith("s3://") and not options:
+        options = s3_storage_options()
+    return fsspec.core.url_to_fs(uri, **options)
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or a URI with '/'."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out

@@ -1,0 +1,158 @@
+"""Optimiser, schedule and the one-batch update of the paper, free of any runtime.
+
+``training_step`` is the whole update for one batch (one or two passes, depending on
+SAM) and is what both the single-process loop here and the Ray Train worker loop in
+``jobs/train.py`` call: the distributed job only supplies a ``gather`` that turns the
+local logits and labels into the global batch's, and a ``first_pass_context`` (DDP's
+``no_sync``) when pass one should skip the gradient all-reduce. ``fit`` is a small
+single-process trainer on in-memory features, used by tests, benchmarks and the demo.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, ContextManager
+
+import numpy as np
+import torch
+from torch import nn
+
+from detector_core.losses import detector_loss
+from detector_core.sam import SAM, bn_stats_frozen
+
+__all__ = ["OptimConfig", "build_optimizer", "build_scheduler", "training_step", "predict_logits", "fit"]
+
+
+@dataclass
+class OptimConfig:
+    """Loss and optimiser hyperparameters; defaults are the paper's (method.md 3-4)."""
+
+    loss: str = "cvar_auc"
+    alpha: float = 0.8
+    gamma: float = 0.5
+    eta: float = 0.6
+    p: float = 2.0
+    sam: bool = True
+    rho: float = 0.05
+    adaptive: bool = False
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    epochs: int = 32
+    batch_size: int = 2048
+    eta_min: float = 1e-5
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW, wrapped in SAM when ``cfg.sam``."""
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    if cfg.sam:
+        return SAM(model.parameters(), torch.optim.AdamW, rho=cfg.rho, adaptive=cfg.adaptive, **kwargs)
+    return torch.optim.AdamW(model.parameters(), **kwargs)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """Cosine annealing stepped once per epoch, ``T_max = epochs / 4`` as in the reference."""
+    t_max = max(1, math.ceil(cfg.epochs / 4))
+    # Attach to SAM's base optimiser (same param groups): that is the one whose
+    # step() runs, so the scheduler's step-order bookkeeping sees it.
+    base = getattr(optimizer, "base_optimizer", optimizer)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(base, T_max=t_max, eta_min=cfg.eta_min)
+
+
+def _identity_gather(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return logits, labels
+
+
+def training_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: OptimConfig,
+    gather: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = _identity_gather,
+    first_pass_context: Callable[[], ContextManager] = contextlib.nullcontext,
+) -> torch.Tensor:
+    """One update on a batch; returns the (detached) loss of the first pass.
+
+    ``gather`` maps local ``(logits, labels)`` to the global batch's. It must be an
+    autograd-aware all-gather whose backward *sums* the gradient over workers into
+    each local part (``torch.distributed.nn.functional.all_gather`` does): with every
+    worker computing the same global loss, and DDP then averaging parameter gradients
+    over workers, the result is exactly the single-process gradient of the global
+    batch (tested in tests/test_train.py). Single-process: the identity.
+    """
+
+    def loss_at_current_weights() -> torch.Tensor:
+        logits = model(features)
+        all_logits, all_labels = gather(logits, labels)
+        return detector_loss(all_logits, all_labels, kind=cfg.loss, alpha=cfg.alpha, gamma=cfg.gamma, eta=cfg.eta, p=cfg.p)
+
+    optimizer.zero_grad(set_to_none=True)
+    if isinstance(optimizer, SAM):
+        with first_pass_context():
+            loss = loss_at_current_weights()
+            loss.backward()
+        optimizer.first_step(zero_grad=True)
+        with bn_stats_frozen(model):
+            loss_at_current_weights().backward()
+        optimizer.second_step(zero_grad=True)
+    else:
+        loss = loss_at_current_weights()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, features: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
+    """Eval-mode logits for a feature matrix, batched."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = [model(features[i : i + batch_size]) for i in range(0, features.shape[0], batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else features.new_zeros(0)
+
+
+def fit(
+    model: nn.Module,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: OptimConfig,
+    seed: int = 0,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> nn.Module:
+    """Single-process training on in-memory features (same step as the Ray job)."""
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    model.train()
+    n = features.shape[0]
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(n, generator=generator)
+        losses = []
+        for start in range(0, n, cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            if idx.numel() < 2:
+                continue  # BatchNorm cannot normalise a batch of one
+            x = features[idx].to(device, non_blocking=True)
+            y = labels[idx].to(device, non_blocking=True)
+            losses.append(training_step(model, optimizer, x, y, cfg))
+        scheduler.step()
+        if on_epoch is not None and losses:
+            on_epoch(epoch, float(torch.stack(losses).mean()))
+    return model
+
+
+def as_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy()

@@ -1,0 +1,88 @@
+"""Metrics against scikit-learn and hand-computed cases; threshold calibration."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from detector_core.metrics import (
+    accuracy_at,
+    average_precision,
+    calibrate_threshold,
+    false_positive_rate,
+    roc_auc,
+    summarize,
+    tpr_at_fpr,
+)
+
+
+def test_auc_and_ap_agree_with_sklearn():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 500)
+    s = rng.normal(size=500) + y
+    assert roc_auc(y, s) == pytest.approx(roc_auc_score(y, s))
+    assert average_precision(y, s) == pytest.approx(average_precision_score(y, s))
+
+
+def test_tpr_at_fpr_hand_case():
+    # 10 real, 10 generated. Reals at 0..9, generated at 5.5..14.5 step 1.
+    real = np.arange(10.0)
+    gen = np.arange(10.0) + 5.5
+    y = np.r_[np.zeros(10), np.ones(10)]
+    s = np.r_[real, gen]
+    # FPR <= 0.1 lets one real (9) pass: the threshold can drop to 8.5, where the
+    # generated 8.5..14.5 (7 of 10) are caught.
+    assert tpr_at_fpr(y, s, 0.1) == pytest.approx(0.7)
+    # FPR 0: threshold above 9, i.e. 9.5: 9.5..14.5 -> 6 of 10.
+    assert tpr_at_fpr(y, s, 0.0) == pytest.approx(0.6)
+    # FPR <= 0.3 lets 7, 8, 9 pass: threshold 6.5 -> 9 of 10.
+    assert tpr_at_fpr(y, s, 0.3) == pytest.approx(0.9)
+
+
+def test_accuracy_at_threshold():
+    y = np.array([0, 0, 1, 1])
+    s = np.array([0.1, 0.6, 0.5, 0.9])
+    assert accuracy_at(y, s, 0.5) == pytest.approx(0.75)  # 0.6 is a false positive
+    assert accuracy_at(y, s, 0.7) == pytest.approx(0.75)  # 0.5 is a miss
+
+
+@pytest.mark.parametrize("target", [0.0, 0.01, 0.05, 0.1, 0.333])
+def test_calibrate_threshold_respects_target_and_is_tight(target):
+    rng = np.random.default_rng(1)
+    real = rng.normal(size=1000)
+    real[:50] = real[50]  # a block of ties
+    t = calibrate_threshold(real, target)
+    fpr = false_positive_rate(real, t)
+    assert fpr <= target + 1e-12
+    # Tight: the next lower real score would break the budget.
+    below = real[real < t].max()
+    assert false_positive_rate(real, below) > target
+
+
+def test_calibrate_threshold_hand_case():
+    real = [0.1, 0.2, 0.3, 0.4, 0.9]
+    assert calibrate_threshold(real, 0.2) == pytest.approx(np.nextafter(0.4, 1))  # 1 of 5 may pass
+    assert calibrate_threshold(real, 0.1) == pytest.approx(np.nextafter(0.9, 1))  # none may pass
+
+
+def test_one_class_metrics_are_nan_not_errors():
+    assert math.isnan(roc_auc([1, 1], [0.1, 0.2]))
+    assert math.isnan(tpr_at_fpr([0, 0], [0.1, 0.2], 0.01))
+    with pytest.raises(ValueError):
+        calibrate_threshold([], 0.01)
+    with pytest.raises(ValueError):
+        roc_auc([0, 2], [0.1, 0.2])
+
+
+def test_summarize_keys_and_values():
+    y = np.array([0, 0, 0, 1, 1])
+    s = np.array([0.1, 0.2, 0.8, 0.7, 0.9])
+    out = summarize(y, s, 0.5)
+    assert out["n_real"] == 3 and out["n_generated"] == 2
+    assert out["real_accuracy"] == pytest.approx(2 / 3)
+    assert out["generated_accuracy"] == pytest.approx(1.0)
+    assert out["auc"] == pytest.approx(roc_auc_score(y, s))
+    assert "tpr_at_fpr_0.01" in out and "tpr_at_fpr_0.001" in out
