@@ -3,9 +3,11 @@
 No real photographs or generator outputs can ship with the repository, so the demo
 and the tests use images of two kinds that a detector can learn to tell apart:
 "real" images are smooth random colour fields with soft blobs and sensor-like noise;
-"generated" ones are drawn from the same process and then carry the periodic,
-grid-aligned high-frequency pattern that upsampling layers leave behind (two
-"generators" with different periods and strengths). Deterministic under a seed.
+"generated" ones are drawn from the same process and then carry a periodic
+checkerboard, the kind of pattern upsampling layers leave behind (two "generators"
+with different periods). The period is a fraction of the image's short side, so
+that the pattern survives resizing to the model's input (8 and 16 cells across:
+the tiny test CLIP's 8-pixel patches at 64 px see it). Deterministic under a seed.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from PIL import Image
 
 __all__ = ["DemoImage", "GENERATORS", "make_image", "make_dataset", "write_dataset"]
 
-# name -> (period in pixels, amplitude in 0..255)
-GENERATORS = {"gen_grid16": (16, 50.0), "gen_grid24": (24, 50.0)}
+# name -> (checker cells across the short side, amplitude in 0..255)
+GENERATORS = {"gen_checker8": (8, 40.0), "gen_checker16": (16, 40.0)}
 
 
 @dataclass
@@ -52,9 +54,10 @@ def make_image(rng: np.random.Generator, generator: str = "real", size: tuple[in
     h, w = size or (int(rng.integers(80, 160)), int(rng.integers(80, 160)))
     img = _base(rng, h, w)
     if generator != "real":
-        period, amplitude = GENERATORS[generator]
+        cells, amplitude = GENERATORS[generator]
+        period = min(h, w) / cells
         yy, xx = np.mgrid[0:h, 0:w]
-        phase = ((yy // (period // 2)) + (xx // (period // 2))) % 2
+        phase = (np.floor(yy / period * 2) + np.floor(xx / period * 2)) % 2
         img += (phase * 2.0 - 1.0)[..., None] * amplitude
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), mode="RGB")
 

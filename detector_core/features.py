@@ -33,6 +33,7 @@ __all__ = [
     "ClipEncoder",
     "WeightsNotFoundError",
     "build_preprocess",
+    "SplitPreprocess",
     "feature_dim",
     "preprocess_config",
 ]
@@ -82,6 +83,39 @@ def preprocess_config(model_name: str, pretrained: str | None) -> dict:
 def build_preprocess(model_name: str, pretrained: str | None) -> Callable:
     """The PIL -> normalised tensor transform that CPU workers apply before embedding."""
     return image_transform_v2(PreprocessCfg(**preprocess_config(model_name, pretrained)), is_train=False)
+
+
+class SplitPreprocess:
+    """open_clip's eval transform cut in two at ``ToTensor``, for pipelines.
+
+    ``to_uint8`` (CPU workers) resizes and crops a PIL image and returns ``H x W x 3``
+    uint8 -- a quarter of the bytes of the float tensor, which is what travels to the
+    GPU; ``normalize`` (on the GPU) turns a ``(n, H, W, 3)`` uint8 batch into the
+    normalised float ``(n, 3, H, W)`` batch. Together they equal ``build_preprocess``.
+    """
+
+    def __init__(self, model_name: str, pretrained: str | None) -> None:
+        cfg = preprocess_config(model_name, pretrained)
+        full = build_preprocess(model_name, pretrained)
+        names = [type(t).__name__ for t in full.transforms]
+        cut = next(i for i, n in enumerate(names) if n in ("ToTensor", "MaybeToTensor"))
+        if names[cut + 1 :] != ["Normalize"]:
+            raise ValueError(f"unexpected open_clip eval transform {names}; cannot split it")
+        self.pil_transforms = full.transforms[:cut]
+        self.size = cfg["size"]
+        self.mean = torch.tensor(cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg["std"], dtype=torch.float32).view(1, 3, 1, 1)
+
+    def to_uint8(self, image) -> "np.ndarray":
+        import numpy as np
+
+        for t in self.pil_transforms:
+            image = t(image)
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        x = batch.permute(0, 3, 1, 2).float().div_(255.0)
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
 
 def _fetch_remote(uri: str, cache_dir: str | None, storage_options: dict | None) -> str:

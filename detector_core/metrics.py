@@ -74,12 +74,15 @@ def tpr_at_fpr(labels, scores, target_fpr: float) -> float:
 
 
 def calibrate_threshold(scores_of_real, target_fpr: float) -> float:
-    """Lowest threshold at which at most ``target_fpr`` of the real images are flagged.
+    """A threshold at which at most ``target_fpr`` of the real images are flagged.
 
-    With ``n`` real scores, at most ``floor(target_fpr * n)`` of them may reach the
+    With ``n`` real scores, at most ``k = floor(target_fpr * n)`` of them may reach the
     threshold; ties at the boundary are kept below it, so the achieved rate never
-    exceeds the target. The result is the next float above the first score that must
-    stay unflagged.
+    exceeds the target. The threshold sits midway between the highest real score that
+    must stay unflagged and the next higher real score (or, when none may pass, a
+    relative 1e-4 above the highest): no real score lies between it and the tight
+    boundary, and a re-computation of the same score with other float rounding (GPU vs
+    CPU, another batch size) does not cross it.
     """
     s = np.sort(np.asarray(scores_of_real, dtype=np.float64).ravel())[::-1]
     if s.size == 0:
@@ -89,7 +92,11 @@ def calibrate_threshold(scores_of_real, target_fpr: float) -> float:
     if np.isnan(s).any():
         raise ValueError("scores of real images contain NaN")
     allowed = int(math.floor(target_fpr * s.size + 1e-9))
-    return float(np.nextafter(s[allowed], np.inf))
+    boundary = s[allowed]
+    above = s[:allowed][s[:allowed] > boundary]
+    if above.size:
+        return float((boundary + above.min()) / 2.0)
+    return float(boundary + 1e-4 * max(1.0, abs(boundary)))
 
 
 def summarize(labels, scores, threshold: float, fprs: tuple[float, ...] = (0.01, 0.001)) -> dict:

@@ -14,7 +14,7 @@ import os
 import fsspec
 from fsspec import AbstractFileSystem
 
-__all__ = ["is_remote", "open_fs", "s3_storage_options", "join"]
+__all__ = ["is_remote", "open_fs", "arrow_fs", "s3_storage_options", "join"]
 
 
 def is_remote(uri: str) -> bool:
@@ -42,3 +42,19 @@ def join(base: str, *parts: str) -> str:
     for part in parts:
         out = f"{out}/{part.strip('/')}"
     return out
+
+
+def arrow_fs(uri: str, storage_options: dict | None = None):
+    """A pyarrow filesystem and path for a URI, backed by the same fsspec filesystem.
+
+    pyarrow datasets and Ray Data's readers/writers take this pair, so that they reach
+    the same endpoint with the same credentials as everything else.
+    """
+    import os.path
+
+    from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
+
+    if not is_remote(uri):
+        return LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
+    fs, path = open_fs(uri, storage_options)
+    return PyFileSystem(FSSpecHandler(fs)), path

@@ -22,7 +22,7 @@ from torch import nn
 from detector_core.losses import detector_loss
 from detector_core.sam import SAM, bn_stats_frozen
 
-__all__ = ["OptimConfig", "build_optimizer", "build_scheduler", "training_step", "predict_logits", "fit"]
+__all__ = ["OptimConfig", "all_gather_batch", "batch_loss", "build_optimizer", "build_scheduler", "training_step", "predict_logits", "fit"]
 
 
 @dataclass
@@ -70,6 +70,41 @@ def _identity_gather(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     return logits, labels
 
 
+def all_gather_batch(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch's logits (autograd-aware) and labels, in rank order.
+
+    Uses the default process group (set up by whoever launched the workers); every
+    worker must pass tensors of the same size. The backward of
+    ``torch.distributed.nn.functional.all_gather`` sums each slice's gradient over
+    workers, which is what ``training_step`` relies on.
+    """
+    import warnings
+
+    import torch.distributed as dist
+    from torch.distributed.nn.functional import all_gather
+
+    with warnings.catch_warnings():
+        # Deprecated in favour of a private API (_functional_collectives); still the
+        # public autograd-aware all-gather in this torch.
+        warnings.simplefilter("ignore", FutureWarning)
+        parts = all_gather(logits)
+    label_parts = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
+    dist.all_gather(label_parts, labels)
+    return torch.cat(parts), torch.cat(label_parts)
+
+
+def batch_loss(
+    model: nn.Module,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: OptimConfig,
+    gather: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = _identity_gather,
+) -> torch.Tensor:
+    """The training loss of the (global) batch at the model's current weights."""
+    all_logits, all_labels = gather(model(features), labels)
+    return detector_loss(all_logits, all_labels, kind=cfg.loss, alpha=cfg.alpha, gamma=cfg.gamma, eta=cfg.eta, p=cfg.p)
+
+
 def training_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -89,22 +124,17 @@ def training_step(
     batch (tested in tests/test_train.py). Single-process: the identity.
     """
 
-    def loss_at_current_weights() -> torch.Tensor:
-        logits = model(features)
-        all_logits, all_labels = gather(logits, labels)
-        return detector_loss(all_logits, all_labels, kind=cfg.loss, alpha=cfg.alpha, gamma=cfg.gamma, eta=cfg.eta, p=cfg.p)
-
     optimizer.zero_grad(set_to_none=True)
     if isinstance(optimizer, SAM):
         with first_pass_context():
-            loss = loss_at_current_weights()
+            loss = batch_loss(model, features, labels, cfg, gather)
             loss.backward()
         optimizer.first_step(zero_grad=True)
         with bn_stats_frozen(model):
-            loss_at_current_weights().backward()
+            batch_loss(model, features, labels, cfg, gather).backward()
         optimizer.second_step(zero_grad=True)
     else:
-        loss = loss_at_current_weights()
+        loss = batch_loss(model, features, labels, cfg, gather)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -80,3 +80,40 @@ def tiny_encoder():
     from detector_core.features import ClipEncoder
 
     return ClipEncoder("test-tiny", "none", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """One local Ray for the session; workers inherit the S3 test-server variables."""
+    import ray
+
+    env = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_manifest(tmp_path_factory):
+    """300 real + 300 generated demo PNGs and a Parquet manifest of them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from detector_core.demo import write_dataset
+
+    root = tmp_path_factory.mktemp("demo")
+    rows = write_dataset(root / "images", 300, 300, seed=0)
+    pq.write_table(pa.Table.from_pylist(rows), root / "manifest.parquet")
+    return root / "manifest.parquet"
+
+
+@pytest.fixture(scope="session")
+def demo_features(ray_local, demo_manifest, tmp_path_factory):
+    """The demo manifest embedded once with the tiny CLIP (a jobs.embed feature cache)."""
+    from jobs.embed import main as embed_main
+
+    cache = tmp_path_factory.mktemp("features") / "cache"
+    embed_main(["--manifest", str(demo_manifest), "--output", str(cache), "--batch-size", "128"])
+    return cache

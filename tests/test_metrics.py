@@ -64,8 +64,9 @@ def test_calibrate_threshold_respects_target_and_is_tight(target):
 
 def test_calibrate_threshold_hand_case():
     real = [0.1, 0.2, 0.3, 0.4, 0.9]
-    assert calibrate_threshold(real, 0.2) == pytest.approx(np.nextafter(0.4, 1))  # 1 of 5 may pass
-    assert calibrate_threshold(real, 0.1) == pytest.approx(np.nextafter(0.9, 1))  # none may pass
+    assert calibrate_threshold(real, 0.2) == pytest.approx(0.65)  # 1 of 5 may pass: between 0.4 and 0.9
+    assert calibrate_threshold(real, 0.1) == pytest.approx(0.9 + 1e-4)  # none may pass
+    assert calibrate_threshold([0.5, 0.5, 0.5, 0.1], 0.5) == pytest.approx(0.5 + 1e-4)  # ties stay below
 
 
 def test_one_class_metrics_are_nan_not_errors():

@@ -1,0 +1,69 @@
+"""Column names of every table the product reads or writes, in one place, with their meaning.
+
+Manifests (training / evaluation input), feature caches, and the scan's ``scores``,
+``flagged`` and ``errors`` tables all name their columns from here; ``COLUMN_DOCS``
+is the documentation that the README's schema section repeats.
+"""
+
+from __future__ import annotations
+
+# Manifest (input) columns.
+URI = "uri"
+LABEL = "label"
+CAPTION = "caption"
+GENERATOR = "generator"
+SPLIT = "split"
+
+# Per-object facts gathered while reading.
+SIZE = "size"
+ETAG = "etag"
+WIDTH = "width"
+HEIGHT = "height"
+FORMAT = "format"
+
+# Feature cache.
+FEATURES = "features"
+CLIP_ID = "clip_id"
+
+# Errors (any stage).
+ERROR_STAGE = "error_stage"
+ERROR_TYPE = "error_type"
+ERROR_MESSAGE = "error_message"
+
+# Scan results.
+SCORE = "score"
+LOGIT = "logit"
+THRESHOLD = "threshold"
+FLAGGED = "flagged"
+DETECTOR_ID = "detector_id"
+SCAN_ID = "scan_id"
+SCANNED_AT = "scanned_at"
+
+SPLIT_TRAIN = "train"
+SPLIT_VAL = "val"
+SPLIT_TEST = "test"
+
+COLUMN_DOCS = {
+    URI: "object URI (s3://bucket/key, gs://…, or a local path)",
+    LABEL: "1 = generated, 0 = real",
+    CAPTION: "caption or prompt of the image (needed by image+text detectors)",
+    GENERATOR: "which generator made the image ('real' for real images)",
+    SPLIT: "train / val / test; assigned from a hash of the uri when the manifest has none",
+    SIZE: "object size in bytes",
+    ETAG: "object ETag (or a content hash for local files); with size, what tells a changed object",
+    WIDTH: "image width in pixels, as stored",
+    HEIGHT: "image height in pixels, as stored",
+    FORMAT: "image format as detected from the bytes (JPEG, PNG, …)",
+    FEATURES: "CLIP feature vector (float32), image or image+text",
+    CLIP_ID: "CLIP model and weights that made the features, 'model/pretrained/mode'",
+    ERROR_STAGE: "where the object failed: read (I/O), decode (bytes are no usable image), embed",
+    ERROR_TYPE: "error kind, e.g. not_an_image, truncated, too_large, or the exception name",
+    ERROR_MESSAGE: "human-readable cause",
+    SCORE: "probability that the image is generated, sigmoid(logit)",
+    LOGIT: "the detector's raw output",
+    THRESHOLD: "decision threshold on the score scale, from the detector bundle",
+    FLAGGED: "score >= threshold (decided on the logit scale)",
+    DETECTOR_ID: "detector bundle id (kind + content hash)",
+    SCAN_ID: "the scan run that wrote the row",
+    SCANNED_AT: "when the row was written (UTC)",
+}

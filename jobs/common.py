@@ -1,0 +1,105 @@
+"""What every job shares: dataclass-driven command lines, Ray start-up, config files.
+
+Each job declares one dataclass whose fields carry their help text
+(``field(metadata={"help": ...})``); ``parse_config`` builds the argparse parser from
+it (``--some-field``; booleans become ``--flag`` / ``--no-flag``), so a flag cannot
+exist without help and the resolved config is always the dataclass that gets saved
+next to the job's artifacts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import uuid
+from typing import Any, TypeVar, get_type_hints
+
+from detector_core.storage import join, open_fs, s3_storage_options
+
+T = TypeVar("T")
+
+
+def opt(default: Any, help: str, **kw) -> Any:  # noqa: A002 - mirrors argparse
+    """A dataclass field with help text (and optional argparse ``choices``/``flag``)."""
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+def parse_config(cls: type[T], argv=None, description: str | None = None) -> T:
+    """Parse ``argv`` into the job's config dataclass."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        meta = dict(f.metadata)
+        help_text = meta.pop("help")
+        typ = hints[f.name]
+        if typ is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            continue
+        base = typ
+        if getattr(typ, "__origin__", None) is not None or str(typ).startswith("typing.Optional") or " | " in str(typ):
+            args = [a for a in getattr(typ, "__args__", ()) if a is not type(None)]
+            base = args[0] if args else str
+        parser.add_argument(flag, dest=f.name, type=base, default=f.default, help=f"{help_text} (default: {f.default})", **meta)
+    ns = parser.parse_args(argv)
+    return cls(**vars(ns))
+
+
+def storage_options_for(endpoint: str | None) -> dict:
+    """fsspec options for s3:// given an optional endpoint (else the AWS variables)."""
+    return s3_storage_options(endpoint)
+
+
+def init_ray(address: str | None = None) -> None:
+    """Connect to the cluster (under ``ray job submit`` or with ``--ray-address``) or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "DETECTOR_", "HF_"))}
+    kwargs = {}
+    if address is None and "RAY_ADDRESS" not in os.environ:
+        # A local Ray on a small machine: CPUs are scheduling tokens, and Ray Train
+        # workers (1 CPU each) must leave some for the Ray Data tasks that feed them.
+        kwargs["num_cpus"] = max(os.cpu_count() or 1, 4)
+    ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True, **kwargs)
+
+
+def new_run_id(prefix: str) -> str:
+    return f"{prefix}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+
+
+def write_json(uri: str, payload: dict, storage_options: dict | None = None) -> None:
+    """Write JSON to a local path or URI (whole-object put; local via temp + rename)."""
+    fs, path = open_fs(uri, storage_options)
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    data = json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:6]}"
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, path)
+
+
+def read_json(uri: str, storage_options: dict | None = None) -> dict | None:
+    fs, path = open_fs(uri, storage_options)
+    if not fs.exists(path):
+        return None
+    return json.loads(fs.cat_file(path))
+
+
+def config_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """End a job with a one-line cause on the last line of its log."""
+    print(f"ERROR: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+__all__ = ["opt", "parse_config", "init_ray", "new_run_id", "write_json", "read_json", "config_dict", "fail", "join", "storage_options_for"]

@@ -1,0 +1,154 @@
+"""Stage 1 of training: embed a labelled manifest once into a Parquet feature cache.
+
+Reads the manifest (Parquet/CSV or a ``real/`` + ``generated/<gen>/`` tree), validates it
+(bad rows are counted with reasons; a manifest without both classes is refused up
+front), then runs the shared Ray Data pipeline (``jobs.pipeline``: read + decode on CPU
+tasks, CLIP on GPU actors) and writes::
+
+    CACHE/data/*.parquet     uri, label, caption, generator, split, size, width, height,
+                             format, features (fixed-size float32 list), clip_id,
+                             error_* (null for good rows)
+    CACHE/errors.parquet     rows that could not be used (manifest, read or decode stage)
+    CACHE/_SUCCESS.json      written last: cache key, counts, the resolved config
+
+The cache key hashes the validated manifest and the CLIP model, weights and feature
+mode; a re-run with the same key finds ``_SUCCESS.json`` and embeds nothing.
+
+    python -m jobs.embed --manifest s3://bucket/manifest.parquet --output s3://bucket/features/run1
+    ray job submit --working-dir . -- python -m jobs.embed --manifest ... --output ... --gpu --actors 4
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from detector_core import schema as S
+from detector_core.features import FEATURE_MODES, feature_dim
+from detector_core.manifest import ManifestError, read_manifest, validate_manifest
+from detector_core.storage import arrow_fs, open_fs
+from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, read_json, storage_options_for, write_json
+
+SUCCESS = "_SUCCESS.json"
+
+
+@dataclass
+class EmbedConfig:
+    manifest: str = opt("", "labelled manifest: .parquet/.csv with uri,label[,caption,generator,split], or a real/ + generated/ tree")
+    output: str = opt("", "feature cache folder (local path or s3://…)")
+    clip_model: str = opt("test-tiny", "open_clip model name (paper: ViT-L-14)")
+    pretrained: str = opt("none", "open_clip tag, weights path or s3:// URI; 'none' = random init (tests/demo)")
+    feature_mode: str = opt("image", "image or image+text (image+text needs a caption per row)", choices=FEATURE_MODES)
+    batch_size: int = opt(64, "images per embedding batch")
+    actors: int = opt(1, "number of CLIP actors (one GPU each with --gpu)")
+    gpu: bool = opt(False, "run CLIP actors on GPUs (num_gpus=1 each)")
+    val_fraction: float = opt(0.2, "fraction of rows without a split that go to validation (by uri hash)")
+    s3_endpoint: str = opt("", "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
+    ray_address: str = opt("", "Ray cluster address (default: the job's cluster, or a local Ray)")
+
+
+def cache_key(table: pa.Table, clip_model: str, pretrained: str, feature_mode: str) -> str:
+    h = hashlib.sha256(f"{clip_model}|{pretrained}|{feature_mode}|".encode())
+    for name in (S.URI, S.LABEL, S.CAPTION, S.GENERATOR, S.SPLIT):
+        for chunk in table.column(name).chunks:
+            for buf in chunk.buffers():
+                if buf is not None:
+                    h.update(buf)
+    return h.hexdigest()
+
+
+def run_embedding(cfg: EmbedConfig, storage_options: dict | None = None) -> dict:
+    """Embed (or reuse) the feature cache; returns the cache's summary."""
+    so = storage_options if storage_options is not None else storage_options_for(cfg.s3_endpoint or None)
+    try:
+        vm = validate_manifest(read_manifest(cfg.manifest, so), val_fraction=cfg.val_fraction)
+    except ManifestError as exc:
+        fail(str(exc))
+    table = vm.table
+    if cfg.feature_mode == "image+text":
+        missing = table.column(S.CAPTION).null_count
+        if missing:
+            fail(f"--feature-mode image+text needs a caption for every image; {missing} of {table.num_rows} rows have none")
+    key = cache_key(table, cfg.clip_model, cfg.pretrained, cfg.feature_mode)
+    marker = read_json(join(cfg.output, SUCCESS), so)
+    if marker and marker.get("key") == key:
+        print(f"feature cache {cfg.output} is up to date (key {key[:12]}); not embedding again")
+        return {**marker, "reused": True}
+
+    import ray
+
+    from jobs.pipeline import ClipEmbedder, load_images
+
+    init_ray(cfg.ray_address or None)
+    fs, root = open_fs(cfg.output, so)
+    data_dir = join(cfg.output, "data")
+    if fs.exists(join(root, "data")):
+        fs.rm(join(root, "data"), recursive=True)  # a stale or half-written cache
+    start = time.time()
+    rows_per_block = max(1, min(1024, -(-table.num_rows // 64)))
+    blocks = [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(
+        load_images,
+        fn_kwargs=dict(clip_model=cfg.clip_model, pretrained=cfg.pretrained, storage_options=so),
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+    )
+    ds = ds.map_batches(
+        ClipEmbedder,
+        fn_constructor_kwargs=dict(clip_model=cfg.clip_model, pretrained=cfg.pretrained, feature_mode=cfg.feature_mode, storage_options=so),
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+        num_gpus=1 if cfg.gpu else 0,
+    )
+    pa_fs, data_path = arrow_fs(data_dir, so)
+    ds.write_parquet(data_path, filesystem=pa_fs)
+    elapsed = time.time() - start
+
+    written = pads.dataset(data_path, filesystem=pa_fs, format="parquet")
+    failed = written.to_table(columns=[S.URI, S.ERROR_STAGE, S.ERROR_TYPE, S.ERROR_MESSAGE], filter=pads.field(S.ERROR_STAGE).is_valid())
+    manifest_bad = vm.bad.append_column(S.ERROR_STAGE, pa.array(["manifest"] * vm.bad.num_rows, pa.string())).select(
+        [S.URI, S.ERROR_STAGE, S.ERROR_TYPE, S.ERROR_MESSAGE]
+    )
+    errors = pa.concat_tables([manifest_bad, failed])
+    with fs.open(join(root, "errors.parquet"), "wb") as f:
+        pq.write_table(errors, f)
+    n_ok = written.count_rows(filter=pads.field(S.ERROR_STAGE).is_null())
+    by_reason = {}
+    for stage, kind in zip(errors.column(S.ERROR_STAGE).to_pylist(), errors.column(S.ERROR_TYPE).to_pylist()):
+        by_reason[f"{stage}:{kind}"] = by_reason.get(f"{stage}:{kind}", 0) + 1
+    summary = {
+        "key": key,
+        "manifest": cfg.manifest,
+        "clip_model": cfg.clip_model,
+        "pretrained": cfg.pretrained,
+        "feature_mode": cfg.feature_mode,
+        "feature_dim": feature_dim(cfg.clip_model, cfg.feature_mode),
+        "rows_in_manifest": table.num_rows + vm.bad.num_rows,
+        "embedded": n_ok,
+        "errors": errors.num_rows,
+        "errors_by_reason": by_reason,
+        "seconds": round(elapsed, 2),
+        "images_per_second": round(table.num_rows / elapsed, 2) if elapsed > 0 else None,
+        "config": config_dict(cfg),
+    }
+    write_json(join(cfg.output, SUCCESS), summary, so)
+    print(f"embedded {n_ok} images into {cfg.output} in {elapsed:.1f} s; {errors.num_rows} unusable rows {by_reason or ''}")
+    return {**summary, "reused": False}
+
+
+def main(argv=None) -> dict:
+    cfg = parse_config(EmbedConfig, argv, __doc__)
+    if not cfg.manifest or not cfg.output:
+        fail("--manifest and --output are required")
+    return run_embedding(cfg)
+
+
+if __name__ == "__main__":
+    main()

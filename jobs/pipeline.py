@@ -1,0 +1,196 @@
+"""The read -> decode -> embed stages on Ray Data, shared by the embed and scan jobs.
+
+One implementation for every job that turns object URIs into CLIP features:
+
+- ``load_images`` (CPU tasks): fetch the objects' bytes concurrently through fsspec
+  (s3fs issues the GETs in parallel), decode them with ``detector_core.images`` and
+  resize/crop them to the model's input as uint8. A failure is recorded on the row
+  (``error_stage`` / ``error_type`` / ``error_message``) and the row goes on, so that
+  every object ends as exactly one output row.
+- ``ClipEmbedder`` (GPU actors, CPU here): normalises on the device and embeds with
+  the frozen CLIP; rows that failed earlier pass through with null features.
+
+Columns are named in ``detector_core.schema``.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from detector_core import schema as S
+from detector_core.features import ClipEncoder, SplitPreprocess
+from detector_core.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from detector_core.storage import open_fs
+
+PIXELS = "pixels"
+ERROR_COLUMNS = (S.ERROR_STAGE, S.ERROR_TYPE, S.ERROR_MESSAGE)
+
+
+@functools.lru_cache(maxsize=4)
+def _preprocess(model_name: str, pretrained: str) -> SplitPreprocess:
+    return SplitPreprocess(model_name, pretrained)
+
+
+def _fetch(uris: list[str], storage_options: dict | None, retries: int = 3) -> dict[str, Any]:
+    """uri -> bytes or the exception, fetched concurrently where the filesystem can."""
+    if not uris:
+        return {}
+    fs, _ = open_fs(uris[0], storage_options)
+    paths = [open_fs(u, storage_options)[1] for u in uris] if "://" in uris[0] else uris
+    try:
+        got = fs.cat(paths, on_error="return")
+    except Exception as exc:  # noqa: BLE001 - a failing batch call: fall back per object
+        got = {}
+        for p in paths:
+            try:
+                got[p] = fs.cat_file(p)
+            except Exception as inner:  # noqa: BLE001
+                got[p] = inner
+        if not got:
+            raise exc
+    if not isinstance(got, dict):  # a single path returns bytes
+        got = {paths[0]: got}
+    # Transient read failures (throttling, resets) get a few more tries with backoff;
+    # a missing object does not.
+    for attempt in range(retries):
+        again = [p for p in paths if isinstance(got.get(p), Exception) and not isinstance(got[p], (FileNotFoundError, PermissionError))]
+        if not again:
+            break
+        time.sleep(0.5 * 2**attempt)
+        for p in again:
+            try:
+                got[p] = fs.cat_file(p)
+            except Exception as exc:  # noqa: BLE001 - recorded as the row's read error
+                got[p] = exc
+    return {u: got.get(p, FileNotFoundError(p)) for u, p in zip(uris, paths)}
+
+
+def load_images(
+    batch: dict[str, np.ndarray],
+    clip_model: str,
+    pretrained: str,
+    storage_options: dict | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft: bool = True,
+) -> dict[str, np.ndarray]:
+    """Read, decode and crop one batch of rows that have a ``uri`` column."""
+    prep = _preprocess(clip_model, pretrained)
+    uris = [str(u) for u in batch[S.URI]]
+    fetched = _fetch(uris, storage_options)
+    n = len(uris)
+    pixels = np.zeros((n, prep.size, prep.size, 3), dtype=np.uint8)
+    size = np.full(n, -1, dtype=np.int64)
+    width = np.full(n, -1, dtype=np.int32)
+    height = np.full(n, -1, dtype=np.int32)
+    fmt = np.full(n, None, dtype=object)
+    errors = {c: np.full(n, None, dtype=object) for c in ERROR_COLUMNS}
+
+    def record(i, stage, kind, message):
+        errors[S.ERROR_STAGE][i], errors[S.ERROR_TYPE][i], errors[S.ERROR_MESSAGE][i] = stage, kind, message[:500]
+
+    for i, uri in enumerate(uris):
+        data = fetched[uri]
+        if isinstance(data, BaseException):
+            kind = "not_found" if isinstance(data, FileNotFoundError) else type(data).__name__
+            record(i, "read", kind, f"{type(data).__name__}: {data}")
+            continue
+        size[i] = len(data)
+        try:
+            # JPEG DCT scaling: decode at >= 2x the model input, never below it.
+            decoded = decode_image(data, max_pixels=max_pixels, draft_size=2 * prep.size if draft else None)
+            pixels[i] = prep.to_uint8(decoded.image)
+        except ImageDecodeError as exc:
+            record(i, "decode", exc.kind, exc.message)
+            continue
+        except Exception as exc:  # noqa: BLE001 - any other failure is still one error row
+            record(i, "decode", type(exc).__name__, str(exc))
+            continue
+        width[i], height[i], fmt[i] = decoded.width, decoded.height, decoded.format
+    out = {k: v for k, v in batch.items()}
+    out.update({PIXELS: pixels, S.SIZE: size, S.WIDTH: width, S.HEIGHT: height, S.FORMAT: fmt, **errors})
+    return out
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class ClipEmbedder:
+    """Ray Data actor: uint8 crops (+ captions) -> CLIP features, one model per actor.
+
+    Output rows drop the pixels and gain ``features`` (fixed-size float32 list; null for
+    rows that failed before) and ``clip_id``.
+    """
+
+    def __init__(self, clip_model: str, pretrained: str, feature_mode: str, storage_options: dict | None = None, precision: str = "auto"):
+        self.device = default_device()
+        self.encoder = ClipEncoder(clip_model, pretrained, device=self.device, precision=precision, storage_options=storage_options)
+        self.prep = _preprocess(clip_model, pretrained)
+        self.feature_mode = feature_mode
+        self.clip_id = f"{clip_model}/{self.encoder.pretrained}/{feature_mode}"
+        self.dim = self.encoder.feature_dim(feature_mode)
+
+    def features(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(features for every row, mask of rows that were embedded)."""
+        ok = ~has_error(batch)
+        feats = np.zeros((len(ok), self.dim), dtype=np.float32)
+        if ok.any():
+            pixels = torch.from_numpy(np.ascontiguousarray(batch[PIXELS][ok])).to(self.device, non_blocking=True)
+            captions = None
+            if self.feature_mode == "image+text":
+                captions = [None if c is None else str(c) for c in batch[S.CAPTION][ok]]
+            feats[ok] = self.encoder.encode(self.prep.normalize(pixels), captions, self.feature_mode).cpu().numpy()
+        return feats, ok
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        feats, ok = self.features(batch)
+        return to_table(batch, {S.FEATURES: fixed_list(feats, ok), S.CLIP_ID: pa.array([self.clip_id] * len(ok), pa.string())})
+
+
+def has_error(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """Rows that failed in an earlier stage (error_stage set)."""
+    return np.array([isinstance(e, str) for e in batch[S.ERROR_STAGE]], dtype=bool)
+
+
+def fixed_list(matrix: np.ndarray, valid: np.ndarray) -> pa.Array:
+    """(n, d) float32 -> FixedSizeList<float32, d>, null where not ``valid``."""
+    values = pa.array(np.ascontiguousarray(matrix, dtype=np.float32).ravel())
+    return pa.FixedSizeListArray.from_arrays(values, matrix.shape[1], mask=pa.array(~valid))
+
+
+# Fixed types, so that every block (and every Parquet file) has the same schema even
+# when a batch's column is all null.
+COLUMN_TYPES = {
+    S.URI: pa.string(), S.LABEL: pa.int8(), S.CAPTION: pa.string(), S.GENERATOR: pa.string(), S.SPLIT: pa.string(),
+    S.SIZE: pa.int64(), S.ETAG: pa.string(), S.WIDTH: pa.int32(), S.HEIGHT: pa.int32(), S.FORMAT: pa.string(),
+    S.ERROR_STAGE: pa.string(), S.ERROR_TYPE: pa.string(), S.ERROR_MESSAGE: pa.string(),
+}
+
+
+def to_table(batch: dict[str, np.ndarray], extra: dict[str, pa.Array]) -> pa.Table:
+    """The batch without pixels, plus ``extra`` columns, as an Arrow table."""
+    cols = {}
+    for k, v in batch.items():
+        if k == PIXELS:
+            continue
+        typ = COLUMN_TYPES.get(k)
+        if typ == pa.string() and v.dtype != object:
+            # An all-null column comes back from Arrow as float NaN (or null type).
+            cols[k] = pa.nulls(len(v), pa.string())
+            continue
+        cols[k] = pa.array(list(v) if v.dtype == object else v, type=typ)
+    cols.update(extra)
+    return pa.table(cols)
+
+
+def features_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """FixedSizeList column -> (n, d) float32 numpy (no nulls expected)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    d = arr.type.list_size
+    return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32, copy=False)

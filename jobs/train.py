@@ -1,0 +1,371 @@
+"""Train the CVaR + AUC + SAM detector on Ray Train and ship a calibrated bundle.
+
+Stage 1 (``--manifest``): embed the manifest once into a feature cache with
+``jobs.embed`` (reused when the manifest and CLIP settings are unchanged); or pass
+``--features CACHE`` to train on an existing cache. Stage 2: a ``TorchTrainer`` with
+``--workers`` workers (GPUs with ``--gpu``) trains the paper's MLP on Ray Data shards of
+the cache.
+
+Distributed semantics (shared/method.md section 5):
+
+- The loss is non-decomposable, so every worker all-gathers the logits and labels of
+  the global batch (autograd-aware) and computes the loss on it; DDP's gradient
+  average then equals the single-process gradient for the same global batch
+  (``tests/test_train.py`` proves it against a single-process computation).
+- SAM: by default pass one all-reduces too, so every worker perturbs along the global
+  gradient -- the exact single-process SAM step. ``--sam-local-perturbation`` skips
+  that sync (``no_sync``: the SAM paper's m-sharpness, one all-reduce fewer). Either
+  way pass two is averaged, so the workers' weights stay identical (tested).
+- BatchNorm uses per-worker batch statistics (ghost batch norm over each worker's
+  ``batch_size / workers`` rows, broadcast from rank 0 for the running statistics):
+  exact SyncBatchNorm costs an all-reduce per BN layer per pass and is CUDA-only in
+  torch; ``--sync-bn`` turns it on for GPU runs.
+
+Every epoch rank 0 evaluates on the validation split (AUC, AP, accuracy, TPR at 1 %
+FPR), reports through Ray Train, rewrites ``OUT/history.jsonl`` and checkpoints model,
+SAM/AdamW state, scheduler, epoch and the best model so far to ``--storage-path``
+(local or S3). ``FailureConfig(max_failures)`` restarts failed workers from the last
+checkpoint; re-submitting the same ``--run-name`` and storage resumes. At the end the
+best epoch (validation AUC) becomes the bundle, its threshold calibrated on validation
+real images to ``--target-fpr``; ``OUT/detector/``, ``OUT/metrics.json`` and
+``OUT/config.json`` are written.
+
+    python -m jobs.train --manifest data/manifest.parquet --output out/run1
+    ray job submit --address http://HEAD:8265 --working-dir . -- \\
+        python -m jobs.train --manifest s3://bucket/d3/manifest.parquet --output s3://bucket/detectors/run1 \\
+        --clip-model ViT-L-14 --pretrained s3://bucket/weights/vit-l-14-openai.bin --feature-mode image \\
+        --workers 4 --gpu
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from detector_core import schema as S
+from detector_core.bundle import DetectorBundle, save_bundle
+from detector_core.features import FEATURE_MODES
+from detector_core.losses import LOSS_KINDS
+from detector_core.metrics import calibrate_threshold, summarize
+from detector_core.model import DetectorMLP
+from detector_core.storage import arrow_fs, open_fs
+from detector_core.training import OptimConfig, all_gather_batch, build_optimizer, build_scheduler, predict_logits, training_step
+from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, read_json, storage_options_for, write_json
+
+
+@dataclass
+class TrainConfig:
+    manifest: str = opt("", "labelled manifest (.parquet/.csv or a real/ + generated/ tree); embeds it first")
+    features: str = opt("", "existing feature cache from jobs.embed (replaces --manifest)")
+    output: str = opt("", "output folder: detector/, metrics.json, config.json, history.jsonl (local or s3://)")
+    clip_model: str = opt("test-tiny", "open_clip model (paper: ViT-L-14)")
+    pretrained: str = opt("none", "open_clip tag, weights path or s3:// URI; 'none' = random init (tests/demo)")
+    feature_mode: str = opt("image", "image or image+text; fixed in the detector", choices=FEATURE_MODES)
+    loss: str = opt("cvar_auc", "training loss: erm, cvar or cvar_auc (the paper's)", choices=LOSS_KINDS)
+    sam: bool = opt(True, "optimise with SAM over AdamW (--no-sam: plain AdamW)")
+    sam_local_perturbation: bool = opt(False, "SAM pass one without gradient sync (m-sharpness) instead of the global perturbation")
+    rho: float = opt(0.05, "SAM neighbourhood radius")
+    alpha: float = opt(0.8, "CVaR level")
+    gamma: float = opt(0.5, "weight of CVaR against the AUC loss")
+    eta: float = opt(0.6, "AUC hinge margin")
+    lr: float = opt(1e-3, "AdamW learning rate")
+    weight_decay: float = opt(0.01, "AdamW weight decay")
+    epochs: int = opt(32, "epochs")
+    batch_size: int = opt(2048, "global batch size (split over workers)")
+    dropout: float = opt(0.335, "MLP dropout")
+    workers: int = opt(1, "Ray Train workers")
+    gpu: bool = opt(False, "one GPU per worker")
+    sync_bn: bool = opt(False, "SyncBatchNorm across workers (CUDA only)")
+    target_fpr: float = opt(0.01, "false-positive rate on validation real images that the threshold is calibrated to")
+    val_fraction: float = opt(0.2, "fraction of rows without a split that go to validation")
+    seed: int = opt(0, "random seed")
+    run_name: str = opt("", "Ray Train run name; the same name and storage resume (default: from --output)")
+    storage_path: str = opt("", "Ray Train storage for checkpoints (default: OUTPUT/ray)")
+    max_failures: int = opt(2, "worker failures to recover from (from the last checkpoint)")
+    cache_shard: bool = opt(True, "keep each worker's shard in memory after the first epoch (--no-cache-shard: stream every epoch)")
+    embed_batch_size: int = opt(64, "images per embedding batch (stage 1)")
+    embed_actors: int = opt(1, "CLIP actors for stage 1")
+    s3_endpoint: str = opt("", "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
+    ray_address: str = opt("", "Ray cluster address (default: the job's cluster, or a local Ray)")
+    fail_after_epoch: int = opt(-1, "testing: make rank 0 crash once right after checkpointing this epoch")
+
+    def optim(self) -> OptimConfig:
+        return OptimConfig(
+            loss=self.loss, alpha=self.alpha, gamma=self.gamma, eta=self.eta, sam=self.sam, rho=self.rho,
+            lr=self.lr, weight_decay=self.weight_decay, epochs=self.epochs, batch_size=self.batch_size,
+        )
+
+
+def _xy(batch):
+    """Arrow batch of the cache -> {x: (n, d) float32, y: float32}."""
+    from jobs.pipeline import features_matrix
+
+    return {"x": features_matrix(batch.column(S.FEATURES)), "y": batch.column(S.LABEL).to_numpy().astype(np.float32)}
+
+
+def _save_state(state: dict) -> "object":
+    import ray.train
+
+    d = tempfile.mkdtemp(prefix="ckpt-")
+    torch.save(state, os.path.join(d, "state.pt"))
+    return ray.train.Checkpoint.from_directory(d)
+
+
+def _load_state(checkpoint) -> dict:
+    with checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+
+
+def _load_split(it, device) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = zip(*((b["x"], b["y"]) for b in it.iter_torch_batches(batch_size=8192, device=device)))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _evaluate(model: torch.nn.Module, val: tuple[torch.Tensor, torch.Tensor], target_fpr: float) -> tuple[dict, float]:
+    z = predict_logits(model, val[0]).cpu().numpy().astype(np.float64)
+    y = val[1].cpu().numpy().astype(np.int64)
+    m = summarize(y, z, threshold=0.0)  # logit 0 = probability 0.5
+    real = z[y == 0]
+    threshold = calibrate_threshold(real, target_fpr) if real.size else float("inf")
+    at = summarize(y, z, threshold=threshold)
+    metrics = {
+        "val_auc": m["auc"], "val_ap": m["ap"], "val_accuracy": m["accuracy"],
+        "val_tpr_at_fpr_0.01": m["tpr_at_fpr_0.01"], "val_tpr_at_fpr_0.001": m["tpr_at_fpr_0.001"],
+        "val_accuracy_at_threshold": at["accuracy"], "val_real_accuracy": at["real_accuracy"],
+        "val_generated_accuracy": at["generated_accuracy"], "val_n": m["n"], "val_n_real": m["n_real"],
+    }
+    return metrics, threshold
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker: the epoch loop around ``detector_core.training.training_step``."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainConfig(**config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)
+    model = DetectorMLP(config["in_dim"], dropout=cfg.dropout)
+    if cfg.sync_bn and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ddp = ray.train.torch.prepare_model(model)
+    raw = getattr(ddp, "module", ddp)
+    optim_cfg = cfg.optim()
+    optimizer = build_optimizer(raw, optim_cfg)
+    scheduler = build_scheduler(optimizer, optim_cfg)
+    start_epoch, history, best = 0, [], None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        state = _load_state(checkpoint)
+        raw.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
+        if rank == 0:
+            print(f"resuming from the checkpoint of epoch {state['epoch']}")
+    gather = all_gather_batch if world > 1 else (lambda z, y: (z, y))
+    first_pass = ddp.no_sync if (world > 1 and cfg.sam_local_perturbation) else contextlib.nullcontext
+    shard = ray.train.get_dataset_shard("train")
+    session = uuid.uuid4().hex[:8]  # tells the epochs of a resumed run from the first attempt's
+    local_batch = config["local_batch"]
+    so = config["storage_options"]
+    cache: tuple[torch.Tensor, torch.Tensor] | None = None
+    val: tuple[torch.Tensor, torch.Tensor] | None = None
+    for epoch in range(start_epoch, cfg.epochs):
+        ddp.train()
+        started = time.time()
+        losses, seen = [], 0
+        lr = optimizer.param_groups[0]["lr"]
+        if cache is None:
+            # First epoch: stream the shard from Ray Data and keep it. Features are small
+            # (6 KB a row at width 1536), so later epochs reshuffle in memory instead of
+            # paying for a new streaming execution every epoch.
+            xs, ys = [], []
+            for batch in shard.iter_torch_batches(
+                batch_size=local_batch, drop_last=True, local_shuffle_buffer_size=4 * local_batch,
+                local_shuffle_seed=cfg.seed + epoch, device=device,
+            ):
+                losses.append(training_step(ddp, optimizer, batch["x"], batch["y"], optim_cfg, gather=gather, first_pass_context=first_pass))
+                seen += batch["x"].shape[0]
+                if cfg.cache_shard:
+                    xs.append(batch["x"])
+                    ys.append(batch["y"])
+            if cfg.cache_shard and xs:
+                cache = (torch.cat(xs), torch.cat(ys))
+        else:
+            order = torch.randperm(cache[0].shape[0], generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 31 + rank))
+            for i in range(0, order.numel() - local_batch + 1, local_batch):
+                idx = order[i : i + local_batch].to(cache[0].device)
+                losses.append(training_step(ddp, optimizer, cache[0][idx], cache[1][idx], optim_cfg, gather=gather, first_pass_context=first_pass))
+                seen += idx.numel()
+        scheduler.step()
+        metrics = {
+            "epoch": epoch,
+            "session": session,
+            "train_loss": float(torch.stack(losses).mean()) if losses else float("nan"),
+            "train_examples_per_s": seen * world / max(time.time() - started, 1e-9),
+            "lr": lr,
+        }
+        ckpt = None
+        if rank == 0:
+            if val is None:  # rank 0 keeps the validation split in memory, like the shard
+                val = _load_split(ray.train.get_dataset_shard("val"), device)
+            val_metrics, threshold = _evaluate(raw, val, cfg.target_fpr)
+            metrics.update(val_metrics)
+            history.append(metrics)
+            if best is None or val_metrics["val_auc"] > best["metrics"]["val_auc"]:
+                best = {"epoch": epoch, "metrics": metrics, "threshold_logit": threshold,
+                        "model": {k: v.detach().cpu().clone() for k, v in raw.state_dict().items()}}
+            ckpt = _save_state({
+                "model": raw.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": epoch, "history": history, "best": best,
+            })
+            _write_history(config["output"], history, so)
+            print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
+        ray.train.report(metrics, checkpoint=ckpt)
+        if epoch == cfg.fail_after_epoch and checkpoint is None and rank == 0:
+            raise RuntimeError(f"simulated worker failure after epoch {epoch} (--fail-after-epoch)")
+
+
+def _write_history(output: str, history: list[dict], so: dict | None) -> None:
+    fs, path = open_fs(join(output, "history.jsonl"), so)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write("".join(json.dumps(h, default=float) + "\n" for h in history).encode())
+
+
+def _run_name(cfg: TrainConfig) -> str:
+    return cfg.run_name or "train-" + hashlib.sha1(cfg.output.rstrip("/").encode()).hexdigest()[:10]
+
+
+def _ray_storage(cfg: TrainConfig, so: dict | None) -> tuple[str, object]:
+    uri = cfg.storage_path or join(cfg.output, "ray")
+    fs, path = arrow_fs(uri, so)
+    return path, fs
+
+
+def run_training(cfg: TrainConfig) -> dict:
+    """Both stages (or stage 2 alone with ``--features``); returns metrics.json's content."""
+    import pyarrow.dataset as pads
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    so = storage_options_for(cfg.s3_endpoint or None)
+    if not cfg.output:
+        fail("--output is required")
+    if bool(cfg.manifest) == bool(cfg.features):
+        fail("pass exactly one of --manifest (embed, then train) or --features (train on an existing cache)")
+    init_ray(cfg.ray_address or None)
+    embed_summary = None
+    cache = cfg.features
+    if cfg.manifest:
+        from jobs.embed import EmbedConfig, run_embedding
+
+        cache = join(cfg.output, "features")
+        embed_cfg = EmbedConfig(
+            manifest=cfg.manifest, output=cache, clip_model=cfg.clip_model, pretrained=cfg.pretrained,
+            feature_mode=cfg.feature_mode, batch_size=cfg.embed_batch_size, actors=cfg.embed_actors, gpu=cfg.gpu,
+            val_fraction=cfg.val_fraction, s3_endpoint=cfg.s3_endpoint, ray_address=cfg.ray_address,
+        )
+        embed_summary = run_embedding(embed_cfg, so)
+    marker = read_json(join(cache, "_SUCCESS.json"), so)
+    if marker is None:
+        fail(f"{cache} is not a finished feature cache (no _SUCCESS.json); run jobs.embed first")
+    if cfg.features:  # the cache decides the CLIP settings the bundle records
+        cfg.clip_model, cfg.pretrained, cfg.feature_mode = marker["clip_model"], marker["pretrained"], marker["feature_mode"]
+    elif (marker["clip_model"], marker["pretrained"], marker["feature_mode"]) != (cfg.clip_model, cfg.pretrained, cfg.feature_mode):
+        fail(f"feature cache {cache} was made with {marker['clip_model']}/{marker['pretrained']}/{marker['feature_mode']}")
+    in_dim = int(marker["feature_dim"])
+
+    pa_fs, data_path = arrow_fs(join(cache, "data"), so)
+    dataset = pads.dataset(data_path, filesystem=pa_fs, format="parquet")
+    good = pads.field(S.ERROR_STAGE).is_null()
+    n_train = dataset.count_rows(filter=good & (pads.field(S.SPLIT) == S.SPLIT_TRAIN))
+    val_labels = dataset.to_table(columns=[S.LABEL], filter=good & (pads.field(S.SPLIT) == S.SPLIT_VAL)).column(S.LABEL)
+    n_val, n_val_gen = len(val_labels), int(np.asarray(val_labels).sum()) if len(val_labels) else 0
+    if n_train < 2 * cfg.workers:
+        fail(f"only {n_train} training rows in {cache}; need at least {2 * cfg.workers}")
+    if n_val == 0 or n_val_gen in (0, n_val):
+        fail(f"the validation split of {cache} needs real and generated images (has {n_val} rows, {n_val_gen} generated)")
+
+    def split_ds(split: str):
+        from ray.data.expressions import col
+
+        ds = ray.data.read_parquet(data_path, filesystem=pa_fs).select_columns([S.FEATURES, S.LABEL, S.SPLIT, S.ERROR_STAGE])
+        ds = ds.filter(expr=col(S.ERROR_STAGE).is_null() & (col(S.SPLIT) == split))
+        return ds.map_batches(_xy, batch_format="pyarrow")
+
+    rows_per_worker = n_train // cfg.workers
+    local_batch = max(2, min(cfg.batch_size // cfg.workers, rows_per_worker))
+    storage_path, storage_fs = _ray_storage(cfg, so)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": config_dict(cfg), "in_dim": in_dim, "local_batch": local_batch, "output": cfg.output, "storage_options": so},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker={"CPU": 1, **({"GPU": 1} if cfg.gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=_run_name(cfg), storage_path=storage_path, storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        # Validation is read every epoch by rank 0: materialise it once (it is the small split).
+        # One global shuffle before the split: caches keep manifest order (often one class
+        # after the other), and contiguous shards would give each worker -- and its
+        # per-worker BatchNorm statistics -- a skewed class mix. Later epochs reshuffle
+        # each worker's in-memory shard.
+        datasets={"train": split_ds(S.SPLIT_TRAIN).random_shuffle(seed=cfg.seed), "val": split_ds(S.SPLIT_VAL).materialize()},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    started = time.time()
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; surface the cause in one line
+        cause = exc.__cause__ or exc
+        fail(f"training failed: {type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}")
+    if result.checkpoint is None:
+        fail("training produced no checkpoint")
+    state = _load_state(result.checkpoint)
+    best = state["best"]
+    model = DetectorMLP(in_dim, dropout=cfg.dropout)
+    model.load_state_dict(best["model"])
+    bm = best["metrics"]
+    threshold_logit = float(best["threshold_logit"])
+    bundle = DetectorBundle(
+        model=model.eval(), clip_model=cfg.clip_model, pretrained=cfg.pretrained, feature_mode=cfg.feature_mode,
+        threshold_logit=threshold_logit,
+        calibration={"method": "target_fpr", "target_fpr": cfg.target_fpr, "split": S.SPLIT_VAL,
+                     "n_real": bm["val_n_real"], "achieved_fpr": 1.0 - bm["val_real_accuracy"]},
+        training_config=config_dict(cfg), metrics={k: v for k, v in bm.items()},
+    )
+    save_bundle(bundle, join(cfg.output, "detector"), so)
+    metrics = {
+        **{k: bm[k] for k in bm if k.startswith("val_")},
+        "threshold": bundle.threshold, "threshold_logit": threshold_logit, "target_fpr": cfg.target_fpr,
+        "best_epoch": best["epoch"], "epochs_run": len(state["history"]), "epochs": cfg.epochs,
+        "train_rows": n_train, "detector_id": bundle.detector_id, "history": state["history"],
+        "embedding": embed_summary, "train_seconds": round(time.time() - started, 2),
+    }
+    write_json(join(cfg.output, "metrics.json"), metrics, so)
+    write_json(join(cfg.output, "config.json"), config_dict(cfg), so)
+    print(f"detector {bundle.detector_id}: best epoch {best['epoch']}, val AUC {bm['val_auc']:.4f}, "
+          f"threshold {bundle.threshold:.4f} (FPR target {cfg.target_fpr}) -> {join(cfg.output, 'detector')}")
+    return metrics
+
+
+def main(argv=None) -> dict:
+    return run_training(parse_config(TrainConfig, argv, __doc__))
+
+
+if __name__ == "__main__":
+    main()

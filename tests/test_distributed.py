@@ -1,0 +1,135 @@
+"""Two DDP workers (gloo, real processes) against one process on the same global batch.
+
+The workers run exactly what a Ray Train worker runs (``batch_loss`` / ``training_step``
+with ``all_gather_batch`` under DistributedDataParallel). The single-process side runs
+the plain model on the whole global batch, split into the same two chunks for the
+forward pass only, since BatchNorm uses per-worker statistics (jobs/train.py says why).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from detector_core.model import DetectorMLP
+from detector_core.training import OptimConfig, all_gather_batch, batch_loss, build_optimizer, training_step
+
+D, N, STEPS = 10, 48, 4
+
+
+class Chunked(nn.Module):
+    """Forward a batch as ``k`` chunks (one per simulated worker) and concatenate."""
+
+    def __init__(self, model: nn.Module, k: int) -> None:
+        super().__init__()
+        self.model, self.k = model, k
+
+    def forward(self, x):
+        return torch.cat([self.model(c) for c in x.chunk(self.k)])
+
+
+def _data():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(STEPS, N, D, generator=gen, dtype=torch.float64)
+    y = (torch.rand(STEPS, N, generator=gen) < 0.7).double()
+    torch.manual_seed(1)
+    init = DetectorMLP(D, hidden_dim=16, dropout=0.0).double().state_dict()
+    return x, y, init
+
+
+def _worker(rank: int, world: int, port: int, out: str, local_perturbation: bool) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        x, y, init = _data()
+        model = DetectorMLP(D, hidden_dim=16, dropout=0.0).double()
+        model.load_state_dict(init)
+        ddp = DDP(model)
+        cfg = OptimConfig(sam=True, rho=0.05, lr=1e-2)
+        b = N // world
+        sl = slice(rank * b, (rank + 1) * b)
+        # One plain backward: the averaged gradient of the global loss.
+        batch_loss(ddp, x[0, sl], y[0, sl], cfg, all_gather_batch).backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+        model.zero_grad()
+        opt = build_optimizer(model, cfg)
+        first = ddp.no_sync if local_perturbation else contextlib.nullcontext
+        for s in range(STEPS):
+            training_step(ddp, opt, x[s, sl], y[s, sl], cfg, gather=all_gather_batch, first_pass_context=first)
+        torch.save({"grads": grads, "params": dict(model.named_parameters())}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(tmp_path, local_perturbation: bool):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(2, port, str(tmp_path), local_perturbation), nprocs=2, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def _single_process():
+    x, y, init = _data()
+    model = DetectorMLP(D, hidden_dim=16, dropout=0.0).double()
+    model.load_state_dict(init)
+    chunked = Chunked(model, 2)
+    cfg = OptimConfig(sam=True, rho=0.05, lr=1e-2)
+    batch_loss(chunked, x[0], y[0], cfg).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    opt = build_optimizer(model, cfg)
+    for s in range(STEPS):
+        training_step(chunked, opt, x[s], y[s], cfg)
+    return grads, dict(model.named_parameters())
+
+
+def test_two_workers_give_the_single_process_gradient_and_sam_steps(tmp_path):
+    ranks = _run(tmp_path, local_perturbation=False)
+    grads, params = _single_process()
+    for r in ranks:
+        for k in grads:
+            torch.testing.assert_close(r["grads"][k], grads[k], rtol=1e-9, atol=1e-12, msg=f"gradient {k}")
+        # AdamW's normalisation turns ~1e-17 gradients of pre-BN biases into ~1e-10 noise.
+        for k in params:
+            torch.testing.assert_close(r["params"][k], params[k], rtol=1e-7, atol=1e-8, msg=f"weights {k}")
+    for k in params:
+        assert torch.equal(ranks[0]["params"][k], ranks[1]["params"][k]), k
+
+
+def test_local_perturbation_keeps_workers_identical(tmp_path):
+    ranks = _run(tmp_path, local_perturbation=True)
+    _, params = _single_process()
+    for k in params:
+        assert torch.equal(ranks[0]["params"][k], ranks[1]["params"][k]), k
+    # m-sharpness really differs from the global perturbation (so the test above has teeth).
+    diff = max(float((ranks[0]["params"][k] - params[k]).abs().max()) for k in params)
+    assert diff > 1e-6
+
+
+def test_per_worker_loss_mean_is_not_the_global_loss():
+    """Why the gather exists: mean of per-worker CVaR+AUC != CVaR+AUC of the global batch."""
+    x, y, init = _data()
+    model = DetectorMLP(D, hidden_dim=16, dropout=0.0).double()
+    model.load_state_dict(init)
+    cfg = OptimConfig()
+    z = Chunked(model, 2)(x[0])
+    from detector_core.losses import detector_loss
+
+    whole = detector_loss(z, y[0])
+    halves = (detector_loss(z[: N // 2], y[0, : N // 2]) + detector_loss(z[N // 2 :], y[0, N // 2 :])) / 2
+    assert abs(float(whole) - float(halves)) > 1e-4
+    assert cfg.loss == "cvar_auc"
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_env(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)

@@ -1,0 +1,120 @@
+"""The training job on a real local Ray: learns, recovers, resumes, runs on S3, refuses bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from detector_core.bundle import load_bundle
+from detector_core.features import ClipEncoder
+from detector_core.images import decode_image
+from detector_core.manifest import ManifestError, validate_manifest
+from detector_core.metrics import roc_auc
+from jobs import train
+
+FAST = ["--batch-size", "64", "--lr", "3e-3", "--embed-batch-size", "128"]
+
+
+def _history(out):
+    return [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+
+
+def test_two_workers_learn_and_recover_from_a_worker_failure(ray_local, demo_manifest, demo_features, tmp_path):
+    out = tmp_path / "run"
+    metrics = train.main(["--features", str(demo_features), "--output", str(out), "--workers", "2", "--epochs", "12",
+                          "--fail-after-epoch", "2", "--max-failures", "1", *FAST])
+    assert metrics["val_auc"] > 0.95, metrics["history"]
+    hist = _history(out)
+    assert [h["epoch"] for h in hist] == list(range(12))  # no epoch trained twice
+    sessions = [h["session"] for h in hist]
+    assert len(set(sessions[:3])) == 1 and len(set(sessions[3:])) == 1 and sessions[0] != sessions[3]
+    assert metrics["best_epoch"] == int(np.argmax([h["val_auc"] for h in hist]))
+
+    # The bundle scores images exactly as a direct detector_core computation does.
+    bundle = load_bundle(str(out / "detector"))
+    assert bundle.training_config["workers"] == 2 and bundle.feature_mode == "image"
+    enc = ClipEncoder(bundle.clip_model, bundle.pretrained)
+    table = validate_manifest(pq.read_table(demo_manifest)).table
+    val = table.filter(pa.compute.equal(table["split"], "val"))
+    pixels = torch.stack([enc.preprocess(decode_image(open(u, "rb").read()).image) for u in val["uri"].to_pylist()])
+    with torch.no_grad():
+        logits = bundle.model(enc.encode(pixels, None, "image")).numpy()
+    assert roc_auc(val["label"].to_numpy(), logits) == pytest.approx(metrics["val_auc"], abs=1e-6)
+    real = logits[val["label"].to_numpy() == 0]
+    assert (real >= bundle.threshold_logit).mean() <= 0.01
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["epochs"] == 12 and saved["loss"] == "cvar_auc" and saved["sam"] is True
+
+
+def test_interrupted_run_resumes_where_it_stopped(ray_local, demo_features, tmp_path):
+    out = tmp_path / "run"
+    args = ["--features", str(demo_features), "--output", str(out), "--epochs", "4", *FAST]
+    with pytest.raises(SystemExit):
+        train.main([*args, "--fail-after-epoch", "1", "--max-failures", "0"])
+    first = _history(out)
+    assert [h["epoch"] for h in first] == [0, 1]
+    metrics = train.main(args)
+    hist = _history(out)
+    assert [h["epoch"] for h in hist] == [0, 1, 2, 3] and metrics["epochs_run"] == 4
+    assert hist[:2] == first  # epochs 0-1 come from the checkpoint, not trained again
+    assert hist[2]["session"] != first[0]["session"]
+
+
+def test_everything_on_s3(ray_local, s3_bucket, tmp_path):
+    import s3fs
+
+    from detector_core.demo import write_dataset
+
+    rows = write_dataset(tmp_path / "images", 60, 60, seed=4)
+    fs = s3fs.S3FileSystem()
+    fs.put(str(tmp_path / "images"), f"{s3_bucket[5:]}/images", recursive=True)
+    manifest = pa.Table.from_pylist(
+        [{**r, "uri": "images/" + r["uri"].split("/images/", 1)[1]} for r in rows]  # relative to the manifest
+    )
+    with fs.open(f"{s3_bucket[5:]}/manifest.parquet", "wb") as f:
+        pq.write_table(manifest, f)
+    out = f"{s3_bucket}/runs/r1"
+    metrics = train.main(["--manifest", f"{s3_bucket}/manifest.parquet", "--output", out, "--epochs", "2", *FAST])
+    assert metrics["embedding"]["embedded"] == 120
+    for key in ("detector/detector.json", "detector/weights.safetensors", "metrics.json", "config.json",
+                "history.jsonl", "features/_SUCCESS.json", "features/errors.parquet"):
+        assert fs.exists(f"{out[5:]}/{key}"), key
+    assert fs.glob(f"{out[5:]}/features/data/*.parquet")
+    assert fs.glob(f"{out[5:]}/ray/**/state.pt"), "no Ray Train checkpoint on S3"
+    assert load_bundle(f"{out}/detector").detector_id == metrics["detector_id"]
+
+
+def test_bad_rows_are_counted_and_one_class_manifests_refused(ray_local, demo_manifest, tmp_path):
+    rows = pq.read_table(demo_manifest).to_pylist()[:20] + pq.read_table(demo_manifest).to_pylist()[-20:]
+    (tmp_path / "junk.jpg").write_bytes(b"<html>not an image</html>")
+    rows += [
+        {"uri": str(tmp_path / "junk.jpg"), "label": 0, "generator": "real", "caption": "junk"},
+        {"uri": str(tmp_path / "gone.png"), "label": 1, "generator": "x", "caption": "junk"},
+        {"uri": str(tmp_path / "junk.jpg") + "?", "label": 3, "generator": "real", "caption": "junk"},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
+    from jobs.embed import main as embed_main
+
+    summary = embed_main(["--manifest", str(tmp_path / "m.parquet"), "--output", str(tmp_path / "cache")])
+    assert summary["embedded"] == 40
+    assert summary["errors_by_reason"] == {"manifest:bad_label": 1, "decode:not_an_image": 1, "read:not_found": 1}
+    errors = pq.read_table(tmp_path / "cache" / "errors.parquet")
+    assert errors.num_rows == 3 and all(errors["error_message"].to_pylist())
+    before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "cache" / "data").iterdir())
+    again = embed_main(["--manifest", str(tmp_path / "m.parquet"), "--output", str(tmp_path / "cache")])
+    assert again["reused"] is True  # same manifest + CLIP settings: nothing embedded again
+    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "cache" / "data").iterdir()) == before
+    changed = embed_main(["--manifest", str(tmp_path / "m.parquet"), "--output", str(tmp_path / "cache"), "--feature-mode", "image+text"])
+    assert changed["reused"] is False and changed["feature_dim"] == 128
+
+    only_real = [r for r in rows[:20]]
+    pq.write_table(pa.Table.from_pylist(only_real), tmp_path / "real.parquet")
+    with pytest.raises(ManifestError, match="no generated"):
+        validate_manifest(pq.read_table(tmp_path / "real.parquet"))
+    with pytest.raises(SystemExit):
+        train.main(["--manifest", str(tmp_path / "real.parquet"), "--output", str(tmp_path / "x")])
