@@ -1,93 +1,71 @@
-"""The product end to end on an embedded default: demo data, a detector, its bundle.
+"""The product end to end on an embedded default: local Ray, local files, demo data.
 
-``python -m jobs.demo`` (the README's first command) writes a synthetic set of "real"
-and "generated" images, embeds them with the shipped ``test-tiny`` CLIP (random
-weights: it shows the pipeline, not detection quality), trains the paper's MLP with
-CVaR + AUC loss and SAM, calibrates the threshold to a 1 % false-positive rate on
-held-out real images, and writes the detector bundle and metrics under ``--output``.
-With real weights: ``--clip-model ViT-L-14 --pretrained /path/to/open_clip_weights.bin``.
+``python -m jobs.demo`` (the README's ``make demo``) writes a synthetic labelled set of
+"real" and "generated" images, trains a detector on it with ``jobs.train`` (Ray Data
+embedding, Ray Train, CVaR + AUC loss with SAM, threshold calibrated to 1 % FPR), then
+scans a separate folder of unlabelled demo images (with a few broken files among
+them) with ``jobs.scan``, and prints where the tables are and the run summary.
+
+It uses the shipped ``test-tiny`` CLIP: random weights, so the demo shows the pipeline
+and its outputs, not real detection quality. For real detection train with
+``--clip-model ViT-L-14 --pretrained openai`` (weights in the open_clip cache) or
+``--pretrained /path/or/s3://uri/to/weights.bin``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from detector_core.bundle import DetectorBundle, save_bundle
-from detector_core.demo import write_dataset
-from detector_core.features import ClipEncoder
-from detector_core.images import decode_image
-from detector_core.metrics import calibrate_threshold, summarize
-from detector_core.model import DetectorMLP
-from detector_core.training import OptimConfig, fit, predict_logits
+from detector_core.demo import GENERATORS, encode, make_image, write_dataset
+from jobs import scan, train
+from jobs.common import opt, parse_config
 
 
 @dataclass
 class DemoConfig:
-    output: str = "demo_out"
-    n_real: int = 400
-    n_generated: int = 400
-    clip_model: str = "test-tiny"
-    pretrained: str = "none"
-    epochs: int = 40
-    batch_size: int = 128
-    target_fpr: float = 0.01
-    seed: int = 0
-
-
-def parse_args(argv=None) -> DemoConfig:
-    d = DemoConfig()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--output", default=d.output, help="folder for the demo images, bundle and metrics")
-    ap.add_argument("--n-real", type=int, default=d.n_real, help="number of real demo images")
-    ap.add_argument("--n-generated", type=int, default=d.n_generated, help="number of generated demo images")
-    ap.add_argument("--clip-model", default=d.clip_model, help="open_clip model name (paper: ViT-L-14)")
-    ap.add_argument("--pretrained", default=d.pretrained, help="open_clip tag, weights path or s3:// URI; 'none' = random")
-    ap.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
-    ap.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
-    ap.add_argument("--target-fpr", type=float, default=d.target_fpr, help="false-positive rate the threshold is calibrated to")
-    ap.add_argument("--seed", type=int, default=d.seed, help="seed for data and training")
-    return DemoConfig(**{k.replace("-", "_"): v for k, v in vars(ap.parse_args(argv)).items()})
+    output: str = opt("demo_out", "folder for the demo images, the detector and the scan tables")
+    n_train: int = opt(300, "labelled demo images per class for training")
+    n_scan: int = opt(60, "unlabelled demo images to scan")
+    clip_model: str = opt("test-tiny", "open_clip model name (paper: ViT-L-14)")
+    pretrained: str = opt("none", "open_clip tag, weights path or s3:// URI; 'none' = random init")
+    epochs: int = opt(12, "training epochs")
+    workers: int = opt(1, "Ray Train workers")
+    seed: int = opt(0, "seed for the demo data")
 
 
 def main(argv=None) -> dict:
-    cfg = parse_args(argv)
-    start = time.time()
-    out = Path(cfg.output)
-    rows = write_dataset(out / "images", cfg.n_real, cfg.n_generated, seed=cfg.seed)
+    cfg = parse_config(DemoConfig, argv, __doc__)
+    out = Path(cfg.output).resolve()
     if cfg.pretrained == "none":
-        print(f"NOTE: {cfg.clip_model} with random weights shows the pipeline, not detection quality. "
-              "For real detection pass --clip-model ViT-L-14 --pretrained openai (cached) or a weights path.")
-    encoder = ClipEncoder(cfg.clip_model, cfg.pretrained, device="cpu")
-    pixels = torch.stack([encoder.preprocess(decode_image(Path(r["uri"]).read_bytes()).image) for r in rows])
-    feats = torch.cat([encoder.encode(pixels[i : i + 256], None, "image") for i in range(0, len(rows), 256)])
-    labels = torch.tensor([r["label"] for r in rows])
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed))
-    n_val = len(rows) // 4
-    val, train = order[:n_val], order[n_val:]
-    optim = OptimConfig(epochs=cfg.epochs, batch_size=cfg.batch_size)
-    model = fit(DetectorMLP(feats.shape[1]), feats[train], labels[train], optim, seed=cfg.seed)
-    val_logits = predict_logits(model, feats[val]).numpy()
-    val_labels = labels[val].numpy()
-    threshold = calibrate_threshold(val_logits[val_labels == 0], cfg.target_fpr)
-    metrics = summarize(val_labels, val_logits, threshold)
-    bundle = DetectorBundle(
-        model=model.eval(), clip_model=cfg.clip_model, pretrained=cfg.pretrained, feature_mode="image",
-        threshold_logit=threshold,
-        calibration={"method": "target_fpr", "target_fpr": cfg.target_fpr, "n_real": int((val_labels == 0).sum())},
-        training_config={"demo": asdict(cfg), "optim": optim.to_dict()}, metrics=metrics,
-    )
-    save_bundle(bundle, str(out / "detector"))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"detector {bundle.detector_id} -> {out / 'detector'}  ({time.time() - start:.1f} s)")
-    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}, indent=2))
-    return metrics
+        print(f"NOTE: {cfg.clip_model} with random weights shows the pipeline, not detection quality. For real detection "
+              "pass --clip-model ViT-L-14 --pretrained openai (cached) or --pretrained /path/to/weights.bin.")
+    rows = write_dataset(out / "train_images", cfg.n_train, cfg.n_train, seed=cfg.seed)
+    pq.write_table(pa.Table.from_pylist(rows), out / "manifest.parquet")
+    metrics = train.main([
+        "--manifest", str(out / "manifest.parquet"), "--output", str(out / "training"), "--clip-model", cfg.clip_model,
+        "--pretrained", cfg.pretrained, "--epochs", str(cfg.epochs), "--workers", str(cfg.workers),
+        "--batch-size", "64", "--lr", "3e-3", "--embed-batch-size", "128",
+    ])
+    rng = np.random.default_rng(cfg.seed + 1)
+    bucket = out / "bucket"
+    bucket.mkdir(parents=True, exist_ok=True)
+    kinds = ["real", *GENERATORS]
+    for i in range(cfg.n_scan):
+        (bucket / f"upload_{i:04d}.png").write_bytes(encode(make_image(rng, kinds[i % len(kinds)])))
+    (bucket / "broken_upload.jpg").write_bytes(b"<html>this was never an image</html>")
+    summary = scan.main(["--detector", str(out / "training" / "detector"), "--input", str(bucket), "--output", str(out / "scans")])
+    print("\n=== demo finished ===")
+    print(f"detector:  {out / 'training' / 'detector'}  (val AUC {metrics['val_auc']:.3f}, threshold {metrics['threshold']:.3f})")
+    print(f"tables:    {out / 'scans'}/{{scores,flagged,errors}}/scan_date=…/*.parquet")
+    print(f"summary:   {out / 'scans' / 'runs' / (summary['scan_id'] + '.json')}")
+    print(json.dumps({k: summary[k] for k in ("listed", "scored", "flagged", "errors", "seconds", "images_per_second")}, indent=2))
+    return summary
 
 
 if __name__ == "__main__":

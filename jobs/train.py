@@ -148,10 +148,13 @@ def _evaluate(model: torch.nn.Module, val: tuple[torch.Tensor, torch.Tensor], ta
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker: the epoch loop around ``detector_core.training.training_step``."""
+    import ray.data
     import ray.train
     import ray.train.torch
 
     cfg = TrainConfig(**config["cfg"])
+    # Per-batch progress bars from inside the workers drown the epoch lines in the job log.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
