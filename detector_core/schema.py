@@ -50,7 +50,7 @@ COLUMN_DOCS = {
     GENERATOR: "which generator made the image ('real' for real images)",
     SPLIT: "train / val / test; assigned from a hash of the uri when the manifest has none",
     SIZE: "object size in bytes",
-    ETAG: "object ETag (or a content hash for local files); with size, what tells a changed object",
+    ETAG: "object ETag (S3/GCS), or mtime:<seconds> for local files; with size, what tells a changed object",
     WIDTH: "image width in pixels, as stored",
     HEIGHT: "image height in pixels, as stored",
     FORMAT: "image format as detected from the bytes (JPEG, PNG, …)",

@@ -26,6 +26,7 @@ scan, and a re-run that finds a half-done move finishes it.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import time
 from dataclasses import dataclass
 
@@ -65,6 +66,7 @@ class ScanConfig:
     s3_endpoint: str = opt("", "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
     ray_address: str = opt("", "Ray cluster address (default: the job's cluster, or a local Ray)")
     fail_after_chunks: int = opt(-1, "testing: stop with an error after this many chunks are staged")
+    crash_actor_once: str = opt("", "testing: the first Scorer batch kills its actor process if this marker file does not exist yet")
 
 
 class Scorer(ClipEmbedder):
@@ -73,13 +75,17 @@ class Scorer(ClipEmbedder):
     Rows that failed to read or decode pass through with their error and no score.
     """
 
-    def __init__(self, bundle_uri: str, scan_id: str, storage_options: dict | None = None):
+    def __init__(self, bundle_uri: str, scan_id: str, storage_options: dict | None = None, crash_marker: str = ""):
+        self.crash_marker = crash_marker
         self.bundle = load_bundle(bundle_uri, storage_options)
         super().__init__(self.bundle.clip_model, self.bundle.pretrained, self.bundle.feature_mode, storage_options)
         self.mlp = self.bundle.model.to(self.device).eval()
         self.scan_id = scan_id
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        if self.crash_marker and not os.path.exists(self.crash_marker):
+            open(self.crash_marker, "w").close()
+            os._exit(1)  # a hard actor death, as from an OOM kill or a lost node
         feats, ok = self.features(batch)
         logits = np.full(len(ok), np.nan, dtype=np.float64)
         if ok.any():
@@ -190,7 +196,7 @@ def _score_chunk(chunk: pa.Table, cfg: ScanConfig, scan_id: str, captions: pa.Ta
         batch_size=cfg.batch_size, batch_format="numpy",
     )
     ds = ds.map_batches(
-        Scorer, fn_constructor_kwargs=dict(bundle_uri=cfg.detector, scan_id=scan_id, storage_options=so),
+        Scorer, fn_constructor_kwargs=dict(bundle_uri=cfg.detector, scan_id=scan_id, storage_options=so, crash_marker=cfg.crash_actor_once),
         batch_size=cfg.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_gpus=1 if cfg.gpu else 0,
         max_restarts=-1, max_task_retries=-1,  # an actor that dies is replaced and its batch retried

@@ -174,3 +174,15 @@ def test_image_text_detector_refuses_to_scan_without_captions(bundle_dir, tmp_pa
     (tmp_path / "in").mkdir()
     with pytest.raises(SystemExit):
         scan.main(["--detector", str(path), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
+
+
+def test_an_actor_that_dies_is_replaced_and_its_batch_retried(ray_local, bundle_dir, tmp_path):
+    rng = np.random.default_rng(3)
+    bucket = tmp_path / "bucket"
+    _write(bucket, {f"img_{i:02d}.png": encode(make_image(rng)) for i in range(10)})
+    marker = tmp_path / "crashed"
+    summary = scan.main(["--detector", str(bundle_dir), "--input", str(bucket), "--output", str(tmp_path / "out"),
+                         "--batch-size", "4", "--crash-actor-once", str(marker)])
+    assert marker.exists()  # the actor really died once
+    uris = _tables(tmp_path / "out")["scores"]["uri"].to_pylist()
+    assert summary["scored"] == 10 and len(uris) == 10 == len(set(uris))

@@ -1,0 +1,108 @@
+"""Benchmark: scan images/s against a plain single-process loop and the forward pass alone.
+
+Three figures per image set, same model (default ViT-B-32 with random weights and a
+random MLP bundle), same machine:
+
+1. ``jobs.scan`` end to end (local Ray: CPU decode tasks + Scorer actors), timed
+   inside the job from listing to commit (Ray start-up excluded);
+2. a plain loop: PIL decode at full resolution, open_clip preprocess, batched CLIP
+   forward + MLP, one process;
+3. the forward pass alone (CLIP + MLP) on pre-decoded, preprocessed tensors.
+
+Image sets: full-size photos (3000x2000 JPEG) and small images (~500 px JPEG).
+
+    python -m bench.bench_scan [--clip-model ViT-B-32] [--photos 48] [--small 160] [--gpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from detector_core.bundle import DetectorBundle, save_bundle
+from detector_core.demo import make_image
+from detector_core.features import ClipEncoder, feature_dim
+from detector_core.model import DetectorMLP
+
+
+def write_images(folder: Path, n: int, size: tuple[int, int], seed: int) -> list[Path]:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        small = make_image(rng, "real", size=(size[1] // 8, size[0] // 8))
+        im = small.resize(size, Image.BICUBIC)
+        arr = np.asarray(im).astype(np.int16) + rng.integers(-6, 7, size=(size[1], size[0], 3))
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+        p = folder / f"img_{i:04d}.jpg"
+        p.write_bytes(buf.getvalue())
+        paths.append(p)
+    return paths
+
+
+def plain_loop(paths, enc: ClipEncoder, mlp, batch: int) -> float:
+    start = time.perf_counter()
+    for i in range(0, len(paths), batch):
+        x = torch.stack([enc.preprocess(Image.open(p).convert("RGB")) for p in paths[i : i + batch]])
+        with torch.inference_mode():
+            mlp(enc.encode(x, None, "image").to(enc.device))
+    return len(paths) / (time.perf_counter() - start)
+
+
+def forward_only(paths, enc: ClipEncoder, mlp, batch: int) -> float:
+    xs = [torch.stack([enc.preprocess(Image.open(p).convert("RGB")) for p in paths[i : i + batch]]) for i in range(0, len(paths), batch)]
+    start = time.perf_counter()
+    for x in xs:
+        with torch.inference_mode():
+            mlp(enc.encode(x, None, "image").to(enc.device))
+    if enc.device.type == "cuda":
+        torch.cuda.synchronize()
+    return len(paths) / (time.perf_counter() - start)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clip-model", default="ViT-B-32", help="open_clip model (random weights)")
+    ap.add_argument("--photos", type=int, default=48, help="number of 3000x2000 photos")
+    ap.add_argument("--small", type=int, default=160, help="number of ~500 px images")
+    ap.add_argument("--batch-size", type=int, default=32, help="model batch")
+    ap.add_argument("--actors", type=int, default=1, help="Scorer actors")
+    ap.add_argument("--gpu", action="store_true", help="run the model on the GPU")
+    args = ap.parse_args(argv)
+    from jobs import scan
+    from jobs.common import init_ray
+
+    device = "cuda" if args.gpu else "cpu"
+    tmp = Path(tempfile.mkdtemp(prefix="bench-scan-"))
+    torch.manual_seed(0)
+    mlp = DetectorMLP(feature_dim(args.clip_model, "image")).eval()
+    save_bundle(DetectorBundle(model=mlp, clip_model=args.clip_model, pretrained="none", feature_mode="image"), str(tmp / "detector"))
+    mlp = mlp.to(device)
+    enc = ClipEncoder(args.clip_model, "none", device=device)
+    sets = {"photos 3000x2000": write_images(tmp / "photos", args.photos, (3000, 2000), 1),
+            "small ~500px": write_images(tmp / "small", args.small, (500, 375), 2)}
+    init_ray()
+    rows = []
+    for name, paths in sets.items():
+        summary = scan.main(["--detector", str(tmp / "detector"), "--input", str(paths[0].parent), "--output", str(tmp / f"out-{len(rows)}"),
+                             "--batch-size", str(args.batch_size), "--actors", str(args.actors), *(["--gpu"] if args.gpu else [])])
+        job = summary["images_per_second"]
+        loop = plain_loop(paths, enc, mlp, args.batch_size)
+        fwd = forward_only(paths, enc, mlp, args.batch_size)
+        rows.append((name, job, loop, fwd))
+    print(f"\n=== bench_scan: {args.clip_model}, random weights, device {device}, batch {args.batch_size} ===")
+    print(f"{'images':20s} {'scan job':>10s} {'plain loop':>11s} {'forward only':>13s} {'job/loop':>9s} {'job/fwd':>8s}   (images/s)")
+    for name, job, loop, fwd in rows:
+        print(f"{name:20s} {job:10.1f} {loop:11.1f} {fwd:13.1f} {job / loop:9.2f} {job / fwd:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
