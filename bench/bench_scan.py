@@ -75,6 +75,7 @@ def main(argv=None):
     ap.add_argument("--small", type=int, default=160, help="number of ~500 px images")
     ap.add_argument("--batch-size", type=int, default=32, help="model batch")
     ap.add_argument("--actors", type=int, default=1, help="Scorer actors")
+    ap.add_argument("--cpus-per-actor", type=float, default=2.0, help="CPUs (torch threads) per Scorer actor")
     ap.add_argument("--gpu", action="store_true", help="run the model on the GPU")
     args = ap.parse_args(argv)
     from jobs import scan
@@ -93,7 +94,8 @@ def main(argv=None):
     rows = []
     for name, paths in sets.items():
         summary = scan.main(["--detector", str(tmp / "detector"), "--input", str(paths[0].parent), "--output", str(tmp / f"out-{len(rows)}"),
-                             "--batch-size", str(args.batch_size), "--actors", str(args.actors), *(["--gpu"] if args.gpu else [])])
+                             "--batch-size", str(args.batch_size), "--actors", str(args.actors), "--cpus-per-actor", str(args.cpus_per_actor),
+                             "--chunk-size", "100000", *(["--gpu"] if args.gpu else [])])
         job = summary["images_per_second"]
         loop = plain_loop(paths, enc, mlp, args.batch_size)
         fwd = forward_only(paths, enc, mlp, args.batch_size)

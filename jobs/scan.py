@@ -61,6 +61,7 @@ class ScanConfig:
     batch_size: int = opt(64, "images per model batch")
     actors: int = opt(1, "Scorer actors (one GPU each with --gpu)")
     gpu: bool = opt(False, "run the Scorer actors on GPUs")
+    cpus_per_actor: float = opt(1.0, "CPUs reserved per Scorer actor; Ray gives its torch that many threads (raise it for CPU-only scans)")
     chunk_size: int = opt(50_000, "objects per committed chunk (the unit of resume)")
     max_pixels: int = opt(DEFAULT_MAX_PIXELS, "refuse images with more pixels than this (decompression bombs)")
     s3_endpoint: str = opt("", "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
@@ -198,7 +199,7 @@ def _score_chunk(chunk: pa.Table, cfg: ScanConfig, scan_id: str, captions: pa.Ta
     ds = ds.map_batches(
         Scorer, fn_constructor_kwargs=dict(bundle_uri=cfg.detector, scan_id=scan_id, storage_options=so, crash_marker=cfg.crash_actor_once),
         batch_size=cfg.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_gpus=1 if cfg.gpu else 0,
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_gpus=1 if cfg.gpu else 0, num_cpus=cfg.cpus_per_actor,
         max_restarts=-1, max_task_retries=-1,  # an actor that dies is replaced and its batch retried
     )
     return pa.concat_tables(ray.get(ds.to_arrow_refs()), promote_options="default")
