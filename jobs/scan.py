@@ -181,7 +181,7 @@ def _write_parquet(table: pa.Table, uri: str, so: dict | None) -> None:
         pq.write_table(table, f)
 
 
-def _score_chunk(chunk: pa.Table, cfg: ScanConfig, scan_id: str, captions: pa.Table | None, so: dict | None) -> pa.Table:
+def _score_chunk(chunk: pa.Table, cfg: ScanConfig, bundle: DetectorBundle, scan_id: str, captions: pa.Table | None, so: dict | None) -> pa.Table:
     import ray
 
     from jobs.pipeline import load_images
@@ -190,10 +190,9 @@ def _score_chunk(chunk: pa.Table, cfg: ScanConfig, scan_id: str, captions: pa.Ta
         chunk = chunk.join(captions, S.URI, join_type="left outer")
     rows = max(1, min(1024, -(-chunk.num_rows // 16)))
     ds = ray.data.from_arrow([chunk.slice(i, rows) for i in range(0, chunk.num_rows, rows)])
-    bundle_meta = read_json(join(cfg.detector, "detector.json"), so)
     ds = ds.map_batches(
         load_images,
-        fn_kwargs=dict(clip_model=bundle_meta["clip_model"], pretrained=bundle_meta["pretrained"], storage_options=so, max_pixels=cfg.max_pixels),
+        fn_kwargs=dict(clip_model=bundle.clip_model, pretrained=bundle.pretrained, storage_options=so, max_pixels=cfg.max_pixels),
         batch_size=cfg.batch_size, batch_format="numpy",
     )
     ds = ds.map_batches(
@@ -258,8 +257,9 @@ def run_scan(cfg: ScanConfig) -> dict:
         chunk_dir = join(staging, f"chunk-{i:05d}")
         done_marker = read_json(join(chunk_dir, "_DONE.json"), so)
         if done_marker is None:
-            chunk_in = pq.read_table(open_fs(join(chunk_dir, "input.parquet"), so)[1], filesystem=arrow_fs(join(chunk_dir, "input.parquet"), so)[0])
-            tables = _split(_score_chunk(chunk_in, cfg, scan_id, captions, so))
+            in_fs, in_path = arrow_fs(join(chunk_dir, "input.parquet"), so)
+            chunk_in = pq.read_table(in_path, filesystem=in_fs)
+            tables = _split(_score_chunk(chunk_in, cfg, bundle, scan_id, captions, so))
             if sum(t.num_rows for k, t in tables.items() if k != "flagged") != chunk_in.num_rows:
                 fail(f"chunk {i}: {chunk_in.num_rows} objects in, a different number of rows out")
             for name, t in tables.items():
