@@ -18,7 +18,7 @@ import time
 import uuid
 from typing import Any, TypeVar, get_type_hints
 
-from detector_core.storage import join, open_fs, s3_storage_options
+from detector_core.storage import join, open_fs
 
 T = TypeVar("T")
 
@@ -47,11 +47,6 @@ def parse_config(cls: type[T], argv=None, description: str | None = None) -> T:
         parser.add_argument(flag, dest=f.name, type=base, default=f.default, help=f"{help_text} (default: {f.default})", **meta)
     ns = parser.parse_args(argv)
     return cls(**vars(ns))
-
-
-def storage_options_for(endpoint: str | None) -> dict:
-    """fsspec options for s3:// given an optional endpoint (else the AWS variables)."""
-    return s3_storage_options(endpoint)
 
 
 def init_ray(address: str | None = None) -> None:
@@ -102,4 +97,4 @@ def fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
-__all__ = ["opt", "parse_config", "init_ray", "new_run_id", "write_json", "read_json", "config_dict", "fail", "join", "storage_options_for"]
+__all__ = ["opt", "parse_config", "init_ray", "new_run_id", "write_json", "read_json", "config_dict", "fail", "join"]

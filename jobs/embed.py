@@ -31,8 +31,8 @@ import pyarrow.parquet as pq
 from detector_core import schema as S
 from detector_core.features import FEATURE_MODES, feature_dim
 from detector_core.manifest import ManifestError, read_manifest, validate_manifest
-from detector_core.storage import arrow_fs, open_fs
-from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, read_json, storage_options_for, write_json
+from detector_core.storage import arrow_fs, open_fs, s3_storage_options
+from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, read_json, write_json
 
 SUCCESS = "_SUCCESS.json"
 
@@ -64,7 +64,7 @@ def cache_key(table: pa.Table, clip_model: str, pretrained: str, feature_mode: s
 
 def run_embedding(cfg: EmbedConfig, storage_options: dict | None = None) -> dict:
     """Embed (or reuse) the feature cache; returns the cache's summary."""
-    so = storage_options if storage_options is not None else storage_options_for(cfg.s3_endpoint or None)
+    so = storage_options if storage_options is not None else s3_storage_options(cfg.s3_endpoint or None)
     try:
         vm = validate_manifest(read_manifest(cfg.manifest, so), val_fraction=cfg.val_fraction)
     except ManifestError as exc:

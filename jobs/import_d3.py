@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 
 from detector_core import schema as S
 from detector_core.manifest import read_manifest
-from detector_core.storage import arrow_fs, is_remote, open_fs
-from jobs.common import fail, join, opt, parse_config, storage_options_for, write_json
+from detector_core.storage import arrow_fs, is_remote, open_fs, s3_storage_options
+from jobs.common import fail, join, opt, parse_config, write_json
 
 N_GEN = 4
 
@@ -57,7 +57,7 @@ def _ext(data: bytes) -> str:
 
 
 def run_import(cfg: ImportConfig) -> dict:
-    so = storage_options_for(cfg.s3_endpoint or None)
+    so = s3_storage_options(cfg.s3_endpoint or None)
     fs, pattern = open_fs(cfg.shards, so)
     files = sorted(fs.glob(pattern)) if any(c in pattern for c in "*?[") else (
         sorted(f for f in fs.find(pattern) if f.endswith(".parquet")) if fs.isdir(pattern) else [pattern])

@@ -45,15 +45,13 @@ def _fetch(uris: list[str], storage_options: dict | None, retries: int = 3) -> d
     paths = [open_fs(u, storage_options)[1] for u in uris] if "://" in uris[0] else uris
     try:
         got = fs.cat(paths, on_error="return")
-    except Exception as exc:  # noqa: BLE001 - a failing batch call: fall back per object
+    except Exception:  # noqa: BLE001 - a failing batch call: fall back per object
         got = {}
         for p in paths:
             try:
                 got[p] = fs.cat_file(p)
             except Exception as inner:  # noqa: BLE001
                 got[p] = inner
-        if not got:
-            raise exc
     if not isinstance(got, dict):  # a single path returns bytes
         got = {paths[0]: got}
     # Transient read failures (throttling, resets) get a few more tries with backoff;

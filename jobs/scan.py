@@ -41,8 +41,8 @@ from detector_core import schema as S
 from detector_core.bundle import BundleError, DetectorBundle, load_bundle
 from detector_core.images import DEFAULT_MAX_PIXELS
 from detector_core.manifest import ManifestError, read_manifest
-from detector_core.storage import arrow_fs, is_remote, open_fs
-from jobs.common import config_dict, fail, init_ray, join, new_run_id, opt, parse_config, read_json, storage_options_for, write_json
+from detector_core.storage import arrow_fs, is_remote, open_fs, s3_storage_options
+from jobs.common import config_dict, fail, init_ray, join, new_run_id, opt, parse_config, read_json, write_json
 from jobs.pipeline import ClipEmbedder, to_table
 
 TABLES = ("scores", "flagged", "errors")
@@ -154,13 +154,22 @@ def _committed(output: str, detector_id: str, so: dict | None) -> pa.Table:
 
 
 def _pending(listed: pa.Table, done: pa.Table) -> pa.Table:
-    """Listed objects whose (uri, etag, size) the detector has not settled."""
-    def key(t):
-        return pc.binary_join_element_wise(t[S.URI], pc.fill_null(t[S.ETAG], ""), pc.cast(pc.fill_null(t[S.SIZE], -1), pa.string()), "\x1f")
+    """Listed objects the detector has not settled.
 
+    An object is settled when a committed row has its uri and agrees on the etag and
+    size the listing gives; a manifest without etag or size columns compares on what it
+    has (so a uri-only manifest skips every uri already scored).
+    """
     if done.num_rows == 0:
         return listed
-    return listed.filter(pc.invert(pc.is_in(key(listed), value_set=key(done))))
+    seen = done.rename_columns([S.URI, "etag_done", "size_done"])
+    pairs = listed.select([S.URI, S.ETAG, S.SIZE]).join(seen, keys=S.URI, join_type="inner")
+
+    def agrees(listed_col, done_col):
+        return pc.or_(pc.is_null(pairs[listed_col]), pc.fill_null(pc.equal(pairs[listed_col], pairs[done_col]), False))
+
+    settled = pairs.filter(pc.and_(agrees(S.ETAG, "etag_done"), agrees(S.SIZE, "size_done")))[S.URI].unique()
+    return listed.filter(pc.invert(pc.is_in(listed[S.URI], value_set=settled)))
 
 
 def _find_unfinished(output: str, detector_id: str, so: dict | None) -> str | None:
@@ -215,7 +224,7 @@ def _split(out: pa.Table) -> dict[str, pa.Table]:
 
 
 def run_scan(cfg: ScanConfig) -> dict:
-    so = storage_options_for(cfg.s3_endpoint or None)
+    so = s3_storage_options(cfg.s3_endpoint or None)
     if not (cfg.detector and cfg.input and cfg.output):
         fail("--detector, --input and --output are required")
     try:

@@ -57,9 +57,9 @@ from detector_core.features import FEATURE_MODES
 from detector_core.losses import LOSS_KINDS
 from detector_core.metrics import calibrate_threshold, summarize
 from detector_core.model import DetectorMLP
-from detector_core.storage import arrow_fs, open_fs
+from detector_core.storage import arrow_fs, open_fs, s3_storage_options
 from detector_core.training import OptimConfig, all_gather_batch, build_optimizer, build_scheduler, predict_logits, training_step
-from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, read_json, storage_options_for, write_json
+from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, read_json, write_json
 
 
 @dataclass
@@ -265,7 +265,7 @@ def run_training(cfg: TrainConfig) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    so = storage_options_for(cfg.s3_endpoint or None)
+    so = s3_storage_options(cfg.s3_endpoint or None)
     if not cfg.output:
         fail("--output is required")
     if bool(cfg.manifest) == bool(cfg.features):

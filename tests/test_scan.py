@@ -186,3 +186,18 @@ def test_an_actor_that_dies_is_replaced_and_its_batch_retried(ray_local, bundle_
     assert marker.exists()  # the actor really died once
     uris = _tables(tmp_path / "out")["scores"]["uri"].to_pylist()
     assert summary["scored"] == 10 and len(uris) == 10 == len(set(uris))
+
+
+def test_manifest_without_etag_or_size_is_incremental_too(ray_local, bundle_dir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(5)
+    bucket = tmp_path / "bucket"
+    _write(bucket, {f"img_{i}.png": encode(make_image(rng)) for i in range(4)})
+    pq.write_table(pa.table({"uri": [str(p) for p in sorted(bucket.iterdir())]}), tmp_path / "inventory.parquet")
+    args = ["--detector", str(bundle_dir), "--input", str(tmp_path / "inventory.parquet"), "--output", str(tmp_path / "out")]
+    assert scan.main(args)["scored"] == 4
+    again = scan.main(args)  # the manifest gives only uris: already-scored uris are settled
+    assert again["skipped"] == 4 and again["scored"] == 0
+    assert _tables(tmp_path / "out")["scores"].num_rows == 4
