@@ -39,6 +39,10 @@ DETECTOR_ID = "detector_id"
 SCAN_ID = "scan_id"
 SCANNED_AT = "scanned_at"
 
+# Partition columns of the scan tables (directory names, not stored in the files).
+SCAN_DATE = "scan_date"
+BUCKET = "bucket"
+
 SPLIT_TRAIN = "train"
 SPLIT_VAL = "val"
 SPLIT_TEST = "test"
@@ -66,4 +70,6 @@ COLUMN_DOCS = {
     DETECTOR_ID: "detector bundle id (kind + content hash)",
     SCAN_ID: "the scan run that wrote the row",
     SCANNED_AT: "when the row was written (UTC)",
+    SCAN_DATE: "partition: the UTC date the scan started, YYYY-MM-DD",
+    BUCKET: "partition: the object's bucket (s3://BUCKET/…, gs://BUCKET/…), 'local' for local paths",
 }

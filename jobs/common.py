@@ -56,6 +56,10 @@ def init_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "DETECTOR_", "HF_"))}
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        # Under `ray job submit` the job's runtime env already reaches every worker, and
+        # Ray refuses a driver runtime env that repeats its variables.
+        env = {}
     kwargs = {}
     if address is None and "RAY_ADDRESS" not in os.environ:
         # A local Ray on a small machine: CPUs are scheduling tokens, and Ray Train
@@ -97,4 +101,42 @@ def fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
-__all__ = ["opt", "parse_config", "init_ray", "new_run_id", "write_json", "read_json", "config_dict", "fail", "join"]
+def _cause(exc: BaseException) -> str:
+    """One line that says what went wrong, from the exception chain's most telling link."""
+    chain = [exc]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        nxt = chain[-1].__cause__ or chain[-1].__context__
+        if nxt in chain or len(chain) > 10:
+            break
+        chain.append(nxt)
+    for e in chain:
+        if isinstance(e, (PermissionError,)) or type(e).__name__ in ("NoCredentialsError", "ClientError"):
+            text = " ".join(str(e).split())
+            return f"object store refused the request ({type(e).__name__}: {text}); check the credentials (AWS_* variables, instance role) and --s3-endpoint"
+    text = " ".join(str(exc).split()) or repr(exc)
+    return f"{type(exc).__name__}: {text[:400]}"
+
+
+def run_main(main) -> None:
+    """Run a job's ``main`` as a program: a crash keeps its traceback, then ends with one ``ERROR:`` line and exit 1.
+
+    Under ``ray job submit`` the log tail is what people read first; the last line says
+    the cause instead of leaving them to dig it out of a long traceback.
+    """
+    import traceback
+
+    try:
+        main()
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        print("ERROR: interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(130)
+    except Exception as exc:  # noqa: BLE001 - the last line of the log must say why
+        traceback.print_exc()
+        sys.stdout.flush()
+        print(f"ERROR: {_cause(exc)}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
+
+
+__all__ = ["opt", "parse_config", "init_ray", "new_run_id", "write_json", "read_json", "config_dict", "fail", "run_main", "join"]

@@ -4,7 +4,8 @@
 "real" and "generated" images, trains a detector on it with ``jobs.train`` (Ray Data
 embedding, Ray Train, CVaR + AUC loss with SAM, threshold calibrated to 1 % FPR), then
 scans a separate folder of unlabelled demo images (with a few broken files among
-them) with ``jobs.scan``, and prints where the tables are and the run summary.
+them) with ``jobs.scan``, writes the review page (``jobs.report``), and prints where the
+tables are and the run summary.
 
 It uses the shipped ``test-tiny`` CLIP: random weights, so the demo shows the pipeline
 and its outputs, not real detection quality. For real detection train with
@@ -23,8 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from detector_core.demo import GENERATORS, encode, make_image, write_dataset
-from jobs import scan, train
-from jobs.common import opt, parse_config
+from jobs import report, scan, train
+from jobs.common import opt, parse_config, run_main
 
 
 @dataclass
@@ -60,13 +61,16 @@ def main(argv=None) -> dict:
         (bucket / f"upload_{i:04d}.png").write_bytes(encode(make_image(rng, kinds[i % len(kinds)])))
     (bucket / "broken_upload.jpg").write_bytes(b"<html>this was never an image</html>")
     summary = scan.main(["--detector", str(out / "training" / "detector"), "--input", str(bucket), "--output", str(out / "scans")])
+    report.main(["--scan", str(out / "scans"), "--out", str(out / "report.html")])
     print("\n=== demo finished ===")
     print(f"detector:  {out / 'training' / 'detector'}  (val AUC {metrics['val_auc']:.3f}, threshold {metrics['threshold']:.3f})")
-    print(f"tables:    {out / 'scans'}/{{scores,flagged,errors}}/scan_date=…/*.parquet")
+    print(f"tables:    {out / 'scans'}/{{scores,flagged,errors}}/scan_date=…/bucket=…/*.parquet")
     print(f"summary:   {out / 'scans' / 'runs' / (summary['scan_id'] + '.json')}")
+    print(f"review:    {out / 'report.html'}  (open in a browser)")
+    print(f"questions: python -m jobs.audit query per-day --scan {out / 'scans'}")
     print(json.dumps({k: summary[k] for k in ("listed", "scored", "flagged", "errors", "seconds", "images_per_second")}, indent=2))
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -32,7 +32,7 @@ from detector_core import schema as S
 from detector_core.features import FEATURE_MODES, feature_dim
 from detector_core.manifest import ManifestError, read_manifest, validate_manifest
 from detector_core.storage import arrow_fs, open_fs, s3_storage_options
-from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, read_json, write_json
+from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, read_json, run_main, write_json
 
 SUCCESS = "_SUCCESS.json"
 
@@ -151,4 +151,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from detector_core import schema as S
 from detector_core.manifest import read_manifest
 from detector_core.storage import arrow_fs, is_remote, open_fs, s3_storage_options
-from jobs.common import fail, join, opt, parse_config, write_json
+from jobs.common import fail, join, opt, parse_config, run_main, write_json
 
 N_GEN = 4
 
@@ -121,4 +121,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -9,7 +9,8 @@ Pipeline (Ray Data, the same read/decode/embed code as training, ``jobs.pipeline
 list -> read bytes + decode + crop on CPU tasks -> CLIP + MLP on GPU actors (``Scorer``)
 -> Parquet. Every listed object ends as exactly one row, in ``scores`` or in ``errors``;
 ``flagged`` is the subset of ``scores`` at or above the bundle's threshold. Tables are
-hive-partitioned by ``scan_date`` under ``OUT/scores``, ``OUT/flagged``, ``OUT/errors``.
+hive-partitioned by ``scan_date`` and ``bucket`` under ``OUT/scores``, ``OUT/flagged``,
+``OUT/errors`` (schema and layout: ``detector_core.tables``).
 
 Incremental: objects already scored (or found undecodable) by the same detector, with
 the same etag and size, are skipped unless ``--full``; read failures (I/O, throttling)
@@ -38,17 +39,15 @@ import pyarrow.parquet as pq
 import torch
 
 from detector_core import schema as S
+from detector_core import tables as T
 from detector_core.bundle import BundleError, DetectorBundle, load_bundle
 from detector_core.images import DEFAULT_MAX_PIXELS
 from detector_core.manifest import ManifestError, read_manifest
 from detector_core.storage import arrow_fs, is_remote, open_fs, s3_storage_options
-from jobs.common import config_dict, fail, init_ray, join, new_run_id, opt, parse_config, read_json, write_json
+from jobs.common import config_dict, fail, init_ray, join, new_run_id, opt, parse_config, read_json, run_main, write_json
 from jobs.pipeline import ClipEmbedder, to_table
 
-TABLES = ("scores", "flagged", "errors")
-SCORE_COLUMNS = [S.URI, S.ETAG, S.SIZE, S.WIDTH, S.HEIGHT, S.FORMAT, S.SCORE, S.LOGIT, S.THRESHOLD, S.FLAGGED,
-                 S.DETECTOR_ID, S.CLIP_ID, S.SCAN_ID, S.SCANNED_AT]
-ERROR_COLUMNS = [S.URI, S.ETAG, S.SIZE, S.ERROR_STAGE, S.ERROR_TYPE, S.ERROR_MESSAGE, S.DETECTOR_ID, S.SCAN_ID, S.SCANNED_AT]
+TABLES = T.TABLES
 
 
 @dataclass
@@ -57,6 +56,7 @@ class ScanConfig:
     input: str = opt("", "what to scan: a prefix (s3://bucket/prefix, gs://…, a local folder) or a .parquet/.csv manifest with a uri column")
     output: str = opt("", "where the tables go: OUT/scores, OUT/flagged, OUT/errors, OUT/runs (local or s3://)")
     full: bool = opt(False, "score everything again, not only new or changed objects")
+    scan_date: str = opt("", "scan_date partition to write, YYYY-MM-DD (default: today, UTC); for backfills and re-runs of a missed night")
     captions: str = opt("", "manifest with uri,caption for detectors that use image+text features")
     batch_size: int = opt(64, "images per model batch")
     actors: int = opt(1, "Scorer actors (one GPU each with --gpu)")
@@ -141,10 +141,8 @@ def _committed(output: str, detector_id: str, so: dict | None) -> pa.Table:
     """(uri, etag, size) the detector has already settled: scored, or failed for good."""
     parts = []
     for table, retry_filter in (("scores", None), ("errors", pads.field(S.ERROR_STAGE) != "read")):
-        fs, path = arrow_fs(join(output, table), so)
-        try:
-            ds = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
-        except (FileNotFoundError, OSError):
+        ds = T.open_table(output, table, so)
+        if ds is None:
             continue
         flt = pads.field(S.DETECTOR_ID) == detector_id
         if retry_filter is not None:
@@ -207,20 +205,27 @@ def _score_chunk(chunk: pa.Table, cfg: ScanConfig, bundle: DetectorBundle, scan_
     ds = ds.map_batches(
         Scorer, fn_constructor_kwargs=dict(bundle_uri=cfg.detector, scan_id=scan_id, storage_options=so, crash_marker=cfg.crash_actor_once),
         batch_size=cfg.batch_size, batch_format="numpy",
+        # Ray Data's actor pools restart a dead actor and retry its batch by default
+        # (max_restarts=-1, max_task_retries=-1); tests/test_scan.py kills one to check.
         compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_gpus=1 if cfg.gpu else 0, num_cpus=cfg.cpus_per_actor,
-        max_restarts=-1, max_task_retries=-1,  # an actor that dies is replaced and its batch retried
     )
     return pa.concat_tables(ray.get(ds.to_arrow_refs()), promote_options="default")
 
 
 def _split(out: pa.Table) -> dict[str, pa.Table]:
     failed = pc.is_valid(out[S.ERROR_STAGE])
-    scores = out.filter(pc.invert(failed)).select(SCORE_COLUMNS)
+    scores = T.conform(out.filter(pc.invert(failed)), "scores")
     return {
         "scores": scores,
         "flagged": scores.filter(pc.equal(scores[S.FLAGGED], True)),
-        "errors": out.filter(failed).select(ERROR_COLUMNS),
+        "errors": T.conform(out.filter(failed), "errors"),
     }
+
+
+def _by_bucket(table: pa.Table) -> dict[str, pa.Table]:
+    """Rows of ``table`` grouped by their bucket partition."""
+    buckets = np.array([T.bucket_of(u) for u in table[S.URI].to_pylist()], dtype=object)
+    return {b: table.filter(pa.array(buckets == b)) for b in sorted(set(buckets))}
 
 
 def run_scan(cfg: ScanConfig) -> dict:
@@ -236,6 +241,10 @@ def run_scan(cfg: ScanConfig) -> dict:
         if not cfg.captions:
             fail(f"detector {bundle.detector_id} uses image+text features and needs captions; pass --captions with a uri,caption manifest")
         captions = read_manifest(cfg.captions, so).select([S.URI, S.CAPTION])
+    try:
+        scan_date = dt.date.fromisoformat(cfg.scan_date).isoformat() if cfg.scan_date else dt.datetime.now(dt.timezone.utc).date().isoformat()
+    except ValueError:
+        fail(f"--scan-date {cfg.scan_date!r} is not a date (YYYY-MM-DD)")
     started = time.time()
 
     scan_id = _find_unfinished(cfg.output, bundle.detector_id, so)
@@ -254,11 +263,10 @@ def run_scan(cfg: ScanConfig) -> dict:
         for i in range(n_chunks):
             _write_parquet(pending.slice(i * cfg.chunk_size, cfg.chunk_size), join(staging, f"chunk-{i:05d}", "input.parquet"), so)
         plan = {"scan_id": scan_id, "detector_id": bundle.detector_id, "chunks": n_chunks, "listed": listed.num_rows,
-                "skipped": listed.num_rows - pending.num_rows, "scan_date": dt.date.today().isoformat(),
+                "skipped": listed.num_rows - pending.num_rows, "scan_date": scan_date,
                 "started_at": dt.datetime.now(dt.timezone.utc).isoformat(), "config": config_dict(cfg)}
         write_json(join(staging, "plan.json"), plan, so)  # the plan is what a resumed scan continues
     fs, _ = open_fs(staging, so)
-    date_part = f"scan_date={plan['scan_date']}"
     counts = {t: 0 for t in TABLES}
     if plan["chunks"]:
         init_ray(cfg.ray_address or None)
@@ -272,7 +280,8 @@ def run_scan(cfg: ScanConfig) -> dict:
             if sum(t.num_rows for k, t in tables.items() if k != "flagged") != chunk_in.num_rows:
                 fail(f"chunk {i}: {chunk_in.num_rows} objects in, a different number of rows out")
             for name, t in tables.items():
-                _write_parquet(t, join(chunk_dir, name, f"part-{scan_id}-{i:05d}.parquet"), so)
+                for bucket, part in _by_bucket(t).items():
+                    _write_parquet(part, join(chunk_dir, name, f"{S.BUCKET}={bucket}", f"part-{scan_id}-{i:05d}.parquet"), so)
             done_marker = {name: t.num_rows for name, t in tables.items()}
             write_json(join(chunk_dir, "_DONE.json"), done_marker, so)
             print(f"chunk {i + 1}/{plan['chunks']}: {done_marker}")
@@ -280,13 +289,18 @@ def run_scan(cfg: ScanConfig) -> dict:
                 fail(f"stopping after {i + 1} chunks (--fail-after-chunks)")
         for name in TABLES:
             counts[name] += done_marker[name]
-    # Commit: move every staged file into its table, then write the run summary last.
+    # Commit: move every staged file into its table partition, then write the run summary
+    # last. A re-run after a crash here finds the plan, all chunks done, and moves the rest.
     for i in range(plan["chunks"]):
         for name in TABLES:
-            src = join(staging, f"chunk-{i:05d}", name, f"part-{scan_id}-{i:05d}.parquet")
-            dst = join(cfg.output, name, date_part, f"part-{scan_id}-{i:05d}.parquet")
-            src_path, dst_path = open_fs(src, so)[1], open_fs(dst, so)[1]
-            if fs.exists(src_path):
+            src_root = open_fs(join(staging, f"chunk-{i:05d}", name), so)[1]
+            if not fs.exists(src_root):
+                continue
+            for src_path in fs.find(src_root):
+                bucket_dir = src_path[len(src_root):].strip("/").split("/", 1)[0]
+                bucket = bucket_dir.split("=", 1)[1]
+                dst = join(cfg.output, name, T.partition_dir(plan["scan_date"], bucket), src_path.rsplit("/", 1)[1])
+                dst_path = open_fs(dst, so)[1]
                 fs.makedirs(dst_path.rsplit("/", 1)[0], exist_ok=True)
                 fs.mv(src_path, dst_path)
     elapsed = time.time() - started
@@ -296,7 +310,8 @@ def run_scan(cfg: ScanConfig) -> dict:
         "listed": plan["listed"], "skipped": plan["skipped"], "scored": counts["scores"], "flagged": counts["flagged"],
         "errors": counts["errors"], "seconds": round(elapsed, 2),
         "images_per_second": round((counts["scores"] + counts["errors"]) / elapsed, 2) if elapsed > 0 else None,
-        "started_at": plan["started_at"], "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(), "config": config_dict(cfg),
+        "started_at": plan["started_at"], "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "schema_version": T.SCHEMA_VERSION, "config": config_dict(cfg),
     }
     write_json(join(cfg.output, "runs", f"{scan_id}.json"), summary, so)
     fs.rm(open_fs(staging, so)[1], recursive=True)
@@ -312,4 +327,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

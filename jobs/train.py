@@ -59,7 +59,7 @@ from detector_core.metrics import calibrate_threshold, summarize
 from detector_core.model import DetectorMLP
 from detector_core.storage import arrow_fs, open_fs, s3_storage_options
 from detector_core.training import OptimConfig, all_gather_batch, build_optimizer, build_scheduler, predict_logits, training_step
-from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, read_json, write_json
+from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, read_json, run_main, write_json
 
 
 @dataclass
@@ -371,4 +371,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

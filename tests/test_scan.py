@@ -82,15 +82,12 @@ def _write(root, files):
 
 
 def _tables(out, so=None):
-    from detector_core.storage import arrow_fs
+    from detector_core.tables import open_table
 
     res = {}
     for name in ("scores", "flagged", "errors"):
-        fs, path = arrow_fs(f"{out}/{name}", so)
-        try:
-            res[name] = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table()
-        except (FileNotFoundError, OSError):
-            res[name] = None
+        ds = open_table(str(out), name, so)
+        res[name] = None if ds is None else ds.to_table()
     return res
 
 
@@ -110,7 +107,7 @@ def test_hostile_mix_every_object_accounted_for_and_scores_exact(ray_local, bund
     assert flagged.num_rows == summary["flagged"] == sum(scores["flagged"].to_pylist())
     assert json.loads((out / "runs" / f"{summary['scan_id']}.json").read_text())["scored"] == scores.num_rows
     assert not (out / "_staging").exists() or not list((out / "_staging").iterdir())
-    assert set(scores["scan_date"].to_pylist()) == {summary["scan_date"]}
+    assert set(scores["scan_date"].to_pylist()) == {summary["scan_date"]} and set(scores["bucket"].to_pylist()) == {"local"}
 
     # Scores equal a direct detector_core computation on the same files (no JPEGs: no draft).
     bundle = load_bundle(str(bundle_dir))
@@ -164,6 +161,9 @@ def test_scan_on_s3(ray_local, bundle_dir, s3_bucket, tmp_path):
     assert summary["scored"] == 5 and summary["errors"] == 1
     assert t["scores"].num_rows == 5 and t["errors"]["uri"].to_pylist() == [f"{s3_bucket}/in/broken.jpg"]
     assert all(e for e in t["scores"]["etag"].to_pylist())
+    assert set(t["scores"]["bucket"].to_pylist()) == {s3_bucket[5:]}
+    assert fs.ls(f"{s3_bucket[5:]}/scans/scores/scan_date={summary['scan_date']}") == [
+        f"{s3_bucket[5:]}/scans/scores/scan_date={summary['scan_date']}/bucket={s3_bucket[5:]}"]
     assert fs.exists(f"{s3_bucket[5:]}/scans/runs/{summary['scan_id']}.json")
 
 

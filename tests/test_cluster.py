@@ -1,0 +1,366 @@
+"""cluster/ configs checked against what their operators need, and `ray job submit` against a real head.
+
+The YAML checks go past "it parses": the cluster launcher file passes Ray's own
+validation, the KubeRay files have the fields KubeRay and the GPU scheduler act on, every
+pod that joins or talks to a cluster gets the Ray token from a Secret, no file carries a
+credential, and every ``python -m jobs.X …`` command in them parses with that job's own
+flags. The submission test (marker ``cluster``, run by ``make test``) starts a head with
+``ray start --head`` (token auth on, dashboard on loopback), uploads a labelled image set to
+the S3 server in tests, and with the ``ray job submit`` CLI trains a detector to s3://,
+scans an s3:// prefix with it and reads the tables back from the bucket; jobs that must
+fail end non-zero with one ``ERROR:`` line at the end of their logs. The head is stopped
+at the end, whatever happened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import io
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+VENV_BIN = Path(sys.executable).parent
+
+
+def _load(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def _docs(kind: str) -> list[dict]:
+    return [d for p in sorted(CLUSTER.rglob("*.yaml")) for d in _load(p) if d.get("kind") == kind]
+
+
+def test_every_yaml_file_is_known():
+    kinds = {}
+    for p in sorted(CLUSTER.rglob("*.yaml")):
+        for d in _load(p):
+            key = d.get("kind") or ("cluster-launcher" if "available_node_types" in d else "runtime-env" if "working_dir" in d else None)
+            assert key, f"{p}: neither a Kubernetes object, a cluster launcher config nor a runtime env"
+            kinds.setdefault(key, []).append(p.name)
+    assert {"RayJob", "RayCluster", "CronJob", "cluster-launcher", "runtime-env"} <= set(kinds)
+
+
+def _containers(pod_template: dict) -> list[dict]:
+    return pod_template["spec"]["containers"]
+
+
+def _assert_token_from_secret(container: dict, where: str):
+    env = {e["name"]: e for e in container.get("env", [])}
+    assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{where}: RAY_AUTH_MODE=token missing"
+    ref = env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef")
+    assert ref and ref.get("name") and ref.get("key"), f"{where}: RAY_AUTH_TOKEN must come from a Secret"
+
+
+def _ray_cluster_spec_checks(spec: dict, name: str, autoscaling: bool):
+    head = spec["headGroupSpec"]
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP", f"{name}: the head (job API) must not be exposed outside the cluster"
+    for c in _containers(head["template"]):
+        _assert_token_from_secret(c, f"{name} head")
+    gpu_groups = []
+    for g in spec["workerGroupSpecs"]:
+        assert g["groupName"] and "rayStartParams" in g
+        assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], f"{name}/{g['groupName']}: replica bounds"
+        pod = g["template"]
+        for c in _containers(pod):
+            _assert_token_from_secret(c, f"{name}/{g['groupName']}")
+            limits = c.get("resources", {}).get("limits", {})
+            if "nvidia.com/gpu" in limits:
+                assert int(limits["nvidia.com/gpu"]) >= 1
+                assert c["resources"]["requests"].get("nvidia.com/gpu") == limits["nvidia.com/gpu"], "GPU requests == limits"
+                tol = pod["spec"].get("tolerations", [])
+                assert any(t.get("key") == "nvidia.com/gpu" for t in tol), f"{name}/{g['groupName']}: GPU nodes are tainted; tolerate it"
+                gpu_groups.append(g)
+            mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
+            assert "/dev/shm" in mounts, f"{name}/{g['groupName']}: Ray's object store needs a real /dev/shm"
+    assert gpu_groups, f"{name}: no GPU worker group"
+    if autoscaling:
+        assert spec.get("enableInTreeAutoscaling") is True
+        assert any(g["maxReplicas"] > g["minReplicas"] for g in gpu_groups), f"{name}: GPU workers do not scale"
+
+
+def test_rayjob_for_training():
+    (job,) = _docs("RayJob")
+    assert job["apiVersion"] == "ray.io/v1"
+    spec = job["spec"]
+    assert spec["entrypoint"].startswith("python -m jobs.train") and "--gpu" in spec["entrypoint"]
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] >= 0
+    assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict)
+    if spec.get("submissionMode", "K8sJobMode") == "K8sJobMode":
+        for c in _containers(spec["submitterPodTemplate"]):
+            _assert_token_from_secret(c, "RayJob submitter")
+    _ray_cluster_spec_checks(spec["rayClusterSpec"], "RayJob", autoscaling=False)
+
+
+def test_raycluster_for_scans_autoscales_gpus():
+    (rc,) = _docs("RayCluster")
+    assert rc["apiVersion"] == "ray.io/v1"
+    _ray_cluster_spec_checks(rc["spec"], "RayCluster", autoscaling=True)
+
+
+def test_nightly_cronjob_submits_the_scan_with_a_dated_partition():
+    (cj,) = _docs("CronJob")
+    assert cj["apiVersion"] == "batch/v1"
+    spec = cj["spec"]
+    fields = spec["schedule"].split()
+    assert len(fields) == 5 and all(re.fullmatch(r"[\d*/,-]+", f) for f in fields)
+    assert spec["concurrencyPolicy"] == "Forbid"  # two nights must not scan at once
+    (c,) = spec["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    _assert_token_from_secret(c, "CronJob")
+    script = " ".join(c.get("command", []) + c.get("args", []))
+    assert "ray job submit" in script and "python -m jobs.scan" in script
+    assert '--scan-date "$DAY"' in script and "date -u +%F" in script
+    env = {e["name"]: e.get("value", "") for e in c["env"]}
+    assert env["RAY_ADDRESS"].startswith("http://") and env["RAY_ADDRESS"].endswith(":8265")
+
+
+def test_cluster_launcher_config_passes_rays_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((CLUSTER / "aws" / "cluster.yaml").read_text())
+    validate_config(prepare_config(dict(raw)))
+    types = raw["available_node_types"]
+    assert raw["head_node_type"] in types and types[raw["head_node_type"]]["resources"].get("CPU") == 0
+    gpu = [t for t in types.values() if t["node_config"]["InstanceType"].split(".")[0][0] in "gp"]
+    assert gpu and all(t["max_workers"] > t["min_workers"] == 0 for t in gpu)
+    assert any(t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot" for t in gpu)
+    head_cmds = " ".join(raw["head_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token" in head_cmds and "--dashboard-host=127.0.0.1" in head_cmds
+    assert "RAY_AUTH_MODE=token" in " ".join(raw["worker_start_ray_commands"])
+
+
+def test_runtime_env_is_one_ray_accepts():
+    from ray.runtime_env import RuntimeEnv
+
+    env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
+    RuntimeEnv(**env)  # Ray's own validation of the fields
+    assert env["working_dir"] == "." and ".venv/" in env["excludes"]
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN"} & set(env.get("env_vars", {}))
+
+
+def test_no_credentials_in_cluster_files():
+    for p in sorted(CLUSTER.rglob("*")):
+        if p.is_file():
+            text = p.read_text()
+            assert not re.search(r"AKIA[0-9A-Z]{16}", text), p
+            assert not re.search(r"(?i)(secret_access_key|session_token|password)\s*[:=]\s*\S", text), p
+            for doc in _load(p) if p.suffix == ".yaml" else []:
+                for m in re.finditer(r"name: (RAY_AUTH_TOKEN|AWS_SECRET_ACCESS_KEY|AWS_ACCESS_KEY_ID)\n\s*value:", yaml.safe_dump(doc)):
+                    raise AssertionError(f"{p}: {m.group(1)} has a literal value")
+
+
+def _job_commands() -> list[list[str]]:
+    """Every `python -m jobs.X …` command line written in cluster/ and the README."""
+    texts = [p.read_text() for p in sorted(CLUSTER.rglob("*.yaml"))] + [(ROOT / "README.md").read_text()]
+    texts += [d["spec"]["entrypoint"] for d in _docs("RayJob")]  # a folded YAML string: one line once parsed
+    cmds = []
+    for text in texts:
+        flat = re.sub(r"\\\n\s*", " ", text)
+        flat = re.sub(r"\[[^\]\n]*\]", " ", flat)  # usage lines: [--optional …] groups
+        for m in re.finditer(r"python -m (jobs\.\w+)((?:[ \t]+(?:\"[^\"]*\"|'[^']*'|[^\s|&;#`]+))*)", flat):
+            cmds.append([m.group(1), *shlex.split(m.group(2))])
+    return cmds
+
+
+def test_every_job_command_in_the_configs_and_readme_parses():
+    from jobs.common import parse_config
+
+    cmds = _job_commands()
+    assert len(cmds) > 10
+    for module, *args in cmds:
+        mod = importlib.import_module(module)
+        configs = [v for v in vars(mod).values() if dataclasses.is_dataclass(v) and v.__module__ == module and v.__name__.endswith("Config")]
+        assert len(configs) == 1, module
+        args = [a for a in args if a not in ("…", "...")]
+        if module == "jobs.audit" and args[:1] == ["query"]:
+            args = ["--question", args[1], *args[2:]]
+        args = [re.sub(r"\$\{?\w+\}?", "X", a) for a in args]  # shell variables
+        try:
+            parse_config(configs[0], args)
+        except SystemExit:
+            pytest.fail(f"`python -m {module} {' '.join(args)}` does not parse")
+
+
+# --- ray job submit against a real head -------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(s3_server, tmp_path_factory):
+    """A Ray head from `ray start --head --block` with token auth on; stopped (process tree killed) at the end."""
+    import psutil
+
+    token = uuid.uuid4().hex
+    dash = _free_port()
+    temp = Path(f"/tmp/rh-{uuid.uuid4().hex[:8]}")  # short: Ray's socket paths have a length limit
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path_factory.mktemp("head") / "head.log", "wb")
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", f"--ray-client-server-port={_free_port()}", "--num-cpus=4", f"--temp-dir={temp}",
+         "--include-dashboard=true", "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", address], env=env,
+                             capture_output=True).returncode != 0:
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"ray head did not come up; see {log.name}")
+            time.sleep(2)
+        yield {"address": address, "env": env, "token": token}
+    finally:
+        try:
+            tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+        except psutil.NoSuchProcess:
+            tree = []
+        for p in tree:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(tree, timeout=20)
+        for p in alive:
+            p.kill()
+        log.close()
+        subprocess.run(["rm", "-rf", str(temp)])
+
+
+def _submit(head, runtime_env: Path, *cmd: str, wait: bool = True, sid: str | None = None) -> subprocess.CompletedProcess | str:
+    sid = sid or f"t-{uuid.uuid4().hex[:8]}"
+    args = [str(VENV_BIN / "ray"), "job", "submit", "--address", head["address"], "--submission-id", sid,
+            "--runtime-env", str(runtime_env), *([] if wait else ["--no-wait"]), "--", *cmd]
+    res = subprocess.run(args, env=head["env"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if not wait:
+        assert res.returncode == 0, res.stdout + res.stderr
+        return sid
+    return res
+
+
+def _wait(head, sid: str, timeout: float = 300) -> tuple[str, str]:
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(head["address"], headers={"Authorization": f"Bearer {head['token']}"})
+    deadline = time.time() + timeout
+    while (status := str(client.get_job_status(sid))) not in ("JobStatus.SUCCEEDED", "JobStatus.FAILED", "JobStatus.STOPPED", "SUCCEEDED", "FAILED", "STOPPED"):
+        assert time.time() < deadline, f"job {sid} still {status}"
+        time.sleep(1)
+    return status.rsplit(".", 1)[-1], client.get_job_logs(sid)
+
+
+def _last_line(logs: str) -> str:
+    return [ln for ln in logs.splitlines() if ln.strip()][-1]
+
+
+def _runtime_env(tmp_path: Path, endpoint: str, **extra_env) -> Path:
+    env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
+    env["env_vars"] = {**env.get("env_vars", {}), "AWS_ENDPOINT_URL": endpoint, **extra_env}
+    path = tmp_path / f"runtime_env_{uuid.uuid4().hex[:6]}.yaml"
+    path.write_text(yaml.safe_dump(env))
+    return path
+
+
+@pytest.mark.cluster
+def test_job_api_refuses_requests_without_the_token(ray_head):
+    env = {k: v for k, v in ray_head["env"].items() if k not in ("RAY_AUTH_TOKEN",)}
+    res = subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", ray_head["address"]], env=env, capture_output=True, text=True)
+    assert res.returncode != 0
+    wrong = {**env, "RAY_AUTH_TOKEN": "not-the-token"}
+    assert subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", ray_head["address"]], env=wrong, capture_output=True).returncode != 0
+
+
+@pytest.mark.cluster
+def test_train_then_scan_through_ray_job_submit_on_s3(ray_head, s3_server, s3_bucket, tmp_path):
+    import s3fs
+
+    from detector_core.demo import encode, make_image, make_dataset
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
+    b = s3_bucket[5:]
+    rows = []
+    for d in make_dataset(40, 40, seed=4):
+        key = f"{b}/data/{d.name}.png"
+        fs.pipe(key, encode(d.image))
+        rows.append({"uri": f"s3://{key}", "label": d.label, "generator": d.generator})
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    fs.pipe(f"{b}/data/manifest.parquet", buf.getvalue())
+    rng = np.random.default_rng(9)
+    for i in range(8):
+        fs.pipe(f"{b}/incoming/img_{i}.png", encode(make_image(rng)))
+    fs.pipe(f"{b}/incoming/broken.jpg", b"<html>not an image</html>")
+    renv = _runtime_env(tmp_path, s3_server)
+
+    train = _submit(ray_head, renv, "python", "-m", "jobs.train", "--manifest", f"{s3_bucket}/data/manifest.parquet",
+                    "--output", f"{s3_bucket}/train", "--epochs", "3", "--batch-size", "32", "--embed-batch-size", "64")
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    fs.invalidate_cache()
+    assert fs.exists(f"{b}/train/detector/detector.json") and fs.exists(f"{b}/train/metrics.json")
+
+    # Failures, submitted together while the scan runs: each ends FAILED with one ERROR: line last.
+    bad_input = _submit(ray_head, renv, "python", "-m", "jobs.scan", "--detector", f"{s3_bucket}/train/detector",
+                        "--input", f"{s3_bucket}/no-such-prefix/", "--output", f"{s3_bucket}/scans-x", wait=False)
+    no_bundle = _submit(ray_head, renv, "python", "-m", "jobs.scan", "--detector", f"{s3_bucket}/no-such-detector",
+                        "--input", f"{s3_bucket}/incoming/", "--output", f"{s3_bucket}/scans-x", wait=False)
+    scan = _submit(ray_head, renv, "python", "-m", "jobs.scan", "--detector", f"{s3_bucket}/train/detector",
+                   "--input", f"{s3_bucket}/incoming/", "--output", f"{s3_bucket}/scans")
+    assert scan.returncode == 0, scan.stdout[-3000:] + scan.stderr[-3000:]
+
+    from detector_core.tables import open_table
+
+    scores = open_table(f"{s3_bucket}/scans", "scores").to_table()
+    errors = open_table(f"{s3_bucket}/scans", "errors").to_table()
+    assert scores.num_rows == 8 and errors.num_rows == 1
+    assert sorted(scores["uri"].to_pylist()) == sorted(f"{s3_bucket}/incoming/img_{i}.png" for i in range(8))
+    assert fs.ls(f"{b}/scans/runs")
+
+    status, logs = _wait(ray_head, bad_input)
+    assert status == "FAILED" and _last_line(logs).startswith("ERROR:") and "no-such-prefix" in _last_line(logs)
+    status, logs = _wait(ray_head, no_bundle)
+    assert status == "FAILED" and _last_line(logs).startswith("ERROR:") and "no-such-detector" in _last_line(logs)
+
+
+@pytest.mark.cluster
+def test_wrong_credentials_end_with_one_line(ray_head, tmp_path):
+    """An S3 server that checks signatures (moto with auth on) refuses unknown keys."""
+    port = _free_port()
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    server = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(2)
+        renv = _runtime_env(tmp_path, f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="AKIDWRONGWRONGWRONG0",
+                            AWS_SECRET_ACCESS_KEY="wrong-secret")
+        sid = f"t-{uuid.uuid4().hex[:8]}"
+        res = _submit(ray_head, renv, "python", "-m", "jobs.scan", "--detector", "s3://models/detector",
+                      "--input", "s3://uploads/", "--output", "s3://audit/scans", sid=sid)
+        assert res.returncode != 0
+        status, logs = _wait(ray_head, sid)
+        last = _last_line(logs)
+        assert status == "FAILED" and last.startswith("ERROR: object store refused the request"), logs[-2000:]
+        assert "check the credentials" in last
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
