@@ -48,12 +48,16 @@ class EmbedConfig:
     actors: int = opt(1, "number of CLIP actors (one GPU each with --gpu)")
     gpu: bool = opt(False, "run CLIP actors on GPUs (num_gpus=1 each)")
     val_fraction: float = opt(0.2, "fraction of rows without a split that go to validation (by uri hash)")
+    perturb: str = opt("", "embed perturbed images: one kind:value of detector_core.perturb (jpeg:75, resize:0.5, blur:2, crop:0.6); for jobs.evaluate")
+    perturb_seed: int = opt(0, "seed of random perturbations (crop positions)")
     s3_endpoint: str = opt("", "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
     ray_address: str = opt("", "Ray cluster address (default: the job's cluster, or a local Ray)")
 
 
-def cache_key(table: pa.Table, clip_model: str, pretrained: str, feature_mode: str) -> str:
+def cache_key(table: pa.Table, clip_model: str, pretrained: str, feature_mode: str, perturb: str = "", perturb_seed: int = 0) -> str:
     h = hashlib.sha256(f"{clip_model}|{pretrained}|{feature_mode}|".encode())
+    if perturb:
+        h.update(f"perturb={perturb}|seed={perturb_seed}|".encode())
     for name in (S.URI, S.LABEL, S.CAPTION, S.GENERATOR, S.SPLIT):
         for chunk in table.column(name).chunks:
             for buf in chunk.buffers():
@@ -74,7 +78,7 @@ def run_embedding(cfg: EmbedConfig, storage_options: dict | None = None) -> dict
         missing = table.column(S.CAPTION).null_count
         if missing:
             fail(f"--feature-mode image+text needs a caption for every image; {missing} of {table.num_rows} rows have none")
-    key = cache_key(table, cfg.clip_model, cfg.pretrained, cfg.feature_mode)
+    key = cache_key(table, cfg.clip_model, cfg.pretrained, cfg.feature_mode, cfg.perturb, cfg.perturb_seed)
     marker = read_json(join(cfg.output, SUCCESS), so)
     if marker and marker.get("key") == key:
         print(f"feature cache {cfg.output} is up to date (key {key[:12]}); not embedding again")
@@ -95,7 +99,8 @@ def run_embedding(cfg: EmbedConfig, storage_options: dict | None = None) -> dict
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
         load_images,
-        fn_kwargs=dict(clip_model=cfg.clip_model, pretrained=cfg.pretrained, storage_options=so),
+        fn_kwargs=dict(clip_model=cfg.clip_model, pretrained=cfg.pretrained, storage_options=so,
+                       perturbation=cfg.perturb, perturb_seed=cfg.perturb_seed),
         batch_size=cfg.batch_size,
         batch_format="numpy",
     )

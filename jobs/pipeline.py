@@ -26,6 +26,7 @@ import torch
 from detector_core import schema as S
 from detector_core.features import ClipEncoder, SplitPreprocess
 from detector_core.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from detector_core.perturb import parse_perturbation
 from detector_core.storage import open_fs
 
 PIXELS = "pixels"
@@ -76,9 +77,19 @@ def load_images(
     storage_options: dict | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft: bool = True,
+    perturbation: str = "",
+    perturb_seed: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Read, decode and crop one batch of rows that have a ``uri`` column."""
+    """Read, decode and crop one batch of rows that have a ``uri`` column.
+
+    ``perturbation`` (``jpeg:75``, ``blur:2`` …, ``detector_core.perturb``) is applied to
+    the full-size decoded image before the model's resize and crop (no draft decoding then,
+    so that JPEG re-compression and resizing act on the stored pixels).
+    """
     prep = _preprocess(clip_model, pretrained)
+    perturb = parse_perturbation(perturbation) if perturbation else None
+    if perturb is not None:
+        draft = False
     uris = [str(u) for u in batch[S.URI]]
     fetched = _fetch(uris, storage_options)
     n = len(uris)
@@ -102,7 +113,8 @@ def load_images(
         try:
             # JPEG DCT scaling: decode at >= 2x the model input, never below it.
             decoded = decode_image(data, max_pixels=max_pixels, draft_size=2 * prep.size if draft else None)
-            pixels[i] = prep.to_uint8(decoded.image)
+            image = decoded.image if perturb is None else perturb.apply(decoded.image, uri, perturb_seed)
+            pixels[i] = prep.to_uint8(image)
         except ImageDecodeError as exc:
             record(i, "decode", exc.kind, exc.message)
             continue

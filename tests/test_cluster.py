@@ -220,6 +220,10 @@ def ray_head(s3_server, tmp_path_factory):
     proc = subprocess.Popen(
         [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dash}", f"--ray-client-server-port={_free_port()}", "--num-cpus=4", f"--temp-dir={temp}",
+         # Every fixed default port elsewhere too: the session's local Ray already holds them.
+         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+         f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+         f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
          "--include-dashboard=true", "--disable-usage-stats"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
@@ -241,7 +245,7 @@ def ray_head(s3_server, tmp_path_factory):
                 p.send_signal(signal.SIGTERM)
             except psutil.NoSuchProcess:
                 pass
-        _, alive = psutil.wait_procs(tree, timeout=20)
+        _, alive = psutil.wait_procs(tree, timeout=8)
         for p in alive:
             p.kill()
         log.close()
@@ -252,7 +256,13 @@ def _submit(head, runtime_env: Path, *cmd: str, wait: bool = True, sid: str | No
     sid = sid or f"t-{uuid.uuid4().hex[:8]}"
     args = [str(VENV_BIN / "ray"), "job", "submit", "--address", head["address"], "--submission-id", sid,
             "--runtime-env", str(runtime_env), *([] if wait else ["--no-wait"]), "--", *cmd]
-    res = subprocess.run(args, env=head["env"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    deadline = time.time() + 120
+    while True:
+        res = subprocess.run(args, env=head["env"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        # The job API answers before the head's job agent is up; Ray says to try again.
+        if "No available agent to submit job" not in res.stdout + res.stderr or time.time() > deadline:
+            break
+        time.sleep(2)
     if not wait:
         assert res.returncode == 0, res.stdout + res.stderr
         return sid
