@@ -35,7 +35,7 @@ import pyarrow as pa
 from detector_core import schema as S
 from detector_core import tables as T
 from detector_core.storage import is_remote, join, open_fs, s3_storage_options
-from jobs.common import fail, opt, parse_config, run_main
+from jobs.common import fail, opt, parse_config, run_main, write_parquet
 
 QUESTIONS = ("per-day", "per-prefix", "top", "detectors", "diff", "recut", "errors", "sql")
 FORMATS = ("table", "csv", "json", "parquet")
@@ -244,11 +244,7 @@ def _emit(table: pa.Table, cfg: AuditConfig) -> None:
     if cfg.format == "parquet":
         if not cfg.out:
             fail("--format parquet needs --out FILE")
-        import pyarrow.parquet as pq
-
-        fs, path = open_fs(cfg.out, so)
-        with fs.open(path, "wb") as f:
-            pq.write_table(table, f)
+        write_parquet(table, cfg.out, so)
         print(f"{table.num_rows} rows -> {cfg.out}", file=sys.stderr)
         return
     df = table.to_pandas()

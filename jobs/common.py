@@ -84,6 +84,17 @@ def write_json(uri: str, payload: dict, storage_options: dict | None = None) -> 
     fs.mv(tmp, path)
 
 
+def write_parquet(table, uri: str, storage_options: dict | None = None) -> None:
+    """Write one Parquet file to a local path or URI, making its folder."""
+    import pyarrow.parquet as pq
+
+    fs, path = open_fs(uri, storage_options)
+    if "/" in path:
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "wb") as f:
+        pq.write_table(table, f)
+
+
 def read_json(uri: str, storage_options: dict | None = None) -> dict | None:
     fs, path = open_fs(uri, storage_options)
     if not fs.exists(path):
@@ -139,4 +150,4 @@ def run_main(main) -> None:
         raise SystemExit(1)
 
 
-__all__ = ["opt", "parse_config", "init_ray", "new_run_id", "write_json", "read_json", "config_dict", "fail", "run_main", "join"]
+__all__ = ["opt", "parse_config", "init_ray", "new_run_id", "write_json", "write_parquet", "read_json", "config_dict", "fail", "run_main", "join"]

@@ -31,7 +31,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 import torch
 
 from detector_core import schema as S
@@ -41,7 +40,7 @@ from detector_core.metrics import summarize
 from detector_core.perturb import parse_perturbations
 from detector_core.storage import arrow_fs, open_fs, s3_storage_options
 from detector_core.training import predict_logits
-from jobs.common import config_dict, fail, join, opt, parse_config, run_main, write_json
+from jobs.common import config_dict, fail, join, opt, parse_config, run_main, write_json, write_parquet
 from jobs.embed import EmbedConfig, run_embedding
 from jobs.pipeline import features_matrix
 
@@ -187,12 +186,8 @@ def _holdout(cfg: EvaluateConfig, so) -> tuple[str, str]:
     held_real = pc.and_(pc.equal(t[S.LABEL], 0), pc.is_in(t[S.SPLIT], value_set=pa.array([S.SPLIT_VAL, S.SPLIT_TEST])))
     eval_rows = t.filter(pc.or_(is_x, held_real))
     root = join(cfg.output, "holdout")
-    fs, _ = open_fs(root, so)
-    for name, rows in (("train_manifest.parquet", train_rows), ("eval_manifest.parquet", eval_rows)):
-        path = open_fs(join(root, name), so)[1]
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        with fs.open(path, "wb") as f:
-            pq.write_table(rows, f)
+    write_parquet(train_rows, join(root, "train_manifest.parquet"), so)
+    write_parquet(eval_rows, join(root, "eval_manifest.parquet"), so)
     print(f"holdout {x}: training on {train_rows.num_rows} rows without it; evaluating on {eval_rows.num_rows} rows "
           f"({int(pc.sum(is_x).as_py() or 0)} of {x}, the rest real images outside the training split)")
     train.main(["--manifest", join(root, "train_manifest.parquet"), "--output", join(root, "train"), "--clip-model", cfg.clip_model,
@@ -225,10 +220,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
         if rows.num_rows == 0:
             fail(f"no rows of split {cfg.split} in {manifest}")
         manifest = join(cfg.output, "eval_manifest.parquet")
-        fs, path = open_fs(manifest, so)
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        with fs.open(path, "wb") as f:
-            pq.write_table(rows, f)
+        write_parquet(rows, manifest, so)
 
     conditions, curves, n_scored, hist = {}, {}, {}, None
     for p in [None, *perturbations]:

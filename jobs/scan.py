@@ -44,7 +44,7 @@ from detector_core.bundle import BundleError, DetectorBundle, load_bundle
 from detector_core.images import DEFAULT_MAX_PIXELS
 from detector_core.manifest import ManifestError, read_manifest
 from detector_core.storage import arrow_fs, is_remote, open_fs, s3_storage_options
-from jobs.common import config_dict, fail, init_ray, join, new_run_id, opt, parse_config, read_json, run_main, write_json
+from jobs.common import config_dict, fail, init_ray, join, new_run_id, opt, parse_config, read_json, run_main, write_json, write_parquet
 from jobs.pipeline import ClipEmbedder, to_table
 
 TABLES = T.TABLES
@@ -181,13 +181,6 @@ def _find_unfinished(output: str, detector_id: str, so: dict | None) -> str | No
     return None
 
 
-def _write_parquet(table: pa.Table, uri: str, so: dict | None) -> None:
-    fs, path = open_fs(uri, so)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "wb") as f:
-        pq.write_table(table, f)
-
-
 def _score_chunk(chunk: pa.Table, cfg: ScanConfig, bundle: DetectorBundle, scan_id: str, captions: pa.Table | None, so: dict | None) -> pa.Table:
     import ray
 
@@ -261,7 +254,7 @@ def run_scan(cfg: ScanConfig) -> dict:
         pending = listed if cfg.full else _pending(listed, done)
         n_chunks = max(1, -(-pending.num_rows // cfg.chunk_size)) if pending.num_rows else 0
         for i in range(n_chunks):
-            _write_parquet(pending.slice(i * cfg.chunk_size, cfg.chunk_size), join(staging, f"chunk-{i:05d}", "input.parquet"), so)
+            write_parquet(pending.slice(i * cfg.chunk_size, cfg.chunk_size), join(staging, f"chunk-{i:05d}", "input.parquet"), so)
         plan = {"scan_id": scan_id, "detector_id": bundle.detector_id, "chunks": n_chunks, "listed": listed.num_rows,
                 "skipped": listed.num_rows - pending.num_rows, "scan_date": scan_date,
                 "started_at": dt.datetime.now(dt.timezone.utc).isoformat(), "config": config_dict(cfg)}
@@ -281,7 +274,7 @@ def run_scan(cfg: ScanConfig) -> dict:
                 fail(f"chunk {i}: {chunk_in.num_rows} objects in, a different number of rows out")
             for name, t in tables.items():
                 for bucket, part in _by_bucket(t).items():
-                    _write_parquet(part, join(chunk_dir, name, f"{S.BUCKET}={bucket}", f"part-{scan_id}-{i:05d}.parquet"), so)
+                    write_parquet(part, join(chunk_dir, name, f"{S.BUCKET}={bucket}", f"part-{scan_id}-{i:05d}.parquet"), so)
             done_marker = {name: t.num_rows for name, t in tables.items()}
             write_json(join(chunk_dir, "_DONE.json"), done_marker, so)
             print(f"chunk {i + 1}/{plan['chunks']}: {done_marker}")

@@ -13,7 +13,6 @@ import shutil
 
 import duckdb
 import numpy as np
-import pandas as pd
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest

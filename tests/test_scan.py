@@ -8,7 +8,6 @@ import struct
 import zlib
 
 import numpy as np
-import pyarrow.dataset as pads
 import pytest
 import torch
 from PIL import Image
