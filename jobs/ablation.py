@@ -24,14 +24,12 @@ import math
 from dataclasses import dataclass, replace
 
 import numpy as np
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
 from detector_core import schema as S
-from detector_core.storage import arrow_fs, open_fs, s3_storage_options
+from detector_core.storage import open_fs, s3_storage_options
 from detector_core.training import OptimConfig
 from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, read_json, run_main, write_json
-from jobs.embed import SUCCESS, EmbedConfig, run_embedding
+from jobs.embed import SUCCESS, EmbedConfig, read_features, run_embedding
 from jobs.pipeline import features_matrix
 
 # arm -> (loss, SAM, features); the order is the table's.
@@ -119,9 +117,7 @@ def run_ablation(cfg: AblationConfig) -> dict:
         fail(f"{cache} is not a finished feature cache (no {SUCCESS})")
     mode, dim = marker["feature_mode"], marker["feature_dim"]
     image_dim = dim // 2 if mode == "image+text" else dim  # image+text features are [image | text], equal halves
-    fs, path = arrow_fs(join(cache, "data"), so)
-    t = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=[S.FEATURES, S.LABEL, S.SPLIT, S.ERROR_STAGE])
-    t = t.filter(pc.is_null(t[S.ERROR_STAGE]))
+    t = read_features(cache, [S.FEATURES, S.LABEL, S.SPLIT], so)
     splits = set(t[S.SPLIT].to_pylist())
     eval_split = S.SPLIT_TEST if S.SPLIT_TEST in splits else S.SPLIT_VAL
     x = features_matrix(t[S.FEATURES])

@@ -69,7 +69,7 @@ def parse_date(value: str, flag: str) -> str:
         fail(f"{flag} {value!r} is not a date (YYYY-MM-DD)")
 
 
-def _quote(value: str) -> str:
+def sql_quote(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
@@ -110,17 +110,18 @@ def _partition_globs(fs, scan: str, root: str, since: str = "", until: str = "",
 
 
 def connect(scan: str, storage_options: dict | None = None, where: str = "", since: str = "", until: str = "",
-            bucket: str = "") -> duckdb.DuckDBPyConnection:
+            bucket: str = "", runs: pa.Table | None = None) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the views ``scores``, ``flagged``, ``errors`` and ``runs`` of a scan output.
 
     ``since``/``until``/``bucket`` choose the partitions the views read; ``where`` (SQL
-    over the columns) is part of every table view.
+    over the columns) is part of every table view. ``runs`` is ``read_runs(scan)`` when
+    the caller has it already.
     """
     con = duckdb.connect()
     fs, _ = open_fs(scan, storage_options)
     if is_remote(scan):
         con.register_filesystem(fs)
-    con.register("_runs", read_runs(scan, storage_options))
+    con.register("_runs", read_runs(scan, storage_options) if runs is None else runs)
     con.execute("CREATE VIEW runs AS SELECT * REPLACE (CAST(scan_date AS DATE) AS scan_date) FROM _runs")
     committed = "scan_id IN (SELECT scan_id FROM runs)"
     cond = f"{committed} AND ({where})" if where else committed
@@ -128,7 +129,7 @@ def connect(scan: str, storage_options: dict | None = None, where: str = "", sin
         table_uri = join(scan, name)
         globs = _partition_globs(fs, table_uri, open_fs(table_uri, storage_options)[1], since, until, bucket)
         if globs:
-            files = "[" + ", ".join(_quote(g) for g in globs) + "]"
+            files = "[" + ", ".join(sql_quote(g) for g in globs) + "]"
             src = f"read_parquet({files}, hive_partitioning = true, hive_types = {{'scan_date': DATE, 'bucket': VARCHAR}})"
         else:
             empty = T.TABLE_SCHEMAS[name].append(pa.field(S.SCAN_DATE, pa.date32())).append(pa.field(S.BUCKET, pa.string()))
@@ -141,7 +142,7 @@ def connect(scan: str, storage_options: dict | None = None, where: str = "", sin
 def _where(cfg: AuditConfig) -> str:
     parts = []
     if cfg.detector and cfg.question != "diff":
-        parts.append(f"detector_id = {_quote(cfg.detector)}")
+        parts.append(f"detector_id = {sql_quote(cfg.detector)}")
     return " AND ".join(parts)
 
 
@@ -182,7 +183,7 @@ def question_sql(cfg: AuditConfig) -> str:
             fail("diff needs --detector OLD_ID --against NEW_ID (list them with: query detectors)")
         latest = "SELECT uri, arg_max(score, scanned_at) AS score, arg_max(flagged, scanned_at) AS flagged FROM scores WHERE detector_id = {} GROUP BY uri"
         return f"""
-            WITH a AS ({latest.format(_quote(cfg.detector))}), b AS ({latest.format(_quote(cfg.against))})
+            WITH a AS ({latest.format(sql_quote(cfg.detector))}), b AS ({latest.format(sql_quote(cfg.against))})
             SELECT CASE WHEN b.flagged THEN 'newly flagged' ELSE 'no longer flagged' END AS change,
                    uri, a.score AS score_old, b.score AS score_new
             FROM a JOIN b USING (uri) WHERE a.flagged <> b.flagged
@@ -218,8 +219,8 @@ def answer(cfg: AuditConfig) -> pa.Table:
     fs, root = open_fs(cfg.scan, so)
     if not fs.exists(root):
         fail(f"--scan {cfg.scan} does not exist (or is not reachable with these credentials)")
+    runs = read_runs(cfg.scan, so)
     if cfg.date == "last":
-        runs = read_runs(cfg.scan, so)
         if runs.num_rows == 0:
             fail(f"no committed scans under {cfg.scan}/runs/")
         cfg.date = max(runs["scan_date"].to_pylist())
@@ -231,7 +232,7 @@ def answer(cfg: AuditConfig) -> pa.Table:
         fail(f"--bucket {cfg.bucket!r} is not a bucket name")
     sql = question_sql(cfg)
     try:
-        con = connect(cfg.scan, so, _where(cfg), since, until, cfg.bucket)
+        con = connect(cfg.scan, so, _where(cfg), since, until, cfg.bucket, runs)
         return con.sql(sql).to_arrow_table()
     except duckdb.Error as exc:
         fail(f"query failed: {str(exc).splitlines()[0]}")

@@ -148,6 +148,13 @@ def run_embedding(cfg: EmbedConfig, storage_options: dict | None = None) -> dict
     return {**summary, "reused": False}
 
 
+def read_features(cache: str, columns: list[str], storage_options: dict | None = None) -> pa.Table:
+    """``columns`` of the usable rows (embedded, no error) of a finished feature cache."""
+    fs, path = arrow_fs(join(cache, "data"), storage_options)
+    t = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=[*columns, S.ERROR_STAGE])
+    return t.filter(pads.field(S.ERROR_STAGE).is_null()).drop_columns([S.ERROR_STAGE])
+
+
 def main(argv=None) -> dict:
     cfg = parse_config(EmbedConfig, argv, __doc__)
     if not cfg.manifest or not cfg.output:

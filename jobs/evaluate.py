@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import torch
 
 from detector_core import schema as S
@@ -38,10 +37,10 @@ from detector_core.bundle import BundleError, DetectorBundle, load_bundle
 from detector_core.manifest import ManifestError, read_manifest, validate_manifest
 from detector_core.metrics import summarize
 from detector_core.perturb import parse_perturbations
-from detector_core.storage import arrow_fs, open_fs, s3_storage_options
+from detector_core.storage import open_fs, s3_storage_options
 from detector_core.training import predict_logits
 from jobs.common import config_dict, fail, join, opt, parse_config, run_main, write_json, write_parquet
-from jobs.embed import EmbedConfig, run_embedding
+from jobs.embed import EmbedConfig, read_features, run_embedding
 from jobs.pipeline import features_matrix
 
 CLEAN = "clean"
@@ -147,15 +146,9 @@ def _plots(output: str, curves: dict, labels: np.ndarray, scores: np.ndarray, th
     return written
 
 
-def _read_cache(cache: str, so) -> pa.Table:
-    fs, path = arrow_fs(join(cache, "data"), so)
-    t = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=[S.URI, S.LABEL, S.GENERATOR, S.FEATURES, S.ERROR_STAGE])
-    return t.filter(pc.is_null(t[S.ERROR_STAGE]))
-
-
 def score_cache(bundle: DetectorBundle, cache: str, so) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """(labels, scores, generators, rows) of a feature cache under the bundle."""
-    t = _read_cache(cache, so)
+    t = read_features(cache, [S.URI, S.LABEL, S.GENERATOR, S.FEATURES], so)
     feats = torch.tensor(features_matrix(t[S.FEATURES]))  # a copy: Arrow's buffers are read-only
     if feats.shape[1] != bundle.in_dim:
         fail(f"features of {cache} are {feats.shape[1]}-d; detector {bundle.detector_id} takes {bundle.in_dim}-d")

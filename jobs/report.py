@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from detector_core.images import ImageDecodeError, decode_image
 from detector_core.storage import open_fs, s3_storage_options
-from jobs.audit import connect, parse_date, read_runs
+from jobs.audit import connect, parse_date, read_runs, sql_quote
 from jobs.common import config_dict, fail, opt, parse_config, run_main
 
 HIST_BINS = 50
@@ -174,8 +174,8 @@ def build_report(cfg: ReportConfig) -> tuple[str, dict]:
     if runs.num_rows == 0:
         fail(f"no committed scans under {cfg.scan}/runs/: nothing to report")
     date = max(runs["scan_date"].to_pylist()) if cfg.date in ("", "last") else parse_date(cfg.date, "--date")
-    where = "detector_id = '" + cfg.detector.replace("'", "''") + "'" if cfg.detector else ""
-    con = connect(cfg.scan, so, where, date, date)
+    where = f"detector_id = {sql_quote(cfg.detector)}" if cfg.detector else ""
+    con = connect(cfg.scan, so, where, date, date, runs=runs)
     run_rows = [r for r in runs.to_pylist() if r["scan_date"] == date and (not cfg.detector or r["detector_id"] == cfg.detector)]
     if not run_rows:
         fail(f"no committed scan on {date} under {cfg.scan} (dates: {', '.join(sorted(set(runs['scan_date'].to_pylist())))})")

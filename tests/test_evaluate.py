@@ -24,6 +24,7 @@ from detector_core.features import ClipEncoder
 from detector_core.images import decode_image
 from detector_core.model import DetectorMLP
 from jobs import ablation, evaluate
+from jobs.embed import read_features
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def test_metrics_per_generator_and_perturbed(ray_local, small_manifest, bundle_d
     pixels = torch.stack([enc.preprocess(decode_image(Path(u).read_bytes()).image) for u in uris])
     with torch.no_grad():
         direct = bundle.model(enc.encode(pixels, None, "image")).double().numpy()
-    cache = evaluate._read_cache(str(out / "features" / "clean"), None).to_pandas().set_index("uri")
+    cache = read_features(str(out / "features" / "clean"), ["uri", "features"]).to_pandas().set_index("uri")
     from_cache = bundle.model(torch.from_numpy(np.stack(cache.loc[uris, "features"].to_list()).astype(np.float32))).double().detach().numpy()
     np.testing.assert_allclose(from_cache, direct, rtol=1e-5, atol=1e-5)
 
