@@ -33,6 +33,7 @@ from PIL import Image
 
 from detector_core.bundle import DetectorBundle, save_bundle
 from detector_core.demo import make_image
+from detector_core.extractors import FeatureSpec
 from detector_core.features import ClipEncoder, feature_dim
 from detector_core.model import DetectorMLP
 
@@ -90,7 +91,7 @@ def main(argv=None):
     tmp = Path(tempfile.mkdtemp(prefix="bench-scan-"))
     torch.manual_seed(0)
     mlp = DetectorMLP(feature_dim(args.clip_model, "image")).eval()
-    save_bundle(DetectorBundle(model=mlp, clip_model=args.clip_model, pretrained="none", feature_mode="image"), str(tmp / "detector"))
+    save_bundle(DetectorBundle(model=mlp, features=FeatureSpec(clip_model=args.clip_model, feature_mode="image")), str(tmp / "detector"))
     mlp = mlp.to(device)
     enc = ClipEncoder(args.clip_model, "none", device=device)
     sets = {"photos 3000x2000": write_images(tmp / "photos", args.photos, (3000, 2000), 1),

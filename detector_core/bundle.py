@@ -2,11 +2,12 @@
 
 A bundle is a directory (local path or object-store URI) with two files:
 
-- ``weights.safetensors``: the MLP's state dict (safetensors: no pickle to trust);
-- ``detector.json``: format version, detector kind, CLIP model name and pretrained
-  tag/path, feature mode, MLP config (input width included), the decision threshold
-  and how it was calibrated, the training config and metrics, creation time, and a
-  content hash over the weights and the fields that change a score.
+- ``weights.safetensors``: the classifier's state dict (safetensors: no pickle to trust);
+- ``detector.json``: format version, detector kind, the feature extractor that feeds it
+  (``clip-mlp``: CLIP model name, pretrained tag/path and feature mode; ``dnf-resnet``: the
+  diffusion UNet, timestep and input side), the classifier config (input width included),
+  the decision threshold and how it was calibrated, the training config and metrics,
+  creation time, and a content hash over the weights and the fields that change a score.
 
 ``detector.json`` is written last, so a reader that finds it finds whole weights; the
 hash is checked on load, so weights overwritten under an older ``detector.json`` are
@@ -25,15 +26,18 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+from torch import nn
 
-from detector_core.features import FEATURE_MODES, feature_dim
-from detector_core.model import DetectorMLP
+from detector_core.extractors import FeatureSpec
+from detector_core.model import build_classifier
 from detector_core.storage import join, open_fs
 
-__all__ = ["FORMAT_VERSION", "BundleError", "DetectorBundle", "save_bundle", "load_bundle"]
+__all__ = ["FORMAT_VERSION", "KINDS", "BundleError", "DetectorBundle", "save_bundle", "load_bundle"]
 
 FORMAT_VERSION = 1
 KIND_CLIP_MLP = "clip-mlp"
+KIND_DNF_RESNET = "dnf-resnet"
+KINDS = {"clip": KIND_CLIP_MLP, "dnf": KIND_DNF_RESNET}  # extractor -> bundle kind
 WEIGHTS_FILE = "weights.safetensors"
 META_FILE = "detector.json"
 
@@ -50,25 +54,43 @@ def _sigmoid(x: float) -> float:
 class DetectorBundle:
     """A trained detector and its metadata.
 
+    ``features`` is the extractor that feeds ``model`` (a resolved ``FeatureSpec``);
     ``threshold_logit`` is the calibrated decision boundary; ``calibration`` records how
     it was found (``target_fpr``, ``n_real``, ``achieved_fpr``, the split used).
     """
 
-    model: DetectorMLP
-    clip_model: str
-    pretrained: str
-    feature_mode: str
+    model: nn.Module
+    features: FeatureSpec
     threshold_logit: float = 0.0
     calibration: dict = field(default_factory=lambda: {"method": "default", "note": "probability 0.5"})
     training_config: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
-    kind: str = KIND_CLIP_MLP
     created_at: str = ""
     content_hash: str = ""
 
     def __post_init__(self) -> None:
-        if self.feature_mode not in FEATURE_MODES:
-            raise BundleError(f"feature mode must be one of {FEATURE_MODES}, got {self.feature_mode!r}")
+        if not isinstance(self.features, FeatureSpec):
+            raise BundleError(f"features must be a FeatureSpec, got {type(self.features).__name__}")
+        if self.features.extractor == "dnf" and not self.features.image_size:
+            raise BundleError("a DNF bundle needs the UNet's image size (FeatureSpec.resolved())")
+        if self.model.in_dim != self.features.dim:
+            raise BundleError(f"classifier input width {self.model.in_dim} does not match {self.features.id} features ({self.features.dim})")
+
+    @property
+    def kind(self) -> str:
+        return KINDS[self.features.extractor]
+
+    @property
+    def clip_model(self) -> str:
+        return self.features.clip_model
+
+    @property
+    def pretrained(self) -> str:
+        return self.features.pretrained
+
+    @property
+    def feature_mode(self) -> str:
+        return self.features.feature_mode
 
     @property
     def in_dim(self) -> int:
@@ -81,7 +103,7 @@ class DetectorBundle:
 
     @property
     def needs_captions(self) -> bool:
-        return self.feature_mode == "image+text"
+        return self.features.needs_captions
 
     @property
     def detector_id(self) -> str:
@@ -89,20 +111,19 @@ class DetectorBundle:
         return f"{self.kind}-{self.content_hash[:12]}" if self.content_hash else f"{self.kind}-unsaved"
 
     def _identity(self) -> dict:
-        return {
-            "kind": self.kind,
-            "clip_model": self.clip_model,
-            "pretrained": self.pretrained,
-            "feature_mode": self.feature_mode,
-            "model_config": self.model.config(),
-            "threshold_logit": self.threshold_logit,
-        }
+        # CLIP bundles hash exactly the fields they hashed before DNF existed, so their
+        # detector ids -- and with them the scans' incremental state -- stay the same.
+        spec = {k: v for k, v in self.features.to_dict().items() if k != "extractor"}
+        return {"kind": self.kind, **spec, "model_config": self.model.config(), "threshold_logit": self.threshold_logit}
 
     def metadata(self) -> dict:
         return {
             "format_version": FORMAT_VERSION,
             **self._identity(),
+            "extractor": self.features.extractor,
+            "feature_id": self.features.id,
             "in_dim": self.in_dim,
+            "input_shape": list(self.features.shape),
             "threshold": self.threshold,
             "calibration": self.calibration,
             "training_config": self.training_config,
@@ -137,7 +158,7 @@ def save_bundle(bundle: DetectorBundle, uri: str, storage_options: dict | None =
 
 
 def load_bundle(uri: str, storage_options: dict | None = None, device: torch.device | str = "cpu") -> DetectorBundle:
-    """Read a bundle; the MLP comes back in eval mode on ``device``.
+    """Read a bundle; the classifier comes back in eval mode on ``device``.
 
     Raises ``BundleError`` when the folder has no bundle, its format is newer than this
     code, the weights do not fit the recorded shapes, or the content hash disagrees.
@@ -154,18 +175,18 @@ def load_bundle(uri: str, storage_options: dict | None = None, device: torch.dev
     if version != FORMAT_VERSION:
         raise BundleError(f"bundle at {uri} has format version {version!r}; this code reads version {FORMAT_VERSION}")
     kind = meta.get("kind")
-    if kind != KIND_CLIP_MLP:
-        raise BundleError(f"bundle at {uri} is of kind {kind!r}; this code loads {KIND_CLIP_MLP!r}")
+    extractor = {v: k for k, v in KINDS.items()}.get(kind)
+    if extractor is None:
+        raise BundleError(f"bundle at {uri} is of kind {kind!r}; this code loads {', '.join(KINDS.values())}")
     try:
         cfg = meta["model_config"]
-        expected = feature_dim(meta["clip_model"], meta["feature_mode"])
-    except (KeyError, ValueError) as exc:
+        spec = FeatureSpec.from_dict({**meta, "extractor": extractor})
+        expected = spec.dim
+        model = build_classifier(cfg)
+    except (KeyError, ValueError, TypeError) as exc:
         raise BundleError(f"bundle at {uri} has incomplete or invalid metadata: {exc}") from exc
-    if cfg["in_dim"] != expected:
-        raise BundleError(
-            f"bundle at {uri}: MLP input width {cfg['in_dim']} does not match {meta['clip_model']} "
-            f"{meta['feature_mode']} features ({expected})"
-        )
+    if model.in_dim != expected:
+        raise BundleError(f"bundle at {uri}: classifier input width {model.in_dim} does not match {spec.id} features ({expected})")
     if not fs.exists(weights_path):
         raise BundleError(f"bundle at {uri} has {META_FILE} but no {WEIGHTS_FILE}")
     weights = fs.cat_file(weights_path)
@@ -173,21 +194,17 @@ def load_bundle(uri: str, storage_options: dict | None = None, device: torch.dev
         state = load_safetensors(weights)
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
         raise BundleError(f"{uri}/{WEIGHTS_FILE} is not a readable safetensors file: {exc}") from exc
-    model = DetectorMLP(**cfg)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise BundleError(f"weights in {uri} do not fit the recorded MLP config {cfg}: {exc}") from exc
+        raise BundleError(f"weights in {uri} do not fit the recorded classifier config {cfg}: {exc}") from exc
     bundle = DetectorBundle(
         model=model.to(device).eval(),
-        clip_model=meta["clip_model"],
-        pretrained=meta["pretrained"],
-        feature_mode=meta["feature_mode"],
+        features=spec,
         threshold_logit=float(meta["threshold_logit"]),
         calibration=meta.get("calibration", {}),
         training_config=meta.get("training_config", {}),
         metrics=meta.get("metrics", {}),
-        kind=kind,
         created_at=meta.get("created_at", ""),
         content_hash=meta.get("content_hash", ""),
     )

@@ -15,7 +15,6 @@ unreachable weight file is an error that says what to pass; there is no fallback
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -25,7 +24,7 @@ import open_clip
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 
-from detector_core.storage import is_remote, open_fs
+from detector_core.storage import fetch_cached, is_remote
 
 __all__ = [
     "FEATURE_MODES",
@@ -94,6 +93,8 @@ class SplitPreprocess:
     normalised float ``(n, 3, H, W)`` batch. Together they equal ``build_preprocess``.
     """
 
+    draft_ok = True  # JPEG DCT downscaling to >= 2x the input barely moves CLIP features (bench/bench_draft.py)
+
     def __init__(self, model_name: str, pretrained: str | None) -> None:
         cfg = preprocess_config(model_name, pretrained)
         full = build_preprocess(model_name, pretrained)
@@ -120,18 +121,10 @@ class SplitPreprocess:
 
 def _fetch_remote(uri: str, cache_dir: str | None, storage_options: dict | None) -> str:
     """Copy an object-store checkpoint to a local cache once; returns the local path."""
-    cache = Path(cache_dir or os.environ.get("DETECTOR_CACHE", Path.home() / ".cache" / "detector"))
-    local = cache / "clip-weights" / hashlib.sha256(uri.encode()).hexdigest()[:16] / Path(uri).name
-    if local.is_file():
-        return str(local)
-    fs, path = open_fs(uri, storage_options)
-    if not fs.exists(path):
-        raise WeightsNotFoundError(f"CLIP weights not found at {uri}; pass --pretrained with an existing checkpoint URI or local path")
-    local.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local.with_suffix(local.suffix + f".part{os.getpid()}")
-    fs.get(path, str(tmp))
-    tmp.replace(local)
-    return str(local)
+    try:
+        return fetch_cached(uri, "clip-weights", storage_options, cache_dir)
+    except FileNotFoundError:
+        raise WeightsNotFoundError(f"CLIP weights not found at {uri}; pass --pretrained with an existing checkpoint URI or local path") from None
 
 
 def _resolve_pretrained(model_name: str, pretrained: str | None, cache_dir: str | None, storage_options: dict | None) -> str | None:

@@ -1,10 +1,16 @@
-"""The paper's classifier head: a small MLP on frozen CLIP features.
+"""The classifiers: the paper's MLP on frozen CLIP features, and a ResNet on DNF features.
 
 "Robust Diffusion Model-Generated Image Detection with CLIP" puts three blocks of
 ``Linear(d, d) -> BatchNorm1d(d) -> LeakyReLU(0.01) -> Dropout(0.335)`` on top of the
 (concatenated) CLIP embedding and ends in ``Linear(d, 1)``: one logit, where a positive
 logit means "generated" (label 1). Linear layers use Kaiming-uniform init (fan_in,
 relu) as the reference code does. See shared/method.md section 2.
+
+``NoiseResNet`` is the DNF detector's classifier (method.md section 7): a torchvision ResNet
+(50 in the paper; 18/34 by flag) with a one-logit head, on the image-shaped noise feature.
+Both take the flattened ``(n, d)`` feature rows that caches and scans carry, so the
+training step, SAM and the distributed loop are the same for both; ``build_classifier``
+rebuilds either from its saved ``config()``.
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["DetectorMLP"]
+__all__ = ["DetectorMLP", "NoiseResNet", "RESNETS", "build_classifier"]
+
+RESNETS = ("resnet18", "resnet34", "resnet50")
 
 
 class DetectorMLP(nn.Module):
@@ -25,6 +33,8 @@ class DetectorMLP(nn.Module):
         dropout: dropout probability after each block (0.335 in the paper).
         negative_slope: LeakyReLU slope (0.01 in the paper).
     """
+
+    predict_batch_size = 8192  # rows per eval batch (features are small)
 
     def __init__(
         self,
@@ -80,3 +90,52 @@ class DetectorMLP(nn.Module):
         if x.ndim != 2 or x.shape[1] != self.in_dim:
             raise ValueError(f"expected features of shape (n, {self.in_dim}), got {tuple(x.shape)}")
         return self.head(self.body(x)).squeeze(-1)
+
+
+class NoiseResNet(nn.Module):
+    """A torchvision ResNet with a one-logit head, on ``(n, C*H*W)`` or ``(n, C, H, W)`` features.
+
+    Args:
+        arch: ``resnet50`` (the DNF paper's), ``resnet34`` or ``resnet18``.
+        in_shape: ``(C, H, W)`` of one feature (``(3, 256, 256)`` for the bedroom UNet).
+
+    Random initialisation (torchvision's): no ImageNet weights are fetched.
+    """
+
+    predict_batch_size = 128
+
+    def __init__(self, arch: str = "resnet50", in_shape: tuple[int, int, int] | list[int] = (3, 256, 256)) -> None:
+        super().__init__()
+        import torchvision
+
+        if arch not in RESNETS:
+            raise ValueError(f"arch must be one of {RESNETS}, got {arch!r}")
+        self.arch = arch
+        self.in_shape = tuple(int(s) for s in in_shape)
+        if len(self.in_shape) != 3:
+            raise ValueError(f"in_shape must be (C, H, W), got {self.in_shape}")
+        self.in_dim = self.in_shape[0] * self.in_shape[1] * self.in_shape[2]
+        net = getattr(torchvision.models, arch)(weights=None, num_classes=1)
+        if self.in_shape[0] != 3:
+            net.conv1 = nn.Conv2d(self.in_shape[0], 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.net = net
+
+    def config(self) -> dict:
+        return {"arch": self.arch, "in_shape": list(self.in_shape)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map features ``(n, C*H*W)`` (or ``(n, C, H, W)``) to logits ``(n,)``."""
+        if x.ndim == 2:
+            if x.shape[1] != self.in_dim:
+                raise ValueError(f"expected features of width {self.in_dim} ({self.in_shape}), got {tuple(x.shape)}")
+            x = x.view(x.shape[0], *self.in_shape)
+        elif tuple(x.shape[1:]) != self.in_shape:
+            raise ValueError(f"expected features of shape (n, {self.in_shape}), got {tuple(x.shape)}")
+        return self.net(x).squeeze(-1)
+
+
+def build_classifier(config: dict) -> nn.Module:
+    """The classifier a saved ``config()`` describes: ``NoiseResNet`` when it names an ``arch``, else ``DetectorMLP``."""
+    if "arch" in config:
+        return NoiseResNet(**config)
+    return DetectorMLP(**config)

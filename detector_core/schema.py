@@ -36,6 +36,7 @@ LOGIT = "logit"
 THRESHOLD = "threshold"
 FLAGGED = "flagged"
 DETECTOR_ID = "detector_id"
+DETECTOR_KIND = "detector_kind"
 SCAN_ID = "scan_id"
 SCANNED_AT = "scanned_at"
 
@@ -58,8 +59,8 @@ COLUMN_DOCS = {
     WIDTH: "image width in pixels, as stored",
     HEIGHT: "image height in pixels, as stored",
     FORMAT: "image format as detected from the bytes (JPEG, PNG, …)",
-    FEATURES: "CLIP feature vector (float32), image or image+text",
-    CLIP_ID: "CLIP model and weights that made the features, 'model/pretrained/mode'",
+    FEATURES: "feature vector (float32): CLIP image or image+text embedding, or the flattened DNF noise estimate",
+    CLIP_ID: "feature extractor that made the features: 'model/pretrained/mode' for CLIP, 'dnf/<unet>/t<step>/<size>' for DNF",
     ERROR_STAGE: "where the object failed: read (I/O), decode (bytes are no usable image), embed",
     ERROR_TYPE: "error kind, e.g. not_an_image, truncated, too_large, or the exception name",
     ERROR_MESSAGE: "human-readable cause",
@@ -68,6 +69,7 @@ COLUMN_DOCS = {
     THRESHOLD: "decision threshold on the score scale, from the detector bundle",
     FLAGGED: "score >= threshold (decided on the logit scale)",
     DETECTOR_ID: "detector bundle id (kind + content hash)",
+    DETECTOR_KIND: "detector family: clip-mlp (CLIP features + MLP) or dnf-resnet (diffusion noise feature + ResNet); null in schema-1 files",
     SCAN_ID: "the scan run that wrote the row",
     SCANNED_AT: "when the row was written (UTC)",
     SCAN_DATE: "partition: the UTC date the scan started, YYYY-MM-DD",

@@ -14,7 +14,7 @@ import os
 import fsspec
 from fsspec import AbstractFileSystem
 
-__all__ = ["is_remote", "open_fs", "arrow_fs", "s3_storage_options", "join"]
+__all__ = ["is_remote", "open_fs", "arrow_fs", "s3_storage_options", "join", "fetch_cached"]
 
 
 def is_remote(uri: str) -> bool:
@@ -58,3 +58,37 @@ def arrow_fs(uri: str, storage_options: dict | None = None):
         return LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
     fs, path = open_fs(uri, storage_options)
     return PyFileSystem(FSSpecHandler(fs)), path
+
+
+def fetch_cached(uri: str, kind: str, storage_options: dict | None = None, cache_dir: str | None = None) -> str:
+    """Copy an object-store file or folder (model weights) to a local cache once; returns the local path.
+
+    The copy lands under ``<cache>/<kind>/<hash of uri>/`` (cache: ``cache_dir``, else
+    ``DETECTOR_CACHE``, else ``~/.cache/detector``) and is renamed into place only when
+    complete, so concurrent workers on one node never read a half-copied file. Raises
+    ``FileNotFoundError`` when nothing is at ``uri``.
+    """
+    import hashlib
+    from pathlib import Path
+
+    cache = Path(cache_dir or os.environ.get("DETECTOR_CACHE", Path.home() / ".cache" / "detector"))
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    local = cache / kind / hashlib.sha256(uri.encode()).hexdigest()[:16] / name
+    if local.exists():
+        return str(local)
+    fs, path = open_fs(uri, storage_options)
+    if not fs.exists(path):
+        raise FileNotFoundError(uri)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f"{name}.part{os.getpid()}")
+    if fs.isdir(path):
+        fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
+    else:
+        fs.get(path, str(tmp))
+    try:
+        tmp.replace(local)
+    except OSError:  # another process on this node finished first (a non-empty folder cannot be replaced)
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(local)

@@ -19,7 +19,8 @@ import pyarrow.dataset as pads
 from detector_core import schema as S
 from detector_core.storage import arrow_fs, is_remote, join
 
-SCHEMA_VERSION = "1"
+# 2: + detector_kind (files of version 1 read with it null).
+SCHEMA_VERSION = "2"
 METADATA_KEY = b"diffusion_detector.schema_version"
 TABLES = ("scores", "flagged", "errors")
 LOCAL_BUCKET = "local"  # the bucket partition of local-path objects
@@ -28,12 +29,13 @@ _TS = pa.timestamp("us", tz="UTC")
 SCORES_SCHEMA = pa.schema([
     (S.URI, pa.string()), (S.ETAG, pa.string()), (S.SIZE, pa.int64()), (S.WIDTH, pa.int32()), (S.HEIGHT, pa.int32()),
     (S.FORMAT, pa.string()), (S.SCORE, pa.float64()), (S.LOGIT, pa.float64()), (S.THRESHOLD, pa.float64()),
-    (S.FLAGGED, pa.bool_()), (S.DETECTOR_ID, pa.string()), (S.CLIP_ID, pa.string()), (S.SCAN_ID, pa.string()),
+    (S.FLAGGED, pa.bool_()), (S.DETECTOR_ID, pa.string()), (S.DETECTOR_KIND, pa.string()), (S.CLIP_ID, pa.string()), (S.SCAN_ID, pa.string()),
     (S.SCANNED_AT, _TS),
 ], metadata={METADATA_KEY: SCHEMA_VERSION.encode()})
 ERRORS_SCHEMA = pa.schema([
     (S.URI, pa.string()), (S.ETAG, pa.string()), (S.SIZE, pa.int64()), (S.ERROR_STAGE, pa.string()),
-    (S.ERROR_TYPE, pa.string()), (S.ERROR_MESSAGE, pa.string()), (S.DETECTOR_ID, pa.string()), (S.SCAN_ID, pa.string()),
+    (S.ERROR_TYPE, pa.string()), (S.ERROR_MESSAGE, pa.string()), (S.DETECTOR_ID, pa.string()), (S.DETECTOR_KIND, pa.string()),
+    (S.SCAN_ID, pa.string()),
     (S.SCANNED_AT, _TS),
 ], metadata={METADATA_KEY: SCHEMA_VERSION.encode()})
 TABLE_SCHEMAS = {"scores": SCORES_SCHEMA, "flagged": SCORES_SCHEMA, "errors": ERRORS_SCHEMA}

@@ -142,12 +142,18 @@ def training_step(
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, features: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
-    """Eval-mode logits for a feature matrix, batched."""
+def predict_logits(model: nn.Module, features: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    """Eval-mode logits for a feature matrix, batched; each batch moves to the model's device.
+
+    ``batch_size`` defaults to the model's ``predict_batch_size`` (large for the MLP, small
+    for the ResNet on image-shaped features).
+    """
+    batch_size = batch_size or getattr(model, "predict_batch_size", 8192)
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        out = [model(features[i : i + batch_size]) for i in range(0, features.shape[0], batch_size)]
+        out = [model(features[i : i + batch_size].to(device, non_blocking=True)) for i in range(0, features.shape[0], batch_size)]
     finally:
         model.train(was_training)
     return torch.cat(out) if out else features.new_zeros(0)

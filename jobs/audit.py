@@ -73,18 +73,26 @@ def sql_quote(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+RUNS_SCHEMA = pa.schema([
+    ("scan_id", pa.string()), ("scan_date", pa.string()), ("detector_id", pa.string()), ("detector_kind", pa.string()),
+    ("input", pa.string()), ("listed", pa.int64()), ("skipped", pa.int64()), ("scored", pa.int64()), ("flagged", pa.int64()),
+    ("errors", pa.int64()), ("seconds", pa.float64()), ("started_at", pa.string()), ("finished_at", pa.string()),
+])
+RUN_COLUMNS = RUNS_SCHEMA.names
+
+
 def read_runs(scan: str, so: dict | None) -> pa.Table:
+    """The committed scans' summaries, one row per scan and detector (an ensemble scan has several)."""
     fs, root = open_fs(join(scan, "runs"), so)
     rows = []
     paths = sorted(fs.glob(root.rstrip("/") + "/*.json")) if fs.exists(root) else []
     for p in paths:
         r = json.loads(fs.cat_file(p))
-        rows.append({k: r.get(k) for k in ("scan_id", "scan_date", "detector_id", "input", "listed", "skipped", "scored",
-                                           "flagged", "errors", "seconds", "started_at", "finished_at")})
-    schema = pa.schema([("scan_id", pa.string()), ("scan_date", pa.string()), ("detector_id", pa.string()), ("input", pa.string()),
-                        ("listed", pa.int64()), ("skipped", pa.int64()), ("scored", pa.int64()), ("flagged", pa.int64()),
-                        ("errors", pa.int64()), ("seconds", pa.float64()), ("started_at", pa.string()), ("finished_at", pa.string())])
-    return pa.Table.from_pylist(rows, schema=schema)
+        base = {k: r.get(k) for k in RUN_COLUMNS}
+        # Summaries older than ensembles describe their one detector at the top level.
+        for d in r.get("detectors") or [{}]:
+            rows.append({**base, **{k: d[k] for k in RUN_COLUMNS if k in d}})
+    return pa.Table.from_pylist(rows, schema=RUNS_SCHEMA)
 
 
 def _partition_globs(fs, scan: str, root: str, since: str = "", until: str = "", bucket: str = "") -> list[str]:
@@ -130,7 +138,9 @@ def connect(scan: str, storage_options: dict | None = None, where: str = "", sin
         globs = _partition_globs(fs, table_uri, open_fs(table_uri, storage_options)[1], since, until, bucket)
         if globs:
             files = "[" + ", ".join(sql_quote(g) for g in globs) + "]"
-            src = f"read_parquet({files}, hive_partitioning = true, hive_types = {{'scan_date': DATE, 'bucket': VARCHAR}})"
+            # union_by_name: files of an older schema version (fewer columns) read with those columns null.
+            src = (f"read_parquet({files}, hive_partitioning = true, union_by_name = true, "
+                   f"hive_types = {{'scan_date': DATE, 'bucket': VARCHAR}})")
         else:
             empty = T.TABLE_SCHEMAS[name].append(pa.field(S.SCAN_DATE, pa.date32())).append(pa.field(S.BUCKET, pa.string()))
             con.register(f"_empty_{name}", empty.empty_table())
@@ -174,7 +184,8 @@ def question_sql(cfg: AuditConfig) -> str:
         return f"""SELECT scan_date, bucket, uri, score, threshold, detector_id, scan_id FROM flagged
                    ORDER BY score DESC, uri{_limit(cfg)}"""
     if q == "detectors":
-        return """SELECT detector_id, any_value(clip_id) AS clip_id, any_value(threshold) AS threshold,
+        return """SELECT detector_id, any_value(detector_kind) AS detector_kind, any_value(clip_id) AS clip_id,
+                         any_value(threshold) AS threshold,
                          count(DISTINCT scan_id) AS scans, count(*) AS scored, count(*) FILTER (WHERE flagged) AS flagged,
                          min(scan_date) AS first_scan_date, max(scan_date) AS last_scan_date
                   FROM scores GROUP BY detector_id ORDER BY last_scan_date DESC, detector_id"""

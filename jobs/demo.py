@@ -7,6 +7,10 @@ scans a separate folder of unlabelled demo images (with a few broken files among
 them) with ``jobs.scan``, writes the review page (``jobs.report``), and prints where the
 tables are and the run summary.
 
+``--dnf`` also trains the second detector family (Diffusion Noise Feature of the shipped
+random ``test-tiny`` UNet + ResNet-18) and scans with both detectors in one pass
+(``--ensemble``): every object then has a row per detector.
+
 It uses the shipped ``test-tiny`` CLIP: random weights, so the demo shows the pipeline
 and its outputs, not real detection quality. For real detection train with
 ``--clip-model ViT-L-14 --pretrained openai`` (weights in the open_clip cache) or
@@ -38,6 +42,7 @@ class DemoConfig:
     epochs: int = opt(12, "training epochs")
     workers: int = opt(1, "Ray Train workers")
     seed: int = opt(0, "seed for the demo data")
+    dnf: bool = opt(False, "also train a DNF detector (test-tiny UNet + ResNet-18) and scan with both detectors in one pass")
 
 
 def main(argv=None) -> dict:
@@ -53,6 +58,14 @@ def main(argv=None) -> dict:
         "--pretrained", cfg.pretrained, "--epochs", str(cfg.epochs), "--workers", str(cfg.workers),
         "--batch-size", "64", "--lr", "3e-3", "--embed-batch-size", "128",
     ])
+    ensemble = []
+    if cfg.dnf:
+        dnf_metrics = train.main([
+            "--manifest", str(out / "manifest.parquet"), "--output", str(out / "training-dnf"), "--extractor", "dnf",
+            "--unet", "test-tiny", "--resnet", "resnet18", "--epochs", str(cfg.epochs), "--workers", str(cfg.workers),
+            "--batch-size", "32", "--lr", "1e-3", "--embed-batch-size", "128",
+        ])
+        ensemble = ["--ensemble", str(out / "training-dnf" / "detector")]
     rng = np.random.default_rng(cfg.seed + 1)
     bucket = out / "bucket"
     bucket.mkdir(parents=True, exist_ok=True)
@@ -60,10 +73,12 @@ def main(argv=None) -> dict:
     for i in range(cfg.n_scan):
         (bucket / f"upload_{i:04d}.png").write_bytes(encode(make_image(rng, kinds[i % len(kinds)])))
     (bucket / "broken_upload.jpg").write_bytes(b"<html>this was never an image</html>")
-    summary = scan.main(["--detector", str(out / "training" / "detector"), "--input", str(bucket), "--output", str(out / "scans")])
+    summary = scan.main(["--detector", str(out / "training" / "detector"), *ensemble, "--input", str(bucket), "--output", str(out / "scans")])
     report.main(["--scan", str(out / "scans"), "--out", str(out / "report.html")])
     print("\n=== demo finished ===")
     print(f"detector:  {out / 'training' / 'detector'}  (val AUC {metrics['val_auc']:.3f}, threshold {metrics['threshold']:.3f})")
+    if cfg.dnf:
+        print(f"DNF:       {out / 'training-dnf' / 'detector'}  (val AUC {dnf_metrics['val_auc']:.3f}, threshold {dnf_metrics['threshold']:.3f})")
     print(f"tables:    {out / 'scans'}/{{scores,flagged,errors}}/scan_date=…/bucket=…/*.parquet")
     print(f"summary:   {out / 'scans' / 'runs' / (summary['scan_id'] + '.json')}")
     print(f"review:    {out / 'report.html'}  (open in a browser)")

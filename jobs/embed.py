@@ -1,20 +1,26 @@
 """Stage 1 of training: embed a labelled manifest once into a Parquet feature cache.
 
+Either feature family (``--extractor``): frozen CLIP embeddings (``clip``, the default) or
+the Diffusion Noise Feature of a diffusion UNet (``dnf``; a row holds the flattened
+``3 x S x S`` float32 noise estimate -- 768 KiB per image at the bedroom UNet's 256 px).
+
 Reads the manifest (Parquet/CSV or a ``real/`` + ``generated/<gen>/`` tree), validates it
 (bad rows are counted with reasons; a manifest without both classes is refused up
 front), then runs the shared Ray Data pipeline (``jobs.pipeline``: read + decode on CPU
 tasks, CLIP on GPU actors) and writes::
 
     CACHE/data/*.parquet     uri, label, caption, generator, split, size, width, height,
-                             format, features (fixed-size float32 list), clip_id,
-                             error_* (null for good rows)
+                             format, features (fixed-size float32 list), clip_id
+                             (the extractor's id), error_* (null for good rows)
     CACHE/errors.parquet     rows that could not be used (manifest, read or decode stage)
     CACHE/_SUCCESS.json      written last: cache key, counts, the resolved config
 
-The cache key hashes the validated manifest and the CLIP model, weights and feature
-mode; a re-run with the same key finds ``_SUCCESS.json`` and embeds nothing.
+The cache key hashes the validated manifest and the extractor settings (CLIP model,
+weights and feature mode; or UNet, timestep and size); a re-run with the same key finds
+``_SUCCESS.json`` and embeds nothing.
 
     python -m jobs.embed --manifest s3://bucket/manifest.parquet --output s3://bucket/features/run1
+    python -m jobs.embed --manifest ... --output ... --extractor dnf --unet s3://bucket/weights/ddpm-bedroom-256
     ray job submit --working-dir . -- python -m jobs.embed --manifest ... --output ... --gpu --actors 4
 """
 
@@ -29,7 +35,9 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from detector_core import schema as S
-from detector_core.features import FEATURE_MODES, feature_dim
+from detector_core.dnf import UnetNotFoundError
+from detector_core.extractors import EXTRACTORS, FeatureSpec
+from detector_core.features import FEATURE_MODES
 from detector_core.manifest import ManifestError, read_manifest, validate_manifest
 from detector_core.storage import arrow_fs, open_fs, s3_storage_options
 from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, read_json, run_main, write_json
@@ -44,6 +52,9 @@ class EmbedConfig:
     clip_model: str = opt("test-tiny", "open_clip model name (paper: ViT-L-14)")
     pretrained: str = opt("none", "open_clip tag, weights path or s3:// URI; 'none' = random init (tests/demo)")
     feature_mode: str = opt("image", "image or image+text (image+text needs a caption per row)", choices=FEATURE_MODES)
+    extractor: str = opt("clip", "feature family: clip (CLIP embeddings) or dnf (Diffusion Noise Feature of a diffusion UNet)", choices=EXTRACTORS)
+    unet: str = opt("test-tiny", "--extractor dnf: diffusers UNet2DModel folder (local or s3://), or test-tiny (random; tests/demo)")
+    timestep: int = opt(0, "--extractor dnf: timestep of the single UNet call (0: the first DDIM inversion step, as the reference)")
     batch_size: int = opt(64, "images per embedding batch")
     actors: int = opt(1, "number of CLIP actors (one GPU each with --gpu)")
     gpu: bool = opt(False, "run CLIP actors on GPUs (num_gpus=1 each)")
@@ -53,9 +64,15 @@ class EmbedConfig:
     s3_endpoint: str = opt("", "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
     ray_address: str = opt("", "Ray cluster address (default: the job's cluster, or a local Ray)")
 
+    def spec(self, storage_options: dict | None = None) -> FeatureSpec:
+        """The resolved extractor spec (DNF: the input size read from the UNet's config)."""
+        spec = FeatureSpec(extractor=self.extractor, clip_model=self.clip_model, pretrained=self.pretrained,
+                           feature_mode=self.feature_mode, unet=self.unet, timestep=self.timestep)
+        return spec.resolved(storage_options)
 
-def cache_key(table: pa.Table, clip_model: str, pretrained: str, feature_mode: str, perturb: str = "", perturb_seed: int = 0) -> str:
-    h = hashlib.sha256(f"{clip_model}|{pretrained}|{feature_mode}|".encode())
+
+def cache_key(table: pa.Table, spec: FeatureSpec, perturb: str = "", perturb_seed: int = 0) -> str:
+    h = hashlib.sha256(spec.cache_prefix().encode())
     if perturb:
         h.update(f"perturb={perturb}|seed={perturb_seed}|".encode())
     for name in (S.URI, S.LABEL, S.CAPTION, S.GENERATOR, S.SPLIT):
@@ -74,11 +91,15 @@ def run_embedding(cfg: EmbedConfig, storage_options: dict | None = None) -> dict
     except ManifestError as exc:
         fail(str(exc))
     table = vm.table
-    if cfg.feature_mode == "image+text":
+    try:
+        spec = cfg.spec(so)
+    except UnetNotFoundError as exc:
+        fail(str(exc))
+    if spec.needs_captions:
         missing = table.column(S.CAPTION).null_count
         if missing:
             fail(f"--feature-mode image+text needs a caption for every image; {missing} of {table.num_rows} rows have none")
-    key = cache_key(table, cfg.clip_model, cfg.pretrained, cfg.feature_mode, cfg.perturb, cfg.perturb_seed)
+    key = cache_key(table, spec, cfg.perturb, cfg.perturb_seed)
     marker = read_json(join(cfg.output, SUCCESS), so)
     if marker and marker.get("key") == key:
         print(f"feature cache {cfg.output} is up to date (key {key[:12]}); not embedding again")
@@ -86,7 +107,7 @@ def run_embedding(cfg: EmbedConfig, storage_options: dict | None = None) -> dict
 
     import ray
 
-    from jobs.pipeline import ClipEmbedder, load_images
+    from jobs.pipeline import Embedder, load_images
 
     init_ray(cfg.ray_address or None)
     fs, root = open_fs(cfg.output, so)
@@ -99,14 +120,13 @@ def run_embedding(cfg: EmbedConfig, storage_options: dict | None = None) -> dict
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
         load_images,
-        fn_kwargs=dict(clip_model=cfg.clip_model, pretrained=cfg.pretrained, storage_options=so,
-                       perturbation=cfg.perturb, perturb_seed=cfg.perturb_seed),
+        fn_kwargs=dict(specs=[spec], storage_options=so, perturbation=cfg.perturb, perturb_seed=cfg.perturb_seed),
         batch_size=cfg.batch_size,
         batch_format="numpy",
     )
     ds = ds.map_batches(
-        ClipEmbedder,
-        fn_constructor_kwargs=dict(clip_model=cfg.clip_model, pretrained=cfg.pretrained, feature_mode=cfg.feature_mode, storage_options=so),
+        Embedder,
+        fn_constructor_kwargs=dict(spec=spec, storage_options=so),
         batch_size=cfg.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
@@ -131,10 +151,10 @@ def run_embedding(cfg: EmbedConfig, storage_options: dict | None = None) -> dict
     summary = {
         "key": key,
         "manifest": cfg.manifest,
-        "clip_model": cfg.clip_model,
-        "pretrained": cfg.pretrained,
-        "feature_mode": cfg.feature_mode,
-        "feature_dim": feature_dim(cfg.clip_model, cfg.feature_mode),
+        **spec.to_dict(),
+        "feature_id": spec.id,
+        "feature_dim": spec.dim,
+        "feature_shape": list(spec.shape),
         "rows_in_manifest": table.num_rows + vm.bad.num_rows,
         "embedded": n_ok,
         "errors": errors.num_rows,
@@ -146,6 +166,16 @@ def run_embedding(cfg: EmbedConfig, storage_options: dict | None = None) -> dict
     write_json(join(cfg.output, SUCCESS), summary, so)
     print(f"embedded {n_ok} images into {cfg.output} in {elapsed:.1f} s; {errors.num_rows} unusable rows {by_reason or ''}")
     return {**summary, "reused": False}
+
+
+def spec_settings(spec: FeatureSpec) -> dict:
+    """``EmbedConfig`` fields that reproduce a spec (e.g. a bundle's): ``EmbedConfig(**spec_settings(b.features), ...)``."""
+    return {k: v for k, v in spec.to_dict().items() if k != "image_size"}
+
+
+def cache_spec(marker: dict) -> FeatureSpec:
+    """The extractor spec a finished cache was made with (caches older than DNF: CLIP)."""
+    return FeatureSpec.from_dict(marker)
 
 
 def read_features(cache: str, columns: list[str], storage_options: dict | None = None) -> pa.Table:

@@ -8,9 +8,10 @@
     ray job submit --address http://HEAD:8265 --runtime-env cluster/runtime_env.yaml -- \\
         python -m jobs.evaluate --detector s3://models/detector --manifest s3://data/test.parquet --output s3://evals/run1 --gpu
 
-Images go through the same Ray Data read -> decode -> CLIP path as training and the scan
-(``jobs.embed``; one feature cache per condition under ``OUTPUT/features/``, reused when
-unchanged), then the bundle's MLP scores them. For every condition (``clean`` and each
+Images go through the same Ray Data read -> decode -> extractor path as training and the
+scan (``jobs.embed``; one feature cache per condition under ``OUTPUT/features/``, reused
+when unchanged), then the bundle's classifier scores them; either bundle kind (CLIP + MLP,
+DNF + ResNet). For every condition (``clean`` and each
 ``--perturb`` value, applied to real and generated images alike) and every group (``all``
 and each generator: its images against all real images) it reports ROC AUC, average
 precision, accuracy at the bundle's threshold and at 0.5, real and generated accuracy, and
@@ -40,7 +41,7 @@ from detector_core.perturb import parse_perturbations
 from detector_core.storage import open_fs, s3_storage_options
 from detector_core.training import predict_logits
 from jobs.common import config_dict, fail, join, opt, parse_config, run_main, write_json, write_parquet
-from jobs.embed import EmbedConfig, read_features, run_embedding
+from jobs.embed import EmbedConfig, read_features, run_embedding, spec_settings
 from jobs.pipeline import features_matrix
 
 CLEAN = "clean"
@@ -61,10 +62,10 @@ class EvaluateConfig:
     clip_model: str = opt("test-tiny", "--holdout-generator: CLIP model to train with (paper: ViT-L-14)")
     pretrained: str = opt("none", "--holdout-generator: open_clip tag, weights path or s3:// URI")
     feature_mode: str = opt("image", "--holdout-generator: image or image+text")
-    train_args: str = opt("", "--holdout-generator: more jobs.train flags, one string (e.g. \"--epochs 32 --workers 4 --gpu\")")
+    train_args: str = opt("", "--holdout-generator: more jobs.train flags, one string (e.g. \"--epochs 32 --workers 4 --gpu\"; a DNF detector: \"--extractor dnf --unet DIR\")")
     batch_size: int = opt(64, "images per embedding batch")
-    actors: int = opt(1, "CLIP actors (one GPU each with --gpu)")
-    gpu: bool = opt(False, "run the CLIP actors on GPUs")
+    actors: int = opt(1, "feature-extractor actors (one GPU each with --gpu)")
+    gpu: bool = opt(False, "run the feature-extractor actors on GPUs")
     s3_endpoint: str = opt("", "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
     ray_address: str = opt("", "Ray cluster address (default: the job's cluster, or a local Ray)")
 
@@ -220,8 +221,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
         name = CLEAN if p is None else p.name
         cache = join(cfg.output, "features", name.replace(":", "-"))
         run_embedding(EmbedConfig(
-            manifest=manifest, output=cache, clip_model=bundle.clip_model, pretrained=bundle.pretrained,
-            feature_mode=bundle.feature_mode, batch_size=cfg.batch_size, actors=cfg.actors, gpu=cfg.gpu,
+            manifest=manifest, output=cache, **spec_settings(bundle.features), batch_size=cfg.batch_size, actors=cfg.actors, gpu=cfg.gpu,
             perturb="" if p is None else p.name, perturb_seed=cfg.perturb_seed, s3_endpoint=cfg.s3_endpoint,
             ray_address=cfg.ray_address), so)
         labels, scores, gens, n = score_cache(bundle, cache, so)
@@ -234,7 +234,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     title = bundle.detector_id + (f", unseen {cfg.holdout_generator}" if cfg.holdout_generator else "")
     pictures = _plots(cfg.output, curves, hist[0], hist[1], bundle.threshold, title, so)
     result = {
-        "detector": detector, "detector_id": bundle.detector_id, "clip_model": bundle.clip_model, "feature_mode": bundle.feature_mode,
+        "detector": detector, "detector_id": bundle.detector_id, "detector_kind": bundle.kind, "feature_id": bundle.features.id,
         "threshold": bundle.threshold, "manifest": manifest, "holdout_generator": cfg.holdout_generator or None,
         "images": n_scored, "conditions": conditions, "roc": curves, "pictures": pictures, "config": config_dict(cfg),
     }

@@ -1,21 +1,22 @@
 """The read -> decode -> embed stages on Ray Data, shared by the embed and scan jobs.
 
-One implementation for every job that turns object URIs into CLIP features:
+One implementation for every job that turns object URIs into detector features, for
+either feature family (``detector_core.extractors``: CLIP or DNF):
 
 - ``load_images`` (CPU tasks): fetch the objects' bytes concurrently through fsspec
-  (s3fs issues the GETs in parallel), decode them with ``detector_core.images`` and
-  resize/crop them to the model's input as uint8. A failure is recorded on the row
-  (``error_stage`` / ``error_type`` / ``error_message``) and the row goes on, so that
-  every object ends as exactly one output row.
-- ``ClipEmbedder`` (GPU actors, CPU here): normalises on the device and embeds with
-  the frozen CLIP; rows that failed earlier pass through with null features.
+  (s3fs issues the GETs in parallel), decode each image once with ``detector_core.images``
+  and resize/crop it to the input of every extractor asked for, as uint8 (``pixels`` for
+  the first, ``pixels_1`` ... for the others: an ensemble scan decodes once). A failure is
+  recorded on the row (``error_stage`` / ``error_type`` / ``error_message``) and the row
+  goes on, so that every object ends as exactly one output row.
+- ``Embedder`` (GPU actors, CPU here): normalises on the device and runs the frozen
+  extractor; rows that failed earlier pass through with null features.
 
 Columns are named in ``detector_core.schema``.
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from typing import Any
 
@@ -24,7 +25,7 @@ import pyarrow as pa
 import torch
 
 from detector_core import schema as S
-from detector_core.features import ClipEncoder, SplitPreprocess
+from detector_core.extractors import FeatureSpec, build_extractor, preprocess_for
 from detector_core.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from detector_core.perturb import parse_perturbation
 from detector_core.storage import open_fs
@@ -33,9 +34,9 @@ PIXELS = "pixels"
 ERROR_COLUMNS = (S.ERROR_STAGE, S.ERROR_TYPE, S.ERROR_MESSAGE)
 
 
-@functools.lru_cache(maxsize=4)
-def _preprocess(model_name: str, pretrained: str) -> SplitPreprocess:
-    return SplitPreprocess(model_name, pretrained)
+def pixel_column(i: int) -> str:
+    """The uint8 input column of the ``i``-th extractor of a ``load_images`` call."""
+    return PIXELS if i == 0 else f"{PIXELS}_{i}"
 
 
 def _fetch(uris: list[str], storage_options: dict | None, retries: int = 3) -> dict[str, Any]:
@@ -72,8 +73,7 @@ def _fetch(uris: list[str], storage_options: dict | None, retries: int = 3) -> d
 
 def load_images(
     batch: dict[str, np.ndarray],
-    clip_model: str,
-    pretrained: str,
+    specs: list[FeatureSpec],
     storage_options: dict | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft: bool = True,
@@ -84,16 +84,17 @@ def load_images(
 
     ``perturbation`` (``jpeg:75``, ``blur:2`` …, ``detector_core.perturb``) is applied to
     the full-size decoded image before the model's resize and crop (no draft decoding then,
-    so that JPEG re-compression and resizing act on the stored pixels).
+    so that JPEG re-compression and resizing act on the stored pixels). ``specs`` are
+    resolved feature specs; JPEG draft decoding is used only when every one allows it.
     """
-    prep = _preprocess(clip_model, pretrained)
+    preps = [preprocess_for(spec) for spec in specs]
     perturb = parse_perturbation(perturbation) if perturbation else None
-    if perturb is not None:
-        draft = False
+    draft = draft and perturb is None and all(p.draft_ok for p in preps)
+    draft_size = 2 * max(p.size for p in preps)
     uris = [str(u) for u in batch[S.URI]]
     fetched = _fetch(uris, storage_options)
     n = len(uris)
-    pixels = np.zeros((n, prep.size, prep.size, 3), dtype=np.uint8)
+    pixels = [np.zeros((n, p.size, p.size, 3), dtype=np.uint8) for p in preps]
     size = np.full(n, -1, dtype=np.int64)
     width = np.full(n, -1, dtype=np.int32)
     height = np.full(n, -1, dtype=np.int32)
@@ -112,9 +113,10 @@ def load_images(
         size[i] = len(data)
         try:
             # JPEG DCT scaling: decode at >= 2x the model input, never below it.
-            decoded = decode_image(data, max_pixels=max_pixels, draft_size=2 * prep.size if draft else None)
+            decoded = decode_image(data, max_pixels=max_pixels, draft_size=draft_size if draft else None)
             image = decoded.image if perturb is None else perturb.apply(decoded.image, uri, perturb_seed)
-            pixels[i] = prep.to_uint8(image)
+            for out, prep in zip(pixels, preps):
+                out[i] = prep.to_uint8(image)
         except ImageDecodeError as exc:
             record(i, "decode", exc.kind, exc.message)
             continue
@@ -123,7 +125,8 @@ def load_images(
             continue
         width[i], height[i], fmt[i] = decoded.width, decoded.height, decoded.format
     out = {k: v for k, v in batch.items()}
-    out.update({PIXELS: pixels, S.SIZE: size, S.WIDTH: width, S.HEIGHT: height, S.FORMAT: fmt, **errors})
+    out.update({pixel_column(j): p for j, p in enumerate(pixels)})
+    out.update({S.SIZE: size, S.WIDTH: width, S.HEIGHT: height, S.FORMAT: fmt, **errors})
     return out
 
 
@@ -131,36 +134,38 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-class ClipEmbedder:
-    """Ray Data actor: uint8 crops (+ captions) -> CLIP features, one model per actor.
+class Embedder:
+    """Ray Data actor: uint8 images (+ captions) -> features of one extractor, one model per actor.
 
     Output rows drop the pixels and gain ``features`` (fixed-size float32 list; null for
-    rows that failed before) and ``clip_id``.
+    rows that failed before) and ``clip_id`` (the extractor's id, ``FeatureSpec.id``).
     """
 
-    def __init__(self, clip_model: str, pretrained: str, feature_mode: str, storage_options: dict | None = None, precision: str = "auto"):
+    def __init__(self, spec: FeatureSpec, storage_options: dict | None = None, precision: str = "auto", pixels: str = PIXELS):
         self.device = default_device()
-        self.encoder = ClipEncoder(clip_model, pretrained, device=self.device, precision=precision, storage_options=storage_options)
-        self.prep = _preprocess(clip_model, pretrained)
-        self.feature_mode = feature_mode
-        self.clip_id = f"{clip_model}/{self.encoder.pretrained}/{feature_mode}"
-        self.dim = self.encoder.feature_dim(feature_mode)
+        self.spec = spec
+        self.extractor = build_extractor(spec, self.device, precision, storage_options)
+        self.dim = spec.dim
+        self.pixels = pixels
 
-    def features(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """(features for every row, mask of rows that were embedded)."""
+    def extract(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, np.ndarray]:
+        """(features of the rows without an earlier error, on the device; the mask of those rows)."""
         ok = ~has_error(batch)
-        feats = np.zeros((len(ok), self.dim), dtype=np.float32)
-        if ok.any():
-            pixels = torch.from_numpy(np.ascontiguousarray(batch[PIXELS][ok])).to(self.device, non_blocking=True)
-            captions = None
-            if self.feature_mode == "image+text":
-                captions = [None if c is None else str(c) for c in batch[S.CAPTION][ok]]
-            feats[ok] = self.encoder.encode(self.prep.normalize(pixels), captions, self.feature_mode).cpu().numpy()
-        return feats, ok
+        if not ok.any():
+            return torch.zeros((0, self.dim), device=self.device), ok
+        pixels = torch.from_numpy(np.ascontiguousarray(batch[self.pixels][ok]))
+        if self.device.type == "cuda":
+            pixels = pixels.pin_memory()
+        captions = None
+        if self.spec.needs_captions:
+            captions = [None if c is None else str(c) for c in batch[S.CAPTION][ok]]
+        return self.extractor.extract(pixels.to(self.device, non_blocking=True), captions), ok
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        feats, ok = self.features(batch)
-        return to_table(batch, {S.FEATURES: fixed_list(feats, ok), S.CLIP_ID: pa.array([self.clip_id] * len(ok), pa.string())})
+        feats, ok = self.extract(batch)
+        matrix = np.zeros((len(ok), self.dim), dtype=np.float32)
+        matrix[ok] = feats.cpu().numpy()
+        return to_table(batch, {S.FEATURES: fixed_list(matrix, ok), S.CLIP_ID: pa.array([self.spec.id] * len(ok), pa.string())})
 
 
 def has_error(batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -187,7 +192,7 @@ def to_table(batch: dict[str, np.ndarray], extra: dict[str, pa.Array]) -> pa.Tab
     """The batch without pixels, plus ``extra`` columns, as an Arrow table."""
     cols = {}
     for k, v in batch.items():
-        if k == PIXELS:
+        if k == PIXELS or k.startswith(PIXELS + "_"):
             continue
         typ = COLUMN_TYPES.get(k)
         if typ == pa.string() and v.dtype != object:

@@ -199,7 +199,7 @@ def build_report(cfg: ReportConfig) -> tuple[str, dict]:
                      ).to_arrow_table()
     thumbs = _thumbnails(sorted({r["uri"] for r in flagged + band}), cfg, so)
 
-    summary_cols = ["scan_id", "detector_id", "input", "listed", "skipped", "scored", "flagged", "errors", "seconds", "finished_at"]
+    summary_cols = ["scan_id", "detector_id", "detector_kind", "input", "listed", "skipped", "scored", "flagged", "errors", "seconds", "finished_at"]
     summary = pa.Table.from_pylist([{k: r[k] for k in summary_cols} for r in run_rows])
     left_out = n_flagged - len(flagged)
     more = (f'<p class="note">{left_out} more flagged images not shown (the page shows the {len(flagged)} highest scores). '

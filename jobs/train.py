@@ -1,10 +1,14 @@
 """Train the CVaR + AUC + SAM detector on Ray Train and ship a calibrated bundle.
 
 Stage 1 (``--manifest``): embed the manifest once into a feature cache with
-``jobs.embed`` (reused when the manifest and CLIP settings are unchanged); or pass
+``jobs.embed`` (reused when the manifest and extractor settings are unchanged); or pass
 ``--features CACHE`` to train on an existing cache. Stage 2: a ``TorchTrainer`` with
-``--workers`` workers (GPUs with ``--gpu``) trains the paper's MLP on Ray Data shards of
-the cache.
+``--workers`` workers (GPUs with ``--gpu``) trains the classifier on Ray Data shards of
+the cache. ``--extractor clip`` (default): the paper's MLP on CLIP features, bundle kind
+``clip-mlp``. ``--extractor dnf``: a ResNet (``--resnet``, ResNet-50 as in the DNF paper) on
+Diffusion Noise Features of ``--unet``, bundle kind ``dnf-resnet``; the same loss options,
+SAM and distributed step (a ResNet wants a smaller ``--batch-size`` and ``--lr``, e.g. 64
+and 1e-4, and ``--gpu``).
 
 Distributed semantics (shared/method.md section 5):
 
@@ -35,6 +39,10 @@ real images to ``--target-fpr``; ``OUT/detector/``, ``OUT/metrics.json`` and
         python -m jobs.train --manifest s3://bucket/d3/manifest.parquet --output s3://bucket/detectors/run1 \\
         --clip-model ViT-L-14 --pretrained s3://bucket/weights/vit-l-14-openai.bin --feature-mode image \\
         --workers 4 --gpu
+    ray job submit --address http://HEAD:8265 --working-dir . -- \\
+        python -m jobs.train --manifest s3://bucket/d3/manifest.parquet --output s3://bucket/detectors/dnf1 \\
+        --extractor dnf --unet s3://bucket/weights/ddpm-bedroom-256 --resnet resnet50 \\
+        --batch-size 64 --lr 1e-4 --workers 4 --gpu
 """
 
 from __future__ import annotations
@@ -53,13 +61,15 @@ import torch
 
 from detector_core import schema as S
 from detector_core.bundle import DetectorBundle, save_bundle
+from detector_core.extractors import EXTRACTORS, FeatureSpec
 from detector_core.features import FEATURE_MODES
 from detector_core.losses import LOSS_KINDS
 from detector_core.metrics import calibrate_threshold, summarize
-from detector_core.model import DetectorMLP
+from detector_core.model import RESNETS, build_classifier
 from detector_core.storage import arrow_fs, open_fs, s3_storage_options
 from detector_core.training import OptimConfig, all_gather_batch, build_optimizer, build_scheduler, predict_logits, training_step
 from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, read_json, run_main, write_json
+from jobs.embed import cache_spec
 
 
 @dataclass
@@ -70,6 +80,10 @@ class TrainConfig:
     clip_model: str = opt("test-tiny", "open_clip model (paper: ViT-L-14)")
     pretrained: str = opt("none", "open_clip tag, weights path or s3:// URI; 'none' = random init (tests/demo)")
     feature_mode: str = opt("image", "image or image+text; fixed in the detector", choices=FEATURE_MODES)
+    extractor: str = opt("clip", "detector family: clip (CLIP features + MLP) or dnf (Diffusion Noise Feature + ResNet)", choices=EXTRACTORS)
+    unet: str = opt("test-tiny", "--extractor dnf: diffusers UNet2DModel folder (local or s3://), or test-tiny (random; tests/demo)")
+    timestep: int = opt(0, "--extractor dnf: timestep of the UNet call (0: the first DDIM inversion step, as the reference)")
+    resnet: str = opt("resnet50", "--extractor dnf: classifier on the noise feature", choices=RESNETS)
     loss: str = opt("cvar_auc", "training loss: erm, cvar or cvar_auc (the paper's)", choices=LOSS_KINDS)
     sam: bool = opt(True, "optimise with SAM over AdamW (--no-sam: plain AdamW)")
     sam_local_perturbation: bool = opt(False, "SAM pass one without gradient sync (m-sharpness) instead of the global perturbation")
@@ -81,7 +95,7 @@ class TrainConfig:
     weight_decay: float = opt(0.01, "AdamW weight decay")
     epochs: int = opt(32, "epochs")
     batch_size: int = opt(2048, "global batch size (split over workers)")
-    dropout: float = opt(0.335, "MLP dropout")
+    dropout: float = opt(0.335, "MLP dropout (--extractor clip)")
     workers: int = opt(1, "Ray Train workers")
     gpu: bool = opt(False, "one GPU per worker")
     sync_bn: bool = opt(False, "SyncBatchNorm across workers (CUDA only)")
@@ -92,6 +106,7 @@ class TrainConfig:
     storage_path: str = opt("", "Ray Train storage for checkpoints (default: OUTPUT/ray)")
     max_failures: int = opt(2, "worker failures to recover from (from the last checkpoint)")
     cache_shard: bool = opt(True, "keep each worker's shard in memory after the first epoch (--no-cache-shard: stream every epoch)")
+    cache_shard_max_gb: float = opt(8.0, "stream every epoch instead when a worker's shard is larger than this (DNF features are 768 KiB a row at 256 px)")
     embed_batch_size: int = opt(64, "images per embedding batch (stage 1)")
     embed_actors: int = opt(1, "CLIP actors for stage 1")
     s3_endpoint: str = opt("", "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
@@ -103,6 +118,16 @@ class TrainConfig:
             loss=self.loss, alpha=self.alpha, gamma=self.gamma, eta=self.eta, sam=self.sam, rho=self.rho,
             lr=self.lr, weight_decay=self.weight_decay, epochs=self.epochs, batch_size=self.batch_size,
         )
+
+    def spec(self) -> FeatureSpec:
+        return FeatureSpec(extractor=self.extractor, clip_model=self.clip_model, pretrained=self.pretrained,
+                           feature_mode=self.feature_mode, unet=self.unet, timestep=self.timestep)
+
+    def model_config(self, spec: FeatureSpec) -> dict:
+        """The classifier for a (resolved) feature spec, as ``build_classifier`` takes it."""
+        if spec.extractor == "dnf":
+            return {"arch": self.resnet, "in_shape": list(spec.shape)}
+        return {"in_dim": spec.dim, "dropout": self.dropout}
 
 
 def _xy(batch):
@@ -126,7 +151,7 @@ def _load_state(checkpoint) -> dict:
 
 
 def _load_split(it, device) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = zip(*((b["x"], b["y"]) for b in it.iter_torch_batches(batch_size=8192, device=device)))
+    xs, ys = zip(*((b["x"], b["y"]) for b in it.iter_torch_batches(batch_size=1024, device=device)))
     return torch.cat(xs), torch.cat(ys)
 
 
@@ -159,7 +184,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
-    model = DetectorMLP(config["in_dim"], dropout=cfg.dropout)
+    model = build_classifier(config["model_config"])
     if cfg.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ddp = ray.train.torch.prepare_model(model)
@@ -222,8 +247,8 @@ def train_loop_per_worker(config: dict) -> None:
         }
         ckpt = None
         if rank == 0:
-            if val is None:  # rank 0 keeps the validation split in memory, like the shard
-                val = _load_split(ray.train.get_dataset_shard("val"), device)
+            if val is None:  # rank 0 keeps the validation split in memory (on the device when it is small)
+                val = _load_split(ray.train.get_dataset_shard("val"), device if config["val_on_device"] else "cpu")
             val_metrics, threshold = _evaluate(raw, val, cfg.target_fpr)
             metrics.update(val_metrics)
             history.append(metrics)
@@ -279,18 +304,21 @@ def run_training(cfg: TrainConfig) -> dict:
         cache = join(cfg.output, "features")
         embed_cfg = EmbedConfig(
             manifest=cfg.manifest, output=cache, clip_model=cfg.clip_model, pretrained=cfg.pretrained,
-            feature_mode=cfg.feature_mode, batch_size=cfg.embed_batch_size, actors=cfg.embed_actors, gpu=cfg.gpu,
+            feature_mode=cfg.feature_mode, extractor=cfg.extractor, unet=cfg.unet, timestep=cfg.timestep, batch_size=cfg.embed_batch_size, actors=cfg.embed_actors, gpu=cfg.gpu,
             val_fraction=cfg.val_fraction, s3_endpoint=cfg.s3_endpoint, ray_address=cfg.ray_address,
         )
         embed_summary = run_embedding(embed_cfg, so)
     marker = read_json(join(cache, "_SUCCESS.json"), so)
     if marker is None:
         fail(f"{cache} is not a finished feature cache (no _SUCCESS.json); run jobs.embed first")
-    if cfg.features:  # the cache decides the CLIP settings the bundle records
-        cfg.clip_model, cfg.pretrained, cfg.feature_mode = marker["clip_model"], marker["pretrained"], marker["feature_mode"]
-    elif (marker["clip_model"], marker["pretrained"], marker["feature_mode"]) != (cfg.clip_model, cfg.pretrained, cfg.feature_mode):
-        fail(f"feature cache {cache} was made with {marker['clip_model']}/{marker['pretrained']}/{marker['feature_mode']}")
-    in_dim = int(marker["feature_dim"])
+    spec = cache_spec(marker)
+    if cfg.features:  # the cache decides the extractor settings the bundle records
+        for k, v in spec.to_dict().items():
+            if hasattr(cfg, k) and k != "image_size":
+                setattr(cfg, k, v)
+    elif spec != cfg.spec().resolved(so):
+        fail(f"feature cache {cache} was made with {spec.id}, not {cfg.spec().resolved(so).id}")
+    model_config = cfg.model_config(spec)
 
     pa_fs, data_path = arrow_fs(join(cache, "data"), so)
     dataset = pads.dataset(data_path, filesystem=pa_fs, format="parquet")
@@ -307,15 +335,24 @@ def run_training(cfg: TrainConfig) -> dict:
         from ray.data.expressions import col
 
         ds = ray.data.read_parquet(data_path, filesystem=pa_fs).select_columns([S.FEATURES, S.LABEL, S.SPLIT, S.ERROR_STAGE])
-        ds = ds.filter(expr=col(S.ERROR_STAGE).is_null() & (col(S.SPLIT) == split))
-        return ds.map_batches(_xy, batch_format="pyarrow")
+        ds = ds.filter(expr=col(S.ERROR_STAGE).is_null() & (col(S.SPLIT) == split)).map_batches(_xy, batch_format="pyarrow")
+        # A dataset carries its own DataContext into the workers that iterate it: without
+        # this, rank 0's per-epoch read of the validation shard floods the job log with bars.
+        ds.context.enable_progress_bars = False
+        return ds
 
     rows_per_worker = n_train // cfg.workers
     local_batch = max(2, min(cfg.batch_size // cfg.workers, rows_per_worker))
+    row_bytes = 4 * spec.dim
+    if cfg.cache_shard and rows_per_worker * row_bytes > cfg.cache_shard_max_gb * 2**30:
+        print(f"a worker's shard is {rows_per_worker * row_bytes / 2**30:.1f} GiB (> --cache-shard-max-gb {cfg.cache_shard_max_gb}): "
+              f"streaming it every epoch instead of keeping it in memory")
+        cfg.cache_shard = False
     storage_path, storage_fs = _ray_storage(cfg, so)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": config_dict(cfg), "in_dim": in_dim, "local_batch": local_batch, "output": cfg.output, "storage_options": so},
+        train_loop_config={"cfg": config_dict(cfg), "model_config": model_config, "local_batch": local_batch, "output": cfg.output,
+                           "storage_options": so, "val_on_device": n_val * row_bytes < 2**30},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker={"CPU": 1, **({"GPU": 1} if cfg.gpu else {})}),
         run_config=ray.train.RunConfig(
             name=_run_name(cfg), storage_path=storage_path, storage_filesystem=storage_fs,
@@ -340,13 +377,12 @@ def run_training(cfg: TrainConfig) -> dict:
         fail("training produced no checkpoint")
     state = _load_state(result.checkpoint)
     best = state["best"]
-    model = DetectorMLP(in_dim, dropout=cfg.dropout)
+    model = build_classifier(model_config)
     model.load_state_dict(best["model"])
     bm = best["metrics"]
     threshold_logit = float(best["threshold_logit"])
     bundle = DetectorBundle(
-        model=model.eval(), clip_model=cfg.clip_model, pretrained=cfg.pretrained, feature_mode=cfg.feature_mode,
-        threshold_logit=threshold_logit,
+        model=model.eval(), features=spec, threshold_logit=threshold_logit,
         calibration={"method": "target_fpr", "target_fpr": cfg.target_fpr, "split": S.SPLIT_VAL,
                      "n_real": bm["val_n_real"], "achieved_fpr": 1.0 - bm["val_real_accuracy"]},
         training_config=config_dict(cfg), metrics={k: v for k, v in bm.items()},

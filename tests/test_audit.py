@@ -20,6 +20,7 @@ import torch
 
 from detector_core.bundle import DetectorBundle, save_bundle
 from detector_core.demo import encode, make_image
+from detector_core.extractors import FeatureSpec
 from detector_core.features import ClipEncoder
 from detector_core.images import decode_image
 from detector_core.model import DetectorMLP
@@ -49,7 +50,7 @@ def scans(ray_local, tmp_path_factory):
         torch.manual_seed(seed)
         model = DetectorMLP(64).eval()
         thr = _median_threshold(model, {**first, **later}, enc)
-        b = DetectorBundle(model=model, clip_model="test-tiny", pretrained="none", feature_mode="image", threshold_logit=thr)
+        b = DetectorBundle(model=model, features=FeatureSpec(clip_model="test-tiny", feature_mode="image"), threshold_logit=thr)
         save_bundle(b, str(root / name))
         ids.append(b.detector_id)
     bucket, out = root / "bucket", root / "out"
@@ -177,6 +178,25 @@ def test_rows_of_a_scan_without_a_run_summary_are_not_shown(scans, tmp_path):
     pq.write_table(t, part.with_name("part-scan-still-committing-00000.parquet"))
     got = _ask("sql", "--scan", str(copy), "--sql", "SELECT count(*) AS n FROM scores")
     assert got.n.tolist() == [len(_rows(scans["out"], "scores"))]
+
+
+def test_schema_1_files_read_next_to_schema_2_files(scans, tmp_path):
+    """Tables written before ``detector_kind`` existed stay readable, with the column null."""
+    copy = tmp_path / "out"
+    shutil.copytree(scans["out"], copy)
+    old = list(copy.glob(f"*/scan_date={DAY1}/bucket=local/*.parquet"))
+    assert old
+    for part in old:  # rewrite the first night as schema version 1 wrote it
+        t = pq.read_table(part)
+        t = t.drop_columns(["detector_kind"]).replace_schema_metadata({b"diffusion_detector.schema_version": b"1"})
+        pq.write_table(t, part)
+    got = _ask("sql", "--scan", str(copy), "--sql",
+               "SELECT scan_date::VARCHAR AS d, count(*) AS n, count(detector_kind) AS with_kind FROM scores GROUP BY ALL ORDER BY d")
+    want = _rows(scans["out"], "scores").groupby("scan_date").size()
+    assert got.n.tolist() == want.tolist()
+    assert got.with_kind.tolist() == [0, want[DAY2]]
+    rows = open_table(str(copy), "scores").to_table().to_pandas()
+    assert rows.detector_kind.isna().sum() == want[DAY1] and set(rows.detector_kind.dropna()) == {"clip-mlp"}
 
 
 def test_tables_from_s3_with_duckdb_pyarrow_and_the_audit_job(scans, s3_bucket, s3_server):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from detector_core.bundle import BundleError, DetectorBundle, load_bundle, save_bundle
+from detector_core.extractors import FeatureSpec
 from detector_core.model import DetectorMLP
 
 
@@ -22,9 +23,7 @@ def _bundle(seed=0, mode="image") -> DetectorBundle:
             m.running_var.uniform_(0.5, 2)
     return DetectorBundle(
         model=model,
-        clip_model="test-tiny",
-        pretrained="none",
-        feature_mode=mode,
+        features=FeatureSpec(clip_model="test-tiny", feature_mode=mode),
         threshold_logit=1.25,
         calibration={"method": "target_fpr", "target_fpr": 0.01, "n_real": 500, "achieved_fpr": 0.008},
         training_config={"epochs": 3, "loss": "cvar_auc"},

@@ -20,6 +20,7 @@ from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from detector_core.bundle import DetectorBundle, load_bundle, save_bundle
+from detector_core.extractors import FeatureSpec
 from detector_core.features import ClipEncoder
 from detector_core.images import decode_image
 from detector_core.model import DetectorMLP
@@ -43,7 +44,7 @@ def small_manifest(demo_manifest, tmp_path_factory):
 def bundle_dir(tmp_path_factory):
     torch.manual_seed(5)
     path = tmp_path_factory.mktemp("evb") / "detector"
-    save_bundle(DetectorBundle(model=DetectorMLP(64).eval(), clip_model="test-tiny", pretrained="none", feature_mode="image",
+    save_bundle(DetectorBundle(model=DetectorMLP(64).eval(), features=FeatureSpec(clip_model="test-tiny", feature_mode="image"),
                                threshold_logit=0.1), str(path))
     return path
 

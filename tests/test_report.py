@@ -18,6 +18,7 @@ import torch
 
 from detector_core.bundle import DetectorBundle, save_bundle
 from detector_core.demo import encode, make_image
+from detector_core.extractors import FeatureSpec
 from detector_core.features import ClipEncoder
 from detector_core.images import decode_image
 from detector_core.model import DetectorMLP
@@ -42,7 +43,7 @@ def scanned(ray_local, tmp_path_factory):
         logits = model(enc.encode(pixels, None, "image")).double().numpy()
     # The naughty name sorts first among the flagged: threshold below its logit.
     thr = float(min(np.median(logits), logits[-1] - 1e-6))
-    save_bundle(DetectorBundle(model=model, clip_model="test-tiny", pretrained="none", feature_mode="image", threshold_logit=thr),
+    save_bundle(DetectorBundle(model=model, features=FeatureSpec(clip_model="test-tiny", feature_mode="image"), threshold_logit=thr),
                 str(root / "detector"))
     bucket = root / "bucket"
     bucket.mkdir()

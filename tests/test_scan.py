@@ -14,6 +14,7 @@ from PIL import Image
 
 from detector_core.bundle import DetectorBundle, load_bundle, save_bundle
 from detector_core.demo import encode, make_image
+from detector_core.extractors import FeatureSpec
 from detector_core.features import ClipEncoder
 from detector_core.images import decode_image
 from detector_core.model import DetectorMLP
@@ -25,7 +26,7 @@ def bundle_dir(tmp_path_factory):
     torch.manual_seed(0)
     model = DetectorMLP(64).eval()
     path = tmp_path_factory.mktemp("bundle") / "detector"
-    save_bundle(DetectorBundle(model=model, clip_model="test-tiny", pretrained="none", feature_mode="image", threshold_logit=0.0), str(path))
+    save_bundle(DetectorBundle(model=model, features=FeatureSpec(clip_model="test-tiny", feature_mode="image"), threshold_logit=0.0), str(path))
     return path
 
 
@@ -169,7 +170,7 @@ def test_scan_on_s3(ray_local, bundle_dir, s3_bucket, tmp_path):
 def test_image_text_detector_refuses_to_scan_without_captions(bundle_dir, tmp_path):
     torch.manual_seed(0)
     path = tmp_path / "it"
-    save_bundle(DetectorBundle(model=DetectorMLP(128), clip_model="test-tiny", pretrained="none", feature_mode="image+text"), str(path))
+    save_bundle(DetectorBundle(model=DetectorMLP(128), features=FeatureSpec(clip_model="test-tiny", feature_mode="image+text")), str(path))
     (tmp_path / "in").mkdir()
     with pytest.raises(SystemExit):
         scan.main(["--detector", str(path), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])

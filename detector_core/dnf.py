@@ -1,0 +1,154 @@
+"""Diffusion Noise Feature (DNF): the noise a pretrained pixel-space diffusion UNet estimates for an image.
+
+Zhang & Xu, "Diffusion Noise Feature: Accurate and Fast Generated Image Detection"
+(shared/method.md section 7): the image, resized to the UNet's side (256 for the DDPM/DDIM
+LSUN-Bedroom UNet) with bilinear interpolation and scaled to [-1, 1], goes once through the
+UNet at the first timestep of the DDIM inversion schedule (``t = 0``); the estimated noise
+``eps_theta(x, t)`` -- an image-shaped float tensor -- is the feature a ResNet classifies.
+The reference code then min-max scales each batch and saves PNGs (clamped, 8-bit); here the
+float values are kept as they are.
+
+``unet`` is a diffusers ``UNet2DModel`` folder (``config.json`` + weights, or a pipeline
+folder with a ``unet/`` subfolder), local or on an object store (fetched once into a local
+cache), or ``test-tiny``: a 32 px random UNet shipped with the package for tests and the
+demo (seeded, so every process builds the same weights). Nothing is downloaded: a model id
+that is not a folder is an error that says what to pass. On CUDA the UNet runs under bf16
+autocast and the feature comes back as float32.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from detector_core.storage import fetch_cached, is_remote, join, open_fs
+
+__all__ = ["TEST_TINY", "DnfExtractor", "DnfPreprocess", "UnetNotFoundError", "load_unet", "unet_config"]
+
+TEST_TINY = "test-tiny"
+_CONFIG_DIR = Path(__file__).with_name("unet_configs")
+CONFIG_FILE = "config.json"
+
+
+class UnetNotFoundError(RuntimeError):
+    """The diffusion UNet was asked for but cannot be loaded here."""
+
+
+def _not_found(ref: str, why: str) -> UnetNotFoundError:
+    return UnetNotFoundError(
+        f"--unet {ref!r}: {why}. Pass a diffusers UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors, "
+        f"or a pipeline folder with unet/), local or s3://…, e.g. google/ddpm-bedroom-256 downloaded where there is network "
+        f"(`huggingface-cli download google/ddpm-bedroom-256 --local-dir DIR`); or 'test-tiny' for the random test UNet."
+    )
+
+
+def _model_dir(ref: str, storage_options: dict | None) -> tuple[object, str, str]:
+    """(filesystem, path of ``ref``, subfolder holding config.json: '' or 'unet') of a UNet folder."""
+    fs, path = open_fs(ref, storage_options)
+    for sub in ("", "unet"):
+        if fs.exists(join(path, sub, CONFIG_FILE) if sub else join(path, CONFIG_FILE)):
+            return fs, path, sub
+    if fs.exists(path):
+        raise _not_found(ref, f"no {CONFIG_FILE} there or in its unet/ subfolder")
+    raise _not_found(ref, "no such folder")
+
+
+def unet_config(ref: str, storage_options: dict | None = None) -> dict:
+    """The UNet's architecture config (sample size, channels ...), read without loading weights."""
+    if ref == TEST_TINY:
+        return json.loads((_CONFIG_DIR / "test-tiny.json").read_text())
+    fs, path, sub = _model_dir(ref, storage_options)
+    return json.loads(fs.cat_file(join(path, sub, CONFIG_FILE) if sub else join(path, CONFIG_FILE)))
+
+
+def load_unet(ref: str, device: torch.device | str = "cpu", storage_options: dict | None = None,
+              cache_dir: str | None = None, seed: int = 0):
+    """A frozen ``UNet2DModel`` in eval mode on ``device``."""
+    from diffusers import UNet2DModel
+
+    if ref == TEST_TINY:
+        cfg = {k: v for k, v in unet_config(ref).items() if not k.startswith("_")}
+        with torch.random.fork_rng(devices=[]):  # the same random UNet in every process
+            torch.manual_seed(seed)
+            model = UNet2DModel(**cfg)
+    else:
+        _, path, sub = _model_dir(ref, storage_options)
+        local = fetch_cached(ref, "unet", storage_options, cache_dir) if is_remote(ref) else path
+        try:
+            model = UNet2DModel.from_pretrained(local, subfolder=sub or None, local_files_only=True)
+        except (OSError, EnvironmentError, ValueError) as exc:
+            raise _not_found(ref, f"could not load the weights ({exc})") from exc
+    return model.to(device).eval().requires_grad_(False)
+
+
+class DnfPreprocess:
+    """The DNF input transform cut at the uint8 image, like ``features.SplitPreprocess``.
+
+    ``to_uint8`` (CPU workers): RGB, resized to ``size x size`` with bilinear interpolation
+    (the reference squashes, it does not crop) -> ``H x W x 3`` uint8. ``normalize`` (on the
+    device): ``(n, H, W, 3)`` uint8 -> float ``(n, 3, H, W)`` in [-1, 1].
+    """
+
+    draft_ok = False  # the noise estimate lives in the high frequencies that DCT downscaling changes
+
+    def __init__(self, size: int) -> None:
+        self.size = int(size)
+
+    def to_uint8(self, image) -> np.ndarray:
+        from PIL import Image
+
+        return np.asarray(image.convert("RGB").resize((self.size, self.size), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+class DnfExtractor:
+    """A frozen diffusion UNet on one device, giving DNF features.
+
+    Args:
+        unet: UNet folder (local or object store), ``test-tiny``, or a ``UNet2DModel`` built by the caller.
+        device: where the UNet runs; passed in, never guessed here.
+        timestep: the diffusion timestep of the single UNet call (0: the first step of
+            DDIM inversion, as in the reference).
+        precision: ``auto`` (bf16 autocast on CUDA, fp32 elsewhere), ``fp32``, ``bf16`` or ``fp16``.
+        storage_options / cache_dir: for object-store UNets.
+        seed: RNG seed of the ``test-tiny`` random initialisation.
+    """
+
+    def __init__(self, unet, device: torch.device | str = "cpu", timestep: int = 0, precision: str = "auto",
+                 storage_options: dict | None = None, cache_dir: str | None = None, seed: int = 0) -> None:
+        self.device = torch.device(device)
+        self.timestep = int(timestep)
+        if isinstance(unet, str):
+            self.unet = load_unet(unet, self.device, storage_options, cache_dir, seed)
+        else:
+            self.unet = unet.to(self.device).eval().requires_grad_(False)
+        self.image_size = int(self.unet.config.sample_size)
+        self.channels = int(self.unet.config.out_channels)
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+        self.precision = precision
+        self.prep = DnfPreprocess(self.image_size)
+
+    @property
+    def dim(self) -> int:
+        return self.channels * self.image_size * self.image_size
+
+    @torch.inference_mode()
+    def noise(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] ``(n, 3, S, S)`` -> estimated noise ``(n, 3, S, S)``, float32."""
+        x = x.to(self.device, non_blocking=True)
+        t = torch.full((x.shape[0],), self.timestep, dtype=torch.long, device=self.device)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        with torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype is not None):
+            return self.unet(x, t).sample.float()
+
+    def extract(self, pixels: torch.Tensor, captions=None) -> torch.Tensor:
+        """uint8 ``(n, S, S, 3)`` batch -> flattened DNF features ``(n, 3*S*S)``."""
+        return self.noise(self.prep.normalize(pixels.to(self.device, non_blocking=True))).flatten(1)

@@ -1,0 +1,192 @@
+"""The DNF detector family: the feature is the UNet's noise estimate, and DNF bundles train, scan and ensemble through the same jobs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save as save_safetensors
+
+from detector_core import dnf
+from detector_core.bundle import BundleError, DetectorBundle, load_bundle, save_bundle
+from detector_core.demo import encode, make_image
+from detector_core.dnf import DnfExtractor, UnetNotFoundError, load_unet, unet_config
+from detector_core.extractors import FeatureSpec
+from detector_core.images import decode_image
+from detector_core.model import DetectorMLP, NoiseResNet
+from detector_core.tables import open_table
+from jobs import evaluate, scan, train
+from jobs.embed import read_features
+from jobs.pipeline import features_matrix
+
+TINY = FeatureSpec(extractor="dnf", unet="test-tiny").resolved()
+
+
+def _direct_unet():
+    """The test-tiny UNet built here from its shipped config, not through detector_core.dnf."""
+    from diffusers import UNet2DModel
+
+    cfg = json.loads((Path(dnf.__file__).with_name("unet_configs") / "test-tiny.json").read_text())
+    torch.manual_seed(0)
+    return UNet2DModel(**{k: v for k, v in cfg.items() if not k.startswith("_")}).eval()
+
+
+def _direct_dnf(images: list[Image.Image], timestep: int = 0) -> torch.Tensor:
+    """Resize to 32x32 (bilinear, squashed), scale to [-1, 1], one UNet call: the reference's recipe."""
+    x = np.stack([np.asarray(im.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR), dtype=np.float64) for im in images])
+    x = torch.tensor(x / 127.5 - 1.0, dtype=torch.float32).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        return _direct_unet()(x, torch.full((len(images),), timestep)).sample.flatten(1)
+
+
+def test_dnf_equals_a_direct_unet_call_and_keeps_float_values():
+    rng = np.random.default_rng(0)
+    images = [make_image(rng, size=(50, 70)), make_image(rng, "gen_checker8", size=(96, 64))]
+    ex = DnfExtractor("test-tiny")
+    pixels = torch.from_numpy(np.stack([ex.prep.to_uint8(im) for im in images]))
+    got = ex.extract(pixels)
+    want = _direct_dnf(images)
+    assert got.shape == (2, 3 * 32 * 32) and TINY.shape == (3, 32, 32)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got.min() < 0 or got.max() > 1  # no clamping to [0, 1] as a PNG round trip would do
+    later = DnfExtractor("test-tiny", timestep=500).extract(pixels)
+    torch.testing.assert_close(later, _direct_dnf(images, timestep=500), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(later, got)
+
+
+def test_unet_loads_from_a_folder_a_pipeline_folder_and_s3(tmp_path, s3_bucket):
+    import s3fs
+
+    unet = load_unet("test-tiny")
+    unet.save_pretrained(tmp_path / "unet")
+    shutil.copytree(tmp_path / "unet", tmp_path / "pipeline" / "unet")
+    fs = s3fs.S3FileSystem()
+    fs.put(str(tmp_path / "pipeline") + "/", f"{s3_bucket}/weights/pipeline/", recursive=True)
+    x = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8))
+    want = DnfExtractor("test-tiny").extract(x)
+    for ref in (str(tmp_path / "unet"), str(tmp_path / "pipeline"), f"{s3_bucket}/weights/pipeline"):
+        assert unet_config(ref)["sample_size"] == 32
+        ex = DnfExtractor(ref)
+        torch.testing.assert_close(ex.extract(x), want, rtol=0, atol=0)
+    with pytest.raises(UnetNotFoundError, match="no such folder"):
+        DnfExtractor(str(tmp_path / "missing"))
+    with pytest.raises(UnetNotFoundError, match="huggingface-cli download"):
+        FeatureSpec(extractor="dnf", unet="google/ddpm-bedroom-256").resolved()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UnetNotFoundError, match="no config.json"):
+        DnfExtractor(str(tmp_path / "empty"))
+
+
+def test_dnf_bundle_round_trip_and_clip_ids_unchanged(tmp_path):
+    torch.manual_seed(0)
+    model = NoiseResNet("resnet18", TINY.shape).eval()
+    b = DetectorBundle(model=model, features=TINY, threshold_logit=0.3)
+    save_bundle(b, str(tmp_path / "dnf"))
+    back = load_bundle(str(tmp_path / "dnf"))
+    assert back.kind == "dnf-resnet" and back.detector_id.startswith("dnf-resnet-") and back.features == TINY
+    x = torch.randn(4, TINY.dim)
+    torch.testing.assert_close(back.model(x), model(x), rtol=0, atol=0)
+    meta = json.loads((tmp_path / "dnf" / "detector.json").read_text())
+    assert (meta["unet"], meta["timestep"], meta["image_size"], meta["input_shape"]) == ("test-tiny", 0, 32, [3, 32, 32])
+    assert meta["model_config"] == {"arch": "resnet18", "in_shape": [3, 32, 32]}
+    with pytest.raises(BundleError, match="does not match"):
+        DetectorBundle(model=NoiseResNet("resnet18", (3, 16, 16)), features=TINY)
+
+    # A CLIP bundle's id is the hash of exactly what it hashed before DNF existed.
+    torch.manual_seed(0)
+    mlp = DetectorMLP(64).eval()
+    clip = DetectorBundle(model=mlp, features=FeatureSpec(clip_model="test-tiny", feature_mode="image"), threshold_logit=0.5)
+    h = hashlib.sha256(save_safetensors({k: v.contiguous() for k, v in mlp.state_dict().items()}))
+    h.update(json.dumps({"kind": "clip-mlp", "clip_model": "test-tiny", "pretrained": "none", "feature_mode": "image",
+                         "model_config": mlp.config(), "threshold_logit": 0.5}, sort_keys=True).encode())
+    assert save_bundle(clip, str(tmp_path / "clip")) == h.hexdigest()
+
+
+def _scores(out) -> dict:
+    t = open_table(str(out), "scores").to_table()
+    return {(u, d): z for u, d, z in zip(t["uri"].to_pylist(), t["detector_id"].to_pylist(), t["logit"].to_pylist())}
+
+
+def test_dnf_trains_scans_and_ensembles_with_clip(ray_local, demo_manifest, tmp_path):
+    out = tmp_path / "dnf"
+    metrics = train.main(["--manifest", str(demo_manifest), "--output", str(out), "--extractor", "dnf", "--unet", "test-tiny",
+                          "--resnet", "resnet18", "--epochs", "6", "--batch-size", "32", "--lr", "1e-3", "--embed-batch-size", "128"])
+    assert metrics["val_auc"] > 0.6, metrics["history"]  # the tiny random UNet's noise still carries the checkerboards
+    bundle = load_bundle(str(out / "detector"))
+    assert bundle.kind == "dnf-resnet" and bundle.features == TINY and bundle.training_config["resnet"] == "resnet18"
+
+    # The cache holds the DNF of each image as detector_core computes it directly.
+    cached = read_features(str(out / "features"), ["uri", "features"])[:5]
+    images = [decode_image(Path(u).read_bytes()).image for u in cached["uri"].to_pylist()]
+    torch.testing.assert_close(torch.tensor(features_matrix(cached["features"])), _direct_dnf(images), rtol=1e-4, atol=1e-4)
+
+    # jobs.evaluate takes the DNF bundle as it takes a CLIP one: on the validation split it
+    # reproduces the AUC that training measured on the same images.
+    result = evaluate.main(["--detector", str(out / "detector"), "--manifest", str(demo_manifest), "--output", str(tmp_path / "eval"),
+                            "--split", "val"])
+    assert result["detector_kind"] == "dnf-resnet"
+    assert result["conditions"]["clean"]["all"]["auc"] == pytest.approx(metrics["val_auc"], abs=1e-6)
+
+    # Scan a folder with the DNF bundle, a CLIP bundle, and both at once.
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "bucket"
+    folder.mkdir()
+    for i in range(8):
+        (folder / f"img_{i}.png").write_bytes(encode(make_image(rng, "real" if i % 2 else "gen_checker8")))
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    torch.manual_seed(0)
+    clip_dir = tmp_path / "clip-detector"
+    save_bundle(DetectorBundle(model=DetectorMLP(64).eval(), features=FeatureSpec(clip_model="test-tiny")), str(clip_dir))
+    clip_id = load_bundle(str(clip_dir)).detector_id
+
+    base = ["--input", str(folder), "--batch-size", "4"]
+    scan.main(["--detector", str(out / "detector"), "--output", str(tmp_path / "scan-dnf"), *base])
+    scan.main(["--detector", str(clip_dir), "--output", str(tmp_path / "scan-both"), *base])
+    dnf_rows = open_table(str(tmp_path / "scan-dnf"), "scores").to_table()
+    clip_rows = open_table(str(tmp_path / "scan-both"), "scores").to_table()
+    files = [next((tmp_path / d / "scores").rglob("*.parquet")) for d in ("scan-dnf", "scan-both")]
+    assert pq.read_schema(files[0]) == pq.read_schema(files[1])  # one file schema for both kinds
+    assert "detector_kind" in pq.read_schema(files[0]).names
+    assert set(dnf_rows["detector_kind"].to_pylist()) == {"dnf-resnet"} and set(clip_rows["detector_kind"].to_pylist()) == {"clip-mlp"}
+    assert set(dnf_rows["clip_id"].to_pylist()) == {"dnf/test-tiny/t0/32"}
+
+    # DNF scan scores = decode + DNF + ResNet computed directly.
+    uris = sorted(dnf_rows["uri"].to_pylist())
+    with torch.no_grad():
+        direct = bundle.model(_direct_dnf([decode_image(Path(u).read_bytes()).image for u in uris])).double().numpy()
+    got = dict(zip(dnf_rows["uri"].to_pylist(), dnf_rows["logit"].to_pylist()))
+    np.testing.assert_allclose([got[u] for u in uris], direct, rtol=1e-4, atol=1e-4)
+
+    # Ensemble over an output the CLIP detector already scanned: only the DNF detector has work;
+    # every object then has one row per detector, each equal to its detector's own scan.
+    summary = scan.main(["--detector", str(clip_dir), "--ensemble", str(out / "detector"), "--output", str(tmp_path / "scan-both"), *base])
+    per = {d["detector_id"]: d for d in summary["detectors"]}
+    assert per[clip_id]["scored"] == 0 and per[clip_id]["skipped"] == 9
+    assert (per[bundle.detector_id]["scored"], per[bundle.detector_id]["errors"]) == (8, 1)
+    both = _scores(tmp_path / "scan-both")
+    assert len(both) == 16 and {d for _, d in both} == {clip_id, bundle.detector_id}
+    for u in uris:
+        assert both[(u, bundle.detector_id)] == pytest.approx(got[u], rel=1e-6, abs=1e-6)
+    errors = open_table(str(tmp_path / "scan-both"), "errors").to_table()
+    assert sorted(errors["detector_kind"].to_pylist()) == ["clip-mlp", "dnf-resnet"]
+    assert set(errors["uri"].to_pylist()) == {str(folder / "broken.jpg")}
+
+    # A fresh ensemble scan decodes once and records both; a re-run adds nothing.
+    fresh = scan.main(["--detector", str(clip_dir), "--ensemble", str(out / "detector"), "--output", str(tmp_path / "scan-fresh"), *base])
+    assert (fresh["scored"], fresh["errors"]) == (16, 2)
+    assert _scores(tmp_path / "scan-fresh").keys() == both.keys()
+    again = scan.main(["--detector", str(clip_dir), "--ensemble", str(out / "detector"), "--output", str(tmp_path / "scan-fresh"), *base])
+    assert (again["scored"], again["errors"], again["skipped"]) == (0, 0, 9)
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "scan-fresh" / "runs").glob("*.json")]
+    assert len(runs) == 2 and all(len(r["detectors"]) == 2 for r in runs)
+    scores = open_table(str(tmp_path / "scan-fresh"), "scores").to_table()
+    flagged = open_table(str(tmp_path / "scan-fresh"), "flagged")
+    assert (0 if flagged is None else flagged.count_rows()) == pc.sum(scores["flagged"]).as_py()
