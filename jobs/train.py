@@ -261,7 +261,9 @@ def train_loop_per_worker(config: dict) -> None:
             })
             _write_history(config["output"], history, so)
             print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
-        ray.train.report(metrics, checkpoint=ckpt)
+        # The local copy goes once it is in storage: a ResNet-50 checkpoint with AdamW state is
+        # ~300 MB, one per epoch would fill the worker's /tmp.
+        ray.train.report(metrics, checkpoint=ckpt, delete_local_checkpoint_after_upload=ckpt is not None)
         if epoch == cfg.fail_after_epoch and checkpoint is None and rank == 0:
             raise RuntimeError(f"simulated worker failure after epoch {epoch} (--fail-after-epoch)")
 
