@@ -16,6 +16,7 @@ features (DNF's image-shaped feature flattened; ``spec.shape`` gives it back its
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -93,10 +94,7 @@ class FeatureSpec:
 
     @property
     def dim(self) -> int:
-        out = 1
-        for s in self.shape:
-            out *= s
-        return out
+        return math.prod(self.shape)
 
     def cache_prefix(self) -> str:
         """What of the spec enters a feature cache key (CLIP's string is the pre-DNF one, so old caches stay valid)."""
@@ -110,7 +108,7 @@ def preprocess_for(spec: FeatureSpec):
     """The CPU half of the spec's preprocessing (``to_uint8``, ``size``, ``draft_ok``)."""
     if spec.extractor == "clip":
         return SplitPreprocess(spec.clip_model, spec.pretrained)
-    return DnfPreprocess(spec.resolved().image_size if not spec.image_size else spec.image_size)
+    return DnfPreprocess(spec.resolved().image_size)
 
 
 class ClipFeatures:

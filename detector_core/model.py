@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["DetectorMLP", "NoiseResNet", "RESNETS", "build_classifier"]
+__all__ = ["DetectorMLP", "NoiseResNet", "RESNETS", "build_classifier", "load_backbone"]
 
 RESNETS = ("resnet18", "resnet34", "resnet50")
 
@@ -99,7 +99,8 @@ class NoiseResNet(nn.Module):
         arch: ``resnet50`` (the DNF paper's), ``resnet34`` or ``resnet18``.
         in_shape: ``(C, H, W)`` of one feature (``(3, 256, 256)`` for the bedroom UNet).
 
-    Random initialisation (torchvision's): no ImageNet weights are fetched.
+    Random initialisation (torchvision's): no ImageNet weights are fetched; the DNF
+    reference starts from ImageNet weights, which ``load_backbone`` loads from a file.
     """
 
     predict_batch_size = 128
@@ -132,6 +133,31 @@ class NoiseResNet(nn.Module):
         elif tuple(x.shape[1:]) != self.in_shape:
             raise ValueError(f"expected features of shape (n, {self.in_shape}), got {tuple(x.shape)}")
         return self.net(x).squeeze(-1)
+
+
+def load_backbone(model: NoiseResNet, path: str, storage_options: dict | None = None) -> list[str]:
+    """Initialise a ``NoiseResNet`` from a torchvision ResNet state dict file (local or object store).
+
+    E.g. ``resnet50-11ad3fa6.pth`` (torchvision's ImageNet weights, downloaded where there is
+    network). Every layer but the classification head must match; the head stays new (one
+    logit). Returns the names of the keys that were left at their initial values.
+    """
+    from detector_core.storage import fetch_cached, is_remote
+
+    local = fetch_cached(path, "resnet-weights", storage_options) if is_remote(path) else path
+    try:
+        state = torch.load(local, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--resnet-init {path}: no such file; pass a torchvision {model.arch} state dict (.pth)") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
+    own = model.net.state_dict()
+    wrong = sorted({k for k in own if not k.startswith("fc.")} ^ set(state))
+    wrong += [k for k in state if k in own and state[k].shape != own[k].shape]
+    if wrong:
+        raise ValueError(f"--resnet-init {path} does not fit {model.arch}: {len(wrong)} keys differ, e.g. {wrong[:3]}")
+    missing, _ = model.net.load_state_dict(state, strict=False)
+    return list(missing)
 
 
 def build_classifier(config: dict) -> nn.Module:

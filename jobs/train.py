@@ -65,7 +65,7 @@ from detector_core.extractors import EXTRACTORS, FeatureSpec
 from detector_core.features import FEATURE_MODES
 from detector_core.losses import LOSS_KINDS
 from detector_core.metrics import calibrate_threshold, summarize
-from detector_core.model import RESNETS, build_classifier
+from detector_core.model import RESNETS, NoiseResNet, build_classifier, load_backbone
 from detector_core.storage import arrow_fs, open_fs, s3_storage_options
 from detector_core.training import OptimConfig, all_gather_batch, build_optimizer, build_scheduler, predict_logits, training_step
 from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, read_json, run_main, write_json
@@ -84,6 +84,7 @@ class TrainConfig:
     unet: str = opt("test-tiny", "--extractor dnf: diffusers UNet2DModel folder (local or s3://), or test-tiny (random; tests/demo)")
     timestep: int = opt(0, "--extractor dnf: timestep of the UNet call (0: the first DDIM inversion step, as the reference)")
     resnet: str = opt("resnet50", "--extractor dnf: classifier on the noise feature", choices=RESNETS)
+    resnet_init: str = opt("", "--extractor dnf: torchvision state dict (.pth, local or s3://) to start the ResNet from, e.g. ImageNet weights as the DNF paper does; default random")
     loss: str = opt("cvar_auc", "training loss: erm, cvar or cvar_auc (the paper's)", choices=LOSS_KINDS)
     sam: bool = opt(True, "optimise with SAM over AdamW (--no-sam: plain AdamW)")
     sam_local_perturbation: bool = opt(False, "SAM pass one without gradient sync (m-sharpness) instead of the global perturbation")
@@ -108,7 +109,7 @@ class TrainConfig:
     cache_shard: bool = opt(True, "keep each worker's shard in memory after the first epoch (--no-cache-shard: stream every epoch)")
     cache_shard_max_gb: float = opt(8.0, "stream every epoch instead when a worker's shard is larger than this (DNF features are 768 KiB a row at 256 px)")
     embed_batch_size: int = opt(64, "images per embedding batch (stage 1)")
-    embed_actors: int = opt(1, "CLIP actors for stage 1")
+    embed_actors: int = opt(1, "feature-extractor actors for stage 1")
     s3_endpoint: str = opt("", "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
     ray_address: str = opt("", "Ray cluster address (default: the job's cluster, or a local Ray)")
     fail_after_epoch: int = opt(-1, "testing: make rank 0 crash once right after checkpointing this epoch")
@@ -185,6 +186,8 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
     model = build_classifier(config["model_config"])
+    if cfg.resnet_init and cfg.extractor == "dnf":  # every rank loads it; DDP would broadcast rank 0's anyway
+        load_backbone(model, cfg.resnet_init, config["storage_options"])
     if cfg.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ddp = ray.train.torch.prepare_model(model)
@@ -261,8 +264,8 @@ def train_loop_per_worker(config: dict) -> None:
             })
             _write_history(config["output"], history, so)
             print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
-        # The local copy goes once it is in storage: a ResNet-50 checkpoint with AdamW state is
-        # ~300 MB, one per epoch would fill the worker's /tmp.
+        # The local copy goes once it is in storage: a ResNet-50 checkpoint (weights, AdamW
+        # moments, best weights) is ~380 MB, and one per epoch would fill the worker's /tmp.
         ray.train.report(metrics, checkpoint=ckpt, delete_local_checkpoint_after_upload=ckpt is not None)
         if epoch == cfg.fail_after_epoch and checkpoint is None and rank == 0:
             raise RuntimeError(f"simulated worker failure after epoch {epoch} (--fail-after-epoch)")
@@ -297,6 +300,11 @@ def run_training(cfg: TrainConfig) -> dict:
         fail("--output is required")
     if bool(cfg.manifest) == bool(cfg.features):
         fail("pass exactly one of --manifest (embed, then train) or --features (train on an existing cache)")
+    if cfg.resnet_init:  # a missing or mismatched file fails here, before embedding, not in every worker
+        try:
+            load_backbone(NoiseResNet(cfg.resnet, (3, 32, 32)), cfg.resnet_init, so)
+        except (OSError, ValueError, RuntimeError) as exc:
+            fail(str(exc))
     init_ray(cfg.ray_address or None)
     embed_summary = None
     cache = cfg.features
@@ -306,7 +314,8 @@ def run_training(cfg: TrainConfig) -> dict:
         cache = join(cfg.output, "features")
         embed_cfg = EmbedConfig(
             manifest=cfg.manifest, output=cache, clip_model=cfg.clip_model, pretrained=cfg.pretrained,
-            feature_mode=cfg.feature_mode, extractor=cfg.extractor, unet=cfg.unet, timestep=cfg.timestep, batch_size=cfg.embed_batch_size, actors=cfg.embed_actors, gpu=cfg.gpu,
+            feature_mode=cfg.feature_mode, extractor=cfg.extractor, unet=cfg.unet, timestep=cfg.timestep,
+            batch_size=cfg.embed_batch_size, actors=cfg.embed_actors, gpu=cfg.gpu,
             val_fraction=cfg.val_fraction, s3_endpoint=cfg.s3_endpoint, ray_address=cfg.ray_address,
         )
         embed_summary = run_embedding(embed_cfg, so)
@@ -321,6 +330,8 @@ def run_training(cfg: TrainConfig) -> dict:
     elif spec != cfg.spec().resolved(so):
         fail(f"feature cache {cache} was made with {spec.id}, not {cfg.spec().resolved(so).id}")
     model_config = cfg.model_config(spec)
+    if cfg.resnet_init and spec.extractor != "dnf":
+        fail("--resnet-init is for --extractor dnf (a ResNet on the noise feature)")
 
     pa_fs, data_path = arrow_fs(join(cache, "data"), so)
     dataset = pads.dataset(data_path, filesystem=pa_fs, format="parquet")

@@ -21,7 +21,7 @@ from detector_core.demo import encode, make_image
 from detector_core.dnf import DnfExtractor, UnetNotFoundError, load_unet, unet_config
 from detector_core.extractors import FeatureSpec
 from detector_core.images import decode_image
-from detector_core.model import DetectorMLP, NoiseResNet
+from detector_core.model import DetectorMLP, NoiseResNet, load_backbone
 from detector_core.tables import open_table
 from jobs import evaluate, scan, train
 from jobs.embed import read_features
@@ -108,6 +108,28 @@ def test_dnf_bundle_round_trip_and_clip_ids_unchanged(tmp_path):
     h.update(json.dumps({"kind": "clip-mlp", "clip_model": "test-tiny", "pretrained": "none", "feature_mode": "image",
                          "model_config": mlp.config(), "threshold_logit": 0.5}, sort_keys=True).encode())
     assert save_bundle(clip, str(tmp_path / "clip")) == h.hexdigest()
+
+
+def test_resnet_starts_from_a_torchvision_state_dict(tmp_path, demo_manifest, capsys):
+    import torchvision
+
+    torch.manual_seed(0)
+    src = torchvision.models.resnet18(num_classes=1000)
+    torch.save(src.state_dict(), tmp_path / "resnet18.pth")
+    model = NoiseResNet("resnet18", TINY.shape)
+    assert sorted(load_backbone(model, str(tmp_path / "resnet18.pth"))) == ["fc.bias", "fc.weight"]
+    torch.testing.assert_close(model.net.conv1.weight, src.conv1.weight, rtol=0, atol=0)
+    torch.testing.assert_close(model.net.layer4[1].bn2.running_var, src.layer4[1].bn2.running_var, rtol=0, atol=0)
+    assert model.net.fc.out_features == 1
+    with pytest.raises(ValueError, match="does not fit resnet50"):
+        load_backbone(NoiseResNet("resnet50", TINY.shape), str(tmp_path / "resnet18.pth"))
+    # The job refuses a missing file before it embeds or trains anything.
+    with pytest.raises(SystemExit):
+        train.main(["--manifest", str(demo_manifest), "--output", str(tmp_path / "out"), "--extractor", "dnf",
+                    "--resnet-init", str(tmp_path / "nope.pth")])
+    assert "--resnet-init" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    with pytest.raises(FileNotFoundError, match="--resnet-init"):
+        load_backbone(model, str(tmp_path / "nope.pth"))
 
 
 def _scores(out) -> dict:
