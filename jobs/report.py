@@ -99,7 +99,9 @@ def histogram_svg(scores: np.ndarray, threshold: float, band: float, width: int 
         parts.append(f'<rect class="bar{" over" if edges[i] >= threshold else ""}" x="{pad_l + i * bw:.1f}" y="{8 + h - bh:.1f}" '
                      f'width="{max(bw - 1, 1):.1f}" height="{bh:.1f}"><title>{edges[i]:.2f}–{edges[i + 1]:.2f}: {c}</title></rect>')
     parts.append(f'<line class="thr" x1="{x(threshold):.1f}" x2="{x(threshold):.1f}" y1="4" y2="{8 + h}"/>')
-    parts.append(f'<text x="{x(threshold) + 3:.1f}" y="14" class="lbl">threshold {threshold:.3f}</text>')
+    # Right of the line, or left of it when the threshold is near 1 and the label would be cut off.
+    side = 'x="{:.1f}"'.format(x(threshold) + 3) if threshold < 0.8 else 'x="{:.1f}" text-anchor="end"'.format(x(threshold) - 3)
+    parts.append(f'<text {side} y="14" class="lbl">threshold {threshold:.3f}</text>')
     for v in (0.0, 0.25, 0.5, 0.75, 1.0):
         parts.append(f'<text x="{x(v):.1f}" y="{height - 6}" class="axis" text-anchor="middle">{v:g}</text>')
     parts.append(f'<text x="{pad_l - 4}" y="16" class="axis" text-anchor="end">{top}</text>')
