@@ -66,9 +66,21 @@ class EmbedConfig:
 
     def spec(self, storage_options: dict | None = None) -> FeatureSpec:
         """The resolved extractor spec (DNF: the input size read from the UNet's config)."""
-        spec = FeatureSpec(extractor=self.extractor, clip_model=self.clip_model, pretrained=self.pretrained,
-                           feature_mode=self.feature_mode, unet=self.unet, timestep=self.timestep)
-        return spec.resolved(storage_options)
+        return spec_of(self).resolved(storage_options)
+
+
+# The extractor settings a job config carries (EmbedConfig, TrainConfig), as FeatureSpec names them.
+SPEC_FIELDS = ("extractor", "clip_model", "pretrained", "feature_mode", "unet", "timestep")
+
+
+def spec_of(cfg) -> FeatureSpec:
+    """The (unresolved) extractor spec of a job config with the ``SPEC_FIELDS``."""
+    return FeatureSpec(**{k: getattr(cfg, k) for k in SPEC_FIELDS})
+
+
+def spec_settings(spec: FeatureSpec) -> dict:
+    """``EmbedConfig`` fields that reproduce a spec (e.g. a bundle's): ``EmbedConfig(**spec_settings(b.features), ...)``."""
+    return {k: getattr(spec, k) for k in SPEC_FIELDS}
 
 
 def cache_key(table: pa.Table, spec: FeatureSpec, perturb: str = "", perturb_seed: int = 0) -> str:
@@ -166,11 +178,6 @@ def run_embedding(cfg: EmbedConfig, storage_options: dict | None = None) -> dict
     write_json(join(cfg.output, SUCCESS), summary, so)
     print(f"embedded {n_ok} images into {cfg.output} in {elapsed:.1f} s; {errors.num_rows} unusable rows {by_reason or ''}")
     return {**summary, "reused": False}
-
-
-def spec_settings(spec: FeatureSpec) -> dict:
-    """``EmbedConfig`` fields that reproduce a spec (e.g. a bundle's): ``EmbedConfig(**spec_settings(b.features), ...)``."""
-    return {k: v for k, v in spec.to_dict().items() if k != "image_size"}
 
 
 def cache_spec(marker: dict) -> FeatureSpec:

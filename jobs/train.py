@@ -69,7 +69,7 @@ from detector_core.model import RESNETS, NoiseResNet, build_classifier, load_bac
 from detector_core.storage import arrow_fs, open_fs, s3_storage_options
 from detector_core.training import OptimConfig, all_gather_batch, build_optimizer, build_scheduler, predict_logits, training_step
 from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, read_json, run_main, write_json
-from jobs.embed import cache_spec
+from jobs.embed import cache_spec, spec_of, spec_settings
 
 
 @dataclass
@@ -119,10 +119,6 @@ class TrainConfig:
             loss=self.loss, alpha=self.alpha, gamma=self.gamma, eta=self.eta, sam=self.sam, rho=self.rho,
             lr=self.lr, weight_decay=self.weight_decay, epochs=self.epochs, batch_size=self.batch_size,
         )
-
-    def spec(self) -> FeatureSpec:
-        return FeatureSpec(extractor=self.extractor, clip_model=self.clip_model, pretrained=self.pretrained,
-                           feature_mode=self.feature_mode, unet=self.unet, timestep=self.timestep)
 
     def model_config(self, spec: FeatureSpec) -> dict:
         """The classifier for a (resolved) feature spec, as ``build_classifier`` takes it."""
@@ -313,9 +309,8 @@ def run_training(cfg: TrainConfig) -> dict:
 
         cache = join(cfg.output, "features")
         embed_cfg = EmbedConfig(
-            manifest=cfg.manifest, output=cache, clip_model=cfg.clip_model, pretrained=cfg.pretrained,
-            feature_mode=cfg.feature_mode, extractor=cfg.extractor, unet=cfg.unet, timestep=cfg.timestep,
-            batch_size=cfg.embed_batch_size, actors=cfg.embed_actors, gpu=cfg.gpu,
+            manifest=cfg.manifest, output=cache, **spec_settings(spec_of(cfg)), batch_size=cfg.embed_batch_size,
+            actors=cfg.embed_actors, gpu=cfg.gpu,
             val_fraction=cfg.val_fraction, s3_endpoint=cfg.s3_endpoint, ray_address=cfg.ray_address,
         )
         embed_summary = run_embedding(embed_cfg, so)
@@ -327,8 +322,8 @@ def run_training(cfg: TrainConfig) -> dict:
         for k, v in spec.to_dict().items():
             if hasattr(cfg, k) and k != "image_size":
                 setattr(cfg, k, v)
-    elif spec != cfg.spec().resolved(so):
-        fail(f"feature cache {cache} was made with {spec.id}, not {cfg.spec().resolved(so).id}")
+    elif spec != (wanted := spec_of(cfg).resolved(so)):
+        fail(f"feature cache {cache} was made with {spec.id}, not {wanted.id}")
     model_config = cfg.model_config(spec)
     if cfg.resnet_init and spec.extractor != "dnf":
         fail("--resnet-init is for --extractor dnf (a ResNet on the noise feature)")

@@ -27,6 +27,13 @@ def test_auc_and_ap_agree_with_sklearn():
     assert average_precision(y, s) == pytest.approx(average_precision_score(y, s))
 
 
+def test_ap_of_a_perfect_ranking_is_exactly_one():
+    # scikit-learn's float sum lands an ulp above 1 here; AP is a weighted mean of precisions <= 1.
+    y, s = np.array([0] * 19 + [1] * 20), np.arange(39, dtype=float)
+    assert average_precision_score(y, s) > 1.0
+    assert average_precision(y, s) == 1.0
+
+
 def test_tpr_at_fpr_hand_case():
     # 10 real, 10 generated. Reals at 0..9, generated at 5.5..14.5 step 1.
     real = np.arange(10.0)
