@@ -45,11 +45,15 @@ def _not_found(ref: str, why: str) -> UnetNotFoundError:
     )
 
 
+def _config_path(path: str, sub: str) -> str:
+    return join(path, sub, CONFIG_FILE) if sub else join(path, CONFIG_FILE)
+
+
 def _model_dir(ref: str, storage_options: dict | None) -> tuple[object, str, str]:
     """(filesystem, path of ``ref``, subfolder holding config.json: '' or 'unet') of a UNet folder."""
     fs, path = open_fs(ref, storage_options)
     for sub in ("", "unet"):
-        if fs.exists(join(path, sub, CONFIG_FILE) if sub else join(path, CONFIG_FILE)):
+        if fs.exists(_config_path(path, sub)):
             return fs, path, sub
     if fs.exists(path):
         raise _not_found(ref, f"no {CONFIG_FILE} there or in its unet/ subfolder")
@@ -61,7 +65,7 @@ def unet_config(ref: str, storage_options: dict | None = None) -> dict:
     if ref == TEST_TINY:
         return json.loads((_CONFIG_DIR / "test-tiny.json").read_text())
     fs, path, sub = _model_dir(ref, storage_options)
-    return json.loads(fs.cat_file(join(path, sub, CONFIG_FILE) if sub else join(path, CONFIG_FILE)))
+    return json.loads(fs.cat_file(_config_path(path, sub)))
 
 
 def load_unet(ref: str, device: torch.device | str = "cpu", storage_options: dict | None = None,
@@ -78,8 +82,9 @@ def load_unet(ref: str, device: torch.device | str = "cpu", storage_options: dic
         _, path, sub = _model_dir(ref, storage_options)
         local = fetch_cached(ref, "unet", storage_options, cache_dir) if is_remote(ref) else path
         try:
-            model = UNet2DModel.from_pretrained(local, subfolder=sub or None, local_files_only=True)
-        except (OSError, EnvironmentError, ValueError) as exc:
+            # low_cpu_mem_usage=False: the default wants `accelerate` and warns without it.
+            model = UNet2DModel.from_pretrained(local, subfolder=sub or None, local_files_only=True, low_cpu_mem_usage=False)
+        except (OSError, ValueError) as exc:  # diffusers reports missing/corrupt weight files as OSError
             raise _not_found(ref, f"could not load the weights ({exc})") from exc
     return model.to(device).eval().requires_grad_(False)
 
