@@ -134,6 +134,9 @@ class DnfExtractor:
             self.unet = unet.to(self.device).eval().requires_grad_(False)
         self.image_size = int(self.unet.config.sample_size)
         self.channels = int(self.unet.config.out_channels)
+        if self.channels != 3:  # FeatureSpec.shape, bundles and the ResNet all take a 3-channel noise estimate
+            raise ValueError(f"UNet {unet if isinstance(unet, str) else type(unet).__name__} predicts {self.channels} channels; "
+                             f"DNF takes an RGB noise estimate (out_channels 3), e.g. the DDPM/DDIM pixel-space UNets")
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
         if precision not in ("fp32", "bf16", "fp16"):

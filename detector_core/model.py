@@ -144,8 +144,8 @@ def load_backbone(model: NoiseResNet, path: str, storage_options: dict | None = 
     """
     from detector_core.storage import fetch_cached, is_remote
 
-    local = fetch_cached(path, "resnet-weights", storage_options) if is_remote(path) else path
     try:
+        local = fetch_cached(path, "resnet-weights", storage_options) if is_remote(path) else path
         state = torch.load(local, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"--resnet-init {path}: no such file; pass a torchvision {model.arch} state dict (.pth)") from None

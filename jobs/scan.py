@@ -151,8 +151,7 @@ class Scorer:
                 S.SCANNED_AT: pa.array([now] * n, pa.timestamp("us", tz="UTC")),
             })
             parts.append(table if rows.all() else table.filter(pa.array(rows)))
-        if not parts:  # nothing to do for any detector: an empty table of the same shape
-            return to_table({k: v[:0] for k, v in batch.items()}, {})
+        # Never empty: a chunk holds only objects that some detector still needs.
         return pa.concat_tables(parts, promote_options="default")
 
 
