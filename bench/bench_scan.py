@@ -1,27 +1,28 @@
-"""Benchmark: scan images/s against a plain single-process loop and the forward pass alone.
+"""Benchmark: the streaming scan against the previous chunk-restart scan, a plain loop and the forward pass.
 
-Three figures per image set, same model (default ViT-B-32 with random weights and a
-random MLP bundle), same machine:
+For each image set (full-size 3000x2000 JPEG photos; ~500 px JPEGs), on one machine in one run:
 
-1. ``jobs.scan`` (local Ray: CPU decode tasks + Scorer actors), timed inside the job
-   from listing to commit (Ray start-up excluded): end to end over all N images, and
-   the steady-state rate N/2 / (t(N) - t(N/2)) from a scan over the first half, which
-   cancels the fixed costs (listing, actor start, model load, commit) that a nightly scan
-   of millions of images pays once per chunk (both timed after a warm-up scan, since
-   Ray's first tasks of a session also start worker processes);
+1. the scan of this checkout and the scan of ``bench.legacy.LEGACY_REF`` (one Ray Data
+   execution per chunk, rows collected by the driver), each as ``python -m jobs.scan`` in a
+   fresh process with its own local Ray and **default flags** except ``--chunk-size``
+   (N/4, so both commit four units): end to end over all N images (timed inside the job,
+   listing to commit, Ray start included), and the steady-state rate
+   N/2 / (t(N) - t(N/2)) from a second scan of the first half, which cancels the fixed
+   costs; model loads per scan (old code: one pool start per chunk, 4, by construction: marked *),
+   the driver's peak RSS, and (new code) seconds per commit;
 2. a plain loop: PIL decode at full resolution, open_clip preprocess, batched CLIP
    forward + MLP, one process;
 3. the forward pass alone (CLIP + MLP) on pre-decoded, preprocessed tensors.
 
-Image sets: full-size photos (3000x2000 JPEG) and small images (~500 px JPEG).
-
-    python -m bench.bench_scan [--clip-model ViT-B-32] [--photos 48] [--small 160] [--gpu]
+    python -m bench.bench_scan [--clip-model ViT-B-32] [--photos 240] [--small 480] [--skip-legacy]
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
+import statistics
 import tempfile
 import time
 import uuid
@@ -77,15 +78,14 @@ def forward_only(paths, enc: ClipEncoder, mlp, batch: int) -> float:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clip-model", default="ViT-B-32", help="open_clip model (random weights)")
-    ap.add_argument("--photos", type=int, default=48, help="number of 3000x2000 photos")
-    ap.add_argument("--small", type=int, default=160, help="number of ~500 px images")
-    ap.add_argument("--batch-size", type=int, default=32, help="model batch")
-    ap.add_argument("--actors", type=int, default=1, help="Scorer actors")
-    ap.add_argument("--cpus-per-actor", type=float, default=2.0, help="CPUs (torch threads) per Scorer actor")
-    ap.add_argument("--gpu", action="store_true", help="run the model on the GPU")
+    ap.add_argument("--photos", type=int, default=240, help="number of 3000x2000 photos")
+    ap.add_argument("--small", type=int, default=480, help="number of ~500 px images")
+    ap.add_argument("--batch-size", type=int, default=32, help="model batch of the plain loop and forward-only figures")
+    ap.add_argument("--gpu", action="store_true", help="run the model on the GPU (scans get --gpu)")
+    ap.add_argument("--skip-legacy", action="store_true", help="only this checkout's scan")
+    ap.add_argument("--json", default="", help="also write the figures here")
     args = ap.parse_args(argv)
-    from jobs import scan
-    from jobs.common import init_ray
+    from bench.legacy import LEGACY_REF, legacy_tree, scan_process
 
     device = "cuda" if args.gpu else "cpu"
     tmp = Path(tempfile.mkdtemp(prefix="bench-scan-"))
@@ -96,35 +96,41 @@ def main(argv=None):
     enc = ClipEncoder(args.clip_model, "none", device=device)
     sets = {"photos 3000x2000": write_images(tmp / "photos", args.photos, (3000, 2000), 1),
             "small ~500px": write_images(tmp / "small", args.small, (500, 375), 2)}
-    init_ray()
+    codes = {"new": None} if args.skip_legacy else {"new": None, f"old {LEGACY_REF}": legacy_tree()}
     rows = []
 
-    def run_scan(folder: Path) -> float:
-        summary = scan.main(["--detector", str(tmp / "detector"), "--input", str(folder), "--output", str(tmp / f"out-{uuid.uuid4().hex[:6]}"),
-                             "--batch-size", str(args.batch_size), "--actors", str(args.actors), "--cpus-per-actor", str(args.cpus_per_actor),
-                             "--chunk-size", "1000000", *(["--gpu"] if args.gpu else [])])
-        return summary["seconds"]
+    def run(tree, folder: Path, n: int) -> dict:
+        return scan_process(["--detector", str(tmp / "detector"), "--input", str(folder), "--output", str(tmp / f"out-{uuid.uuid4().hex[:6]}"),
+                             "--chunk-size", str(max(1, n // 4)), *(["--gpu"] if args.gpu else [])], tree)
 
     for name, paths in sets.items():
         half = paths[0].parent.with_name(paths[0].parent.name + "-half")
         half.mkdir()
         for p in paths[: len(paths) // 2]:
             (half / p.name).symlink_to(p)
-        run_scan(half)  # warm-up: Ray's first tasks start worker processes (torch imports) once per session
-        t_half = run_scan(half)
-        t_full = run_scan(paths[0].parent)
-        job = len(paths) / t_full
-        steady = (len(paths) - len(paths) // 2) / max(t_full - t_half, 1e-9)
         loop = plain_loop(paths, enc, mlp, args.batch_size)
         fwd = forward_only(paths, enc, mlp, args.batch_size)
-        rows.append((name, job, steady, loop, fwd, t_full, t_half))
-    print(f"\n=== bench_scan: {args.clip_model}, random weights, device {device}, batch {args.batch_size}, "
-          f"{args.actors} actor(s) x {args.cpus_per_actor:g} CPU ===")
-    print(f"{'images':20s} {'job e2e':>8s} {'job steady':>11s} {'plain loop':>11s} {'fwd only':>9s} {'steady/loop':>12s} "
-          f"{'steady/fwd':>11s}   (images/s; scan seconds full/half)")
-    for name, job, steady, loop, fwd, t_full, t_half in rows:
-        print(f"{name:20s} {job:8.1f} {steady:11.1f} {loop:11.1f} {fwd:9.1f} {steady / loop:12.2f} {steady / fwd:11.2f}   "
-              f"({t_full:.1f} / {t_half:.1f})")
+        for code, tree in codes.items():
+            s_half = run(tree, half, len(paths) // 2)
+            s_full = run(tree, paths[0].parent, len(paths))
+            steady = (len(paths) - len(paths) // 2) / max(s_full["seconds"] - s_half["seconds"], 1e-9)
+            rows.append({"images": name, "code": code, "e2e": len(paths) / s_full["seconds"], "steady": steady, "loop": loop, "fwd": fwd,
+                         # The old scan started a new actor pool per chunk (4 here): loads = chunks x actors, by construction.
+                         "model_loads": s_full.get("model_loads", "4*"), "units": s_full.get("commit_units"),
+                         "rss_mb": s_full["driver_peak_rss_mb"],
+                         "commit_s": statistics.median(s_full["commit_seconds"]) if s_full.get("commit_seconds") else None,
+                         "t_full": s_full["seconds"], "t_half": s_half["seconds"]})
+    print(f"\n=== bench_scan: {args.clip_model}, random weights, device {device}, default scan flags, --chunk-size N/4 ===")
+    print(f"{'images':18s} {'code':13s} {'e2e':>6s} {'steady':>7s} {'loop':>6s} {'fwd':>6s} {'e2e/loop':>9s} {'steady/fwd':>10s} "
+          f"{'loads':>5s} {'driver MB':>9s} {'commit s':>8s}   (images/s; scan s full/half)")
+    for r in rows:
+        commit = f"{r['commit_s']:.3f}" if r["commit_s"] is not None else "-"
+        print(f"{r['images']:18s} {r['code']:13s} {r['e2e']:6.1f} {r['steady']:7.1f} {r['loop']:6.1f} {r['fwd']:6.1f} "
+              f"{r['e2e'] / r['loop']:9.2f} {r['steady'] / r['fwd']:10.2f} {str(r['model_loads']):>5s} {r['rss_mb']:9.0f} {commit:>8s}   "
+              f"({r['t_full']:.1f} / {r['t_half']:.1f})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return rows
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ DETECTOR_KIND = "detector_kind"
 SCAN_ID = "scan_id"
 SCANNED_AT = "scanned_at"
 
-# Partition columns of the scan tables (directory names, not stored in the files).
+# Partition columns of the scan tables (stored columns of the Iceberg tables; identity partitions).
 SCAN_DATE = "scan_date"
 BUCKET = "bucket"
 
@@ -72,6 +72,6 @@ COLUMN_DOCS = {
     DETECTOR_KIND: "detector family: clip-mlp (CLIP features + MLP) or dnf-resnet (diffusion noise feature + ResNet); null in schema-1 files",
     SCAN_ID: "the scan run that wrote the row",
     SCANNED_AT: "when the row was written (UTC)",
-    SCAN_DATE: "partition: the UTC date the scan started, YYYY-MM-DD",
+    SCAN_DATE: "partition: the UTC date the scan started (a DATE)",
     BUCKET: "partition: the object's bucket (s3://BUCKET/…, gs://BUCKET/…), 'local' for local paths",
 }

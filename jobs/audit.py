@@ -1,4 +1,4 @@
-"""Questions audit teams ask of the scan tables, answered with DuckDB over the Parquet partitions.
+"""Questions audit teams ask of the scan tables, answered with DuckDB over the Iceberg tables.
 
     python -m jobs.audit query per-day    --scan s3://audit/scans --since 2026-11-01
     python -m jobs.audit query per-prefix --scan s3://audit/scans --bucket uploads --depth 2
@@ -8,16 +8,20 @@
     python -m jobs.audit query recut      --scan s3://audit/scans --threshold 0.9 [--rows --out flagged_0.9.parquet]
     python -m jobs.audit query errors     --scan s3://audit/scans --date 2026-11-23
     python -m jobs.audit query sql        --scan OUT --sql "SELECT bucket, count(*) FROM flagged GROUP BY ALL"
-    ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.audit query per-day --scan s3://audit/scans
+    python -m jobs.audit migrate --output s3://audit/scans --catalog detector     # hive Parquet (schema 1-2) -> Iceberg
+    ray job submit --address http://127.0.0.1:8265 --runtime-env cluster/runtime_env.yaml -- \
+        python -m jobs.audit query per-day --scan s3://audit/scans
 
-The views ``scores``, ``flagged``, ``errors`` (with the partition columns ``scan_date`` as a
-DATE and ``bucket``) and ``runs`` (one row per committed scan, from ``OUT/runs/*.json``)
-are DuckDB ``read_parquet(..., hive_partitioning = true)`` over the tables, so ``--date``,
-``--since``/``--until`` and ``--bucket`` open only the files of those partitions. Rows of a
-scan whose run summary is not written yet (a scan still committing) are left out: readers
-see whole scans only. Object stores are read through the same fsspec filesystem as the
-jobs (``--s3-endpoint`` or ``AWS_ENDPOINT_URL``); no DuckDB extension is needed. Nothing
-here needs Ray: it runs on a laptop against the bucket, or as a job on the cluster.
+The views ``scores``, ``flagged``, ``errors`` (with the partition columns ``scan_date``, a
+DATE, and ``bucket``) are DuckDB ``iceberg_scan`` over the Iceberg tables (the extension is
+loaded from the ``duckdb-extension-iceberg`` pip package, never downloaded), pinned to the
+snapshots that the newest ``runs`` row records, so the three agree even while a scan commits
+its next unit; ``runs`` has one row per finished scan and detector. ``--date``,
+``--since``/``--until`` and ``--bucket`` are filters on the partition columns, which the
+extension uses to skip manifests and files. The catalog is the one the scan recorded in
+``OUT/_catalog.json`` unless ``--catalog`` names it. Object stores are read through the same
+fsspec filesystem as the jobs (``--s3-endpoint`` or ``AWS_ENDPOINT_URL``). Nothing here
+needs Ray: it runs on a laptop against the bucket, or as a job on the cluster.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ import pyarrow as pa
 
 from detector_core import schema as S
 from detector_core import tables as T
-from detector_core.storage import is_remote, join, open_fs, s3_storage_options
+from detector_core.catalog import CatalogError, ScanOutput
+from detector_core.storage import is_remote, open_fs, s3_storage_options
 from jobs.common import fail, opt, parse_config, run_main, write_parquet
 
 QUESTIONS = ("per-day", "per-prefix", "top", "detectors", "diff", "recut", "errors", "sql")
@@ -59,6 +64,8 @@ class AuditConfig:
     sql: str = opt("", "sql: a query over the views scores, flagged, errors, runs")
     format: str = opt("table", "output format: " + ", ".join(FORMATS), choices=FORMATS)
     out: str = opt("", "write the answer to this file (local or s3://) instead of stdout; required for parquet")
+    catalog: str = opt("", "Iceberg catalog of the tables (default: the one OUT/_catalog.json records; see jobs.scan --catalog)")
+    namespace: str = opt("", "catalog namespace of the output's tables (default: as recorded)")
     s3_endpoint: str = opt("", "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
 
 
@@ -76,77 +83,99 @@ def sql_quote(value: str) -> str:
 RUNS_SCHEMA = pa.schema([
     ("scan_id", pa.string()), ("scan_date", pa.string()), ("detector_id", pa.string()), ("detector_kind", pa.string()),
     ("input", pa.string()), ("listed", pa.int64()), ("skipped", pa.int64()), ("scored", pa.int64()), ("flagged", pa.int64()),
-    ("errors", pa.int64()), ("seconds", pa.float64()), ("started_at", pa.string()), ("finished_at", pa.string()),
+    ("errors", pa.int64()), ("model_loads", pa.int64()), ("seconds", pa.float64()), ("started_at", pa.string()),
+    ("finished_at", pa.string()),
 ])
 RUN_COLUMNS = RUNS_SCHEMA.names
 
 
-def read_runs(scan: str, so: dict | None) -> pa.Table:
-    """The committed scans' summaries, one row per scan and detector (an ensemble scan has several)."""
-    fs, root = open_fs(join(scan, "runs"), so)
-    rows = []
-    paths = sorted(fs.glob(root.rstrip("/") + "/*.json")) if fs.exists(root) else []
-    for p in paths:
-        r = json.loads(fs.cat_file(p))
-        base = {k: r.get(k) for k in RUN_COLUMNS}
-        # Summaries older than ensembles describe their one detector at the top level.
-        for d in r.get("detectors") or [{}]:
-            rows.append({**base, **{k: d[k] for k in RUN_COLUMNS if k in d}})
-    return pa.Table.from_pylist(rows, schema=RUNS_SCHEMA)
+def read_runs(out: ScanOutput) -> pa.Table:
+    """The finished scans, one row per scan and detector (an ensemble scan has several)."""
+    rows = out.read("runs", "status = 'completed'").to_pylist()
+    return pa.Table.from_pylist([{**{k: r.get(k) for k in RUN_COLUMNS}, "scan_date": r["scan_date"].isoformat(),
+                                  "started_at": r["started_at"].isoformat(), "finished_at": r["committed_at"].isoformat()}
+                                 for r in rows], schema=RUNS_SCHEMA)
 
 
-def _partition_globs(fs, scan: str, root: str, since: str = "", until: str = "", bucket: str = "") -> list[str]:
-    """One glob per scan_date partition in [since, until] (and bucket) that holds files.
+def duckdb_connection(out: ScanOutput) -> duckdb.DuckDBPyConnection:
+    """DuckDB with the Iceberg extension loaded from its pip package (no download) and the output's filesystem."""
+    import glob
+    import os
 
-    Partitions are chosen from one listing of the table's top level, so a query over last
-    night neither lists nor opens a year of older partitions.
+    import duckdb_extension_avro
+    import duckdb_extension_iceberg
+
+    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    for mod in (duckdb_extension_avro, duckdb_extension_iceberg):
+        found = glob.glob(os.path.join(os.path.dirname(mod.__file__), "extensions", f"v{duckdb.__version__}", "*.duckdb_extension"))
+        if not found:
+            raise RuntimeError(f"{mod.__name__} has no extension for DuckDB {duckdb.__version__}: install the matching versions "
+                               "(pip install -e . pins them)")
+        con.execute(f"LOAD {sql_quote(found[0])}")
+    if is_remote(out.uri):
+        con.register_filesystem(out.fs)
+    return con
+
+
+def pinned_snapshots(out: ScanOutput) -> dict[str, int | None]:
+    """The result tables' snapshot ids as of the newest committed unit (the ``runs`` row committed last).
+
+    Reading every table at these snapshots gives one consistent point, even while a scan
+    is committing its next unit table by table.
     """
-    if not fs.exists(root):
-        return []
-    globs = []
-    for d in sorted(fs.ls(root, detail=False)):
-        name = d.rstrip("/").rsplit("/", 1)[-1]
-        if not name.startswith(f"{S.SCAN_DATE}="):
-            continue
-        date = name.split("=", 1)[1]
-        if (since and date < since) or (until and date > until):
-            continue
-        pattern = f"{name}/{S.BUCKET}={bucket}/*.parquet" if bucket else f"{name}/*/*.parquet"
-        if fs.glob(f"{root.rstrip('/')}/{pattern}"):
-            globs.append(f"{scan.rstrip('/')}/{pattern}")
-    return globs
+    runs = out.read("runs", selected_fields=("committed_at", *[f"{t}_snapshot_id" for t in T.TABLES]))
+    if runs.num_rows == 0:
+        return {t: None for t in T.TABLES}
+    last = runs.sort_by([("committed_at", "descending")]).slice(0, 1).to_pylist()[0]
+    return {t: last[f"{t}_snapshot_id"] for t in T.TABLES}
 
 
-def connect(scan: str, storage_options: dict | None = None, where: str = "", since: str = "", until: str = "",
-            bucket: str = "", runs: pa.Table | None = None) -> duckdb.DuckDBPyConnection:
+def connect(out: ScanOutput, where: str = "", since: str = "", until: str = "", bucket: str = "",
+            runs: pa.Table | None = None) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the views ``scores``, ``flagged``, ``errors`` and ``runs`` of a scan output.
 
-    ``since``/``until``/``bucket`` choose the partitions the views read; ``where`` (SQL
-    over the columns) is part of every table view. ``runs`` is ``read_runs(scan)`` when
-    the caller has it already.
+    The table views are DuckDB ``iceberg_scan`` over the Iceberg tables, pinned to the
+    snapshots of the newest committed unit; ``since``/``until``/``bucket`` are filters on
+    the partition columns, which prune manifests and files; ``where`` (SQL over the
+    columns) is part of every table view. ``runs`` is ``read_runs(out)`` when the caller
+    has it already.
     """
-    con = duckdb.connect()
-    fs, _ = open_fs(scan, storage_options)
-    if is_remote(scan):
-        con.register_filesystem(fs)
-    con.register("_runs", read_runs(scan, storage_options) if runs is None else runs)
+    con = duckdb_connection(out)
+    con.register("_runs", read_runs(out) if runs is None else runs)
     con.execute("CREATE VIEW runs AS SELECT * REPLACE (CAST(scan_date AS DATE) AS scan_date) FROM _runs")
-    committed = "scan_id IN (SELECT scan_id FROM runs)"
-    cond = f"{committed} AND ({where})" if where else committed
+    conds = [f"({where})"] if where else []
+    if since:
+        conds.append(f"scan_date >= DATE {sql_quote(since)}")
+    if until:
+        conds.append(f"scan_date <= DATE {sql_quote(until)}")
+    if bucket:
+        conds.append(f"bucket = {sql_quote(bucket)}")
+    cond = " AND ".join(conds) or "true"
+    pins = pinned_snapshots(out)
     for name in T.TABLES:
-        table_uri = join(scan, name)
-        globs = _partition_globs(fs, table_uri, open_fs(table_uri, storage_options)[1], since, until, bucket)
-        if globs:
-            files = "[" + ", ".join(sql_quote(g) for g in globs) + "]"
-            # union_by_name: files of an older schema version (fewer columns) read with those columns null.
-            src = (f"read_parquet({files}, hive_partitioning = true, union_by_name = true, "
-                   f"hive_types = {{'scan_date': DATE, 'bucket': VARCHAR}})")
+        if pins[name] is not None:
+            src = f"iceberg_scan({sql_quote(out.table(name).metadata_location)}, snapshot_from_id = {int(pins[name])})"
         else:
-            empty = T.TABLE_SCHEMAS[name].append(pa.field(S.SCAN_DATE, pa.date32())).append(pa.field(S.BUCKET, pa.string()))
-            con.register(f"_empty_{name}", empty.empty_table())
+            con.register(f"_empty_{name}", T.TABLE_SCHEMAS[name].empty_table())
             src = f"_empty_{name}"
         con.execute(f"CREATE VIEW {name} AS SELECT * FROM {src} WHERE {cond}")
     return con
+
+
+def open_output(scan: str, catalog: str, namespace: str, so: dict | None) -> ScanOutput:
+    """The scan output ``scan`` as its tables, or a one-line error."""
+    fs, root = open_fs(scan, so)
+    if not scan or not fs.exists(root):
+        fail(f"--scan {scan!r} does not exist (or is not reachable with these credentials)")
+    try:
+        return ScanOutput.open(scan, catalog, namespace, so, create=False)
+    except CatalogError as exc:
+        fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - NoSuchTable / NoSuchNamespace from any catalog
+        if type(exc).__name__.startswith("NoSuch"):
+            fail(f"no scan tables for {scan} in its catalog ({exc}); was it written by jobs.scan, or does it need "
+                 f"'python -m jobs.audit migrate --output {scan}'?")
+        raise
 
 
 def _where(cfg: AuditConfig) -> str:
@@ -227,13 +256,11 @@ def answer(cfg: AuditConfig) -> pa.Table:
     if not cfg.scan:
         fail("--scan (the scan output prefix) is required")
     so = s3_storage_options(cfg.s3_endpoint or None)
-    fs, root = open_fs(cfg.scan, so)
-    if not fs.exists(root):
-        fail(f"--scan {cfg.scan} does not exist (or is not reachable with these credentials)")
-    runs = read_runs(cfg.scan, so)
+    out = open_output(cfg.scan, cfg.catalog, cfg.namespace, so)
+    runs = read_runs(out)
     if cfg.date == "last":
         if runs.num_rows == 0:
-            fail(f"no committed scans under {cfg.scan}/runs/")
+            fail(f"no finished scans in {cfg.scan}")
         cfg.date = max(runs["scan_date"].to_pylist())
     elif cfg.date:
         cfg.date = parse_date(cfg.date, "--date")
@@ -243,7 +270,7 @@ def answer(cfg: AuditConfig) -> pa.Table:
         fail(f"--bucket {cfg.bucket!r} is not a bucket name")
     sql = question_sql(cfg)
     try:
-        con = connect(cfg.scan, so, _where(cfg), since, until, cfg.bucket, runs)
+        con = connect(out, _where(cfg), since, until, cfg.bucket, runs)
         return con.sql(sql).to_arrow_table()
     except duckdb.Error as exc:
         fail(f"query failed: {str(exc).splitlines()[0]}")
@@ -276,8 +303,85 @@ def _emit(table: pa.Table, cfg: AuditConfig) -> None:
         sys.stdout.write(text)
 
 
-def main(argv=None) -> pa.Table:
+@dataclass
+class MigrateConfig:
+    output: str = opt("", "scan output written before schema 3 (hive-partitioned Parquet + runs/*.json), local or s3://")
+    catalog: str = opt("", "Iceberg catalog for its tables (as jobs.scan --catalog; empty = SQLite OUT/catalog.db for local outputs)")
+    namespace: str = opt("", "catalog namespace for its tables (default: as recorded, else 'detector')")
+    s3_endpoint: str = opt("", "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
+
+
+def migrate(cfg: MigrateConfig) -> dict:
+    """Copy every finished scan of the old layout into the Iceberg tables, one commit per scan; idempotent.
+
+    Rows keep their scan ids and timestamps; a scan already in ``runs`` is skipped, so a
+    second run (or one cut short and started again) adds nothing twice. Only scans whose
+    run summary exists are copied: the old protocol never showed the others to readers.
+    The old files are left where they are (delete ``OUT/<table>/scan_date=*`` afterwards).
+    """
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    from detector_core.catalog import data_file_path
+    from detector_core.storage import arrow_fs
+
+    if not cfg.output:
+        fail("--output (the scan output to migrate) is required")
+    so = s3_storage_options(cfg.s3_endpoint or None)
+    try:
+        out = ScanOutput.open(cfg.output, cfg.catalog, cfg.namespace, so)
+    except CatalogError as exc:
+        fail(str(exc))
+    afs, aroot = arrow_fs(cfg.output, so)
+    legacy = {name: T.legacy_dataset(afs, aroot, name) for name in T.TABLES}
+    have = set(out.read("runs", selected_fields=("scan_id",))["scan_id"].to_pylist())
+    summaries = []
+    for p in sorted(out.fs.glob(f"{out.root}/runs/*.json")):
+        r = json.loads(out.fs.cat_file(p))
+        if int(r.get("schema_version", "1")) < 3 and r["scan_id"] not in have:
+            summaries.append(r)
+    copied = {t: 0 for t in T.TABLES}
+    for r in summaries:
+        files: dict[str, list[str]] = {t: [] for t in T.TABLES}
+        for name, ds in legacy.items():
+            if ds is None:
+                continue
+            rows = ds.to_table(filter=pads.field(S.SCAN_ID) == r["scan_id"])
+            if rows.num_rows == 0:
+                continue
+            if S.DETECTOR_KIND not in rows.column_names:  # schema 1
+                rows = rows.append_column(S.DETECTOR_KIND, pa.nulls(rows.num_rows, pa.string()))
+            rows = rows.set_column(rows.schema.get_field_index(S.SCAN_DATE), S.SCAN_DATE, pc.cast(rows[S.SCAN_DATE], pa.date32()))
+            rows = T.conform(rows, name)
+            for key in rows.group_by([S.SCAN_DATE, S.BUCKET]).aggregate([]).to_pylist():
+                part = rows.filter(pc.and_(pc.equal(rows[S.SCAN_DATE], key[S.SCAN_DATE]), pc.equal(rows[S.BUCKET], key[S.BUCKET])))
+                path = data_file_path(out.uri, name, key[S.SCAN_DATE].isoformat(), key[S.BUCKET], f"migrated-{r['scan_id']}")
+                fs_path = open_fs(path, so)[1]
+                out.fs.makedirs(fs_path.rsplit("/", 1)[0], exist_ok=True)
+                with out.fs.open(fs_path, "wb") as f:
+                    pq.write_table(part, f)
+                files[name].append(path)
+                copied[name] += part.num_rows
+        base = {"scan_id": r["scan_id"], "unit": 0, "status": "completed", "scan_date": r["scan_date"], "input": r.get("input"),
+                "listed": r.get("listed"), "skipped": r.get("skipped"), "model_loads": None, "seconds": r.get("seconds"),
+                "started_at": r["started_at"], "committed_at": r["finished_at"], "config": json.dumps(r.get("config", {})),
+                "schema_version": r.get("schema_version", "1")}
+        dets = r.get("detectors") or [{"detector_id": r["detector_id"], "detector_kind": r.get("detector_kind"),
+                                        "feature_id": r.get("feature_id"), "scored": r["scored"], "flagged": r["flagged"],
+                                        "errors": r["errors"]}]
+        rows = [{**base, **{k: d.get(k) for k in ("detector_id", "detector_kind", "feature_id", "scored", "flagged", "errors")}}
+                for d in dets]
+        out.commit_unit({"scan_id": r["scan_id"], "unit": 0, "files": files, "runs": rows})
+    result = {"scans_migrated": len(summaries), "scans_already_there": len(have), **{f"{t}_rows": n for t, n in copied.items()}}
+    print(f"migrated {len(summaries)} scan(s) of {cfg.output} into {', '.join(out.identifier(t) for t in T.ALL_TABLES)}: {copied}")
+    return result
+
+
+def main(argv=None) -> pa.Table | dict:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["migrate"]:
+        return migrate(parse_config(MigrateConfig, argv[1:], migrate.__doc__))
     # `query QUESTION` is the documented form; `--question QUESTION` works too.
     if argv[:1] == ["query"]:
         argv = argv[1:]

@@ -79,11 +79,13 @@ def main(argv=None) -> dict:
     print(f"detector:  {out / 'training' / 'detector'}  (val AUC {metrics['val_auc']:.3f}, threshold {metrics['threshold']:.3f})")
     if cfg.dnf:
         print(f"DNF:       {out / 'training-dnf' / 'detector'}  (val AUC {dnf_metrics['val_auc']:.3f}, threshold {dnf_metrics['threshold']:.3f})")
-    print(f"tables:    {out / 'scans'}/{{scores,flagged,errors}}/scan_date=…/bucket=…/*.parquet")
+    print(f"tables:    Iceberg tables detector.{{scores,flagged,errors,runs}} in {out / 'scans' / 'catalog.db'} (data under {out / 'scans'}/)")
+    print(f"           python -c \"from detector_core.catalog import read_table; print(read_table('{out / 'scans'}', 'flagged'))\"")
     print(f"summary:   {out / 'scans' / 'runs' / (summary['scan_id'] + '.json')}")
     print(f"review:    {out / 'report.html'}  (open in a browser)")
     print(f"questions: python -m jobs.audit query per-day --scan {out / 'scans'}")
-    print(json.dumps({k: summary[k] for k in ("listed", "scored", "flagged", "errors", "seconds", "images_per_second")}, indent=2))
+    print(json.dumps({k: summary[k] for k in ("listed", "scored", "flagged", "errors", "seconds", "images_per_second",
+                                                     "commit_units", "model_loads")}, indent=2))
     return summary
 
 

@@ -17,6 +17,8 @@ Columns are named in ``detector_core.schema``.
 
 from __future__ import annotations
 
+import datetime as dt
+import os
 import time
 from typing import Any
 
@@ -25,10 +27,12 @@ import pyarrow as pa
 import torch
 
 from detector_core import schema as S
+from detector_core.bundle import DetectorBundle, load_bundle
 from detector_core.extractors import FeatureSpec, build_extractor, preprocess_for
 from detector_core.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from detector_core.perturb import parse_perturbation
 from detector_core.storage import open_fs
+from detector_core.training import predict_logits
 
 PIXELS = "pixels"
 ERROR_COLUMNS = (S.ERROR_STAGE, S.ERROR_TYPE, S.ERROR_MESSAGE)
@@ -141,8 +145,9 @@ class Embedder:
     rows that failed before) and ``clip_id`` (the extractor's id, ``FeatureSpec.id``).
     """
 
-    def __init__(self, spec: FeatureSpec, storage_options: dict | None = None, precision: str = "auto", pixels: str = PIXELS):
-        self.device = default_device()
+    def __init__(self, spec: FeatureSpec, storage_options: dict | None = None, precision: str = "auto", pixels: str = PIXELS,
+                 device: torch.device | None = None):
+        self.device = device or default_device()
         self.spec = spec
         self.extractor = build_extractor(spec, self.device, precision, storage_options)
         self.dim = spec.dim
@@ -209,3 +214,71 @@ def features_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     d = arr.type.list_size
     return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32, copy=False)
+
+
+def feature_specs(bundles: list[DetectorBundle]) -> list[FeatureSpec]:
+    """The distinct extractors of some detectors, in order (``load_images`` makes one input column each)."""
+    return list(dict.fromkeys(b.features for b in bundles))
+
+
+def todo_column(i: int) -> str:
+    """Chunk-input column: does detector ``i`` still need this object (ensembles, where detectors differ)?"""
+    return f"_todo_{i}"
+
+
+class Scorer:
+    """Ray Data actor: input images -> each detector's features -> logit, score, decision.
+
+    Holds every detector of the scan on one device; an extractor shared by several
+    detectors runs once. Rows that failed to read or decode pass through with their
+    error and no score, once per detector.
+    """
+
+    def __init__(self, bundle_uris: list[str], scan_id: str, storage_options: dict | None = None, crash_marker: str = "",
+                 load_counter=None, device: str | None = None):
+        self.crash_marker = crash_marker
+        self.device = torch.device(device) if device else default_device()
+        self.bundles = [load_bundle(u, storage_options, device=self.device) for u in bundle_uris]
+        self.embedders = {spec: Embedder(spec, storage_options, pixels=pixel_column(j), device=self.device)
+                          for j, spec in enumerate(feature_specs(self.bundles))}
+        self.scan_id = scan_id
+        if load_counter is not None:
+            # Models are built once per actor and scan: the scan's summary reports how often that happened.
+            load_counter.add.remote()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        if self.crash_marker and not os.path.exists(self.crash_marker):
+            open(self.crash_marker, "w").close()
+            os._exit(1)  # a hard actor death, as from an OOM kill or a lost node
+        n = len(batch[S.URI])
+        todo = [np.asarray(batch[todo_column(i)], dtype=bool) if todo_column(i) in batch else np.ones(n, dtype=bool)
+                for i in range(len(self.bundles))]
+        feats = {}
+        for spec, embedder in self.embedders.items():
+            if any(t.any() for b, t in zip(self.bundles, todo) if b.features == spec):
+                feats[spec] = embedder.extract(batch)
+        now = dt.datetime.now(dt.timezone.utc)
+        parts = []
+        for b, rows in zip(self.bundles, todo):
+            if not rows.any():
+                continue
+            x, ok = feats[b.features]
+            logits = np.full(n, np.nan, dtype=np.float64)
+            if ok.any():
+                logits[ok] = predict_logits(b.model, x).double().cpu().numpy()
+            with np.errstate(over="ignore"):
+                scores = 1.0 / (1.0 + np.exp(-logits))
+            table = to_table(batch, {
+                S.LOGIT: pa.array(logits, mask=~ok),
+                S.SCORE: pa.array(scores, mask=~ok),
+                S.THRESHOLD: pa.array(np.full(n, b.threshold)),
+                S.FLAGGED: pa.array(logits >= b.threshold_logit, mask=~ok),
+                S.DETECTOR_ID: pa.array([b.detector_id] * n, pa.string()),
+                S.DETECTOR_KIND: pa.array([b.kind] * n, pa.string()),
+                S.CLIP_ID: pa.array([b.features.id] * n, pa.string()),
+                S.SCAN_ID: pa.array([self.scan_id] * n, pa.string()),
+                S.SCANNED_AT: pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+            })
+            parts.append(table if rows.all() else table.filter(pa.array(rows)))
+        # Never empty: a chunk holds only objects that some detector still needs.
+        return pa.concat_tables(parts, promote_options="default")

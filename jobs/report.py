@@ -9,7 +9,7 @@ The page holds the run summaries of the date, a histogram of scores per detector
 threshold and the near-threshold band marked, a grid of flagged images as small embedded
 thumbnails (made from the objects themselves) sorted by score with uri, score and detector,
 the near-threshold band worth a human look, and the error counts by stage and type. It
-reads only the committed rows of that date's partitions (``jobs.audit.connect``); the grid
+reads that date's partitions of the Iceberg tables as of the newest committed unit (``jobs.audit.connect``); the grid
 and the band are capped (``--max-thumbnails``, ``--max-band``) and the page says how many
 rows were left out and the command that lists them all. Every text from the data (URIs,
 messages, ids) is HTML-escaped; the page loads nothing from outside itself.
@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from detector_core.images import ImageDecodeError, decode_image
 from detector_core.storage import open_fs, s3_storage_options
-from jobs.audit import connect, parse_date, read_runs, sql_quote
+from jobs.audit import connect, open_output, parse_date, read_runs, sql_quote
 from jobs.common import config_dict, fail, opt, parse_config, run_main
 
 HIST_BINS = 50
@@ -48,6 +48,8 @@ class ReportConfig:
     thumb_size: int = opt(160, "thumbnail edge in pixels")
     max_pixels: int = opt(64_000_000, "objects with more pixels than this get no thumbnail (decompression bombs)")
     threads: int = opt(16, "concurrent object reads for the thumbnails")
+    catalog: str = opt("", "Iceberg catalog of the tables (default: the one OUT/_catalog.json records; see jobs.scan --catalog)")
+    namespace: str = opt("", "catalog namespace of the output's tables (default: as recorded)")
     s3_endpoint: str = opt("", "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
 
 
@@ -169,15 +171,13 @@ document.addEventListener('DOMContentLoaded', function () {
 def build_report(cfg: ReportConfig) -> tuple[str, dict]:
     """(the page, counts of what it shows) for ``cfg``."""
     so = s3_storage_options(cfg.s3_endpoint or None)
-    fs, root = open_fs(cfg.scan, so)
-    if not cfg.scan or not fs.exists(root):
-        fail(f"--scan {cfg.scan!r} does not exist (or is not reachable with these credentials)")
-    runs = read_runs(cfg.scan, so)
+    out = open_output(cfg.scan, cfg.catalog, cfg.namespace, so)
+    runs = read_runs(out)
     if runs.num_rows == 0:
-        fail(f"no committed scans under {cfg.scan}/runs/: nothing to report")
+        fail(f"no finished scans in {cfg.scan}: nothing to report")
     date = max(runs["scan_date"].to_pylist()) if cfg.date in ("", "last") else parse_date(cfg.date, "--date")
     where = f"detector_id = {sql_quote(cfg.detector)}" if cfg.detector else ""
-    con = connect(cfg.scan, so, where, date, date, runs=runs)
+    con = connect(out, where, date, date, runs=runs)
     run_rows = [r for r in runs.to_pylist() if r["scan_date"] == date and (not cfg.detector or r["detector_id"] == cfg.detector)]
     if not run_rows:
         fail(f"no committed scan on {date} under {cfg.scan} (dates: {', '.join(sorted(set(runs['scan_date'].to_pylist())))})")

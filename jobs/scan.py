@@ -1,73 +1,64 @@
 """The nightly scan: score every image under a prefix (or in a manifest) with a detector.
 
-    python -m jobs.scan --detector s3://models/detector --input s3://bucket/uploads/ --output s3://audit/scans
-    ray job submit --address http://HEAD:8265 --working-dir . -- \\
-        python -m jobs.scan --detector s3://models/detector --input s3://bucket/uploads/ \\
-        --output s3://audit/scans --gpu --actors 8
-    ray job submit --address http://HEAD:8265 --working-dir . -- \\
+    python -m jobs.scan --detector OUT/detector --input ./images --output ./scans      # local: SQLite catalog in ./scans
+    ray job submit --address http://127.0.0.1:8265 --runtime-env cluster/runtime_env.yaml -- \\
+        python -m jobs.scan --detector s3://models/detector --input s3://uploads/ --output s3://audit/scans \\
+        --catalog detector --gpu --actors 1-16
+    ray job submit --address http://127.0.0.1:8265 --runtime-env cluster/runtime_env.yaml -- \\
         python -m jobs.scan --detector s3://models/clip-detector --ensemble s3://models/dnf-detector \\
-        --input s3://bucket/uploads/ --output s3://audit/scans --gpu --actors 8
+        --input s3://uploads/ --output s3://audit/scans --catalog detector --gpu --actors 8
 
-Pipeline (Ray Data, the same read/decode/embed code as training, ``jobs.pipeline``):
-list -> read bytes + decode + crop on CPU tasks -> features + classifier on GPU actors
-(``Scorer``) -> Parquet. Either detector kind (``clip-mlp``: CLIP + MLP; ``dnf-resnet``:
-diffusion noise + ResNet) goes through the same code. ``--ensemble`` runs more bundles in
-the same pass: each object is read and decoded once, each extractor runs once, and every
-detector records its own row. Every listed object ends as exactly one row per detector,
-in ``scores`` or in ``errors``; ``flagged`` is the subset of ``scores`` at or above the
-bundle's threshold. Tables are hive-partitioned by ``scan_date`` and ``bucket`` under
-``OUT/scores``, ``OUT/flagged``, ``OUT/errors`` (schema and layout: ``detector_core.tables``).
+One Ray Data stream per scan: read bytes + decode + crop (CPU tasks, ``load_images``) ->
+features + classifier (``Scorer`` actors, GPUs in production; models built once per actor,
+``--actors 1-16`` lets the pool grow into GPUs as they appear) -> ``write_results`` (CPU
+tasks that write the rows as Parquet data files of the Iceberg tables and return only the
+files' paths and counts). The driver consumes that stream of file records, never result
+rows, and commits every ``--chunk-size`` rows' files as one Iceberg snapshot per table
+(``detector_core.catalog``): the commit unit, while the stream keeps flowing.
 
-Incremental: objects already scored (or found undecodable) by the same detector, with
-the same etag and size, are skipped unless ``--full`` (per detector: a bundle added to an
-ensemble later scores the whole bucket once, the others only what changed); read
-failures (I/O, throttling) are retried within the run and again on the next one.
+Either detector kind (``clip-mlp``, ``dnf-resnet``) goes through the same code;
+``--ensemble`` runs more bundles in the same pass (each object read and decoded once, each
+extractor run once, one row per object and detector). Every listed object ends as exactly
+one row per detector in ``scores`` or ``errors``; ``flagged`` is the subset of ``scores``
+at or above the bundle's threshold.
 
-Resumable and atomic: the work is cut into chunks; each chunk's tables are staged
-under ``OUT/_staging/<scan_id>/`` with a ``_DONE`` marker. A scan started again finds
-the unfinished one, keeps its plan and finished chunks, and does the rest. Only when
-every chunk is done are the files moved into the tables, and ``OUT/runs/<scan_id>.json``
-(the run summary) is written last: a reader that trusts ``runs/`` never sees part of a
-scan, and a re-run that finds a half-done move finishes it.
+Exact state: a scan holds a lease on the output (``detector_core.lease``; a second scan
+refuses naming the holder, or waits with ``--wait``; a dead holder's lease expires after
+``--lease-ttl``). What is committed is settled: a scan plans only objects that no committed
+row of the same detector settles (same etag and size; read failures are retried), so a
+scan killed at any moment is continued by the next run, whatever its input, and nothing
+half-written is ever visible: uncommitted data files are unreferenced, and a unit whose
+four table commits were cut short is finished from its intent before the next scan
+plans. The run summary is ``runs`` rows in the catalog and ``OUT/runs/<scan_id>.json``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
+import signal
 import time
+import uuid
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
 from detector_core import schema as S
 from detector_core import tables as T
 from detector_core.bundle import BundleError, DetectorBundle, load_bundle
-from detector_core.extractors import FeatureSpec
+from detector_core.catalog import CatalogError, ScanOutput, data_file_path
 from detector_core.images import DEFAULT_MAX_PIXELS
+from detector_core.lease import Lease, LeaseHeldError, LeaseLostError
 from detector_core.manifest import ManifestError, read_manifest
-from detector_core.storage import arrow_fs, is_remote, open_fs, s3_storage_options
-from detector_core.training import predict_logits
-from jobs.common import (
-    config_dict,
-    fail,
-    init_ray,
-    join,
-    new_run_id,
-    opt,
-    parse_config,
-    read_json,
-    run_main,
-    write_json,
-    write_parquet,
-)
-from jobs.pipeline import Embedder, default_device, pixel_column, to_table
+from detector_core.storage import is_remote, open_fs, s3_storage_options
+from jobs.common import config_dict, fail, init_ray, join, new_run_id, opt, parse_config, run_main, write_json
+from jobs.pipeline import feature_specs, todo_column
 
-TABLES = T.TABLES
+# The only columns that reach the driver: one row per data file written by a worker.
+FILE_RECORD = pa.schema([("call", pa.string()), ("table", pa.string()), ("path", pa.string()), ("rows", pa.int64()),
+                         ("counts", pa.string())])
 
 
 @dataclass
@@ -75,86 +66,66 @@ class ScanConfig:
     detector: str = opt("", "detector bundle folder (local or s3://), as written by jobs.train to OUT/detector; either kind (clip-mlp, dnf-resnet)")
     ensemble: str = opt("", "more detector bundles to run in the same pass, comma-separated (e.g. a DNF bundle next to a CLIP one): one row per object and detector")
     input: str = opt("", "what to scan: a prefix (s3://bucket/prefix, gs://…, a local folder) or a .parquet/.csv manifest with a uri column")
-    output: str = opt("", "where the tables go: OUT/scores, OUT/flagged, OUT/errors, OUT/runs (local or s3://)")
+    output: str = opt("", "where the tables go: Iceberg tables OUT/scores, OUT/flagged, OUT/errors, OUT/runs (local or s3://)")
+    catalog: str = opt("", "Iceberg catalog of the tables: empty = SQLite OUT/catalog.db (local outputs only); sqlite:///…, postgresql://user@host/db, https://rest, glue, or a pyiceberg catalog name (credentials in its config, never here)")
+    namespace: str = opt("", "catalog namespace of this output's tables (default: as recorded in OUT/_catalog.json, else 'detector'); one per output in a shared catalog")
     full: bool = opt(False, "score everything again, not only new or changed objects")
     scan_date: str = opt("", "scan_date partition to write, YYYY-MM-DD (default: today, UTC); for backfills and re-runs of a missed night")
     captions: str = opt("", "manifest with uri,caption for detectors that use image+text features")
     batch_size: int = opt(64, "images per model batch")
-    actors: int = opt(1, "Scorer actors (one GPU each with --gpu)")
-    gpu: bool = opt(False, "run the Scorer actors on GPUs")
-    cpus_per_actor: float = opt(1.0, "CPUs reserved per Scorer actor; Ray gives its torch that many threads (raise it for CPU-only scans)")
-    chunk_size: int = opt(50_000, "objects per committed chunk (the unit of resume)")
+    actors: str = opt("1", "Scorer actors: a number, or a range MIN-MAX (e.g. 1-16) that grows into GPUs as they appear and shrinks when idle")
+    gpu: bool = opt(False, "run the Scorer actors on GPUs (one each)")
+    cpus_per_actor: float = opt(0.0, "CPUs reserved per Scorer actor, its torch threads (0 = 1 with --gpu, else half the cluster's CPUs shared by the actors, so decoding has the rest)")
+    chunk_size: int = opt(50_000, "result rows per commit unit (objects x detectors): each unit is one Iceberg snapshot per table")
     max_pixels: int = opt(DEFAULT_MAX_PIXELS, "refuse images with more pixels than this (decompression bombs)")
+    resource_timeout: float = opt(900.0, "seconds to wait for the first Scorer actor to be placed before failing with the missing resource")
+    lease_ttl: float = opt(300.0, "seconds a scan's lease on the output lasts without renewal (a dead scan blocks the output this long)")
+    wait: bool = opt(False, "if another scan holds the output's lease, wait for it instead of refusing")
     s3_endpoint: str = opt("", "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
     ray_address: str = opt("", "Ray cluster address (default: the job's cluster, or a local Ray)")
-    fail_after_chunks: int = opt(-1, "testing: stop with an error after this many chunks are staged")
     crash_actor_once: str = opt("", "testing: the first Scorer batch kills its actor process if this marker file does not exist yet")
+    kill_at: str = opt("", "testing: STEP:UNIT kills the driver with SIGKILL before commit step STEP (intent, errors, flagged, scores, runs, done) of unit UNIT")
 
 
-def feature_specs(bundles: list[DetectorBundle]) -> list[FeatureSpec]:
-    """The distinct extractors of some detectors, in order (``load_images`` makes one input column each)."""
-    return list(dict.fromkeys(b.features for b in bundles))
+def parse_actors(value: str) -> tuple[int, int]:
+    """``"4"`` -> (4, 4); ``"1-16"`` -> (1, 16); anything else raises ValueError."""
+    text = str(value).strip()
+    lo, sep, hi = text.partition("-")
+    try:
+        lo_n, hi_n = int(lo), int(hi) if sep else int(lo)
+    except ValueError:
+        raise ValueError(f"--actors {value!r} is not a number or a range MIN-MAX") from None
+    if lo_n < 1 or hi_n < lo_n:
+        raise ValueError(f"--actors {value!r}: need 1 <= MIN <= MAX")
+    return lo_n, hi_n
 
 
-def todo_column(i: int) -> str:
-    """Chunk-input column: does detector ``i`` still need this object (ensembles, where detectors differ)?"""
-    return f"_todo_{i}"
+def validate(cfg: ScanConfig) -> None:
+    """Refuse bad settings before anything is listed, leased or started."""
+    if not (cfg.detector and cfg.input and cfg.output):
+        fail("--detector, --input and --output are required")
+    for name in ("batch_size", "chunk_size", "max_pixels"):
+        if getattr(cfg, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be a positive whole number, got {getattr(cfg, name)}")
+    for name in ("resource_timeout", "lease_ttl"):
+        if not getattr(cfg, name) > 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.cpus_per_actor < 0:
+        fail(f"--cpus-per-actor must be 0 (auto) or positive, got {cfg.cpus_per_actor}")
+    try:
+        parse_actors(cfg.actors)
+    except ValueError as exc:
+        fail(str(exc))
+    if cfg.scan_date:
+        try:
+            dt.date.fromisoformat(cfg.scan_date)
+        except ValueError:
+            fail(f"--scan-date {cfg.scan_date!r} is not a date (YYYY-MM-DD)")
+    if cfg.kill_at and (cfg.kill_at.count(":") != 1 or not cfg.kill_at.split(":")[1].isdigit()):
+        fail(f"--kill-at {cfg.kill_at!r}: STEP:UNIT")
 
 
-class Scorer:
-    """Ray Data actor: input images -> each detector's features -> logit, score, decision.
-
-    Holds every detector of the scan on one device; an extractor shared by several
-    detectors runs once. Rows that failed to read or decode pass through with their
-    error and no score, once per detector.
-    """
-
-    def __init__(self, bundle_uris: list[str], scan_id: str, storage_options: dict | None = None, crash_marker: str = ""):
-        self.crash_marker = crash_marker
-        self.device = default_device()
-        self.bundles = [load_bundle(u, storage_options, device=self.device) for u in bundle_uris]
-        self.embedders = {spec: Embedder(spec, storage_options, pixels=pixel_column(j))
-                          for j, spec in enumerate(feature_specs(self.bundles))}
-        self.scan_id = scan_id
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        if self.crash_marker and not os.path.exists(self.crash_marker):
-            open(self.crash_marker, "w").close()
-            os._exit(1)  # a hard actor death, as from an OOM kill or a lost node
-        n = len(batch[S.URI])
-        todo = [np.asarray(batch[todo_column(i)], dtype=bool) if todo_column(i) in batch else np.ones(n, dtype=bool)
-                for i in range(len(self.bundles))]
-        feats = {}
-        for spec, embedder in self.embedders.items():
-            if any(t.any() for b, t in zip(self.bundles, todo) if b.features == spec):
-                feats[spec] = embedder.extract(batch)
-        now = dt.datetime.now(dt.timezone.utc)
-        parts = []
-        for b, rows in zip(self.bundles, todo):
-            if not rows.any():
-                continue
-            x, ok = feats[b.features]
-            logits = np.full(n, np.nan, dtype=np.float64)
-            if ok.any():
-                logits[ok] = predict_logits(b.model, x).double().cpu().numpy()
-            with np.errstate(over="ignore"):
-                scores = 1.0 / (1.0 + np.exp(-logits))
-            table = to_table(batch, {
-                S.LOGIT: pa.array(logits, mask=~ok),
-                S.SCORE: pa.array(scores, mask=~ok),
-                S.THRESHOLD: pa.array(np.full(n, b.threshold)),
-                S.FLAGGED: pa.array(logits >= b.threshold_logit, mask=~ok),
-                S.DETECTOR_ID: pa.array([b.detector_id] * n, pa.string()),
-                S.DETECTOR_KIND: pa.array([b.kind] * n, pa.string()),
-                S.CLIP_ID: pa.array([b.features.id] * n, pa.string()),
-                S.SCAN_ID: pa.array([self.scan_id] * n, pa.string()),
-                S.SCANNED_AT: pa.array([now] * n, pa.timestamp("us", tz="UTC")),
-            })
-            parts.append(table if rows.all() else table.filter(pa.array(rows)))
-        # Never empty: a chunk holds only objects that some detector still needs.
-        return pa.concat_tables(parts, promote_options="default")
-
-
+# -- planning (driver-side for now; the planning issue moves it onto the cluster) -------------
 def list_objects(source: str, so: dict | None) -> pa.Table:
     """uri, etag, size of every object under a prefix, or the rows of a manifest."""
     fs, path = open_fs(source, so)
@@ -183,21 +154,18 @@ def list_objects(source: str, so: dict | None) -> pa.Table:
     return pa.table({S.URI: pa.array(uris, pa.string()), S.ETAG: pa.array(etags, pa.string()), S.SIZE: pa.array(sizes, pa.int64())})
 
 
-def _committed(output: str, detector_id: str, so: dict | None) -> pa.Table:
-    """(uri, etag, size) the detector has already settled: scored, or failed for good."""
-    parts = []
-    for table, retry_filter in (("scores", None), ("errors", pads.field(S.ERROR_STAGE) != "read")):
-        ds = T.open_table(output, table, so)
-        if ds is None:
-            continue
-        flt = pads.field(S.DETECTOR_ID) == detector_id
-        if retry_filter is not None:
-            flt = flt & retry_filter
-        parts.append(ds.to_table(columns=[S.URI, S.ETAG, S.SIZE], filter=flt))
-    return pa.concat_tables(parts) if parts else pa.table({S.URI: pa.array([], pa.string()), S.ETAG: pa.array([], pa.string()), S.SIZE: pa.array([], pa.int64())})
+def settled(out: ScanOutput, detector_id: str) -> pa.Table:
+    """(uri, etag, size) the detector has already settled: scored, or failed for good (not a read error)."""
+    from pyiceberg.expressions import And, EqualTo, NotEqualTo
+
+    fields = (S.URI, S.ETAG, S.SIZE)
+    scored = out.read("scores", EqualTo(S.DETECTOR_ID, detector_id), fields)
+    failed = out.read("errors", And(EqualTo(S.DETECTOR_ID, detector_id), NotEqualTo(S.ERROR_STAGE, "read")), fields)
+    keys = pa.schema([(S.URI, pa.string()), (S.ETAG, pa.string()), (S.SIZE, pa.int64())])
+    return pa.concat_tables([scored.select(fields).cast(keys), failed.select(fields).cast(keys)])
 
 
-def _pending(listed: pa.Table, done: pa.Table) -> pa.Table:
+def pending(listed: pa.Table, done: pa.Table) -> pa.Table:
     """Listed objects the detector has not settled.
 
     An object is settled when a committed row has its uri and agrees on the etag and
@@ -212,209 +180,286 @@ def _pending(listed: pa.Table, done: pa.Table) -> pa.Table:
     def agrees(listed_col, done_col):
         return pc.or_(pc.is_null(pairs[listed_col]), pc.fill_null(pc.equal(pairs[listed_col], pairs[done_col]), False))
 
-    settled = pairs.filter(pc.and_(agrees(S.ETAG, "etag_done"), agrees(S.SIZE, "size_done")))[S.URI].unique()
-    return listed.filter(pc.invert(pc.is_in(listed[S.URI], value_set=settled)))
+    ok = pairs.filter(pc.and_(agrees(S.ETAG, "etag_done"), agrees(S.SIZE, "size_done")))[S.URI].unique()
+    return listed.filter(pc.invert(pc.is_in(listed[S.URI], value_set=ok)))
 
 
-def _find_unfinished(output: str, detector_key: str, so: dict | None) -> str | None:
-    fs, root = open_fs(join(output, "_staging"), so)
-    if not fs.exists(root):
-        return None
-    for d in sorted(fs.ls(root, detail=False)):
-        plan = read_json(join(output, "_staging", d.rstrip("/").rsplit("/", 1)[-1], "plan.json"), so)
-        if plan and plan.get("detector_key", plan["detector_id"]) == detector_key:
-            return plan["scan_id"]
-    return None
-
-
-def _score_chunk(chunk: pa.Table, cfg: ScanConfig, bundles: list[DetectorBundle], uris: list[str], scan_id: str,
-                 captions: pa.Table | None, so: dict | None) -> pa.Table:
-    import ray
-
-    from jobs.pipeline import load_images
-
-    if captions is not None:
-        chunk = chunk.join(captions, S.URI, join_type="left outer")
-    rows = max(1, min(1024, -(-chunk.num_rows // 16)))
-    ds = ray.data.from_arrow([chunk.slice(i, rows) for i in range(0, chunk.num_rows, rows)])
-    ds = ds.map_batches(
-        load_images,
-        fn_kwargs=dict(specs=feature_specs(bundles), storage_options=so, max_pixels=cfg.max_pixels),
-        batch_size=cfg.batch_size, batch_format="numpy",
-    )
-    ds = ds.map_batches(
-        Scorer, fn_constructor_kwargs=dict(bundle_uris=uris, scan_id=scan_id, storage_options=so, crash_marker=cfg.crash_actor_once),
-        batch_size=cfg.batch_size, batch_format="numpy",
-        # Ray Data's actor pools restart a dead actor and retry its batch by default
-        # (max_restarts=-1, max_task_retries=-1); tests/test_scan.py kills one to check.
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_gpus=1 if cfg.gpu else 0, num_cpus=cfg.cpus_per_actor,
-    )
-    return pa.concat_tables(ray.get(ds.to_arrow_refs()), promote_options="default")
-
-
-def _split(out: pa.Table) -> dict[str, pa.Table]:
-    failed = pc.is_valid(out[S.ERROR_STAGE])
-    scores = T.conform(out.filter(pc.invert(failed)), "scores")
-    return {
-        "scores": scores,
-        "flagged": scores.filter(pc.equal(scores[S.FLAGGED], True)),
-        "errors": T.conform(out.filter(failed), "errors"),
-    }
-
-
-def _by_bucket(table: pa.Table) -> dict[str, pa.Table]:
-    """Rows of ``table`` grouped by their bucket partition."""
-    buckets = np.array([T.bucket_of(u) for u in table[S.URI].to_pylist()], dtype=object)
-    return {b: table.filter(pa.array(buckets == b)) for b in sorted(set(buckets))}
-
-
-def _load_detectors(cfg: ScanConfig, so: dict | None) -> tuple[list[str], list[DetectorBundle]]:
-    uris = [cfg.detector] + [u.strip() for u in cfg.ensemble.split(",") if u.strip()]
-    bundles = []
-    for uri in uris:
-        try:
-            bundles.append(load_bundle(uri, so))
-        except BundleError as exc:
-            fail(str(exc))
-    ids = [b.detector_id for b in bundles]
-    if len(set(ids)) != len(ids):
-        fail(f"the same detector is given twice ({', '.join(ids)}); each bundle may appear once")
-    return uris, bundles
-
-
-def _plan(cfg: ScanConfig, bundles: list[DetectorBundle], scan_id: str, staging: str, scan_date: str, so: dict | None) -> dict:
-    """List, find what each detector still needs, and stage the chunk inputs; returns the plan."""
+def plan(cfg: ScanConfig, bundles: list[DetectorBundle], out: ScanOutput, so: dict | None) -> tuple[pa.Table, dict]:
+    """The work of this scan (uri, etag, size, and per-detector todo columns for ensembles) and its counts."""
     listed = list_objects(cfg.input, so)
     todo = []
     for b in bundles:
-        pending = listed if cfg.full else _pending(listed, _committed(cfg.output, b.detector_id, so))
-        todo.append(pc.is_in(listed[S.URI], value_set=pending[S.URI]))
-    need = todo[0]
+        need = listed if cfg.full else pending(listed, settled(out, b.detector_id))
+        todo.append(pc.is_in(listed[S.URI], value_set=need[S.URI]))
+    any_todo = todo[0]
     for t in todo[1:]:
-        need = pc.or_(need, t)
+        any_todo = pc.or_(any_todo, t)
     work = listed
     if len(bundles) > 1:
         for i, t in enumerate(todo):
             work = work.append_column(todo_column(i), t)
-    work = work.filter(need)
-    n_chunks = max(1, -(-work.num_rows // cfg.chunk_size)) if work.num_rows else 0
-    for i in range(n_chunks):
-        write_parquet(work.slice(i * cfg.chunk_size, cfg.chunk_size), join(staging, f"chunk-{i:05d}", "input.parquet"), so)
-    n_todo = [int(pc.sum(t).as_py() or 0) for t in todo]
-    return {"scan_id": scan_id, "detector_id": bundles[0].detector_id, "detector_key": _detector_key(bundles),
-            "detectors": [b.detector_id for b in bundles], "chunks": n_chunks, "listed": listed.num_rows,
-            "skipped": listed.num_rows - work.num_rows,
-            "skipped_by_detector": {b.detector_id: listed.num_rows - n for b, n in zip(bundles, n_todo)},
-            "scan_date": scan_date,
-            "started_at": dt.datetime.now(dt.timezone.utc).isoformat(), "config": config_dict(cfg)}
+    work = work.filter(any_todo)
+    skipped = {b.detector_id: listed.num_rows - int(pc.sum(t).as_py() or 0) for b, t in zip(bundles, todo)}
+    return work, {"listed": listed.num_rows, "skipped": listed.num_rows - work.num_rows, "skipped_by_detector": skipped}
 
 
-def _detector_key(bundles: list[DetectorBundle]) -> str:
-    """What a resumed scan must match: the same detectors (a lone detector's key is its id)."""
-    return "+".join(b.detector_id for b in bundles)
+# -- the stream ------------------------------------------------------------------------------
+def write_results(batch: pa.Table, output: str, scan_id: str, scan_date: str, storage_options: dict | None) -> pa.Table:
+    """Ray Data task: Scorer rows -> Parquet data files of scores/flagged/errors (one per table and bucket).
+
+    Returns one ``FILE_RECORD`` row per file: what the driver commits. The files are
+    invisible until then; a retried task writes new files and the first attempt's are
+    never referenced.
+    """
+    import pyarrow.parquet as pq
+
+    fs, _ = open_fs(output, storage_options)  # workers write files; only the driver touches the catalog
+    failed = pc.is_valid(batch[S.ERROR_STAGE])
+    rows = batch.append_column(S.SCAN_DATE, pa.array([dt.date.fromisoformat(scan_date)] * batch.num_rows, pa.date32()))
+    rows = rows.append_column(S.BUCKET, T.bucket_column(rows[S.URI]))
+    scores = T.conform(rows.filter(pc.invert(failed)), "scores")
+    parts = {"scores": scores, "flagged": scores.filter(pc.fill_null(scores[S.FLAGGED], False)), "errors": T.conform(rows.filter(failed), "errors")}
+    records, call = [], uuid.uuid4().hex
+    for name, table in parts.items():
+        if table.num_rows == 0:
+            continue
+        for bucket in pc.unique(table[S.BUCKET]).to_pylist():
+            part = table.filter(pc.equal(table[S.BUCKET], bucket))
+            path = data_file_path(output, name, scan_date, bucket, scan_id)
+            _, fs_path = open_fs(path, storage_options)
+            fs.makedirs(fs_path.rsplit("/", 1)[0], exist_ok=True)
+            with fs.open(fs_path, "wb") as f:
+                pq.write_table(part, f)
+            counts = pc.value_counts(part[S.DETECTOR_ID]).to_pylist()
+            records.append({"call": call, "table": name, "path": path, "rows": part.num_rows,
+                            "counts": json.dumps({c["values"]: c["counts"] for c in counts})})
+    return pa.Table.from_pylist(records, schema=FILE_RECORD)
+
+
+def _actor_resources(cfg: ScanConfig) -> tuple[float, int]:
+    import ray
+
+    if cfg.cpus_per_actor > 0:
+        return cfg.cpus_per_actor, 1 if cfg.gpu else 0
+    if cfg.gpu:
+        return 1.0, 1
+    # A CPU scan uses the machine: the Scorers' torch threads get half the CPUs, decoding and
+    # writing the rest (actors holding every CPU would starve the tasks that feed them).
+    return max(1.0, float(int(ray.cluster_resources().get("CPU", 2)) // 2 // parse_actors(cfg.actors)[1])), 0
+
+
+def build_stream(cfg: ScanConfig, work: pa.Table, uris: list[str], bundles: list[DetectorBundle], out: ScanOutput, scan_id: str,
+                 scan_date: str, captions: pa.Table | None, so: dict | None, counter):
+    """One Ray Data pipeline over the whole plan: decode tasks -> Scorer actors -> file-writing tasks."""
+    import ray
+
+    from jobs.pipeline import Scorer, load_images
+
+    if captions is not None:
+        work = work.join(captions, S.URI, join_type="left outer")
+    rows = max(1, min(1024, -(-work.num_rows // 64)))
+    ds = ray.data.from_arrow([work.slice(i, rows) for i in range(0, work.num_rows, rows)])
+    ds = ds.map_batches(load_images, fn_kwargs=dict(specs=feature_specs(bundles), storage_options=so, max_pixels=cfg.max_pixels),
+                        batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1)
+    lo, hi = parse_actors(cfg.actors)
+    cpus, gpus = _actor_resources(cfg)
+    ds = ds.map_batches(
+        Scorer, fn_constructor_kwargs=dict(bundle_uris=uris, scan_id=scan_id, storage_options=so, crash_marker=cfg.crash_actor_once,
+                                           load_counter=counter),
+        batch_size=cfg.batch_size, batch_format="numpy",
+        # Ray Data restarts a dead actor and retries its batch (tests/test_scan.py kills one);
+        # MIN < MAX is the autoscaling pool.
+        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), num_gpus=gpus, num_cpus=cpus,
+    )
+    return ds.map_batches(write_results, fn_kwargs=dict(output=out.uri, scan_id=scan_id, scan_date=scan_date, storage_options=so),
+                          batch_size=cfg.chunk_size, batch_format="pyarrow", num_cpus=0.5)
+
+
+def _load_counter():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class LoadCounter:
+        """How many times a Scorer built its models in this scan (the summary's ``model_loads``)."""
+
+        def __init__(self):
+            self.n = 0
+
+        def add(self):
+            self.n += 1
+
+        def count(self) -> int:
+            return self.n
+
+    return LoadCounter.remote()
+
+
+def _resource_message(cfg: ScanConfig) -> str:
+    import ray
+
+    cpus, gpus = _actor_resources(cfg)
+    have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+    need = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+    return (f"no Scorer actor could be placed within --resource-timeout {cfg.resource_timeout:g} s: each needs {need}, the cluster "
+            f"has {have or 'nothing'} in total" + ("; no GPU is in the cluster (drop --gpu, or add GPU nodes)" if gpus and not have.get("GPU") else ""))
+
+
+# -- the run ---------------------------------------------------------------------------------
+def _kill_hook(cfg: ScanConfig, lease: Lease):
+    step_at, _, unit_at = cfg.kill_at.partition(":")
+    state = {"unit": 0}
+
+    def before_each(step: str) -> None:
+        lease.check()
+        if cfg.kill_at and step == step_at and state["unit"] == int(unit_at):
+            os.kill(os.getpid(), signal.SIGKILL)
+    return before_each, state
+
+
+def _run_row(base: dict, b: DetectorBundle, unit: int, status: str, counts: dict, extra: dict | None = None) -> dict:
+    now = dt.datetime.now(dt.timezone.utc).isoformat()
+    return {**base, "unit": unit, "status": status, "detector_id": b.detector_id, "detector_kind": b.kind, "feature_id": b.features.id,
+            "scored": counts.get("scores", 0), "flagged": counts.get("flagged", 0), "errors": counts.get("errors", 0),
+            "committed_at": now, **(extra or {})}
 
 
 def run_scan(cfg: ScanConfig) -> dict:
+    validate(cfg)
     so = s3_storage_options(cfg.s3_endpoint or None)
-    if not (cfg.detector and cfg.input and cfg.output):
-        fail("--detector, --input and --output are required")
-    uris, bundles = _load_detectors(cfg, so)
-    captions = None
+    uris = [cfg.detector] + [u.strip() for u in cfg.ensemble.split(",") if u.strip()]
+    try:
+        bundles = [load_bundle(u, so) for u in uris]
+    except BundleError as exc:
+        fail(str(exc))
+    ids = [b.detector_id for b in bundles]
+    if len(set(ids)) != len(ids):
+        fail(f"the same detector is given twice ({', '.join(ids)}); each bundle may appear once")
     needing = [b.detector_id for b in bundles if b.needs_captions]
+    captions = None
     if needing:
         if not cfg.captions:
             fail(f"detector {', '.join(needing)} uses image+text features and needs captions; pass --captions with a uri,caption manifest")
         captions = read_manifest(cfg.captions, so).select([S.URI, S.CAPTION])
+    scan_date = cfg.scan_date or dt.datetime.now(dt.timezone.utc).date().isoformat()
     try:
-        scan_date = dt.date.fromisoformat(cfg.scan_date).isoformat() if cfg.scan_date else dt.datetime.now(dt.timezone.utc).date().isoformat()
-    except ValueError:
-        fail(f"--scan-date {cfg.scan_date!r} is not a date (YYYY-MM-DD)")
-    started = time.time()
+        out = ScanOutput.open(cfg.output, cfg.catalog, cfg.namespace, so)
+    except CatalogError as exc:
+        fail(str(exc))
+    scan_id = new_run_id("scan")
+    lease = Lease(out.fs, out.root, scan_id, cfg.lease_ttl)
+    try:
+        lease.acquire(wait=cfg.wait)
+    except LeaseHeldError as exc:
+        fail(str(exc))
+    lease.start_renewing()
+    try:
+        return _scan_under_lease(cfg, so, uris, bundles, captions, scan_date, out, scan_id, lease)
+    except LeaseLostError as exc:
+        fail(f"{exc}; nothing of this scan's uncommitted work is visible, run it again")
+    finally:
+        lease.release()
 
-    scan_id = _find_unfinished(cfg.output, _detector_key(bundles), so)
-    if scan_id:
-        staging = join(cfg.output, "_staging", scan_id)
-        plan = read_json(join(staging, "plan.json"), so)
-        print(f"resuming unfinished scan {scan_id}")
-    else:
-        scan_id = new_run_id("scan")
-        staging = join(cfg.output, "_staging", scan_id)
-        plan = _plan(cfg, bundles, scan_id, staging, scan_date, so)
-        write_json(join(staging, "plan.json"), plan, so)  # the plan is what a resumed scan continues
-    fs, _ = open_fs(staging, so)
-    counts = {t: 0 for t in TABLES}
-    by_detector = {b.detector_id: {t: 0 for t in TABLES} for b in bundles}
-    if plan["chunks"]:
+
+def _scan_under_lease(cfg, so, uris, bundles, captions, scan_date, out: ScanOutput, scan_id: str, lease: Lease) -> dict:
+    started = time.time()
+    started_at = dt.datetime.now(dt.timezone.utc).isoformat()
+    before_each, unit_state = _kill_hook(cfg, lease)
+    recovered = out.recover(before_each=lambda step: lease.check())
+    if recovered:
+        print(f"finished {len(recovered)} commit unit(s) a killed scan left half committed")
+    work, counts = plan(cfg, bundles, out, so)
+    base = {"scan_id": scan_id, "scan_date": scan_date, "input": cfg.input, "listed": None, "skipped": None, "model_loads": None,
+            "seconds": None, "started_at": started_at, "config": json.dumps(config_dict(cfg)), "schema_version": T.SCHEMA_VERSION}
+    totals = {b.detector_id: {t: 0 for t in T.TABLES} for b in bundles}
+    units, commit_seconds, driver_rows, files = 0, [], 0, 0
+    model_loads = 0
+    if work.num_rows:
+        import ray
+
         init_ray(cfg.ray_address or None)
-    for i in range(plan["chunks"]):
-        chunk_dir = join(staging, f"chunk-{i:05d}")
-        done_marker = read_json(join(chunk_dir, "_DONE.json"), so)
-        if done_marker is None:
-            in_fs, in_path = arrow_fs(join(chunk_dir, "input.parquet"), so)
-            chunk_in = pq.read_table(in_path, filesystem=in_fs)
-            tables = _split(_score_chunk(chunk_in, cfg, bundles, uris, scan_id, captions, so))
-            todo = [chunk_in[todo_column(j)] for j in range(len(bundles))] if len(bundles) > 1 else []
-            expected = sum(int(pc.sum(t).as_py() or 0) for t in todo) if todo else chunk_in.num_rows
-            if sum(t.num_rows for k, t in tables.items() if k != "flagged") != expected:
-                fail(f"chunk {i}: {expected} (object, detector) pairs in, a different number of rows out")
-            for name, t in tables.items():
-                for bucket, part in _by_bucket(t).items():
-                    write_parquet(part, join(chunk_dir, name, f"{S.BUCKET}={bucket}", f"part-{scan_id}-{i:05d}.parquet"), so)
-            done_marker = {name: t.num_rows for name, t in tables.items()}
-            done_marker["by_detector"] = {d: {name: int(pc.sum(pc.equal(t[S.DETECTOR_ID], d)).as_py() or 0) for name, t in tables.items()}
-                                          for d in by_detector}
-            write_json(join(chunk_dir, "_DONE.json"), done_marker, so)
-            print(f"chunk {i + 1}/{plan['chunks']}: {({k: v for k, v in done_marker.items() if k != 'by_detector'})}")
-            if cfg.fail_after_chunks >= 0 and i + 1 >= cfg.fail_after_chunks:
-                fail(f"stopping after {i + 1} chunks (--fail-after-chunks)")
-        for name in TABLES:
-            counts[name] += done_marker[name]
-        for d, c in done_marker.get("by_detector", {}).items():
-            for name in TABLES:
-                by_detector[d][name] += c[name]
-    # Commit: move every staged file into its table partition, then write the run summary
-    # last. A re-run after a crash here finds the plan, all chunks done, and moves the rest.
-    for i in range(plan["chunks"]):
-        for name in TABLES:
-            src_root = open_fs(join(staging, f"chunk-{i:05d}", name), so)[1]
-            if not fs.exists(src_root):
-                continue
-            for src_path in fs.find(src_root):
-                bucket_dir = src_path[len(src_root):].strip("/").split("/", 1)[0]
-                bucket = bucket_dir.split("=", 1)[1]
-                dst = join(cfg.output, name, T.partition_dir(plan["scan_date"], bucket), src_path.rsplit("/", 1)[1])
-                dst_path = open_fs(dst, so)[1]
-                fs.makedirs(dst_path.rsplit("/", 1)[0], exist_ok=True)
-                fs.mv(src_path, dst_path)
+        ctx = ray.data.DataContext.get_current()
+        ctx.wait_for_min_actors_s = int(max(1, cfg.resource_timeout))
+        counter = _load_counter()
+        stream = build_stream(cfg, work, uris, bundles, out, scan_id, scan_date, captions, so, counter)
+        pending_files: dict[str, list[str]] = {t: [] for t in T.TABLES}
+        pending_counts: dict[str, dict[str, int]] = {b.detector_id: {t: 0 for t in T.TABLES} for b in bundles}
+        pending_rows = 0
+
+        def commit() -> None:
+            nonlocal units, pending_rows, pending_files, pending_counts
+            t0 = time.time()
+            rows = [_run_row(base, b, units, "unit", pending_counts[b.detector_id]) for b in bundles]
+            out.commit_unit({"scan_id": scan_id, "unit": units, "files": pending_files, "runs": rows}, before_each=before_each)
+            commit_seconds.append(time.time() - t0)
+            for d, c in pending_counts.items():
+                for t in T.TABLES:
+                    totals[d][t] += c[t]
+            units += 1
+            unit_state["unit"] = units
+            print(f"unit {units}: {sum(c['scores'] for c in pending_counts.values())} scored, "
+                  f"{sum(c['errors'] for c in pending_counts.values())} errors committed ({commit_seconds[-1]:.2f} s)", flush=True)
+            pending_files = {t: [] for t in T.TABLES}
+            pending_counts = {b.detector_id: {t: 0 for t in T.TABLES} for b in bundles}
+            pending_rows = 0
+
+        try:
+            for batch in stream.iter_batches(batch_size=None, batch_format="pyarrow"):
+                # The guard: only file records cross to the driver, never result rows.
+                if batch.schema.names != FILE_RECORD.names:
+                    raise RuntimeError(f"result rows reached the scan driver (columns {batch.schema.names}); only file records may")
+                driver_rows += batch.num_rows
+                call = None
+                for rec in batch.to_pylist():
+                    # Units end between write_results calls, so one call's scores, flagged and errors
+                    # files (the same rows) always commit together.
+                    if rec["call"] != call and pending_rows >= cfg.chunk_size:
+                        commit()
+                    call = rec["call"]
+                    files += 1
+                    pending_files[rec["table"]].append(rec["path"])
+                    for d, n in json.loads(rec["counts"]).items():
+                        pending_counts[d][rec["table"]] += n
+                    if rec["table"] != "flagged":
+                        pending_rows += rec["rows"]
+                if pending_rows >= cfg.chunk_size:  # a block holds whole calls
+                    commit()
+            if pending_rows:
+                commit()
+        except ray.exceptions.GetTimeoutError:
+            fail(_resource_message(cfg))
+        model_loads = ray.get(counter.count.remote())
     elapsed = time.time() - started
-    skipped_by = plan.get("skipped_by_detector", {plan["detector_id"]: plan["skipped"]})
+    n_read = counts["listed"] - counts["skipped"]
+    summary_base = {**base, "listed": counts["listed"], "skipped": counts["skipped"], "model_loads": model_loads, "seconds": round(elapsed, 2)}
+    final = [_run_row(summary_base, b, -1, "completed", totals[b.detector_id], {"skipped": counts["skipped_by_detector"][b.detector_id]})
+             for b in bundles]
+    snaps = out.commit_unit({"scan_id": scan_id, "unit": -1, "files": {}, "runs": final}, before_each=lambda step: lease.check())
     summary = {
-        "scan_id": scan_id, "detector": cfg.detector, "detector_id": bundles[0].detector_id, "clip_model": bundles[0].clip_model,
-        "detector_kind": bundles[0].kind, "feature_id": bundles[0].features.id,
-        "threshold": bundles[0].threshold, "input": cfg.input, "output": cfg.output, "scan_date": plan["scan_date"],
-        "listed": plan["listed"], "skipped": plan["skipped"], "scored": counts["scores"], "flagged": counts["flagged"],
-        "errors": counts["errors"], "seconds": round(elapsed, 2),
-        # objects read per second (an ensemble writes several rows per object)
-        "images_per_second": round((plan["listed"] - plan["skipped"]) / elapsed, 2) if elapsed > 0 else None,
-        "detectors": [
-            {"detector": uri, "detector_id": b.detector_id, "detector_kind": b.kind, "feature_id": b.features.id,
-             "threshold": b.threshold, "skipped": skipped_by.get(b.detector_id, 0), "scored": by_detector[b.detector_id]["scores"],
-             "flagged": by_detector[b.detector_id]["flagged"], "errors": by_detector[b.detector_id]["errors"]}
-            for uri, b in zip(uris, bundles)
-        ],
-        "started_at": plan["started_at"], "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "scan_id": scan_id, "detector": cfg.detector, "detector_id": bundles[0].detector_id, "detector_kind": bundles[0].kind,
+        "feature_id": bundles[0].features.id, "threshold": bundles[0].threshold, "input": cfg.input, "output": cfg.output,
+        "catalog": out.catalog_spec or "sqlite (OUT/catalog.db)", "namespace": out.namespace, "scan_date": scan_date,
+        "listed": counts["listed"], "skipped": counts["skipped"],
+        "scored": sum(t["scores"] for t in totals.values()), "flagged": sum(t["flagged"] for t in totals.values()),
+        "errors": sum(t["errors"] for t in totals.values()), "seconds": round(elapsed, 2),
+        "images_per_second": round(n_read / elapsed, 2) if elapsed > 0 else None,  # objects read per second
+        "commit_units": units, "commit_seconds": [round(s, 3) for s in commit_seconds], "model_loads": model_loads,
+        "driver_rows_received": driver_rows, "data_files": files, "recovered_units": len(recovered),
+        "snapshot_ids": snaps,
+        "detectors": [{"detector": u, "detector_id": b.detector_id, "detector_kind": b.kind, "feature_id": b.features.id,
+                       "threshold": b.threshold, "skipped": counts["skipped_by_detector"][b.detector_id],
+                       "scored": totals[b.detector_id]["scores"], "flagged": totals[b.detector_id]["flagged"],
+                       "errors": totals[b.detector_id]["errors"]} for u, b in zip(uris, bundles)],
+        "started_at": started_at, "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "schema_version": T.SCHEMA_VERSION, "config": config_dict(cfg),
     }
     write_json(join(cfg.output, "runs", f"{scan_id}.json"), summary, so)
-    fs.rm(open_fs(staging, so)[1], recursive=True)
     print(f"scan {scan_id}: listed {summary['listed']}, skipped {summary['skipped']} (unchanged), scored {summary['scored']}, "
-          f"flagged {summary['flagged']}, errors {summary['errors']} in {elapsed:.1f} s")
+          f"flagged {summary['flagged']}, errors {summary['errors']} in {elapsed:.1f} s ({units} commit units, {model_loads} model loads)")
     if len(bundles) > 1:
         for d in summary["detectors"]:
             print(f"  {d['detector_id']} ({d['detector_kind']}): skipped {d['skipped']}, scored {d['scored']}, "
                   f"flagged {d['flagged']}, errors {d['errors']}")
-    for name in TABLES:
-        print(f"  {name:8s} {join(cfg.output, name)}/")
+    print(f"  tables {', '.join(out.identifier(t) for t in T.ALL_TABLES)} under {cfg.output}")
     return summary
 
 

@@ -1,19 +1,20 @@
-"""Audit tables from real scans: DuckDB and pyarrow read them, locally and from s3://; `jobs.audit` answers check out.
+"""Audit tables from real scans: DuckDB and pyiceberg read them, locally and from s3://; `jobs.audit` answers check out.
 
-Three real scans (two detectors, two scan dates) write the tables; every answer of
-``jobs.audit`` is compared with the same question answered independently from the
-rows read with pyarrow datasets (and pandas), and partition pruning is shown by
-corrupting the files of the partitions a query must not open.
+Three real scans (two detectors, two scan dates) write the Iceberg tables; every answer
+of ``jobs.audit`` is compared with the same question answered independently from the
+rows read with pyiceberg (and pandas); partition pruning is shown by corrupting the files
+of the partitions a query must not open; a data file no commit references is invisible to
+every reader; ``jobs.audit migrate`` moves what the previous code wrote into the tables.
 """
 
 from __future__ import annotations
 
 import math
-import shutil
+from pathlib import Path
 
 import duckdb
 import numpy as np
-import pyarrow.dataset as pads
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -24,7 +25,7 @@ from detector_core.extractors import FeatureSpec
 from detector_core.features import ClipEncoder
 from detector_core.images import decode_image
 from detector_core.model import DetectorMLP
-from detector_core.tables import open_table
+from detector_core.catalog import ScanOutput, read_table
 from jobs import audit, scan
 
 DAY1, DAY2 = "2026-11-20", "2026-11-21"
@@ -64,11 +65,13 @@ def scans(ray_local, tmp_path_factory):
     second = scan.main(["--detector", str(root / "old"), *common, "--scan-date", DAY2])
     third = scan.main(["--detector", str(root / "new"), *common, "--scan-date", DAY2])
     assert second["scored"] == 2 and third["scored"] == 12
-    return {"out": out, "old": ids[0], "new": ids[1]}
+    return {"out": out, "old": ids[0], "new": ids[1], "root": root}
 
 
 def _rows(out, name):
-    return open_table(str(out), name).to_table().to_pandas()
+    df = read_table(str(out), name).to_pandas()
+    df["scan_date"] = df["scan_date"].astype(str)
+    return df
 
 
 def _ask(*argv):
@@ -141,82 +144,110 @@ def test_recut_at_another_threshold(scans):
     assert same.newly_flagged.tolist() == [0] and same.no_longer_flagged.tolist() == [0]
 
 
-def _copy_with_corrupt_day(src, dst, day):
-    """A copy of the scan output whose files of ``day`` are not Parquet: opening one fails."""
-    shutil.copytree(src, dst)
-    for p in dst.glob(f"*/scan_date={day}/*/*.parquet"):
-        p.write_bytes(b"not parquet")
-    return dst
+def _files_of_day(out, day):
+    o = ScanOutput.open(str(out), create=False)
+    return [t.file.file_path for name in ("scores", "flagged", "errors")
+            for t in o.table(name).scan(row_filter=f"scan_date = '{day}'").plan_files()]
 
 
-def test_date_and_bucket_filters_open_only_their_partitions(scans, tmp_path):
-    copy = _copy_with_corrupt_day(scans["out"], tmp_path / "a", DAY1)
-    assert _ask("per-day", "--scan", str(copy), "--date", DAY2)["scored"].sum() == 2 + 12
-    assert _ask("per-day", "--scan", str(copy), "--since", DAY2, "--bucket", "local")["scored"].sum() == 2 + 12
-    with pytest.raises(SystemExit):
-        _ask("per-day", "--scan", str(copy))  # all days: the corrupt files are read and the query fails cleanly
+def test_date_and_bucket_filters_open_only_their_partitions(scans):
+    out = scans["out"]
+    files = _files_of_day(out, DAY1)
+    assert files and all(f"/scan_date={DAY1}/" in p for p in files)  # pyiceberg plans only that partition
+    saved = {p: open(p, "rb").read() for p in files}
+    try:
+        for p in files:  # the first night's files are now unreadable
+            open(p, "wb").write(b"not parquet")
+        assert _ask("per-day", "--scan", str(out), "--date", DAY2)["scored"].sum() == 2 + 12
+        assert _ask("per-day", "--scan", str(out), "--since", DAY2, "--bucket", "local")["scored"].sum() == 2 + 12
+        with pytest.raises(SystemExit):
+            _ask("per-day", "--scan", str(out))  # all days: the corrupt files are read and the query fails cleanly
+        # DuckDB's iceberg_scan as an auditor types it prunes on the partition columns too.
+        con = audit.duckdb_connection(ScanOutput.open(str(out), create=False))
+        loc = ScanOutput.open(str(out), create=False).table("flagged").metadata_location
+        n = con.sql(f"SELECT count(*) FROM iceberg_scan('{loc}') WHERE scan_date = DATE '{DAY2}' AND bucket = 'local'").fetchone()[0]
+        assert n == int(_rows_cached["flagged"].query("scan_date == @DAY2").shape[0])
+    finally:
+        for p, data in saved.items():
+            open(p, "wb").write(data)
 
-    # DuckDB as an auditor types it, and pyarrow datasets, prune on the partition columns.
-    # (DuckDB reads the first file's footer to bind the schema: the corrupt day is the later one.)
-    copy = _copy_with_corrupt_day(scans["out"], tmp_path / "b", DAY2)
-    want = int(_rows(scans["out"], "flagged").query("scan_date == @DAY1").shape[0])
-    sql = f"""SELECT count(*) FROM read_parquet('{copy}/flagged/*/*/*.parquet', hive_partitioning = true)
-              WHERE scan_date = DATE '{DAY1}' AND bucket = 'local'"""
-    assert duckdb.sql(sql).fetchall()[0][0] == want
-    ds = open_table(str(copy), "flagged")
-    frags = list(ds.get_fragments(filter=pads.field("scan_date") == DAY1))
-    assert frags and all(f"scan_date={DAY1}/bucket=local/" in f.path for f in frags)
-    assert ds.to_table(filter=pads.field("scan_date") == DAY1).num_rows == want
+
+_rows_cached: dict = {}
 
 
-def test_rows_of_a_scan_without_a_run_summary_are_not_shown(scans, tmp_path):
-    copy = tmp_path / "out"
-    shutil.copytree(scans["out"], copy)
-    part = next(copy.glob(f"scores/scan_date={DAY2}/bucket=local/*.parquet"))
+@pytest.fixture(autouse=True)
+def _cache_rows(scans):
+    if not _rows_cached:
+        _rows_cached.update({n: _rows(scans["out"], n) for n in ("scores", "flagged", "errors")})
+
+
+def test_a_data_file_no_commit_references_is_invisible(scans):
+    out = scans["out"]
+    part = _files_of_day(out, DAY2)[0]
+    orphan = Path(part).with_name("scan-killed-before-its-commit.parquet")
     t = pq.read_table(part)
-    t = t.set_column(t.schema.get_field_index("scan_id"), "scan_id", [["scan-still-committing"] * t.num_rows])
-    pq.write_table(t, part.with_name("part-scan-still-committing-00000.parquet"))
-    got = _ask("sql", "--scan", str(copy), "--sql", "SELECT count(*) AS n FROM scores")
-    assert got.n.tolist() == [len(_rows(scans["out"], "scores"))]
+    pq.write_table(t.set_column(t.schema.get_field_index("scan_id"), "scan_id", [["scan-killed"] * t.num_rows]), orphan)
+    try:
+        got = _ask("sql", "--scan", str(out), "--sql", "SELECT count(*) AS n FROM scores")
+        assert got.n.tolist() == [len(_rows_cached["scores"])]
+        assert "scan-killed" not in set(read_table(str(out), "scores")["scan_id"].to_pylist())
+    finally:
+        orphan.unlink()
 
 
-def test_schema_1_files_read_next_to_schema_2_files(scans, tmp_path):
-    """Tables written before ``detector_kind`` existed stay readable, with the column null."""
-    copy = tmp_path / "out"
-    shutil.copytree(scans["out"], copy)
-    old = list(copy.glob(f"*/scan_date={DAY1}/bucket=local/*.parquet"))
-    assert old
-    for part in old:  # rewrite the first night as schema version 1 wrote it
-        t = pq.read_table(part)
-        t = t.drop_columns(["detector_kind"]).replace_schema_metadata({b"diffusion_detector.schema_version": b"1"})
-        pq.write_table(t, part)
-    got = _ask("sql", "--scan", str(copy), "--sql",
-               "SELECT scan_date::VARCHAR AS d, count(*) AS n, count(detector_kind) AS with_kind FROM scores GROUP BY ALL ORDER BY d")
-    want = _rows(scans["out"], "scores").groupby("scan_date").size()
-    assert got.n.tolist() == want.tolist()
-    assert got.with_kind.tolist() == [0, want[DAY2]]
-    rows = open_table(str(copy), "scores").to_table().to_pandas()
-    assert rows.detector_kind.isna().sum() == want[DAY1] and set(rows.detector_kind.dropna()) == {"clip-mlp"}
-
-
-def test_tables_from_s3_with_duckdb_pyarrow_and_the_audit_job(scans, s3_bucket, s3_server):
+def test_tables_from_s3_with_duckdb_pyiceberg_and_the_audit_job(ray_local, scans, s3_bucket, s3_server, tmp_path):
     import s3fs
 
+    rng = np.random.default_rng(5)
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
-    fs.put(str(scans["out"]) + "/", f"{s3_bucket[5:]}/scans/", recursive=True)
-    fs.invalidate_cache()
+    for i in range(5):
+        fs.pipe(f"{s3_bucket[5:]}/in/img_{i}.png", encode(make_image(rng)))
     remote = f"{s3_bucket}/scans"
-    local = _ask("per-day", "--scan", str(scans["out"]))
-    assert _ask("per-day", "--scan", remote).equals(local)
-    # pyarrow datasets over s3://
-    ds = open_table(remote, "scores")
-    assert ds.count_rows(filter=pads.field("bucket") == "local") == len(_rows(scans["out"], "scores"))
-    # DuckDB over s3:// through the fsspec filesystem (no extension download)
-    con = duckdb.connect()
-    con.register_filesystem(fs)
-    n = con.sql(f"SELECT count(*) FROM read_parquet('{remote}/flagged/*/*/*.parquet', hive_partitioning = true) "
-                f"WHERE scan_date = DATE '{DAY2}'").fetchall()[0][0]
-    assert n == int(_rows(scans["out"], "flagged").query("scan_date == @DAY2").shape[0])
+    summary = scan.main(["--detector", str(scans["root"] / "old"), "--input", f"{s3_bucket}/in", "--output", remote,
+                         "--catalog", f"sqlite:///{tmp_path}/catalog.db", "--scan-date", DAY1])
+    rows = read_table(remote, "scores").to_pandas()
+    assert len(rows) == 5 and set(rows.bucket) == {s3_bucket[5:]}
+    got = _ask("per-day", "--scan", remote)
+    assert got.scored.tolist() == [5] and got.flagged.tolist() == [int(rows.flagged.sum())]
+    o = ScanOutput.open(remote, create=False)
+    assert o.table("scores").metadata_location.startswith(remote + "/scores/metadata/")
+    con = audit.duckdb_connection(o)  # DuckDB's iceberg_scan over s3:// through the fsspec filesystem
+    n = con.sql(f"SELECT count(*) FROM iceberg_scan('{o.table('flagged').metadata_location}') WHERE scan_date = DATE '{DAY1}'").fetchone()[0]
+    assert n == summary["flagged"] == int(rows.flagged.sum())
+
+
+def test_migrate_what_the_previous_code_wrote(ray_local, scans, tmp_path):
+    from bench.legacy import legacy_scan
+
+    try:
+        legacy = legacy_scan(["--detector", str(scans["root"] / "old"), "--ensemble", str(scans["root"] / "new"),
+                              "--input", str(scans["root"] / "bucket"), "--output", str(tmp_path / "old"), "--scan-date", DAY1])
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    old = tmp_path / "old"
+    # Make one table's first file schema 1 (before detector_kind), as the oldest outputs are.
+    v1 = next((old / "errors").rglob("*.parquet"))
+    t = pq.read_table(v1)
+    pq.write_table(t.drop_columns(["detector_kind"]).replace_schema_metadata({b"diffusion_detector.schema_version": b"1"}), v1)
+    def legacy_rows(name):
+        files = sorted(str(p) for p in (old / name).rglob("*.parquet"))
+        return pa.concat_tables([pq.read_table(f).drop_columns([c for c in ("detector_kind",) if c in pq.read_schema(f).names])
+                                 for f in files]).sort_by([("uri", "ascending"), ("detector_id", "ascending")])
+
+    first = audit.main(["migrate", "--output", str(old)])
+    assert first["scans_migrated"] == 1 and first["scores_rows"] == legacy["scored"] == 2 * 11
+    again = audit.main(["migrate", "--output", str(old)])  # twice is once
+    assert again["scans_migrated"] == 0 and again["scans_already_there"] == 1
+    for name in ("scores", "flagged", "errors"):
+        got = read_table(str(old), name).sort_by([("uri", "ascending"), ("detector_id", "ascending")])
+        want = legacy_rows(name)
+        assert got.num_rows == want.num_rows
+        for col in want.column_names:  # same rows, scan ids and timestamps
+            assert got[col].to_pylist() == want[col].to_pylist(), (name, col)
+        assert {d.isoformat() for d in got["scan_date"].to_pylist()} == {DAY1}
+    assert read_table(str(old), "errors")["detector_kind"].null_count == t.num_rows  # the schema-1 file's rows
+    runs = _ask("sql", "--scan", str(old), "--sql", "SELECT scan_id, scored FROM runs ORDER BY detector_id")
+    assert set(runs.scan_id) == {legacy["scan_id"]} and runs.scored.sum() == legacy["scored"]
 
 
 def test_bad_questions_fail_with_one_line(scans, capsys):

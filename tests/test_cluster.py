@@ -330,18 +330,21 @@ def test_train_then_scan_through_ray_job_submit_on_s3(ray_head, s3_server, s3_bu
     assert fs.exists(f"{b}/train/detector/detector.json") and fs.exists(f"{b}/train/metrics.json")
 
     # Failures, submitted together while the scan runs: each ends FAILED with one ERROR: line last.
+    # The head runs on this machine, so a SQLite catalog file here is one it can reach.
+    catalog = ["--catalog", f"sqlite:///{tmp_path}/catalog.db"]
     bad_input = _submit(ray_head, renv, "python", "-m", "jobs.scan", "--detector", f"{s3_bucket}/train/detector",
-                        "--input", f"{s3_bucket}/no-such-prefix/", "--output", f"{s3_bucket}/scans-x", wait=False)
+                        "--input", f"{s3_bucket}/no-such-prefix/", "--output", f"{s3_bucket}/scans-x", *catalog,
+                        "--namespace", "x", wait=False)
     no_bundle = _submit(ray_head, renv, "python", "-m", "jobs.scan", "--detector", f"{s3_bucket}/no-such-detector",
-                        "--input", f"{s3_bucket}/incoming/", "--output", f"{s3_bucket}/scans-x", wait=False)
+                        "--input", f"{s3_bucket}/incoming/", "--output", f"{s3_bucket}/scans-x", *catalog, wait=False)
     scan = _submit(ray_head, renv, "python", "-m", "jobs.scan", "--detector", f"{s3_bucket}/train/detector",
-                   "--input", f"{s3_bucket}/incoming/", "--output", f"{s3_bucket}/scans")
+                   "--input", f"{s3_bucket}/incoming/", "--output", f"{s3_bucket}/scans", *catalog)
     assert scan.returncode == 0, scan.stdout[-3000:] + scan.stderr[-3000:]
 
-    from detector_core.tables import open_table
+    from detector_core.catalog import read_table
 
-    scores = open_table(f"{s3_bucket}/scans", "scores").to_table()
-    errors = open_table(f"{s3_bucket}/scans", "errors").to_table()
+    scores = read_table(f"{s3_bucket}/scans", "scores")
+    errors = read_table(f"{s3_bucket}/scans", "errors")
     assert scores.num_rows == 8 and errors.num_rows == 1
     assert sorted(scores["uri"].to_pylist()) == sorted(f"{s3_bucket}/incoming/img_{i}.png" for i in range(8))
     assert fs.ls(f"{b}/scans/runs")
@@ -365,7 +368,7 @@ def test_wrong_credentials_end_with_one_line(ray_head, tmp_path):
                             AWS_SECRET_ACCESS_KEY="wrong-secret")
         sid = f"t-{uuid.uuid4().hex[:8]}"
         res = _submit(ray_head, renv, "python", "-m", "jobs.scan", "--detector", "s3://models/detector",
-                      "--input", "s3://uploads/", "--output", "s3://audit/scans", sid=sid)
+                      "--input", "s3://uploads/", "--output", "s3://audit/scans", "--catalog", f"sqlite:///{tmp_path}/c.db", sid=sid)
         assert res.returncode != 0
         status, logs = _wait(ray_head, sid)
         last = _last_line(logs)

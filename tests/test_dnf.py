@@ -22,7 +22,7 @@ from detector_core.dnf import DnfExtractor, UnetNotFoundError, load_unet, unet_c
 from detector_core.extractors import FeatureSpec
 from detector_core.images import decode_image
 from detector_core.model import DetectorMLP, NoiseResNet, load_backbone
-from detector_core.tables import open_table
+from detector_core.catalog import read_table
 from jobs import evaluate, scan, train
 from jobs.embed import read_features
 from jobs.pipeline import features_matrix
@@ -133,7 +133,7 @@ def test_resnet_starts_from_a_torchvision_state_dict(tmp_path, demo_manifest, ca
 
 
 def _scores(out) -> dict:
-    t = open_table(str(out), "scores").to_table()
+    t = read_table(str(out), "scores")
     return {(u, d): z for u, d, z in zip(t["uri"].to_pylist(), t["detector_id"].to_pylist(), t["logit"].to_pylist())}
 
 
@@ -172,8 +172,8 @@ def test_dnf_trains_scans_and_ensembles_with_clip(ray_local, demo_manifest, tmp_
     base = ["--input", str(folder), "--batch-size", "4"]
     scan.main(["--detector", str(out / "detector"), "--output", str(tmp_path / "scan-dnf"), *base])
     scan.main(["--detector", str(clip_dir), "--output", str(tmp_path / "scan-both"), *base])
-    dnf_rows = open_table(str(tmp_path / "scan-dnf"), "scores").to_table()
-    clip_rows = open_table(str(tmp_path / "scan-both"), "scores").to_table()
+    dnf_rows = read_table(str(tmp_path / "scan-dnf"), "scores")
+    clip_rows = read_table(str(tmp_path / "scan-both"), "scores")
     files = [next((tmp_path / d / "scores").rglob("*.parquet")) for d in ("scan-dnf", "scan-both")]
     assert pq.read_schema(files[0]) == pq.read_schema(files[1])  # one file schema for both kinds
     assert "detector_kind" in pq.read_schema(files[0]).names
@@ -197,7 +197,7 @@ def test_dnf_trains_scans_and_ensembles_with_clip(ray_local, demo_manifest, tmp_
     assert len(both) == 16 and {d for _, d in both} == {clip_id, bundle.detector_id}
     for u in uris:
         assert both[(u, bundle.detector_id)] == pytest.approx(got[u], rel=1e-6, abs=1e-6)
-    errors = open_table(str(tmp_path / "scan-both"), "errors").to_table()
+    errors = read_table(str(tmp_path / "scan-both"), "errors")
     assert sorted(errors["detector_kind"].to_pylist()) == ["clip-mlp", "dnf-resnet"]
     assert set(errors["uri"].to_pylist()) == {str(folder / "broken.jpg")}
 
@@ -209,6 +209,6 @@ def test_dnf_trains_scans_and_ensembles_with_clip(ray_local, demo_manifest, tmp_
     assert (again["scored"], again["errors"], again["skipped"]) == (0, 0, 9)
     runs = [json.loads(p.read_text()) for p in (tmp_path / "scan-fresh" / "runs").glob("*.json")]
     assert len(runs) == 2 and all(len(r["detectors"]) == 2 for r in runs)
-    scores = open_table(str(tmp_path / "scan-fresh"), "scores").to_table()
-    flagged = open_table(str(tmp_path / "scan-fresh"), "flagged")
-    assert (0 if flagged is None else flagged.count_rows()) == pc.sum(scores["flagged"]).as_py()
+    scores = read_table(str(tmp_path / "scan-fresh"), "scores")
+    flagged = read_table(str(tmp_path / "scan-fresh"), "flagged")
+    assert flagged.num_rows == pc.sum(scores["flagged"]).as_py()

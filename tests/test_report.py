@@ -22,7 +22,7 @@ from detector_core.extractors import FeatureSpec
 from detector_core.features import ClipEncoder
 from detector_core.images import decode_image
 from detector_core.model import DetectorMLP
-from detector_core.tables import open_table
+from detector_core.catalog import read_table
 from jobs import report, scan
 
 NAUGHTY = 'odd <script>alert(1) & "quote" <img src=x onerror=alert(2)>.png'  # no "/": it is one file name
@@ -50,7 +50,7 @@ def scanned(ray_local, tmp_path_factory):
     for name, data in {**files, "broken.jpg": b"\xff\xd8 not really", "page.jpg": b"<html></html>"}.items():
         (bucket / name).write_bytes(data)
     summary = scan.main(["--detector", str(root / "detector"), "--input", str(bucket), "--output", str(root / "out")])
-    return {"out": root / "out", "summary": summary, "flagged": open_table(str(root / "out"), "flagged").to_table()}
+    return {"out": root / "out", "summary": summary, "flagged": read_table(str(root / "out"), "flagged")}
 
 
 class _Collect(html.parser.HTMLParser):

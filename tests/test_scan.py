@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
+import subprocess
+import sys
+import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +24,8 @@ from detector_core.features import ClipEncoder
 from detector_core.images import decode_image
 from detector_core.model import DetectorMLP
 from jobs import scan
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -81,14 +88,17 @@ def _write(root, files):
         p.write_bytes(data)
 
 
-def _tables(out, so=None):
-    from detector_core.tables import open_table
+def _data_files(out, name, catalog=""):
+    from detector_core.catalog import ScanOutput
 
-    res = {}
-    for name in ("scores", "flagged", "errors"):
-        ds = open_table(str(out), name, so)
-        res[name] = None if ds is None else ds.to_table()
-    return res
+    table = ScanOutput.open(str(out), catalog, create=False).table(name)
+    return [t.file.file_path for t in table.scan().plan_files()]
+
+
+def _tables(out, catalog=""):
+    from detector_core.catalog import read_table
+
+    return {name: read_table(str(out), name, catalog=catalog) for name in ("scores", "flagged", "errors", "runs")}
 
 
 def test_hostile_mix_every_object_accounted_for_and_scores_exact(ray_local, bundle_dir, tmp_path):
@@ -106,8 +116,12 @@ def test_hostile_mix_every_object_accounted_for_and_scores_exact(ray_local, bund
     flagged = t["flagged"]
     assert flagged.num_rows == summary["flagged"] == sum(scores["flagged"].to_pylist())
     assert json.loads((out / "runs" / f"{summary['scan_id']}.json").read_text())["scored"] == scores.num_rows
-    assert not (out / "_staging").exists() or not list((out / "_staging").iterdir())
-    assert set(scores["scan_date"].to_pylist()) == {summary["scan_date"]} and set(scores["bucket"].to_pylist()) == {"local"}
+    assert not (out / "_intents").exists() or not list((out / "_intents").iterdir())
+    assert {d.isoformat() for d in scores["scan_date"].to_pylist()} == {summary["scan_date"]}
+    assert set(scores["bucket"].to_pylist()) == {"local"}
+    # Every data file sits in its table's partition folder and is referenced by the table.
+    for name in ("scores", "flagged", "errors"):
+        assert all(f"/{name}/data/scan_date={summary['scan_date']}/bucket=local/" in p for p in _data_files(out, name))
 
     # Scores equal a direct detector_core computation on the same files (no JPEGs: no draft).
     bundle = load_bundle(str(bundle_dir))
@@ -122,29 +136,75 @@ def test_hostile_mix_every_object_accounted_for_and_scores_exact(ray_local, bund
     assert np.array_equal(scores["flagged"].to_numpy(zero_copy_only=False), scores["logit"].to_numpy() >= 0.0)
 
 
-def test_incremental_rerun_and_resume_after_a_crash(ray_local, bundle_dir, tmp_path):
-    rng = np.random.default_rng(1)
+def _driver(args: list[str], kill_after: float | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``python -m jobs.scan ARGS`` as its own driver process on the session's Ray; ``kill_after``: SIGKILL it then."""
+    import ray
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.scan", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=kill_after if kill_after is not None else timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # SIGKILL: no cleanup of any kind in the driver
+        out, _ = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+def _exactly_once(out, uris, catalog=""):
+    t = _tables(out, catalog)
+    got = t["scores"]["uri"].to_pylist() + t["errors"]["uri"].to_pylist()
+    assert sorted(got) == sorted(uris), "every object exactly once in scores + errors"
+    flagged = t["flagged"]["uri"].to_pylist()
+    assert sorted(flagged) == sorted(u for u, f in zip(t["scores"]["uri"].to_pylist(), t["scores"]["flagged"].to_pylist()) if f)
+    return t
+
+
+def _images(bucket, n, seed, prefix="img"):
+    rng = np.random.default_rng(seed)
+    files = {f"{prefix}_{i:02d}.png": encode(make_image(rng)) for i in range(n)}
+    _write(bucket, files)
+    return sorted(str(bucket / f) for f in files)
+
+
+def test_incremental_rerun_and_changes(ray_local, bundle_dir, tmp_path):
     bucket = tmp_path / "bucket"
-    _write(bucket, {f"img_{i:02d}.png": encode(make_image(rng)) for i in range(12)})
+    uris = _images(bucket, 12, 1)
     out = tmp_path / "out"
     args = ["--detector", str(bundle_dir), "--input", str(bucket), "--output", str(out), "--chunk-size", "4"]
-    with pytest.raises(SystemExit):
-        scan.main([*args, "--fail-after-chunks", "1"])
-    assert _tables(out)["scores"] is None  # nothing visible from the unfinished scan
-    resumed = scan.main(args)
-    assert resumed["scored"] == 12
-    uris = _tables(out)["scores"]["uri"].to_pylist()
-    assert sorted(uris) == sorted(set(uris)) and len(uris) == 12
-
+    first = scan.main(args)
+    assert first["scored"] == 12 and first["commit_units"] == 3
+    _exactly_once(out, uris)
     again = scan.main(args)
-    assert again["skipped"] == 12 and again["scored"] == 0
+    assert again["skipped"] == 12 and again["scored"] == 0 and again["model_loads"] == 0
     assert _tables(out)["scores"].num_rows == 12  # no duplicate rows
 
+    rng = np.random.default_rng(9)
     _write(bucket, {f"new_{i}.png": encode(make_image(rng)) for i in range(3)})
     (bucket / "img_00.png").write_bytes(encode(make_image(rng, size=(90, 91))))  # changed object
     third = scan.main(args)
     assert third["scored"] == 4 and third["skipped"] == 11
     assert _tables(out)["scores"].num_rows == 16
+    runs = _tables(out)["runs"]
+    done = [r for r in runs.to_pylist() if r["status"] == "completed"]
+    assert [r["scored"] for r in sorted(done, key=lambda r: r["started_at"])] == [12, 0, 4]
+
+
+def test_one_stream_models_built_once_per_actor_and_rows_never_reach_the_driver(ray_local, bundle_dir, tmp_path):
+    bucket = tmp_path / "bucket"
+    uris = _images(bucket, 24, 4)
+    out = tmp_path / "out"
+    summary = scan.main(["--detector", str(bundle_dir), "--input", str(bucket), "--output", str(out), "--chunk-size", "4",
+                         "--batch-size", "4", "--actors", "2"])
+    _exactly_once(out, uris)
+    assert summary["commit_units"] == 6  # N / 6 per unit: six commits ...
+    assert summary["model_loads"] == 2  # ... from one pipeline: each of the 2 actors built its models once
+    # What the driver received: exactly one record per data file the tables reference (counted
+    # independently from the Iceberg metadata), not one per object.
+    referenced = sum(len(_data_files(out, name)) for name in ("scores", "flagged", "errors"))
+    assert summary["driver_rows_received"] == summary["data_files"] == referenced
+    units = [r for r in _tables(out)["runs"].to_pylist() if r["status"] == "unit"]
+    assert sorted(r["unit"] for r in units) == list(range(6)) and sum(r["scored"] for r in units) == 24
 
 
 def test_scan_on_s3(ray_local, bundle_dir, s3_bucket, tmp_path):
@@ -156,15 +216,21 @@ def test_scan_on_s3(ray_local, bundle_dir, s3_bucket, tmp_path):
         fs.pipe(f"{s3_bucket[5:]}/in/img_{i}.png", encode(make_image(rng)))
     fs.pipe(f"{s3_bucket[5:]}/in/broken.jpg", b"not an image")
     fs.put(str(bundle_dir), f"{s3_bucket[5:]}/models/detector", recursive=True)
-    summary = scan.main(["--detector", f"{s3_bucket}/models/detector", "--input", f"{s3_bucket}/in", "--output", f"{s3_bucket}/scans"])
-    t = _tables(f"{s3_bucket}/scans")
+    out = f"{s3_bucket}/scans"
+    args = ["--detector", f"{s3_bucket}/models/detector", "--input", f"{s3_bucket}/in", "--output", out]
+    with pytest.raises(SystemExit):  # an object-store output needs a catalog that every reader can reach
+        scan.main(args)
+    catalog = f"sqlite:///{tmp_path}/catalog.db"
+    summary = scan.main([*args, "--catalog", catalog])
+    t = _tables(out)  # the catalog is recorded in OUT/_catalog.json
     assert summary["scored"] == 5 and summary["errors"] == 1
     assert t["scores"].num_rows == 5 and t["errors"]["uri"].to_pylist() == [f"{s3_bucket}/in/broken.jpg"]
     assert all(e for e in t["scores"]["etag"].to_pylist())
     assert set(t["scores"]["bucket"].to_pylist()) == {s3_bucket[5:]}
-    assert fs.ls(f"{s3_bucket[5:]}/scans/scores/scan_date={summary['scan_date']}") == [
-        f"{s3_bucket[5:]}/scans/scores/scan_date={summary['scan_date']}/bucket={s3_bucket[5:]}"]
+    files = _data_files(out, "scores")
+    assert files and all(p.startswith(f"{out}/scores/data/scan_date={summary['scan_date']}/bucket={s3_bucket[5:]}/") for p in files)
     assert fs.exists(f"{s3_bucket[5:]}/scans/runs/{summary['scan_id']}.json")
+    assert scan.main([*args, "--catalog", catalog])["scored"] == 0
 
 
 def test_image_text_detector_refuses_to_scan_without_captions(bundle_dir, tmp_path):
@@ -177,27 +243,188 @@ def test_image_text_detector_refuses_to_scan_without_captions(bundle_dir, tmp_pa
 
 
 def test_an_actor_that_dies_is_replaced_and_its_batch_retried(ray_local, bundle_dir, tmp_path):
-    rng = np.random.default_rng(3)
     bucket = tmp_path / "bucket"
-    _write(bucket, {f"img_{i:02d}.png": encode(make_image(rng)) for i in range(10)})
+    uris = _images(bucket, 10, 3)
     marker = tmp_path / "crashed"
     summary = scan.main(["--detector", str(bundle_dir), "--input", str(bucket), "--output", str(tmp_path / "out"),
                          "--batch-size", "4", "--crash-actor-once", str(marker)])
     assert marker.exists()  # the actor really died once
-    uris = _tables(tmp_path / "out")["scores"]["uri"].to_pylist()
-    assert summary["scored"] == 10 and len(uris) == 10 == len(set(uris))
+    assert summary["scored"] == 10 and summary["model_loads"] == 2  # the replacement built its models again
+    _exactly_once(tmp_path / "out", uris)
 
 
 def test_manifest_without_etag_or_size_is_incremental_too(ray_local, bundle_dir, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rng = np.random.default_rng(5)
     bucket = tmp_path / "bucket"
-    _write(bucket, {f"img_{i}.png": encode(make_image(rng)) for i in range(4)})
+    _images(bucket, 4, 5)
     pq.write_table(pa.table({"uri": [str(p) for p in sorted(bucket.iterdir())]}), tmp_path / "inventory.parquet")
     args = ["--detector", str(bundle_dir), "--input", str(tmp_path / "inventory.parquet"), "--output", str(tmp_path / "out")]
     assert scan.main(args)["scored"] == 4
     again = scan.main(args)  # the manifest gives only uris: already-scored uris are settled
     assert again["skipped"] == 4 and again["scored"] == 0
     assert _tables(tmp_path / "out")["scores"].num_rows == 4
+
+
+@pytest.mark.parametrize("bad", [["--chunk-size", "0"], ["--chunk-size", "-1"], ["--batch-size", "0"], ["--actors", "0"],
+                                 ["--actors", "3-1"], ["--actors", "x"], ["--lease-ttl", "0"], ["--resource-timeout", "-5"]])
+def test_bug5_bad_numbers_are_refused_before_anything_starts(bundle_dir, tmp_path, capsys, bad):
+    (tmp_path / "in").mkdir()
+    with pytest.raises(SystemExit):
+        scan.main(["--detector", str(bundle_dir), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), *bad])
+    assert bad[0] in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # no catalog, no lease, no tables
+
+
+def test_bug1_bug2_a_killed_scan_never_captures_another_input(ray_local, bundle_dir, tmp_path):
+    a, b = _images(tmp_path / "a", 16, 6), _images(tmp_path / "b", 6, 7, prefix="b")
+    out = tmp_path / "out"
+    common = ["--detector", str(bundle_dir), "--output", str(out), "--chunk-size", "4", "--lease-ttl", "3", "--wait"]
+    # Bug 2: a scan that dies at the same point on every attempt (each commits a unit, then dies in the next) ...
+    for _ in range(2):
+        died = _driver([*common, "--input", str(tmp_path / "a"), "--kill-at", "scores:1"])
+        assert died.returncode == -9, died.stdout[-2000:]
+    # ... does not block the output, and (bug 1) a scan of another input does only its own work.
+    other = scan.main([*common, "--input", str(tmp_path / "b"), "--scan-date", "2026-11-20"])
+    t = _tables(out)
+    mine = [u for u, s in zip(t["scores"]["uri"].to_pylist(), t["scores"]["scan_id"].to_pylist()) if s == other["scan_id"]]
+    assert sorted(mine) == b and other["scored"] == 6 and other["input"] == str(tmp_path / "b")
+    assert other["recovered_units"] == 1  # it finished the killed scan's half-committed unit (its rows are a's)
+    # The first input's remainder is done by the next scan of that input, each object once.
+    scan.main([*common, "--input", str(tmp_path / "a")])
+    _exactly_once(out, a + b)
+
+
+# The commit's steps: before the first table (intent written, nothing committed), between tables
+# (errors and flagged in, scores not), after the last (all in, intent not yet removed).
+@pytest.mark.parametrize("step", ["errors", "scores", "done"])
+def test_bug3_kill_at_every_commit_step_then_rerun_is_exactly_once(ray_local, bundle_dir, tmp_path, step):
+    files = hostile_files()
+    _write(tmp_path / "bucket", files)
+    out = tmp_path / "out"
+    args = ["--detector", str(bundle_dir), "--input", str(tmp_path / "bucket"), "--output", str(out), "--chunk-size", "6",
+            "--lease-ttl", "2", "--wait"]
+    died = _driver([*args, "--kill-at", f"{step}:1"])
+    assert died.returncode == -9, died.stdout[-2000:]
+    t = _tables(out)
+    assert t["scores"].num_rows + t["errors"].num_rows >= 6  # unit 0 is in, whatever happened to unit 1
+    scan.main(args)
+    _exactly_once(out, [str(tmp_path / "bucket" / n) for n in files])
+
+
+def test_kill_9_at_random_moments_then_rerun_is_exactly_once(ray_local, bundle_dir, tmp_path):
+    uris = _images(tmp_path / "bucket", 30, 8)
+    out = tmp_path / "out"
+    args = ["--detector", str(bundle_dir), "--input", str(tmp_path / "bucket"), "--output", str(out), "--chunk-size", "3",
+            "--batch-size", "3", "--lease-ttl", "2", "--wait"]
+    rng = np.random.default_rng(11)
+    for delay in sorted(rng.uniform(8, 16, size=2)):
+        _driver(args, kill_after=float(delay))
+    scan.main(args)
+    _exactly_once(out, uris)
+
+
+def test_kill_9_mid_commit_on_s3(ray_local, bundle_dir, s3_bucket, tmp_path):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    rng = np.random.default_rng(12)
+    uris = []
+    for i in range(8):
+        fs.pipe(f"{s3_bucket[5:]}/in/img_{i}.png", encode(make_image(rng)))
+        uris.append(f"{s3_bucket}/in/img_{i}.png")
+    fs.pipe(f"{s3_bucket[5:]}/in/broken.jpg", b"not an image")
+    uris.append(f"{s3_bucket}/in/broken.jpg")
+    out = f"{s3_bucket}/scans"
+    args = ["--detector", str(bundle_dir), "--input", f"{s3_bucket}/in", "--output", out, "--chunk-size", "3",
+            "--catalog", f"sqlite:///{tmp_path}/catalog.db", "--lease-ttl", "2", "--wait"]
+    died = _driver([*args, "--kill-at", "flagged:1"])
+    assert died.returncode == -9, died.stdout[-2000:]
+    assert fs.ls(f"{s3_bucket[5:]}/scans/_intents")  # the half-committed unit's intent is there
+    scan.main(args)
+    _exactly_once(out, uris)
+
+
+def test_bug4_two_scans_at_once_one_refuses_naming_the_holder(ray_local, bundle_dir, tmp_path, capsys):
+    from detector_core.lease import Lease
+    from detector_core.storage import open_fs
+
+    uris = _images(tmp_path / "bucket", 6, 13)
+    out = tmp_path / "out"
+    args = ["--detector", str(bundle_dir), "--input", str(tmp_path / "bucket"), "--output", str(out)]
+    scan.main([*args, "--full"])  # creates the output
+    fs, root = open_fs(str(out))
+    holder = Lease(fs, root, "scan-held-by-someone", ttl_s=3)
+    holder.acquire()
+    with pytest.raises(SystemExit):
+        scan.main([*args, "--full"])
+    assert "scan-held-by-someone" in capsys.readouterr().err
+    # --wait: the holder died without releasing; its lease expires and the waiting scan goes ahead.
+    waited = scan.main([*args, "--full", "--wait"])
+    assert waited["scored"] == 6
+
+    # Two real drivers started together on a fresh output: one scans, the other refuses (or, had it
+    # started later, would find nothing left): every object once.
+    out2 = tmp_path / "out2"
+    procs = [subprocess.Popen([sys.executable, "-m", "jobs.scan", *args[:-1], str(out2)], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "RAY_ADDRESS": __import__("ray").get_runtime_context().gcs_address})
+             for _ in range(2)]
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes[0] == 0, logs
+    if codes[1] != 0:
+        assert any("is being written by scan" in log for log in logs), logs
+    _exactly_once(out2, uris)
+
+
+def test_readers_never_see_part_of_a_commit_unit(ray_local, bundle_dir, tmp_path):
+    import threading
+
+    from detector_core.catalog import ScanOutput
+
+    uris = _images(tmp_path / "bucket", 24, 14)
+    out = tmp_path / "out"
+    seen, stop = [], threading.Event()
+
+    def poll():
+        from jobs.audit import duckdb_connection
+
+        while not stop.is_set():
+            try:
+                o = ScanOutput.open(str(out), create=False)
+                t = o.table("scores")
+                seen.append(("pyiceberg", t.scan().to_arrow().num_rows))
+                con = duckdb_connection(o)
+                seen.append(("duckdb", con.sql(f"SELECT count(*) FROM iceberg_scan('{t.metadata_location}')").fetchone()[0]))
+            except Exception:  # noqa: BLE001 - tables not created yet
+                pass
+            time.sleep(0.05)
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    summary = scan.main(["--detector", str(bundle_dir), "--input", str(tmp_path / "bucket"), "--output", str(out),
+                         "--chunk-size", "4", "--batch-size", "4"])
+    stop.set()
+    th.join(timeout=30)
+    units = sorted((r["unit"], r["scored"]) for r in _tables(out)["runs"].to_pylist() if r["status"] == "unit")
+    boundaries = set(np.cumsum([0] + [n for _, n in units]).tolist())
+    assert summary["commit_units"] >= 4 and len({n for _, n in seen}) >= 3, seen  # the readers saw the table grow
+    assert all(n in boundaries for _, n in seen), (seen, boundaries)
+    _exactly_once(out, uris)
+
+
+def test_elastic_pool_and_a_missing_gpu_fails_fast_naming_it(ray_local, bundle_dir, tmp_path, capsys):
+    uris = _images(tmp_path / "bucket", 8, 15)
+    summary = scan.main(["--detector", str(bundle_dir), "--input", str(tmp_path / "bucket"), "--output", str(tmp_path / "out"),
+                         "--actors", "1-2", "--batch-size", "2"])
+    assert summary["scored"] == 8 and 1 <= summary["model_loads"] <= 2
+    _exactly_once(tmp_path / "out", uris)
+    started = time.time()
+    with pytest.raises(SystemExit):
+        scan.main(["--detector", str(bundle_dir), "--input", str(tmp_path / "bucket"), "--output", str(tmp_path / "out-gpu"),
+                   "--gpu", "--resource-timeout", "5"])
+    err = capsys.readouterr().err
+    assert "no Scorer actor could be placed" in err and "GPU" in err, err
+    assert time.time() - started < 120

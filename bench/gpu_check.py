@@ -1,0 +1,189 @@
+"""One-shot GPU check: the figures a session lent a GPU records first, as one JSON file.
+
+    bash bench/gpu_check.sh [OUT_DIR]          # on the GPU machine; writes OUT_DIR/gpu_check.json
+    python -m bench.gpu_check --out gpu_check.json [--seconds 20]
+
+Random weights throughout (timings do not depend on them), no network, well under 8
+minutes on one H100:
+
+1. ``vit_l14_forward``: the ViT-L-14 image tower (``ClipEncoder``, bf16 autocast) on
+   preprocessed 224 px batches already on the GPU: images/s, the ceiling of a scan.
+2. ``scan_steady``: the scan's own stages on synthetic 3000x2000 JPEG photos with a
+   ViT-L-14 bundle: ``jobs.pipeline.load_images`` (read, draft decode, crop) in a pool of
+   CPU processes feeding ``jobs.pipeline.Scorer`` (features + MLP + decision), timed after
+   a warm-up; the same functions Ray Data runs as tasks and actors. Ray itself is not used
+   here: its wheel (79 MB) is larger than what may travel to the GPU machine, so this is
+   the pipeline's rate without Ray's scheduling, and the JSON says so.
+3. ``dnf_features``: the DNF extractor with the DDPM-256 UNet architecture, bf16.
+4. ``sam_step``: one cvar_auc + SAM step at batch 2048 x 1536 with the exact on-device
+   loss, and the loss alone against the reference's per-batch CPU scalar search.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def vit_l14_forward(device: str, batch: int, seconds: float) -> dict:
+    from detector_core.features import ClipEncoder
+
+    torch.manual_seed(0)
+    enc = ClipEncoder("ViT-L-14", "none", device=device)
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    with torch.inference_mode():
+        for _ in range(3):
+            enc.encode(x, None, "image")
+        _sync()
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            enc.encode(x, None, "image")
+            n += batch
+        _sync()
+        dt = time.perf_counter() - t0
+    return {"images_per_s": round(n / dt, 1), "batch": batch, "precision": enc.precision if hasattr(enc, "precision") else "auto"}
+
+
+def _photo(args) -> str:
+    from bench.bench_scan import write_images
+
+    folder, i = args
+    p = write_images(Path(folder) / f"p{i:04d}", 1, (3000, 2000), 1000 + i)[0]
+    return str(p)
+
+
+def _load(uris: list[str]) -> dict:
+    from jobs.pipeline import load_images
+
+    return load_images({"uri": np.array(uris, dtype=object)}, specs=_SPECS)
+
+
+_SPECS: list = []
+
+
+def _init_worker(specs):
+    global _SPECS
+    _SPECS = specs
+    torch.set_num_threads(1)
+
+
+def scan_steady(device: str, photos: int, objects: int, batch: int, workers: int) -> dict:
+    from detector_core.bundle import DetectorBundle, save_bundle
+    from detector_core.extractors import FeatureSpec
+    from detector_core.model import DetectorMLP
+    from jobs.pipeline import Scorer, feature_specs
+
+    tmp = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    torch.manual_seed(0)
+    save_bundle(DetectorBundle(model=DetectorMLP(768).eval(), features=FeatureSpec(clip_model="ViT-L-14", feature_mode="image")),
+                str(tmp / "detector"))
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers) as pool:
+        paths = pool.map(_photo, [(str(tmp), i) for i in range(photos)])
+    scorer = Scorer([str(tmp / "detector")], scan_id="gpu-check")
+    uris = [paths[i % len(paths)] for i in range(objects)]
+    batches = [uris[i:i + batch] for i in range(0, len(uris), batch)]
+    warm = max(2, len(batches) // 5)
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(feature_specs(scorer.bundles),)) as pool:
+        t0 = t_warm = time.perf_counter()
+        n_warm = 0
+        for i, loaded in enumerate(pool.imap(_load, batches)):
+            out = scorer(loaded)
+            assert out.num_rows == len(loaded["uri"])
+            if i + 1 == warm:
+                _sync()
+                t_warm, n_warm = time.perf_counter(), sum(len(b) for b in batches[:warm])
+        _sync()
+        t1 = time.perf_counter()
+    return {"images_per_s_steady": round((objects - n_warm) / (t1 - t_warm), 1), "images_per_s_all": round(objects / (t1 - t0), 1),
+            "objects": objects, "distinct_photos": photos, "batch": batch, "decode_processes": workers,
+            "note": "jobs.pipeline.load_images in a process pool -> jobs.pipeline.Scorer in one process; no Ray (wheel too large to carry)"}
+
+
+def dnf_features(device: str, batch: int, seconds: float) -> dict:
+    from bench.bench_features import _ddpm_256
+
+    torch.manual_seed(0)
+    ex = _ddpm_256(device, "auto")
+    x = torch.randint(0, 256, (batch, ex.prep.size, ex.prep.size, 3), dtype=torch.uint8, device=device)
+    ex.extract(x)
+    _sync()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        ex.extract(x)
+        n += batch
+    _sync()
+    return {"features_per_s": round(n / (time.perf_counter() - t0), 1), "batch": batch, "input_px": ex.prep.size}
+
+
+def sam_step(device: str) -> dict:
+    import torch.nn.functional as F  # noqa: F401
+
+    from bench.bench_step import reference_style_loss, timeit
+    from detector_core.losses import detector_loss
+    from detector_core.model import DetectorMLP
+    from detector_core.training import OptimConfig, build_optimizer, training_step
+
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    x = torch.randn(2048, 1536, device=dev)
+    y = (torch.rand(2048, device=dev) < 0.8).long()
+    model = DetectorMLP(1536).to(dev)
+    cfg = OptimConfig()
+    opt = build_optimizer(model, cfg)
+    step = timeit(lambda: training_step(model, opt, x, y, cfg), dev, 20)
+    logits = model(x).detach().requires_grad_(True)
+    t_exact = timeit(lambda: detector_loss(logits, y, "cvar_auc").backward(), dev, 20)
+    t_ref = timeit(lambda: reference_style_loss(logits, y).backward(), dev, 20)
+    return {"sam_step_ms": round(step * 1e3, 3), "examples_per_s": round(2048 / step), "loss_exact_ms": round(t_exact * 1e3, 3),
+            "loss_reference_cpu_search_ms": round(t_ref * 1e3, 3), "batch": 2048, "width": 1536}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="gpu_check.json", help="where to write the JSON")
+    ap.add_argument("--seconds", type=float, default=15.0, help="timed seconds per forward-only figure")
+    ap.add_argument("--photos", type=int, default=96, help="distinct synthetic 3000x2000 photos for the scan figure")
+    ap.add_argument("--objects", type=int, default=6144, help="objects the scan figure scores (photos repeated)")
+    ap.add_argument("--batch-size", type=int, default=256, help="model batch for the scan and ViT figures")
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="decode processes")
+    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: vit,scan,dnf,sam")
+    args = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    res: dict = {"device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
+                 "torch": torch.__version__, "cpus": os.cpu_count(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    parts = {"vit_l14_forward": ("vit", lambda: vit_l14_forward(device, args.batch_size, args.seconds)),
+             "sam_step": ("sam", lambda: sam_step(device)),
+             "dnf_features": ("dnf", lambda: dnf_features(device, 32, args.seconds)),
+             "scan_steady": ("scan", lambda: scan_steady(device, args.photos, args.objects, args.batch_size, args.workers))}
+    for name, (key, fn) in parts.items():
+        if key in skip:
+            continue
+        t = time.perf_counter()
+        try:
+            res[name] = fn()
+        except Exception as exc:  # noqa: BLE001 - one failing part must not lose the others' figures
+            res[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        res[name]["wall_s"] = round(time.perf_counter() - t, 1)
+        print(name, json.dumps(res[name]), flush=True)
+        Path(args.out).write_text(json.dumps(res, indent=2))
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# One-shot GPU check (bench/gpu_check.py): ViT-L-14 forward, the scan's stages, DNF, the SAM step.
+# Writes OUT_DIR/gpu_check.json (default: $OUT on the device machine, else .). No network: the
+# Python packages the GPU image lacks travel as wheels in .whl/ (see bench/README in docs/scaling.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-.}}"
+if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import open_clip, diffusers" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+PYTHONUNBUFFERED=1 timeout 470 python3 -m bench.gpu_check --out "$out/gpu_check.json" "${@:2}"
