@@ -6,10 +6,10 @@ the output for as long as it writes. The lease is a chain of small JSON records
 ``ROOT/_lease/<generation>.json``; the newest generation is the lease's state (holder,
 scan id, expiry, or released). Every change of state is the *exclusive creation* of
 the next generation, which exactly one writer can win: ``If-None-Match: *`` on S3 (and
-S3-compatible stores that honour it), ``O_EXCL`` on local disks, through fsspec's
-``pipe_file(mode="create")``. So taking, renewing, taking over an expired lease and
-releasing all race safely without a lock service. The holder renews well before the
-expiry (``renew_every``); a holder that died (``kill -9``, a lost node) stops renewing
+S3-compatible stores that honour it) through fsspec's ``pipe_file(mode="create")``, and on
+local disks a hard link of a complete temporary file (``link`` fails on an existing name).
+So taking, renewing, taking over an expired lease and releasing all race safely without a
+lock service. The holder renews well before the expiry (``start_renewing``); a holder that died (``kill -9``, a lost node) stops renewing
 and its lease expires after ``ttl_s``. Expiry compares UTC wall clocks of the machines
 involved: keep them NTP-synchronised, and ``ttl_s`` far above their skew.
 """
@@ -65,6 +65,9 @@ class Lease:
         self.lost: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # renew() (renewal thread) and check() (before each commit) must not interleave: between
+        # creating the next generation and recording it, the lease would look taken over.
+        self._lock = threading.Lock()
 
     # -- state ---------------------------------------------------------------------------
     def _generations(self) -> list[int]:
@@ -74,7 +77,7 @@ class Lease:
             return []
         gens = []
         for n in names:
-            stem = n.rstrip("/").rsplit("/", 1)[-1].removesuffix(".json")
+            stem = n.rstrip("/").rsplit("/", 1)[-1].removesuffix(".json")  # skips *.tmp files
             if stem.isdigit():
                 gens.append(int(stem))
         return sorted(gens)
@@ -99,8 +102,20 @@ class Lease:
         record = {"state": state, "owner": self.owner, "scan_id": self.scan_id, "generation": gen,
                   "written_at": _now().isoformat(), "expires_at": (_now() + dt.timedelta(seconds=self.ttl_s)).isoformat()}
         self.fs.makedirs(self.dir, exist_ok=True)
+        path, data = f"{self.dir}/{gen:012d}.json", json.dumps(record).encode()
         try:
-            self.fs.pipe_file(f"{self.dir}/{gen:012d}.json", json.dumps(record).encode(), mode="create")
+            if getattr(self.fs, "local_file", False):
+                # O_EXCL alone would let a reader see the new file before its bytes: write a
+                # temporary file, then hard-link it into place (fails if the name exists).
+                tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                try:
+                    os.link(tmp, path)
+                finally:
+                    os.unlink(tmp)
+            else:
+                self.fs.pipe_file(path, data, mode="create")  # S3: If-None-Match: *
         except FileExistsError:
             return False
         return True
@@ -123,6 +138,10 @@ class Lease:
 
     def renew(self) -> None:
         """Extend the lease; raises ``LeaseLostError`` when it is no longer this writer's."""
+        with self._lock:
+            self._renew()
+
+    def _renew(self) -> None:
         gen, record = self.current()
         if gen != self.generation or (record or {}).get("owner") != self.owner:
             self.lost = f"lease of {self.root} was taken over by scan {(record or {}).get('scan_id')} ({(record or {}).get('owner')})"
@@ -137,16 +156,18 @@ class Lease:
         """Raise ``LeaseLostError`` unless this writer still holds a live lease (call before each commit)."""
         if self.lost:
             raise LeaseLostError(self.lost)
-        gen, record = self.current()
-        if gen != self.generation or not self.is_live(record):
-            self.lost = f"lease of {self.root} expired or was taken over (newest: {record})"
-            raise LeaseLostError(self.lost)
+        with self._lock:
+            gen, record = self.current()
+            if gen != self.generation or not self.is_live(record):
+                self.lost = f"lease of {self.root} expired or was taken over (newest: {record})"
+                raise LeaseLostError(self.lost)
 
     def release(self) -> None:
         self.stop_renewing()
-        gen, record = self.current()
-        if gen == self.generation and (record or {}).get("owner") == self.owner:
-            self._create(gen + 1, "released")
+        with self._lock:
+            gen, record = self.current()
+            if gen == self.generation and (record or {}).get("owner") == self.owner:
+                self._create(gen + 1, "released")
 
     def _cleanup(self, newest: int) -> None:
         for g in self._generations():

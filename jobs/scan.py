@@ -378,6 +378,7 @@ def _scan_under_lease(cfg, so, uris, bundles, captions, scan_date, out: ScanOutp
 
         init_ray(cfg.ray_address or None)
         ctx = ray.data.DataContext.get_current()
+        saved_wait = ctx.wait_for_min_actors_s  # the driver's context outlives this scan (notebooks, tests): restore it
         ctx.wait_for_min_actors_s = int(max(1, cfg.resource_timeout))
         counter = _load_counter()
         stream = build_stream(cfg, work, uris, bundles, out, scan_id, scan_date, captions, so, counter)
@@ -427,7 +428,10 @@ def _scan_under_lease(cfg, so, uris, bundles, captions, scan_date, out: ScanOutp
                 commit()
         except ray.exceptions.GetTimeoutError:
             fail(_resource_message(cfg))
+        finally:
+            ctx.wait_for_min_actors_s = saved_wait
         model_loads = ray.get(counter.count.remote())
+        ray.kill(counter)
     elapsed = time.time() - started
     n_read = counts["listed"] - counts["skipped"]
     summary_base = {**base, "listed": counts["listed"], "skipped": counts["skipped"], "model_loads": model_loads, "seconds": round(elapsed, 2)}

@@ -296,9 +296,9 @@ def test_bug1_bug2_a_killed_scan_never_captures_another_input(ray_local, bundle_
     _exactly_once(out, a + b)
 
 
-# The commit's steps: before the first table (intent written, nothing committed), between tables
-# (errors and flagged in, scores not), after the last (all in, intent not yet removed).
-@pytest.mark.parametrize("step", ["errors", "scores", "done"])
+# A real kill -9 between two table commits (errors and flagged in, scores not); every other
+# step of the commit is cut short in-process by tests/test_lease.py.
+@pytest.mark.parametrize("step", ["scores"])
 def test_bug3_kill_at_every_commit_step_then_rerun_is_exactly_once(ray_local, bundle_dir, tmp_path, step):
     files = hostile_files()
     _write(tmp_path / "bucket", files)
@@ -400,7 +400,7 @@ def test_readers_never_see_part_of_a_commit_unit(ray_local, bundle_dir, tmp_path
                 seen.append(("duckdb", con.sql(f"SELECT count(*) FROM iceberg_scan('{t.metadata_location}')").fetchone()[0]))
             except Exception:  # noqa: BLE001 - tables not created yet
                 pass
-            time.sleep(0.05)
+            time.sleep(0.3)  # leave the 2 cores to the scan
 
     th = threading.Thread(target=poll, daemon=True)
     th.start()
