@@ -6,7 +6,8 @@ For each image set (full-size 3000x2000 JPEG photos; ~500 px JPEGs), on one mach
    execution per chunk, rows collected by the driver), each as ``python -m jobs.scan`` in a
    fresh process with its own local Ray and **default flags** except ``--chunk-size``
    (N/4, so both commit four units): end to end over all N images (timed inside the job,
-   listing to commit, Ray start included), and the steady-state rate
+   listing to commit: actor start, model loads and commits included, the local Ray's own
+   start-up not, as on a cluster where Ray is up), and the steady-state rate
    N/2 / (t(N) - t(N/2)) from a second scan of the first half, which cancels the fixed
    costs; model loads per scan (old code: one pool start per chunk, 4, by construction: marked *),
    the driver's peak RSS, and (new code) seconds per commit;

@@ -52,12 +52,16 @@ def legacy_scan(args: list[str], timeout: float = 1800) -> dict:
 def scan_process(args: list[str], tree: Path | None = None, timeout: float = 1800) -> dict:
     """``jobs.scan`` of ``tree`` (default: this checkout) in a fresh process with its own local Ray.
 
-    Returns the run summary plus ``driver_peak_rss_mb``, the driver process's peak RSS.
+    Returns the run summary plus ``driver_peak_rss_mb``, the driver process's peak RSS. The local
+    Ray is started before the job runs, so the job's ``seconds`` (listing to commit) exclude it.
     """
     tree = tree or ROOT
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
     env["PYTHONPATH"] = str(tree)
-    code = ("import json, resource, sys; from jobs import scan; s = scan.main(sys.argv[1:]); "
+    # Ray is started before the job's clock starts (as on a cluster, where it is already up);
+    # both codes' init_ray() then find it running.
+    code = ("import json, resource, sys; from jobs import scan; from jobs.common import init_ray; init_ray(); "
+            "s = scan.main(sys.argv[1:]); "
             "s['driver_peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; "
             "print('LEGACY-SUMMARY ' + json.dumps(s, default=str))")
     res = subprocess.run([sys.executable, "-c", code, *args], cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
