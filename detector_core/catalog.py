@@ -133,8 +133,23 @@ class ScanOutput:
     def location(self, name: str) -> str:
         return table_location(self.uri, name)
 
-    def ensure_tables(self) -> None:
-        """Create the namespace and the four tables if missing; refuse tables of another output."""
+    def ensure_tables(self, attempts: int = 5) -> None:
+        """Create the namespace and the four tables if missing; refuse tables of another output.
+
+        Two scans opening a fresh output at once race to create them (before either holds the
+        lease); the loser's create fails in catalog-specific ways, so it looks again.
+        """
+        for attempt in range(attempts):
+            try:
+                return self._ensure_tables()
+            except CatalogError:
+                raise
+            except Exception:  # noqa: BLE001 - a concurrent creator won: the next look finds its tables
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+
+    def _ensure_tables(self) -> None:
         from pyiceberg.exceptions import NoSuchTableError, TableAlreadyExistsError
 
         self.catalog.create_namespace_if_not_exists(self.namespace)

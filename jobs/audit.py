@@ -321,7 +321,6 @@ def migrate(cfg: MigrateConfig) -> dict:
     """
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
-    import pyarrow.parquet as pq
 
     from detector_core.catalog import data_file_path
     from detector_core.storage import arrow_fs
@@ -357,10 +356,7 @@ def migrate(cfg: MigrateConfig) -> dict:
             for key in rows.group_by([S.SCAN_DATE, S.BUCKET]).aggregate([]).to_pylist():
                 part = rows.filter(pc.and_(pc.equal(rows[S.SCAN_DATE], key[S.SCAN_DATE]), pc.equal(rows[S.BUCKET], key[S.BUCKET])))
                 path = data_file_path(out.uri, name, key[S.SCAN_DATE].isoformat(), key[S.BUCKET], f"migrated-{r['scan_id']}")
-                fs_path = open_fs(path, so)[1]
-                out.fs.makedirs(fs_path.rsplit("/", 1)[0], exist_ok=True)
-                with out.fs.open(fs_path, "wb") as f:
-                    pq.write_table(part, f)
+                write_parquet(part, path, so)
                 files[name].append(path)
                 copied[name] += part.num_rows
         base = {"scan_id": r["scan_id"], "unit": 0, "status": "completed", "scan_date": r["scan_date"], "input": r.get("input"),

@@ -53,7 +53,7 @@ from detector_core.images import DEFAULT_MAX_PIXELS
 from detector_core.lease import Lease, LeaseHeldError, LeaseLostError
 from detector_core.manifest import ManifestError, read_manifest
 from detector_core.storage import is_remote, open_fs, s3_storage_options
-from jobs.common import config_dict, fail, init_ray, join, new_run_id, opt, parse_config, run_main, write_json
+from jobs.common import config_dict, fail, init_ray, join, new_run_id, opt, parse_config, run_main, write_json, write_parquet
 from jobs.pipeline import feature_specs, todo_column
 
 # The only columns that reach the driver: one row per data file written by a worker.
@@ -211,9 +211,6 @@ def write_results(batch: pa.Table, output: str, scan_id: str, scan_date: str, st
     invisible until then; a retried task writes new files and the first attempt's are
     never referenced.
     """
-    import pyarrow.parquet as pq
-
-    fs, _ = open_fs(output, storage_options)  # workers write files; only the driver touches the catalog
     failed = pc.is_valid(batch[S.ERROR_STAGE])
     rows = batch.append_column(S.SCAN_DATE, pa.array([dt.date.fromisoformat(scan_date)] * batch.num_rows, pa.date32()))
     rows = rows.append_column(S.BUCKET, T.bucket_column(rows[S.URI]))
@@ -225,11 +222,8 @@ def write_results(batch: pa.Table, output: str, scan_id: str, scan_date: str, st
             continue
         for bucket in pc.unique(table[S.BUCKET]).to_pylist():
             part = table.filter(pc.equal(table[S.BUCKET], bucket))
-            path = data_file_path(output, name, scan_date, bucket, scan_id)
-            _, fs_path = open_fs(path, storage_options)
-            fs.makedirs(fs_path.rsplit("/", 1)[0], exist_ok=True)
-            with fs.open(fs_path, "wb") as f:
-                pq.write_table(part, f)
+            path = data_file_path(output, name, scan_date, bucket, scan_id)  # workers write; only the driver commits
+            write_parquet(part, path, storage_options)
             counts = pc.value_counts(part[S.DETECTOR_ID]).to_pylist()
             records.append({"call": call, "table": name, "path": path, "rows": part.num_rows,
                             "counts": json.dumps({c["values"]: c["counts"] for c in counts})})

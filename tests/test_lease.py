@@ -147,3 +147,23 @@ def test_catalog_settings_refused_with_the_reason(tmp_path, s3_bucket):
         ScanOutput.open(str(tmp_path / "b"), catalog=shared)  # same namespace, other output
     ScanOutput.open(str(tmp_path / "b"), catalog=shared, namespace="other")
     assert json.loads((tmp_path / "b" / "_catalog.json").read_text()) == {"catalog": shared, "namespace": "other"}
+
+
+def test_scans_opening_a_fresh_output_at_once_all_get_the_same_tables(tmp_path):
+    """Before any of them holds the lease, racing openers create the namespace and tables once."""
+    errors, opened = [], []
+    barrier = threading.Barrier(4)
+
+    def go():
+        barrier.wait()
+        try:
+            opened.append(ScanOutput.open(str(tmp_path / "fresh")).table("scores").metadata_location)
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(opened)) == 1

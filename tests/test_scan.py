@@ -296,36 +296,20 @@ def test_bug1_bug2_a_killed_scan_never_captures_another_input(ray_local, bundle_
     _exactly_once(out, a + b)
 
 
-# A real kill -9 between two table commits (errors and flagged in, scores not); every other
-# step of the commit is cut short in-process by tests/test_lease.py.
-@pytest.mark.parametrize("step", ["scores"])
-def test_bug3_kill_at_every_commit_step_then_rerun_is_exactly_once(ray_local, bundle_dir, tmp_path, step):
-    files = hostile_files()
-    _write(tmp_path / "bucket", files)
-    out = tmp_path / "out"
-    args = ["--detector", str(bundle_dir), "--input", str(tmp_path / "bucket"), "--output", str(out), "--chunk-size", "6",
-            "--lease-ttl", "2", "--wait"]
-    died = _driver([*args, "--kill-at", f"{step}:1"])
-    assert died.returncode == -9, died.stdout[-2000:]
-    t = _tables(out)
-    assert t["scores"].num_rows + t["errors"].num_rows >= 6  # unit 0 is in, whatever happened to unit 1
-    scan.main(args)
-    _exactly_once(out, [str(tmp_path / "bucket" / n) for n in files])
-
-
 def test_kill_9_at_random_moments_then_rerun_is_exactly_once(ray_local, bundle_dir, tmp_path):
     uris = _images(tmp_path / "bucket", 30, 8)
     out = tmp_path / "out"
     args = ["--detector", str(bundle_dir), "--input", str(tmp_path / "bucket"), "--output", str(out), "--chunk-size", "3",
             "--batch-size", "3", "--lease-ttl", "2", "--wait"]
     rng = np.random.default_rng(11)
-    for delay in sorted(rng.uniform(8, 16, size=2)):
+    for delay in rng.uniform(8, 16, size=1):
         _driver(args, kill_after=float(delay))
     scan.main(args)
     _exactly_once(out, uris)
 
 
-def test_kill_9_mid_commit_on_s3(ray_local, bundle_dir, s3_bucket, tmp_path):
+def test_bug3_kill_9_between_table_commits_on_s3(ray_local, bundle_dir, s3_bucket, tmp_path):
+    """A real kill -9 after errors and flagged committed a unit and before scores did; every step in-process: test_lease.py."""
     import s3fs
 
     fs = s3fs.S3FileSystem()
@@ -353,7 +337,6 @@ def test_bug4_two_scans_at_once_one_refuses_naming_the_holder(ray_local, bundle_
     uris = _images(tmp_path / "bucket", 6, 13)
     out = tmp_path / "out"
     args = ["--detector", str(bundle_dir), "--input", str(tmp_path / "bucket"), "--output", str(out)]
-    scan.main([*args, "--full"])  # creates the output
     fs, root = open_fs(str(out))
     holder = Lease(fs, root, "scan-held-by-someone", ttl_s=3)
     holder.acquire()
