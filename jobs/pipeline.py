@@ -11,6 +11,8 @@ either feature family (``detector_core.extractors``: CLIP or DNF):
   goes on, so that every object ends as exactly one output row.
 - ``Embedder`` (GPU actors, CPU here): normalises on the device and runs the frozen
   extractor; rows that failed earlier pass through with null features.
+- ``Scorer`` (the scan's GPU actors): every detector of a scan on one device, each
+  extractor run once, logit / score / decision per object and detector.
 
 Columns are named in ``detector_core.schema``.
 """
