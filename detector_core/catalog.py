@@ -75,12 +75,20 @@ def load_catalog(spec: str, output: str, storage_options: dict | None = None):
         os.makedirs(os.path.abspath(output), exist_ok=True)
         spec = f"sqlite:///{os.path.abspath(join(output, 'catalog.db'))}"
     if spec.startswith(("sqlite:", "postgresql", "mysql")):
-        return _load("detector", type="sql", uri=spec, **props)
-    if spec.startswith(("http://", "https://")):
-        return _load("detector", type="rest", uri=spec, **props)
-    if spec == "glue":
-        return _load("detector", type="glue", **props)
-    return _load(spec, **props)
+        kw = {"type": "sql", "uri": spec}
+    elif spec.startswith(("http://", "https://")):
+        kw = {"type": "rest", "uri": spec}
+    elif spec == "glue":
+        kw = {"type": "glue"}
+    else:
+        return _load(spec, **props)
+    for attempt in range(5):
+        try:
+            return _load("detector", **kw, **props)
+        except Exception:  # noqa: BLE001 - openers of a fresh SQL catalog race to create its own tables
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def table_location(output: str, name: str) -> str:
