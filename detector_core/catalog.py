@@ -59,6 +59,19 @@ def _io_properties(output: str, storage_options: dict | None) -> dict:
     return props
 
 
+def _retrying(fn, attempts: int = 5):
+    """``fn()``, tried again after a short sleep when a concurrent creator made it fail (never for a CatalogError)."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except CatalogError:
+            raise
+        except Exception:  # noqa: BLE001 - a concurrent creator won: the next look finds what it made
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 def load_catalog(spec: str, output: str, storage_options: dict | None = None):
     """The pyiceberg catalog that ``spec`` names for ``output`` (see the module docstring)."""
     from pyiceberg.catalog import load_catalog as _load
@@ -82,13 +95,8 @@ def load_catalog(spec: str, output: str, storage_options: dict | None = None):
         kw = {"type": "glue"}
     else:
         return _load(spec, **props)
-    for attempt in range(5):
-        try:
-            return _load("detector", **kw, **props)
-        except Exception:  # noqa: BLE001 - openers of a fresh SQL catalog race to create its own tables
-            if attempt == 4:
-                raise
-            time.sleep(0.2 * (attempt + 1))
+    # Openers of a fresh SQL catalog race to create its own tables.
+    return _retrying(lambda: _load("detector", **kw, **props))
 
 
 def table_location(output: str, name: str) -> str:
@@ -147,15 +155,7 @@ class ScanOutput:
         Two scans opening a fresh output at once race to create them (before either holds the
         lease); the loser's create fails in catalog-specific ways, so it looks again.
         """
-        for attempt in range(attempts):
-            try:
-                return self._ensure_tables()
-            except CatalogError:
-                raise
-            except Exception:  # noqa: BLE001 - a concurrent creator won: the next look finds its tables
-                if attempt == attempts - 1:
-                    raise
-                time.sleep(0.2 * (attempt + 1))
+        _retrying(self._ensure_tables, attempts)
 
     def _ensure_tables(self) -> None:
         from pyiceberg.exceptions import NoSuchTableError, TableAlreadyExistsError
