@@ -33,10 +33,15 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from detector_core import tables as T
+from detector_core.state import DEFAULT_PARTITIONS, STATE_SCHEMA, URI_BUCKET
 from detector_core.storage import is_remote, join, open_fs
 
 __all__ = ["CatalogError", "ScanOutput", "read_table", "table_location", "data_file_path"]
 
+STATE = "state"
+HISTORY = ("scores", "errors")  # the tables the state is derived from
+PROP_MARK = "detector.state-history-mark"
+PROP_PARTITIONS = "detector.state-partitions"
 PROP_SCAN = "detector.scan-id"
 PROP_UNIT = "detector.unit"
 POINTER = "_catalog.json"
@@ -158,31 +163,113 @@ class ScanOutput:
         _retrying(self._ensure_tables, attempts)
 
     def _ensure_tables(self) -> None:
-        from pyiceberg.exceptions import NoSuchTableError, TableAlreadyExistsError
+        from pyiceberg.exceptions import NoSuchTableError
 
         self.catalog.create_namespace_if_not_exists(self.namespace)
-        for name in T.ALL_TABLES:
+        for name in (*T.ALL_TABLES, STATE):
             try:
                 table = self.catalog.load_table(self.identifier(name))
             except NoSuchTableError:
-                try:
-                    with self.catalog.create_table_transaction(self.identifier(name), schema=T.TABLE_SCHEMAS[name],
-                                                               location=self.location(name),
-                                                               properties={"format-version": "2",
-                                                                           "detector.schema-version": T.SCHEMA_VERSION}) as tx:
-                        if T.PARTITIONED[name]:
-                            with tx.update_spec() as spec:
-                                for col in T.PARTITIONED[name]:
-                                    spec.add_identity(col)
-                except TableAlreadyExistsError:  # created by a concurrent opener
-                    pass
+                self._create(name)
+                continue
+            except OSError as exc:
+                if name != STATE:  # history is never recreated behind the user's back
+                    raise
+                self._reset_state(exc)
                 continue
             if table.location().rstrip("/") != self.location(name).rstrip("/"):
                 raise CatalogError(f"table {self.identifier(name)} in this catalog belongs to {table.location()}, not to "
                                    f"{self.location(name)}: give this output its own --namespace")
 
+    def _create(self, name: str) -> None:
+        from pyiceberg.exceptions import TableAlreadyExistsError
+
+        props = {"format-version": "2", "detector.schema-version": T.SCHEMA_VERSION}
+        if name == STATE:
+            props[PROP_PARTITIONS] = str(DEFAULT_PARTITIONS)
+        try:
+            with self.catalog.create_table_transaction(self.identifier(name), schema=T.TABLE_SCHEMAS.get(name, STATE_SCHEMA),
+                                                       location=self.location(name), properties=props) as tx:
+                cols = (URI_BUCKET,) if name == STATE else T.PARTITIONED[name]
+                if cols:
+                    with tx.update_spec() as spec:
+                        for col in cols:
+                            spec.add_identity(col)
+        except TableAlreadyExistsError:  # created by a concurrent opener
+            pass
+
     def table(self, name: str):
         return self.catalog.load_table(self.identifier(name))
+
+    # -- the incremental state (detector_core.state) -----------------------------------------
+    def state_table(self):
+        """The ``state`` table; recreated empty (to be rebuilt from history) when it was dropped or its files deleted."""
+        from pyiceberg.exceptions import NoSuchTableError
+
+        try:
+            table = self.table(STATE)
+            if table.current_snapshot() is not None:
+                table.scan().plan_files()  # its manifests are readable too
+            return table
+        except NoSuchTableError:
+            self._create(STATE)
+        except OSError as exc:
+            self._reset_state(exc)
+        return self.table(STATE)
+
+    def _reset_state(self, exc: Exception) -> None:
+        print(f"state table {self.identifier(STATE)} is unreadable ({type(exc).__name__}: {exc}); it is rebuilt from the history tables")
+        self.catalog.drop_table(self.identifier(STATE))
+        self._create(STATE)
+
+    @staticmethod
+    def state_mark(table) -> dict[str, int]:
+        """The history the state covers: the last sequence number of ``scores`` and ``errors`` folded into it."""
+        return json.loads(table.properties.get(PROP_MARK, "{}")) or {name: 0 for name in HISTORY}
+
+    def history_files_since(self, name: str, sequence_number: int) -> tuple[list[str], int]:
+        """Data files committed to ``name`` after ``sequence_number`` (walking only the newer snapshots), and the newest number."""
+        from pyiceberg.manifest import ManifestEntryStatus
+
+        table = self.table(name)
+        paths, top = [], sequence_number
+        for snap in table.metadata.snapshots:
+            if (snap.sequence_number or 0) <= sequence_number:
+                continue
+            top = max(top, snap.sequence_number)
+            for manifest in snap.manifests(table.io):
+                if manifest.added_snapshot_id != snap.snapshot_id:
+                    continue
+                for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True):
+                    if entry.status == ManifestEntryStatus.ADDED and entry.snapshot_id == snap.snapshot_id:
+                        paths.append(entry.data_file.file_path)
+        return paths, top
+
+    @staticmethod
+    def state_files(table) -> dict[int, list]:
+        """uri_bucket -> the state's data files (pyiceberg ``DataFile``) in that partition: O(files), never rows."""
+        out: dict[int, list] = {}
+        if table.current_snapshot() is None:
+            return out
+        for task in table.scan().plan_files():
+            out.setdefault(int(task.file.partition[0]), []).append(task.file)
+        return out
+
+    def commit_state(self, added: list[str], removed: list, mark: dict[str, int]) -> None:
+        """One commit: the new state files, the files they replace (compaction), and the history mark they reach."""
+        from pyiceberg.io.pyarrow import parquet_file_to_data_file
+
+        table = self.table(STATE)
+        with table.transaction() as tx:
+            if removed:
+                with tx.update_snapshot().overwrite() as ow:
+                    for df in removed:
+                        ow.delete_data_file(df)
+                    for p in added:
+                        ow.append_data_file(parquet_file_to_data_file(table.io, table.metadata, p))
+            elif added:
+                tx.add_files(added, check_duplicate_files=False)
+            tx.set_properties({PROP_MARK: json.dumps(mark, sort_keys=True)})
 
     # -- commits ---------------------------------------------------------------------------
     @staticmethod
@@ -291,11 +378,12 @@ def read_table(output: str, name: str, row_filter=None, catalog: str = "", names
                storage_options: dict | None = None) -> pa.Table:
     """A committed scan table as a ``pyarrow.Table``, for scripts and notebooks.
 
-    ``name``: scores, flagged, errors or runs. ``row_filter``: a pyiceberg expression or
-    string (``"scan_date = '2026-11-23' AND bucket = 'uploads'"``), pushed down to the
+    ``name``: scores, flagged, errors, runs, or state (what each detector has settled).
+    ``row_filter``: a pyiceberg expression or string
+    (``"scan_date = '2026-11-23' AND bucket = 'uploads'"``), pushed down to the
     partitions and files. ``catalog``/``namespace``: as the scan was given (default: what
     the output's ``_catalog.json`` recorded).
     """
-    if name not in T.ALL_TABLES:
-        raise ValueError(f"no table {name!r}; one of {', '.join(T.ALL_TABLES)}")
+    if name not in (*T.ALL_TABLES, STATE):
+        raise ValueError(f"no table {name!r}; one of {', '.join((*T.ALL_TABLES, STATE))}")
     return ScanOutput.open(output, catalog, namespace, storage_options, create=False).read(name, row_filter)

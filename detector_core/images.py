@@ -22,11 +22,13 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "DecodedImage", "ImageDecodeError", "decode_image"]
+__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_PIXELS", "DecodedImage", "ImageDecodeError", "decode_image"]
 
 # Pillow's own bomb limit is ~89 MP; 2**26 (~67 MP) still admits every camera photo
 # while capping a decode at ~200 MB of RGB.
 DEFAULT_MAX_PIXELS = 1 << 26
+# Reads stop here: an object (or a link to /dev/zero) can never fill a decoder's memory.
+DEFAULT_MAX_BYTES = 64 << 20
 
 # Never decode a truncated file as if it were whole (it would pad with grey).
 ImageFile.LOAD_TRUNCATED_IMAGES = False

@@ -43,6 +43,8 @@ class ValidatedManifest:
 
 
 def _qualify(uri: str, base: str) -> str:
+    if uri.startswith("file://"):
+        return uri[len("file://"):]  # a local path, not one relative to the manifest
     if is_remote(uri) or uri.startswith("/"):
         return uri
     return posixpath.join(base, uri) if is_remote(base) else posixpath.normpath(posixpath.join(base, uri))

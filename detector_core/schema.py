@@ -61,7 +61,7 @@ COLUMN_DOCS = {
     FORMAT: "image format as detected from the bytes (JPEG, PNG, …)",
     FEATURES: "feature vector (float32): CLIP image or image+text embedding, or the flattened DNF noise estimate",
     CLIP_ID: "feature extractor that made the features: 'model/pretrained/mode' for CLIP, 'dnf/<unet>/t<step>/<size>' for DNF",
-    ERROR_STAGE: "where the object failed: read (I/O), decode (bytes are no usable image), embed",
+    ERROR_STAGE: "where the object failed: list (no usable uri or size in the input, not a regular file), read (I/O, over --max-bytes), decode (bytes are no usable image), embed",
     ERROR_TYPE: "error kind, e.g. not_an_image, truncated, too_large, or the exception name",
     ERROR_MESSAGE: "human-readable cause",
     SCORE: "probability that the image is generated, sigmoid(logit)",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import stat
 import time
 from typing import Any
 
@@ -31,9 +32,9 @@ import torch
 from detector_core import schema as S
 from detector_core.bundle import DetectorBundle, load_bundle
 from detector_core.extractors import FeatureSpec, build_extractor, preprocess_for
-from detector_core.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from detector_core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from detector_core.perturb import parse_perturbation
-from detector_core.storage import open_fs
+from detector_core.storage import is_remote, open_fs
 from detector_core.training import predict_logits
 
 PIXELS = "pixels"
@@ -45,36 +46,78 @@ def pixel_column(i: int) -> str:
     return PIXELS if i == 0 else f"{PIXELS}_{i}"
 
 
-def _fetch(uris: list[str], storage_options: dict | None, retries: int = 3) -> dict[str, Any]:
-    """uri -> bytes or the exception, fetched concurrently where the filesystem can."""
-    if not uris:
-        return {}
-    fs, _ = open_fs(uris[0], storage_options)
-    paths = [open_fs(u, storage_options)[1] for u in uris] if "://" in uris[0] else uris
-    try:
-        got = fs.cat(paths, on_error="return")
-    except Exception:  # noqa: BLE001 - a failing batch call: fall back per object
-        got = {}
-        for p in paths:
+class ReadRefused(OSError):
+    """An object not read at all: too large, or not a regular file (a FIFO, a device)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _fetch_one_fs(fs, paths: list[str], listed: list, max_bytes: int, retries: int) -> dict[str, Any]:
+    got: dict[str, Any] = {}
+    todo = []
+    for p, size in zip(paths, listed):
+        if size is not None and size > max_bytes:
+            got[p] = ReadRefused("too_large", f"{size} bytes, over --max-bytes {max_bytes}: not read")
+            continue
+        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
             try:
-                got[p] = fs.cat_file(p)
-            except Exception as inner:  # noqa: BLE001
-                got[p] = inner
-    if not isinstance(got, dict):  # a single path returns bytes
-        got = {paths[0]: got}
+                st = os.stat(p)
+            except OSError as exc:
+                got[p] = FileNotFoundError(str(exc)) if isinstance(exc, FileNotFoundError) else exc
+                continue
+            if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read forever, a device never end
+                got[p] = ReadRefused("not_regular_file", f"{p} is not a regular file: not read")
+                continue
+        todo.append(p)
+    if todo:
+        # Never more than max_bytes + 1 bytes of any object, whatever its listing said.
+        try:
+            fetched = fs.cat(todo, on_error="return", start=0, end=max_bytes + 1)
+        except Exception:  # noqa: BLE001 - a failing batch call: fall back per object
+            fetched = {}
+            for p in todo:
+                try:
+                    fetched[p] = fs.cat_file(p, start=0, end=max_bytes + 1)
+                except Exception as inner:  # noqa: BLE001
+                    fetched[p] = inner
+        if not isinstance(fetched, dict):  # a single path returns bytes
+            fetched = {todo[0]: fetched}
+        got.update({p: fetched.get(p, FileNotFoundError(p)) for p in todo})
     # Transient read failures (throttling, resets) get a few more tries with backoff;
     # a missing object does not.
     for attempt in range(retries):
-        again = [p for p in paths if isinstance(got.get(p), Exception) and not isinstance(got[p], (FileNotFoundError, PermissionError))]
+        again = [p for p in todo if isinstance(got.get(p), Exception)
+                 and not isinstance(got[p], (FileNotFoundError, PermissionError, ReadRefused))]
         if not again:
             break
         time.sleep(0.5 * 2**attempt)
         for p in again:
             try:
-                got[p] = fs.cat_file(p)
+                got[p] = fs.cat_file(p, start=0, end=max_bytes + 1)
             except Exception as exc:  # noqa: BLE001 - recorded as the row's read error
                 got[p] = exc
-    return {u: got.get(p, FileNotFoundError(p)) for u, p in zip(uris, paths)}
+    for p in todo:
+        if isinstance(got[p], bytes) and len(got[p]) > max_bytes:
+            got[p] = ReadRefused("too_large", f"more than --max-bytes {max_bytes} bytes: not read further")
+    return got
+
+
+def _fetch(uris: list[str], storage_options: dict | None, retries: int = 3, max_bytes: int = DEFAULT_MAX_BYTES,
+           sizes: list | None = None) -> dict[str, Any]:
+    """uri -> bytes or the exception, each object through its own filesystem, concurrently where it can."""
+    groups: dict[str, list[int]] = {}
+    for i, u in enumerate(uris):
+        groups.setdefault(u.split("://", 1)[0] if is_remote(u) else "", []).append(i)
+    sizes = sizes or [None] * len(uris)
+    out: dict[str, Any] = {}
+    for members in groups.values():
+        fs, _ = open_fs(uris[members[0]], storage_options)
+        paths = [open_fs(uris[i], storage_options)[1] if is_remote(uris[i]) else uris[i] for i in members]
+        got = _fetch_one_fs(fs, paths, [sizes[i] for i in members], max_bytes, retries)
+        out.update({uris[i]: got[p] for i, p in zip(members, paths)})
+    return out
 
 
 def load_images(
@@ -85,6 +128,7 @@ def load_images(
     draft: bool = True,
     perturbation: str = "",
     perturb_seed: int = 0,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> dict[str, np.ndarray]:
     """Read, decode and crop one batch of rows that have a ``uri`` column.
 
@@ -97,9 +141,13 @@ def load_images(
     perturb = parse_perturbation(perturbation) if perturbation else None
     draft = draft and perturb is None and all(p.draft_ok for p in preps)
     draft_size = 2 * max(p.size for p in preps)
-    uris = [str(u) for u in batch[S.URI]]
-    fetched = _fetch(uris, storage_options)
-    n = len(uris)
+    n = len(batch[S.URI])
+    # Rows the plan already failed (error_stage = list: no usable uri, a FIFO, a bad manifest value) are not read.
+    preset = has_error(batch) if S.ERROR_STAGE in batch else np.zeros(n, dtype=bool)
+    uris = [None if u is None else str(u) for u in batch[S.URI]]
+    listed_sizes = [_size_or_none(v) for v in batch[S.SIZE]] if S.SIZE in batch else [None] * n
+    read = [i for i in range(n) if not preset[i]]
+    fetched = _fetch([uris[i] for i in read], storage_options, max_bytes=max_bytes, sizes=[listed_sizes[i] for i in read])
     pixels = [np.zeros((n, p.size, p.size, 3), dtype=np.uint8) for p in preps]
     size = np.full(n, -1, dtype=np.int64)
     width = np.full(n, -1, dtype=np.int32)
@@ -110,13 +158,20 @@ def load_images(
     def record(i, stage, kind, message):
         errors[S.ERROR_STAGE][i], errors[S.ERROR_TYPE][i], errors[S.ERROR_MESSAGE][i] = stage, kind, message[:500]
 
-    for i, uri in enumerate(uris):
+    for i in np.flatnonzero(preset):
+        record(i, str(batch[S.ERROR_STAGE][i]), str(batch[S.ERROR_TYPE][i]), str(batch[S.ERROR_MESSAGE][i]))
+        size[i] = listed_sizes[i] if listed_sizes[i] is not None else -1
+    for i in read:
+        uri = uris[i]
         data = fetched[uri]
         if isinstance(data, BaseException):
-            kind = "not_found" if isinstance(data, FileNotFoundError) else type(data).__name__
+            kind = data.kind if isinstance(data, ReadRefused) else "not_found" if isinstance(data, FileNotFoundError) else type(data).__name__
             record(i, "read", kind, f"{type(data).__name__}: {data}")
+            size[i] = listed_sizes[i] if listed_sizes[i] is not None else -1
             continue
-        size[i] = len(data)
+        # The listing's size is what the next scan compares with: keep it, so an object whose manifest
+        # size is wrong is still settled (the bytes read are what was decoded either way).
+        size[i] = listed_sizes[i] if listed_sizes[i] is not None else len(data)
         try:
             # JPEG DCT scaling: decode at >= 2x the model input, never below it.
             decoded = decode_image(data, max_pixels=max_pixels, draft_size=draft_size if draft else None)
@@ -134,6 +189,12 @@ def load_images(
     out.update({pixel_column(j): p for j, p in enumerate(pixels)})
     out.update({S.SIZE: size, S.WIDTH: width, S.HEIGHT: height, S.FORMAT: fmt, **errors})
     return out
+
+
+def _size_or_none(v) -> int | None:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return None
+    return int(v)
 
 
 def default_device() -> torch.device:

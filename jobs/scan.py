@@ -8,7 +8,10 @@
         python -m jobs.scan --detector s3://models/clip-detector --ensemble s3://models/dnf-detector \\
         --input s3://uploads/ --output s3://audit/scans --catalog detector --gpu --actors 8
 
-One Ray Data stream per scan: read bytes + decode + crop (CPU tasks, ``load_images``) ->
+The plan runs on the cluster (``jobs.planning``): the input (a prefix, a manifest or an S3
+Inventory report) is listed by Ray tasks and anti-joined per ``uri_bucket`` partition with the
+``state`` table; the driver gets counts and work-file paths only. Then one Ray Data stream:
+work files -> read bytes + decode + crop (CPU tasks, ``load_images``) ->
 features + classifier (``Scorer`` actors, GPUs in production; models built once per actor,
 ``--actors 1-16`` lets the pool grow into GPUs as they appear) -> ``write_results`` (CPU
 tasks that write the rows as Parquet data files of the Iceberg tables and return only the
@@ -25,7 +28,8 @@ at or above the bundle's threshold.
 Exact state: a scan holds a lease on the output (``detector_core.lease``; a second scan
 refuses naming the holder, or waits with ``--wait``; a dead holder's lease expires after
 ``--lease-ttl``). What is committed is settled: a scan plans only objects that no committed
-row of the same detector settles (same etag and size; read failures are retried), so a
+row of the same detector settles (same etag and size; read and list failures are retried;
+the ``state`` table is caught up with every commit before planning), so a
 scan killed at any moment is continued by the next run, whatever its input, and nothing
 half-written is ever visible: uncommitted data files are unreferenced, and a unit whose
 four table commits were cut short is finished from its intent before the next scan
@@ -40,21 +44,24 @@ import os
 import signal
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from detector_core import schema as S
 from detector_core import tables as T
 from detector_core.bundle import BundleError, DetectorBundle, load_bundle
 from detector_core.catalog import CatalogError, ScanOutput, data_file_path
-from detector_core.images import DEFAULT_MAX_PIXELS
+from detector_core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from detector_core.lease import Lease, LeaseHeldError, LeaseLostError
-from detector_core.manifest import ManifestError, read_manifest
-from detector_core.storage import is_remote, open_fs, s3_storage_options
+from detector_core.storage import open_fs, s3_storage_options
+from jobs import planning
 from jobs.common import config_dict, fail, init_ray, join, new_run_id, opt, parse_config, run_main, write_json, write_parquet
-from jobs.pipeline import feature_specs, todo_column
+from jobs.pipeline import feature_specs
+from jobs.planning import PlanError, refresh_state, remove_plan
 
 # The only columns that reach the driver: one row per data file written by a worker.
 FILE_RECORD = pa.schema([("call", pa.string()), ("table", pa.string()), ("path", pa.string()), ("rows", pa.int64()),
@@ -65,7 +72,7 @@ FILE_RECORD = pa.schema([("call", pa.string()), ("table", pa.string()), ("path",
 class ScanConfig:
     detector: str = opt("", "detector bundle folder (local or s3://), as written by jobs.train to OUT/detector; either kind (clip-mlp, dnf-resnet)")
     ensemble: str = opt("", "more detector bundles to run in the same pass, comma-separated (e.g. a DNF bundle next to a CLIP one): one row per object and detector")
-    input: str = opt("", "what to scan: a prefix (s3://bucket/prefix, gs://…, a local folder) or a .parquet/.csv manifest with a uri column")
+    input: str = opt("", "what to scan: a prefix (s3://bucket/prefix, gs://…, a local folder), a .parquet/.csv manifest with a uri column (optional etag, size), or an S3 Inventory report: its manifest.json, that file's folder, or a glob of them (s3://inv/src/cfg/*/manifest.json: the newest of each)")
     output: str = opt("", "where the tables go: Iceberg tables OUT/scores, OUT/flagged, OUT/errors, OUT/runs (local or s3://)")
     catalog: str = opt("", "Iceberg catalog of the tables: empty = SQLite OUT/catalog.db (local outputs only); sqlite:///…, postgresql://user@host/db, https://rest, glue, or a pyiceberg catalog name (credentials in its config, never here)")
     namespace: str = opt("", "catalog namespace of this output's tables (default: as recorded in OUT/_catalog.json, else 'detector'); one per output in a shared catalog")
@@ -78,6 +85,9 @@ class ScanConfig:
     cpus_per_actor: float = opt(0.0, "CPUs reserved per Scorer actor, its torch threads (0 = 1 with --gpu, else half the cluster's CPUs shared by the actors, so decoding has the rest)")
     chunk_size: int = opt(50_000, "result rows per commit unit (objects x detectors): each unit is one Iceberg snapshot per table")
     max_pixels: int = opt(DEFAULT_MAX_PIXELS, "refuse images with more pixels than this (decompression bombs)")
+    max_bytes: int = opt(DEFAULT_MAX_BYTES, "refuse objects larger than this many bytes (never read past it)")
+    state_compact_at: int = opt(8, "files per state partition at which a refresh merges them into one (compaction)")
+    list_fan_out: int = opt(64, "listing units a prefix is split into (its first levels of common prefixes), listed by parallel tasks")
     resource_timeout: float = opt(900.0, "seconds to wait for the first Scorer actor to be placed before failing with the missing resource")
     lease_ttl: float = opt(300.0, "seconds a scan's lease on the output lasts without renewal (a dead scan blocks the output this long)")
     wait: bool = opt(False, "if another scan holds the output's lease, wait for it instead of refusing")
@@ -104,7 +114,7 @@ def validate(cfg: ScanConfig) -> None:
     """Refuse bad settings before anything is listed, leased or started."""
     if not (cfg.detector and cfg.input and cfg.output):
         fail("--detector, --input and --output are required")
-    for name in ("batch_size", "chunk_size", "max_pixels"):
+    for name in ("batch_size", "chunk_size", "max_pixels", "max_bytes", "list_fan_out", "state_compact_at"):
         if getattr(cfg, name) < 1:
             fail(f"--{name.replace('_', '-')} must be a positive whole number, got {getattr(cfg, name)}")
     for name in ("resource_timeout", "lease_ttl"):
@@ -123,84 +133,6 @@ def validate(cfg: ScanConfig) -> None:
             fail(f"--scan-date {cfg.scan_date!r} is not a date (YYYY-MM-DD)")
     if cfg.kill_at and (cfg.kill_at.count(":") != 1 or not cfg.kill_at.split(":")[1].isdigit()):
         fail(f"--kill-at {cfg.kill_at!r}: STEP:UNIT")
-
-
-# -- planning (driver-side for now; the planning issue moves it onto the cluster) -------------
-def list_objects(source: str, so: dict | None) -> pa.Table:
-    """uri, etag, size of every object under a prefix, or the rows of a manifest."""
-    fs, path = open_fs(source, so)
-    if fs.isfile(path) and path.lower().endswith((".parquet", ".csv", ".csv.gz", ".pq")):
-        try:
-            t = read_manifest(source, so)
-        except ManifestError as exc:
-            fail(str(exc))
-        cols = {S.URI: t.column(S.URI).cast(pa.string())}
-        cols[S.ETAG] = t.column(S.ETAG).cast(pa.string()) if S.ETAG in t.column_names else pa.nulls(t.num_rows, pa.string())
-        cols[S.SIZE] = t.column(S.SIZE).cast(pa.int64()) if S.SIZE in t.column_names else pa.nulls(t.num_rows, pa.int64())
-        return pa.table(cols)
-    if not fs.exists(path):
-        fail(f"--input {source} does not exist (or is not reachable with these credentials)")
-    scheme = source.split("://", 1)[0] + "://" if is_remote(source) else ""
-    uris, etags, sizes = [], [], []
-    for p, info in sorted(fs.find(path, detail=True).items()):
-        if info.get("type") == "directory":
-            continue
-        etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
-        if etag is None and "mtime" in info:
-            etag = f"mtime:{info['mtime']}"
-        uris.append(scheme + p if scheme else p)
-        etags.append(None if etag is None else str(etag).strip('"'))
-        sizes.append(int(info.get("size") or 0))
-    return pa.table({S.URI: pa.array(uris, pa.string()), S.ETAG: pa.array(etags, pa.string()), S.SIZE: pa.array(sizes, pa.int64())})
-
-
-def settled(out: ScanOutput, detector_id: str) -> pa.Table:
-    """(uri, etag, size) the detector has already settled: scored, or failed for good (not a read error)."""
-    from pyiceberg.expressions import And, EqualTo, NotEqualTo
-
-    fields = (S.URI, S.ETAG, S.SIZE)
-    scored = out.read("scores", EqualTo(S.DETECTOR_ID, detector_id), fields)
-    failed = out.read("errors", And(EqualTo(S.DETECTOR_ID, detector_id), NotEqualTo(S.ERROR_STAGE, "read")), fields)
-    keys = pa.schema([(S.URI, pa.string()), (S.ETAG, pa.string()), (S.SIZE, pa.int64())])
-    return pa.concat_tables([scored.select(fields).cast(keys), failed.select(fields).cast(keys)])
-
-
-def pending(listed: pa.Table, done: pa.Table) -> pa.Table:
-    """Listed objects the detector has not settled.
-
-    An object is settled when a committed row has its uri and agrees on the etag and
-    size the listing gives; a manifest without etag or size columns compares on what it
-    has (so a uri-only manifest skips every uri already scored).
-    """
-    if done.num_rows == 0:
-        return listed
-    seen = done.rename_columns([S.URI, "etag_done", "size_done"])
-    pairs = listed.select([S.URI, S.ETAG, S.SIZE]).join(seen, keys=S.URI, join_type="inner")
-
-    def agrees(listed_col, done_col):
-        return pc.or_(pc.is_null(pairs[listed_col]), pc.fill_null(pc.equal(pairs[listed_col], pairs[done_col]), False))
-
-    ok = pairs.filter(pc.and_(agrees(S.ETAG, "etag_done"), agrees(S.SIZE, "size_done")))[S.URI].unique()
-    return listed.filter(pc.invert(pc.is_in(listed[S.URI], value_set=ok)))
-
-
-def plan(cfg: ScanConfig, bundles: list[DetectorBundle], out: ScanOutput, so: dict | None) -> tuple[pa.Table, dict]:
-    """The work of this scan (uri, etag, size, and per-detector todo columns for ensembles) and its counts."""
-    listed = list_objects(cfg.input, so)
-    todo = []
-    for b in bundles:
-        need = listed if cfg.full else pending(listed, settled(out, b.detector_id))
-        todo.append(pc.is_in(listed[S.URI], value_set=need[S.URI]))
-    any_todo = todo[0]
-    for t in todo[1:]:
-        any_todo = pc.or_(any_todo, t)
-    work = listed
-    if len(bundles) > 1:
-        for i, t in enumerate(todo):
-            work = work.append_column(todo_column(i), t)
-    work = work.filter(any_todo)
-    skipped = {b.detector_id: listed.num_rows - int(pc.sum(t).as_py() or 0) for b, t in zip(bundles, todo)}
-    return work, {"listed": listed.num_rows, "skipped": listed.num_rows - work.num_rows, "skipped_by_detector": skipped}
 
 
 # -- the stream ------------------------------------------------------------------------------
@@ -242,18 +174,27 @@ def _actor_resources(cfg: ScanConfig) -> tuple[float, int]:
     return max(1.0, float(int(ray.cluster_resources().get("CPU", 2)) // 2 // parse_actors(cfg.actors)[1])), 0
 
 
-def build_stream(cfg: ScanConfig, work: pa.Table, uris: list[str], bundles: list[DetectorBundle], out: ScanOutput, scan_id: str,
-                 scan_date: str, captions: pa.Table | None, so: dict | None, counter):
-    """One Ray Data pipeline over the whole plan: decode tasks -> Scorer actors -> file-writing tasks."""
+def read_work(batch: pa.Table, storage_options: dict | None, rows: int) -> Iterator[pa.Table]:
+    """Ray task: a plan's work file -> blocks of ``rows`` work rows (streamed, however big the file)."""
+    for path in batch["path"].to_pylist():
+        fs, p = open_fs(path, storage_options)
+        with fs.open(p, "rb") as f:
+            for b in pq.ParquetFile(f).iter_batches(batch_size=rows):
+                yield pa.Table.from_batches([b])
+
+
+def build_stream(cfg: ScanConfig, work_files: list[str], n_work: int, uris: list[str], bundles: list[DetectorBundle], out: ScanOutput,
+                 scan_id: str, scan_date: str, so: dict | None, counter):
+    """One Ray Data pipeline over the whole plan: work files -> decode tasks -> Scorer actors -> file-writing tasks."""
     import ray
 
     from jobs.pipeline import Scorer, load_images
 
-    if captions is not None:
-        work = work.join(captions, S.URI, join_type="left outer")
-    rows = max(1, min(1024, -(-work.num_rows // 64)))
-    ds = ray.data.from_arrow([work.slice(i, rows) for i in range(0, work.num_rows, rows)])
-    ds = ds.map_batches(load_images, fn_kwargs=dict(specs=feature_specs(bundles), storage_options=so, max_pixels=cfg.max_pixels),
+    rows = max(1, min(1024, -(-n_work // 64)))  # at least ~64 blocks, so that small scans still spread over the decoders
+    ds = ray.data.from_items([{"path": p} for p in work_files], override_num_blocks=len(work_files))
+    ds = ds.map_batches(read_work, fn_kwargs=dict(storage_options=so, rows=rows), batch_size=1, batch_format="pyarrow")
+    ds = ds.map_batches(load_images, fn_kwargs=dict(specs=feature_specs(bundles), storage_options=so, max_pixels=cfg.max_pixels,
+                                                    max_bytes=cfg.max_bytes),
                         batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1)
     lo, hi = parse_actors(cfg.actors)
     cpus, gpus = _actor_resources(cfg)
@@ -329,11 +270,8 @@ def run_scan(cfg: ScanConfig) -> dict:
     if len(set(ids)) != len(ids):
         fail(f"the same detector is given twice ({', '.join(ids)}); each bundle may appear once")
     needing = [b.detector_id for b in bundles if b.needs_captions]
-    captions = None
-    if needing:
-        if not cfg.captions:
-            fail(f"detector {', '.join(needing)} uses image+text features and needs captions; pass --captions with a uri,caption manifest")
-        captions = read_manifest(cfg.captions, so).select([S.URI, S.CAPTION])
+    if needing and not cfg.captions:
+        fail(f"detector {', '.join(needing)} uses image+text features and needs captions; pass --captions with a uri,caption manifest")
     scan_date = cfg.scan_date or dt.datetime.now(dt.timezone.utc).date().isoformat()
     try:
         out = ScanOutput.open(cfg.output, cfg.catalog, cfg.namespace, so)
@@ -347,35 +285,47 @@ def run_scan(cfg: ScanConfig) -> dict:
         fail(str(exc))
     lease.start_renewing()
     try:
-        return _scan_under_lease(cfg, so, uris, bundles, captions, scan_date, out, scan_id, lease)
+        return _scan_under_lease(cfg, so, uris, bundles, scan_date, out, scan_id, lease)
     except LeaseLostError as exc:
         fail(f"{exc}; nothing of this scan's uncommitted work is visible, run it again")
     finally:
         lease.release()
 
 
-def _scan_under_lease(cfg, so, uris, bundles, captions, scan_date, out: ScanOutput, scan_id: str, lease: Lease) -> dict:
+def _scan_under_lease(cfg, so, uris, bundles, scan_date, out: ScanOutput, scan_id: str, lease: Lease) -> dict:
+    import ray
+
     started = time.time()
     started_at = dt.datetime.now(dt.timezone.utc).isoformat()
     before_each, unit_state = _kill_hook(cfg, lease)
     recovered = out.recover(before_each=lambda step: lease.check())
     if recovered:
         print(f"finished {len(recovered)} commit unit(s) a killed scan left half committed")
-    work, counts = plan(cfg, bundles, out, so)
+    init_ray(cfg.ray_address or None)
+    remove_plan(out)  # work files of killed scans (the lease says none is running)
+    # Catch the state up with everything committed (a killed scan's units; a deleted state is rebuilt).
+    state_before = refresh_state(out, so, cfg.state_compact_at)
+    lease.check()
+    ids = [b.detector_id for b in bundles]
+    try:
+        work_files, plan_counts = planning.plan(out, cfg.input, ids, scan_id, cfg.full, cfg.captions, so, cfg.list_fan_out)
+    except PlanError as exc:
+        fail(str(exc))
+    counts = {"listed": plan_counts["listed"], "skipped": plan_counts["listed"] - plan_counts["work"],
+              "skipped_by_detector": plan_counts["skipped"]}
+    print(f"plan: {plan_counts['listed']} listed ({plan_counts['input_kind']}), {plan_counts['work']} to score, "
+          f"{plan_counts['duplicates']} duplicate uris, {plan_counts['list_errors']} unusable rows ({plan_counts['plan_seconds']} s)")
     base = {"scan_id": scan_id, "scan_date": scan_date, "input": cfg.input, "listed": None, "skipped": None, "model_loads": None,
             "seconds": None, "started_at": started_at, "config": json.dumps(config_dict(cfg)), "schema_version": T.SCHEMA_VERSION}
     totals = {b.detector_id: {t: 0 for t in T.TABLES} for b in bundles}
     units, commit_seconds, driver_rows, files = 0, [], 0, 0
     model_loads = 0
-    if work.num_rows:
-        import ray
-
-        init_ray(cfg.ray_address or None)
+    if work_files:
         ctx = ray.data.DataContext.get_current()
         saved_wait = ctx.wait_for_min_actors_s  # the driver's context outlives this scan (notebooks, tests): restore it
         ctx.wait_for_min_actors_s = int(max(1, cfg.resource_timeout))
         counter = _load_counter()
-        stream = build_stream(cfg, work, uris, bundles, out, scan_id, scan_date, captions, so, counter)
+        stream = build_stream(cfg, work_files, plan_counts["work"], uris, bundles, out, scan_id, scan_date, so, counter)
         pending_files: dict[str, list[str]] = {t: [] for t in T.TABLES}
         pending_counts: dict[str, dict[str, int]] = {b.detector_id: {t: 0 for t in T.TABLES} for b in bundles}
         pending_rows = 0
@@ -426,6 +376,9 @@ def _scan_under_lease(cfg, so, uris, bundles, captions, scan_date, out: ScanOutp
             ctx.wait_for_min_actors_s = saved_wait
         model_loads = ray.get(counter.count.remote())
         ray.kill(counter)
+    lease.check()
+    state_after = refresh_state(out, so, cfg.state_compact_at) if units else {"history_files": 0}
+    remove_plan(out)
     elapsed = time.time() - started
     n_read = counts["listed"] - counts["skipped"]
     summary_base = {**base, "listed": counts["listed"], "skipped": counts["skipped"], "model_loads": model_loads, "seconds": round(elapsed, 2)}
@@ -441,7 +394,8 @@ def _scan_under_lease(cfg, so, uris, bundles, captions, scan_date, out: ScanOutp
         "errors": sum(t["errors"] for t in totals.values()), "seconds": round(elapsed, 2),
         "images_per_second": round(n_read / elapsed, 2) if elapsed > 0 else None,  # objects read per second
         "commit_units": units, "commit_seconds": [round(s, 3) for s in commit_seconds], "model_loads": model_loads,
-        "driver_rows_received": driver_rows, "data_files": files, "recovered_units": len(recovered),
+        "driver_rows_received": driver_rows, "data_files": files, "recovered_units": len(recovered), "plan": plan_counts,
+        "state_refresh": {"before": state_before, "after": state_after},
         "snapshot_ids": snaps,
         "detectors": [{"detector": u, "detector_id": b.detector_id, "detector_kind": b.kind, "feature_id": b.features.id,
                        "threshold": b.threshold, "skipped": counts["skipped_by_detector"][b.detector_id],

@@ -1,0 +1,364 @@
+"""A scan's plan on the cluster: list (or read an inventory), anti-join against the state, keep the state current.
+
+The scan job (``jobs.scan``) calls two things here, both Ray Data executions whose
+per-object work runs in tasks; the driver handles listing units, file paths and counts, never
+object rows, so its memory does not grow with the number of objects (``bench/bench_plan.py``):
+
+- ``plan``: the input as a stream of ``LIST_SCHEMA`` rows (``listing``: a prefix split into
+  units listed by parallel tasks, a manifest read by tasks, or the data files of an S3 Inventory
+  report read by tasks; ``detector_core.listing``) -> each row's ``uri_bucket`` -> grouped by it
+  (Ray Data's shuffle) -> one task per partition reads that partition's state files, removes
+  duplicates, anti-joins (``detector_core.state.anti_join``), joins captions, writes the work
+  rows to ``OUT/_plan/<scan_id>/`` and returns one row of counts. The scan then streams those
+  work files into decoding and scoring.
+- ``refresh_state``: folds the history files committed since the state's mark (``scores`` rows;
+  ``errors`` rows that settle) into the ``state`` table: grouped by ``uri_bucket``, one new file
+  per touched partition, or one merged file where a partition has ``compact_at`` files already
+  (compaction); one Iceberg commit with the new mark. Run before planning (it catches up after a
+  killed scan, and rebuilds a deleted state from the whole history) and after each scan.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+import uuid
+from collections.abc import Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from detector_core import schema as S
+from detector_core import state as ST
+from detector_core.catalog import HISTORY, PROP_PARTITIONS, STATE, ScanOutput
+from detector_core.listing import (ListingUnit, inventory_files, inventory_rows, is_inventory, is_manifest, list_unit, manifest_rows,
+                                   split_prefix)
+from detector_core.storage import join, open_fs
+
+__all__ = ["PlanError", "listing", "plan", "refresh_state", "remove_plan"]
+
+CAPTION_ROW = "_caption_row"
+CAPTIONS_SCHEMA = pa.schema([(S.URI, pa.string()), (S.CAPTION, pa.string())])
+PLAN_ROW = pa.schema([(ST.URI_BUCKET, pa.int32()), ("path", pa.string()), ("counts", pa.string())])
+STATE_FILE_ROW = pa.schema([(ST.URI_BUCKET, pa.int32()), ("path", pa.string()), ("rows", pa.int64()), ("replaced", pa.string())])
+HISTORY_COLUMNS = (S.DETECTOR_ID, S.URI, S.ETAG, S.SIZE, S.SCAN_ID, S.SCANNED_AT)
+
+
+class PlanError(ValueError):
+    """The input cannot be planned (a missing prefix, a malformed inventory manifest)."""
+
+
+# -- reading inputs (Ray tasks) --------------------------------------------------------------
+def _bucketed(fn, n: int, caption: bool = False):
+    """A Ray Data generator UDF: ``fn``'s ``LIST_SCHEMA`` tables with their ``uri_bucket`` (``_with_bucket``), never none.
+
+    The bucket is added in the same task (not by a later map) and an input that yields no
+    rows (an empty folder) yields one empty table of the full schema: Ray Data turns a task
+    output without rows into a block without columns, and the shuffle cannot concatenate
+    that with the others (``ArrowInvalid: Schema at index 1 was different``).
+    """
+    @functools.wraps(fn)
+    def wrapper(batch: pa.Table, **kw) -> Iterator[pa.Table]:
+        empty = True
+        for t in fn(batch, **kw):
+            if t.num_rows:
+                empty = False
+                yield _with_bucket(t, n, caption)
+        if empty:
+            yield _with_bucket(CAPTIONS_SCHEMA.empty_table() if caption else ST.LIST_SCHEMA.empty_table(), n, caption)
+    return wrapper
+
+
+def _typed(fn, schema: pa.Schema):
+    """A generator UDF that yields at least one table of ``schema`` (see ``_bucketed``)."""
+    @functools.wraps(fn)
+    def wrapper(batch: pa.Table, **kw) -> Iterator[pa.Table]:
+        empty = True
+        for t in fn(batch, **kw):
+            if t.num_rows:
+                empty = False
+                yield t
+        if empty:
+            yield schema.empty_table()
+    return wrapper
+
+
+def _list_units(batch: pa.Table, storage_options: dict | None) -> Iterator[pa.Table]:
+    for prefix, recursive in zip(batch["prefix"].to_pylist(), batch["recursive"].to_pylist()):
+        yield from list_unit(ListingUnit(prefix, recursive), storage_options)
+
+
+def _open(path: str, storage_options: dict | None):
+    fs, p = open_fs(path, storage_options)
+    return fs.open(p, "rb", compression="infer" if path.endswith(".gz") else None)
+
+
+def _read_source_files(batch: pa.Table, storage_options: dict | None, csv_columns: list[str] | None, scheme: str,
+                       rows: int = 50_000) -> Iterator[pa.Table]:
+    """Ray task: a manifest or Inventory data file -> ``LIST_SCHEMA`` tables, streamed (never the whole file at once)."""
+    for path, kind in zip(batch["path"].to_pylist(), batch["kind"].to_pylist()):
+        inventory = kind.startswith("inventory")
+        fmt = kind.split("-", 1)[1]
+        rows_of = functools.partial(inventory_rows, scheme=scheme, url_encoded=fmt == "csv") if inventory else \
+            functools.partial(manifest_rows, manifest=path)
+        with _open(path, storage_options) as f:
+            if fmt == "parquet":
+                for b in pq.ParquetFile(f).iter_batches(batch_size=rows):
+                    yield rows_of(pa.Table.from_batches([b]))
+            elif fmt == "orc":
+                from pyarrow import orc
+
+                reader = orc.ORCFile(f)
+                for i in range(reader.nstripes):
+                    yield rows_of(pa.Table.from_batches([reader.read_stripe(i)]))
+            else:
+                # Every column as text: a manifest's bad value is then one error row, not a failed read.
+                names = csv_columns if inventory else None
+                types = {c: pa.string() for c in (csv_columns if inventory else (S.URI, S.ETAG, S.SIZE))}
+                read = pacsv.ReadOptions(column_names=names, block_size=1 << 22)
+                convert = pacsv.ConvertOptions(strings_can_be_null=True, column_types=types)
+                for b in pacsv.open_csv(f, read_options=read, convert_options=convert):
+                    yield rows_of(pa.Table.from_batches([b]))
+
+
+def _source_kind(source: str, storage_options: dict | None) -> str:
+    fs, path = open_fs(source, storage_options)
+    if is_inventory(source, storage_options):
+        return "inventory"
+    if fs.isfile(path):
+        if is_manifest(path):
+            return "manifest"
+        raise PlanError(f"--input {source} is a file but not a manifest (.parquet, .csv, .csv.gz) or an S3 Inventory manifest.json")
+    if not fs.isdir(path):
+        raise PlanError(f"--input {source} does not exist (or is not reachable with these credentials)")
+    return "prefix"
+
+
+def listing(source: str, storage_options: dict | None, fan_out: int = 64, n: int = ST.DEFAULT_PARTITIONS):
+    """The input as a Ray dataset of ``LIST_SCHEMA`` rows with their ``uri_bucket`` of ``n``, and how it was read."""
+    import ray
+
+    kind = _source_kind(source, storage_options)
+    if kind == "prefix":
+        units = split_prefix(source, storage_options, target=fan_out)
+        ds = ray.data.from_items([{"prefix": u.prefix, "recursive": u.recursive} for u in units], override_num_blocks=len(units))
+        ds = ds.map_batches(_bucketed(_list_units, n), fn_kwargs=dict(storage_options=storage_options), batch_size=1,
+                            batch_format="pyarrow")
+        return ds, {"input_kind": "prefix", "listing_units": len(units)}
+    if kind == "manifest":
+        fmt = "parquet" if source.lower().endswith((".parquet", ".pq")) else "csv"
+        columns = _manifest_columns(source, fmt, storage_options)
+        if S.URI not in columns:  # refused here, before any task, not as a task failure
+            raise PlanError(f"manifest {source} has no '{S.URI}' column (columns: {columns})")
+        items = [{"path": source, "kind": f"manifest-{fmt}"}]
+        csv_columns, scheme, info = None, "", {"input_kind": "manifest", "source_files": 1}
+    else:
+        try:
+            inv = inventory_files(source, storage_options)
+        except ValueError as exc:
+            raise PlanError(str(exc)) from None
+        items = [{"path": p, "kind": f"inventory-{fmt}"} for fmt in ("csv", "parquet", "orc") for p in getattr(inv, fmt)]
+        csv_columns, scheme = inv.csv_columns, "s3://"
+        info = {"input_kind": "inventory", "source_files": len(items), "inventory_manifests": inv.manifests}
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(_bucketed(_read_source_files, n),
+                        fn_kwargs=dict(storage_options=storage_options, csv_columns=csv_columns, scheme=scheme), batch_size=1,
+                        batch_format="pyarrow")
+    return ds, info
+
+
+def _manifest_columns(source: str, fmt: str, storage_options: dict | None) -> list[str]:
+    with _open(source, storage_options) as f:
+        if fmt == "parquet":
+            return pq.read_schema(f).names
+        try:
+            return pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 16)).schema.names
+        except pa.ArrowInvalid as exc:
+            raise PlanError(f"manifest {source} is not a readable CSV: {exc}") from None
+
+
+def _with_bucket(batch: pa.Table, n: int, caption: bool) -> pa.Table:
+    rows = batch.select(ST.LIST_SCHEMA.names).cast(ST.LIST_SCHEMA) if not caption else pa.table({
+        S.URI: batch[S.URI].cast(pa.string()), S.ETAG: pa.nulls(batch.num_rows, pa.string()), S.SIZE: pa.nulls(batch.num_rows, pa.int64()),
+        S.ERROR_TYPE: pa.nulls(batch.num_rows, pa.string()), S.ERROR_MESSAGE: pa.nulls(batch.num_rows, pa.string())})
+    cap = batch[S.CAPTION].cast(pa.string()) if caption else pa.nulls(batch.num_rows, pa.string())
+    return rows.append_column(S.CAPTION, cap).append_column(CAPTION_ROW, pa.array([caption] * batch.num_rows, pa.bool_())) \
+        .append_column(ST.URI_BUCKET, ST.uri_bucket_column(rows[S.URI], n))
+
+
+# -- the plan --------------------------------------------------------------------------------
+def _read_state(paths: list[str], detector_ids: list[str] | None, storage_options: dict | None) -> pa.Table:
+    """State files of one partition (rows of ``detector_ids`` only, or all)."""
+    tables = []
+    for p in paths:
+        fs, fp = open_fs(p, storage_options)
+        with fs.open(fp, "rb") as f:
+            t = pq.read_table(f, columns=list(ST.STATE_SCHEMA.names))
+        tables.append(t if detector_ids is None else t.filter(pc.is_in(t[S.DETECTOR_ID], pa.array(detector_ids, pa.string()))))
+    return pa.concat_tables(tables).cast(ST.STATE_SCHEMA) if tables else ST.STATE_SCHEMA.empty_table()
+
+
+def _plan_partition(group: pa.Table, state_files: dict, detector_ids: list[str], full: bool, plan_dir: str, with_captions: bool,
+                    storage_options: dict | None) -> pa.Table:
+    """Ray task: one ``uri_bucket`` partition of the listing -> its work file and counts."""
+    from jobs.common import write_parquet
+
+    bucket = int(group[ST.URI_BUCKET][0].as_py())
+    is_caption = group[CAPTION_ROW]
+    listed = group.filter(pc.invert(is_caption))
+    captions = group.filter(is_caption).select([S.URI, S.CAPTION]) if with_captions else None
+    state = None if full else _read_state(state_files.get(bucket, state_files.get(str(bucket), [])), detector_ids, storage_options)
+    work, counts = ST.anti_join(listed, state, detector_ids, full, captions)
+    path = ""
+    if work.num_rows:
+        path = join(plan_dir, f"part-{bucket:05d}-{uuid.uuid4().hex[:8]}.parquet")
+        write_parquet(work, path, storage_options)
+    return pa.Table.from_pylist([{ST.URI_BUCKET: bucket, "path": path, "counts": json.dumps(counts)}], schema=PLAN_ROW)
+
+
+def plan(out: ScanOutput, source: str, detector_ids: list[str], scan_id: str, full: bool = False, captions: str = "",
+         storage_options: dict | None = None, fan_out: int = 64) -> tuple[list[str], dict]:
+    """This scan's work files (``OUT/_plan/<scan_id>/``) and counts; per-object work in Ray tasks only.
+
+    The groupby uses Ray Data's default (hash) shuffle: the sort-based one sampled and held
+    blocks in the driver, whose peak grew by ~100 MB per 3·10⁵ objects; the hash shuffle's
+    did not grow (2-core machine, ``bench/bench_plan.py``).
+    """
+    t0 = time.time()
+    table = out.state_table()
+    n = int(table.properties.get(PROP_PARTITIONS, ST.DEFAULT_PARTITIONS))
+    state_files = {b: [df.file_path for df in files] for b, files in out.state_files(table).items()}
+    ds, info = listing(source, storage_options, fan_out, n)
+    if captions:
+        ds = ds.union(_caption_dataset(captions, storage_options, n))
+    plan_dir = join(out.uri, "_plan", scan_id)
+    parts = ds.groupby(ST.URI_BUCKET, num_partitions=_shuffle_partitions(n)).map_groups(
+        _plan_partition, batch_format="pyarrow",
+        fn_kwargs=dict(state_files=state_files, detector_ids=detector_ids, full=full, plan_dir=plan_dir, with_captions=bool(captions),
+                       storage_options=storage_options))
+    totals = {"listed": 0, "duplicates": 0, "list_errors": 0, "work": 0, "skipped": {d: 0 for d in detector_ids}}
+    paths = []
+    for batch in parts.iter_batches(batch_size=None, batch_format="pyarrow"):  # one small row per partition
+        for row in batch.to_pylist():
+            c = json.loads(row["counts"])
+            for k in ("listed", "duplicates", "list_errors", "work"):
+                totals[k] += c[k]
+            for d, v in c["skipped"].items():
+                totals["skipped"][d] += v
+            if row["path"]:
+                paths.append(row["path"])
+    return sorted(paths), {**totals, **info, "state_partitions": n, "plan_seconds": round(time.time() - t0, 2)}
+
+
+def _shuffle_partitions(n: int) -> int:
+    """Reduce tasks of the shuffle by uri_bucket: one per CPU of the cluster (each handles several state partitions), at most n."""
+    import ray
+
+    return max(1, min(n, int(ray.cluster_resources().get("CPU", 1))))
+
+
+def _read_captions(batch: pa.Table, storage_options: dict | None) -> Iterator[pa.Table]:
+    """Ray task: a ``uri,caption`` manifest -> its rows, uris qualified as in scan manifests."""
+    from detector_core.listing import _qualify
+
+    for path in batch["path"].to_pylist():
+        base = path.rsplit("/", 1)[0] if "/" in path else "."
+        with _open(path, storage_options) as f:
+            if path.lower().endswith((".csv", ".csv.gz")):
+                blocks = (pa.Table.from_batches([b]) for b in pacsv.open_csv(f, convert_options=pacsv.ConvertOptions(
+                    column_types={S.URI: pa.string(), S.CAPTION: pa.string()}, strings_can_be_null=True)))
+            else:
+                blocks = (pa.Table.from_batches([b]) for b in pq.ParquetFile(f).iter_batches(columns=[S.URI, S.CAPTION]))
+            for t in blocks:
+                uris = [None if u is None else _qualify(str(u), base) for u in t[S.URI].to_pylist()]
+                yield pa.table({S.URI: pa.array(uris, pa.string()), S.CAPTION: t[S.CAPTION].cast(pa.string())})
+
+
+def _caption_dataset(captions: str, storage_options: dict | None, n: int):
+    import ray
+
+    ds = ray.data.from_items([{"path": captions}])
+    return ds.map_batches(_bucketed(_read_captions, n, caption=True), fn_kwargs=dict(storage_options=storage_options), batch_size=1,
+                          batch_format="pyarrow")
+
+
+def remove_plan(out: ScanOutput, keep: str = "") -> None:
+    """Delete the work files of finished or killed scans (all but ``keep``'s)."""
+    root = f"{out.root}/_plan"
+    try:
+        for p in out.fs.ls(root, detail=False):
+            if not keep or not p.rstrip("/").endswith(keep):
+                out.fs.rm(p, recursive=True)
+    except FileNotFoundError:
+        pass
+
+
+# -- keeping the state current -------------------------------------------------------------
+def _history_rows(batch: pa.Table, n: int, storage_options: dict | None) -> Iterator[pa.Table]:
+    """Ray task: committed ``scores``/``errors`` data files -> state rows."""
+    for path, name in zip(batch["path"].to_pylist(), batch["table"].to_pylist()):
+        fs, p = open_fs(path, storage_options)
+        cols = list(HISTORY_COLUMNS) + ([S.ERROR_STAGE] if name == "errors" else [])
+        with fs.open(p, "rb") as f:
+            rows = pq.read_table(f, columns=cols)
+        yield ST.history_to_state(rows, name, n)
+
+
+def _write_state_partition(group: pa.Table, location: str, existing: dict, compact_at: int, storage_options: dict | None) -> pa.Table:
+    """Ray task: one partition's new state rows -> one new state file (merged with the old ones when compacting)."""
+    from jobs.common import write_parquet
+
+    bucket = int(group[ST.URI_BUCKET][0].as_py())
+    old = existing.get(bucket, [])
+    replaced = []
+    rows = group.select(ST.STATE_SCHEMA.names).cast(ST.STATE_SCHEMA)
+    if old and len(old) + 1 >= compact_at:
+        rows = ST.latest(pa.concat_tables([_read_state(old, None, storage_options), rows]))
+        replaced = old
+    else:
+        rows = ST.latest(rows)
+    path = join(location, "data", f"{ST.URI_BUCKET}={bucket}", f"{uuid.uuid4().hex}.parquet")
+    write_parquet(rows.sort_by([(S.DETECTOR_ID, "ascending"), (S.URI, "ascending")]), path, storage_options)
+    return pa.Table.from_pylist([{ST.URI_BUCKET: bucket, "path": path, "rows": rows.num_rows, "replaced": json.dumps(replaced)}],
+                                schema=STATE_FILE_ROW)
+
+
+def refresh_state(out: ScanOutput, storage_options: dict | None = None, compact_at: int = 8) -> dict:
+    """Fold the history committed since the state's mark into ``state``; returns what it did."""
+    import ray
+
+    t0 = time.time()
+    table = out.state_table()
+    n = int(table.properties.get(PROP_PARTITIONS, ST.DEFAULT_PARTITIONS))
+    mark = out.state_mark(table)
+    new, top = {}, {}
+    for name in HISTORY:
+        new[name], top[name] = out.history_files_since(name, int(mark.get(name, 0)))
+    items = [{"path": p, "table": name} for name in HISTORY for p in new[name]]
+    if not items:
+        if top != mark:
+            out.commit_state([], [], top)
+        return {"history_files": 0, "state_files_written": 0, "state_files_replaced": 0, "seconds": round(time.time() - t0, 2)}
+    existing_files = out.state_files(table)
+    existing = {b: [df.file_path for df in files] for b, files in existing_files.items()}
+    by_path = {df.file_path: df for files in existing_files.values() for df in files}
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 256))
+    ds = ds.map_batches(_typed(_history_rows, ST.STATE_SCHEMA), fn_kwargs=dict(n=n, storage_options=storage_options), batch_size=8,
+                        batch_format="pyarrow")
+    written = ds.groupby(ST.URI_BUCKET, num_partitions=_shuffle_partitions(n)).map_groups(
+        _write_state_partition, batch_format="pyarrow",
+        fn_kwargs=dict(location=out.location(STATE), existing=existing, compact_at=compact_at, storage_options=storage_options))
+    added, removed, rows = [], [], 0
+    for batch in written.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for r in batch.to_pylist():
+            added.append(r["path"])
+            rows += r["rows"]
+            removed.extend(by_path[p] for p in json.loads(r["replaced"]))
+    out.commit_state(added, removed, top)
+    return {"history_files": len(items), "state_rows_written": rows, "state_files_written": len(added),
+            "state_files_replaced": len(removed), "seconds": round(time.time() - t0, 2)}
+
+
