@@ -50,22 +50,27 @@ def parse_config(cls: type[T], argv=None, description: str | None = None) -> T:
 
 
 def init_ray(address: str | None = None) -> None:
-    """Connect to the cluster (under ``ray job submit`` or with ``--ray-address``) or start a local Ray."""
+    """Connect to the cluster (under ``ray job submit``, ``RAY_ADDRESS`` or ``--ray-address``) or start a private local Ray.
+
+    No environment variable is passed through a runtime env: Ray writes runtime envs in plain
+    text into its session logs, so credentials would land on disk. A local Ray's workers
+    inherit this process's environment; a cluster's workers use their own (instance profile,
+    IRSA, the job's env from ``cluster/runtime_env.yaml``, which holds no secrets).
+    """
     import ray
 
     if ray.is_initialized():
         return
-    env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "DETECTOR_", "HF_"))}
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
-        # Under `ray job submit` the job's runtime env already reaches every worker, and
-        # Ray refuses a driver runtime env that repeats its variables.
-        env = {}
-    kwargs = {}
     if address is None and "RAY_ADDRESS" not in os.environ:
-        # A local Ray on a small machine: CPUs are scheduling tokens, and Ray Train
-        # workers (1 CPU each) must leave some for the Ray Data tasks that feed them.
-        kwargs["num_cpus"] = max(os.cpu_count() or 1, 4)
-    ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True, **kwargs)
+        # A private local Ray, even when a `ray start` head runs on this machine (ray.init()
+        # would join it and then refuse num_cpus). CPUs are scheduling tokens on a small
+        # machine: Ray Train workers (1 CPU each) must leave some for the tasks that feed them.
+        cpus = max(os.cpu_count() or 1, 4)
+        print(f"starting a private local Ray ({cpus} CPUs); pass --ray-address auto (or set RAY_ADDRESS) to use a running cluster",
+              file=sys.stderr, flush=True)
+        ray.init(address="local", num_cpus=cpus, log_to_driver=True)
+        return
+    ray.init(address=address, log_to_driver=True)
 
 
 def new_run_id(prefix: str) -> str:

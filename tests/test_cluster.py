@@ -378,3 +378,49 @@ def test_wrong_credentials_end_with_one_line(ray_head, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_no_secret_reaches_any_file_a_local_run_leaves(s3_server, s3_bucket, tmp_path):
+    """A scan of s3:// with a marker secret, as its own driver with its own local Ray: no file it leaves holds the secret.
+
+    Ray writes runtime envs in plain text into its session logs; credentials must reach the
+    workers through their environment, never a runtime env. moto accepts any key pair, so the
+    marker is the secret actually used for every S3 request. Without ``--ray-address`` the job
+    starts a private local Ray and says so.
+    """
+    import shutil
+    import tempfile
+
+    import s3fs
+    import torch
+
+    from detector_core.bundle import DetectorBundle, save_bundle
+    from detector_core.demo import encode, make_image
+    from detector_core.extractors import FeatureSpec
+    from detector_core.model import DetectorMLP
+
+    fs = s3fs.S3FileSystem()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        fs.pipe(f"{s3_bucket[5:]}/in/img_{i}.png", encode(make_image(rng)))
+    torch.manual_seed(0)
+    save_bundle(DetectorBundle(model=DetectorMLP(64).eval(), features=FeatureSpec(clip_model="test-tiny", feature_mode="image")),
+                str(tmp_path / "detector"))
+    marker = "MARKERSECRET" + uuid.uuid4().hex
+    ray_tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(AWS_SECRET_ACCESS_KEY=marker, RAY_TMPDIR=ray_tmp, PYTHONUNBUFFERED="1")
+    try:
+        res = subprocess.run([sys.executable, "-m", "jobs.scan", "--detector", str(tmp_path / "detector"), "--input", f"{s3_bucket}/in",
+                              "--output", str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        assert "scored 3" in res.stdout and "private local Ray" in res.stderr
+        leaked = []
+        for root in (Path(ray_tmp), tmp_path / "out"):
+            for p in root.rglob("*"):
+                if p.is_file() and not p.is_symlink() and marker.encode() in p.read_bytes():
+                    leaked.append(str(p))
+        files = sum(1 for _ in Path(ray_tmp).rglob("*"))
+        assert files > 10 and not leaked, f"the secret is in {leaked}"
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
