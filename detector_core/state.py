@@ -29,8 +29,8 @@ import pyarrow.compute as pc
 
 from detector_core import schema as S
 
-__all__ = ["STATE_SCHEMA", "LIST_SCHEMA", "UNSETTLED_STAGES", "URI_BUCKET", "uri_bucket_column", "history_to_state", "latest",
-           "anti_join", "dedupe_uris"]
+__all__ = ["LIST_SCHEMA", "STATE_SCHEMA", "UNSETTLED_STAGES", "URI_BUCKET", "anti_join", "dedupe_uris", "history_to_state",
+           "latest", "todo_column", "uri_bucket_column"]
 
 URI_BUCKET = "uri_bucket"
 OUTCOME = "outcome"
@@ -54,6 +54,11 @@ def uri_bucket_column(uris: pa.Array | pa.ChunkedArray, n: int) -> pa.Array:
     """Iceberg's ``bucket[n]`` of each uri: ``(murmur3_32(utf8) & 0x7fffffff) % n``; null uris go to bucket 0."""
     h = mmh3.hash
     return pa.array([0 if u is None else (h(u.encode()) & 0x7FFFFFFF) % n for u in uris.to_pylist()], pa.int32())
+
+
+def todo_column(i: int) -> str:
+    """Work-row column: does detector ``i`` of an ensemble still need this object (detectors' states differ)?"""
+    return f"_todo_{i}"
 
 
 def _first_per(table: pa.Table, keys: list[str]) -> pa.Table:
@@ -137,7 +142,7 @@ def anti_join(listed: pa.Table, state: pa.Table, detector_ids: list[str], full: 
                      S.ERROR_TYPE: listed[S.ERROR_TYPE], S.ERROR_MESSAGE: listed[S.ERROR_MESSAGE]})
     if len(detector_ids) > 1:
         for i, t in enumerate(todo):
-            work = work.append_column(f"_todo_{i}", t)
+            work = work.append_column(todo_column(i), t)
     work = work.filter(any_todo)
     if captions is not None:
         caps = _first_per(captions.select([S.URI, S.CAPTION]).cast(pa.schema([(S.URI, pa.string()), (S.CAPTION, pa.string())])),

@@ -34,6 +34,7 @@ from detector_core.bundle import DetectorBundle, load_bundle
 from detector_core.extractors import FeatureSpec, build_extractor, preprocess_for
 from detector_core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from detector_core.perturb import parse_perturbation
+from detector_core.state import todo_column
 from detector_core.storage import is_remote, open_fs
 from detector_core.training import predict_logits
 
@@ -282,11 +283,6 @@ def features_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 def feature_specs(bundles: list[DetectorBundle]) -> list[FeatureSpec]:
     """The distinct extractors of some detectors, in order (``load_images`` makes one input column each)."""
     return list(dict.fromkeys(b.features for b in bundles))
-
-
-def todo_column(i: int) -> str:
-    """Chunk-input column: does detector ``i`` still need this object (ensembles, where detectors differ)?"""
-    return f"_todo_{i}"
 
 
 class Scorer:

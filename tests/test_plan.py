@@ -66,7 +66,7 @@ def test_anti_join_matches_a_row_by_row_reference():
     work, counts = ST.anti_join(pa.Table.from_pylist(listed, schema=ST.LIST_SCHEMA), pa.Table.from_pylist(state, schema=ST.STATE_SCHEMA),
                                 detectors)
     want = _reference_plan(listed, state, detectors)
-    got = {u: (a, b) for u, a, b in zip(work["uri"].to_pylist(), work["_todo_0"].to_pylist(), work["_todo_1"].to_pylist())}
+    got = {u: (a, b) for u, a, b in zip(work["uri"].to_pylist(), work[ST.todo_column(0)].to_pylist(), work[ST.todo_column(1)].to_pylist())}
     assert got == want
     assert counts["listed"] == len({r["uri"] for r in listed}) and counts["duplicates"] == len(listed) - counts["listed"]
     assert counts["skipped"] == {d: counts["listed"] - sum(t[i] for t in want.values()) for i, d in enumerate(detectors)}
