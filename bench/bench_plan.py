@@ -104,7 +104,7 @@ def refresh_strategies(n: int, nights: int, per_night: int) -> list[dict]:
             r = refresh_state(out, compact_at=compact_at)
             seconds.append(r["seconds"])
             written.append(r["state_rows_written"])
-        files = sum(len(v) for v in out.state_files(out.state_table()).values())
+        files = sum(len(v) for v in out.open_state()[1].values())
         rows.append({"strategy": name, "state_rows": n + nights * per_night, "first_build_seconds": first["seconds"],
                      "nightly_refresh_seconds_median": statistics.median(seconds), "rows_written_per_night_median": statistics.median(written),
                      "state_files_after": files})

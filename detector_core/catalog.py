@@ -202,20 +202,21 @@ class ScanOutput:
         return self.catalog.load_table(self.identifier(name))
 
     # -- the incremental state (detector_core.state) -----------------------------------------
-    def state_table(self):
-        """The ``state`` table; recreated empty (to be rebuilt from history) when it was dropped or its files deleted."""
+    def open_state(self) -> tuple[object, dict[int, list]]:
+        """The ``state`` table and its files by partition (``state_files``), read once.
+
+        Recreated empty (to be rebuilt from history) when it was dropped or its files deleted.
+        """
         from pyiceberg.exceptions import NoSuchTableError
 
         try:
             table = self.table(STATE)
-            if table.current_snapshot() is not None:
-                table.scan().plan_files()  # its manifests are readable too
-            return table
+            return table, self.state_files(table)  # its metadata and manifests are readable
         except NoSuchTableError:
             self._create(STATE)
         except OSError as exc:
             self._reset_state(exc)
-        return self.table(STATE)
+        return self.table(STATE), {}
 
     def _reset_state(self, exc: Exception) -> None:
         print(f"state table {self.identifier(STATE)} is unreadable ({type(exc).__name__}: {exc}); it is rebuilt from the history tables")

@@ -34,8 +34,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from detector_core import schema as S
+from detector_core.manifest import qualify_uri
 from detector_core.state import LIST_SCHEMA
-from detector_core.storage import is_remote, open_fs
+from detector_core.storage import is_local_fs, is_remote, open_fs, protocols
 
 __all__ = ["ListingUnit", "split_prefix", "list_unit", "flat_listing", "manifest_rows", "InventoryFiles", "inventory_files",
            "inventory_rows", "is_inventory", "is_manifest", "local_path"]
@@ -86,7 +87,7 @@ def _s3_pages(fs, path: str, delimiter: bool) -> Iterator[dict]:
 
 
 def _is_s3(fs) -> bool:
-    return "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    return "s3" in protocols(fs)
 
 
 def _subfolders(fs, path: str) -> list[str]:
@@ -96,14 +97,10 @@ def _subfolders(fs, path: str) -> list[str]:
         for page in _s3_pages(fs, path.rstrip("/") + "/", delimiter=True):
             subs.extend(f"{path.split('/', 1)[0]}/{p['Prefix'].rstrip('/')}" for p in page.get("CommonPrefixes", []))
         return subs
-    if not is_remote_fs(fs):
+    if is_local_fs(fs):
         with os.scandir(path) as it:
             return sorted(e.path for e in it if e.is_dir(follow_symlinks=False))
     return sorted(i["name"] for i in fs.ls(path, detail=True) if i.get("type") == "directory")
-
-
-def is_remote_fs(fs) -> bool:
-    return "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
 def split_prefix(source: str, storage_options: dict | None = None, target: int = 64, max_depth: int = 3) -> list[ListingUnit]:
@@ -184,7 +181,7 @@ def _local_rows(root: str, recursive: bool, rows: int) -> Iterator[pa.Table]:
 def list_unit(unit: ListingUnit, storage_options: dict | None = None, rows: int = ROWS_PER_TABLE) -> Iterator[pa.Table]:
     """The objects of one listing unit, ``rows`` at a time (``LIST_SCHEMA``)."""
     fs, path = open_fs(unit.prefix, storage_options)
-    if not is_remote_fs(fs):
+    if is_local_fs(fs):
         yield from _local_rows(local_path(path), unit.recursive, rows)
         return
     scheme = _scheme(unit.prefix)
@@ -229,14 +226,6 @@ def is_manifest(path: str) -> bool:
     return path.lower().endswith((".parquet", ".pq", ".csv", ".csv.gz"))
 
 
-def _qualify(uri: str, base: str) -> str:
-    if uri.startswith("file://"):
-        return local_path(uri)
-    if is_remote(uri) or uri.startswith("/"):
-        return uri
-    return posixpath.join(base, uri) if is_remote(base) else posixpath.normpath(posixpath.join(base, uri))
-
-
 def manifest_rows(block: pa.Table, manifest: str) -> pa.Table:
     """One block of a scan manifest -> ``LIST_SCHEMA`` (bad rows become error rows that say why)."""
     if S.URI not in block.column_names:
@@ -254,7 +243,7 @@ def manifest_rows(block: pa.Table, manifest: str) -> pa.Table:
             kind, msg = "missing_uri", f"a row of manifest {manifest} has no uri"
             u = None
         else:
-            u = _qualify(str(u).strip(), base)
+            u = qualify_uri(str(u).strip(), base)
         if s is not None and kind is None:
             try:
                 size = int(s) if not isinstance(s, float) or s.is_integer() else None

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from detector_core import schema as S
 from detector_core.storage import is_remote, open_fs
 
-__all__ = ["ManifestError", "ValidatedManifest", "read_manifest", "manifest_from_tree", "validate_manifest", "IMAGE_EXTENSIONS"]
+__all__ = ["ManifestError", "ValidatedManifest", "read_manifest", "qualify_uri", "manifest_from_tree", "validate_manifest", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
@@ -42,7 +42,8 @@ class ValidatedManifest:
         return {"rows": self.table.num_rows, "real": labels.count(0), "generated": labels.count(1), "bad": self.bad.num_rows}
 
 
-def _qualify(uri: str, base: str) -> str:
+def qualify_uri(uri: str, base: str) -> str:
+    """``uri`` as written in a manifest at ``base``: relative -> under ``base``; ``file://x`` -> the local path ``x``."""
     if uri.startswith("file://"):
         return uri[len("file://"):]  # a local path, not one relative to the manifest
     if is_remote(uri) or uri.startswith("/"):
@@ -90,7 +91,7 @@ def read_manifest(uri: str, storage_options: dict | None = None) -> pa.Table:
     if S.URI not in table.column_names:
         raise ManifestError(f"manifest {uri} has no '{S.URI}' column (columns: {table.column_names})")
     base = posixpath.dirname(uri.rstrip("/")) if not fs.isdir(path) else uri.rstrip("/")
-    uris = [None if u is None else _qualify(str(u), base) for u in table.column(S.URI).to_pylist()]
+    uris = [None if u is None else qualify_uri(str(u), base) for u in table.column(S.URI).to_pylist()]
     return table.set_column(table.column_names.index(S.URI), S.URI, pa.array(uris, pa.string()))
 
 

@@ -14,12 +14,21 @@ import os
 import fsspec
 from fsspec import AbstractFileSystem
 
-__all__ = ["is_remote", "open_fs", "arrow_fs", "s3_storage_options", "join", "fetch_cached"]
+__all__ = ["is_remote", "is_local_fs", "protocols", "open_fs", "arrow_fs", "s3_storage_options", "join", "fetch_cached"]
 
 
 def is_remote(uri: str) -> bool:
     """True for ``scheme://`` URIs other than ``file://``."""
     return "://" in uri and not uri.startswith("file://")
+
+
+def protocols(fs: AbstractFileSystem) -> tuple[str, ...]:
+    """The protocol names of an fsspec filesystem (``("s3", "s3a")``, ``("file", "local")``)."""
+    return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+
+
+def is_local_fs(fs: AbstractFileSystem) -> bool:
+    return "file" in protocols(fs)
 
 
 def s3_storage_options(endpoint_url: str | None = None) -> dict:

@@ -35,7 +35,7 @@ from detector_core.extractors import FeatureSpec, build_extractor, preprocess_fo
 from detector_core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from detector_core.perturb import parse_perturbation
 from detector_core.state import todo_column
-from detector_core.storage import is_remote, open_fs
+from detector_core.storage import is_local_fs, is_remote, open_fs
 from detector_core.training import predict_logits
 
 PIXELS = "pixels"
@@ -62,7 +62,7 @@ def _fetch_one_fs(fs, paths: list[str], listed: list, max_bytes: int, retries: i
         if size is not None and size > max_bytes:
             got[p] = ReadRefused("too_large", f"{size} bytes, over --max-bytes {max_bytes}: not read")
             continue
-        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        if is_local_fs(fs):
             try:
                 st = os.stat(p)
             except OSError as exc:

@@ -36,6 +36,7 @@ from detector_core import state as ST
 from detector_core.catalog import HISTORY, PROP_PARTITIONS, STATE, ScanOutput
 from detector_core.listing import (ListingUnit, inventory_files, inventory_rows, is_inventory, is_manifest, list_unit, manifest_rows,
                                    split_prefix)
+from detector_core.manifest import qualify_uri
 from detector_core.storage import join, open_fs
 
 __all__ = ["PlanError", "listing", "plan", "refresh_state", "remove_plan"]
@@ -52,38 +53,29 @@ class PlanError(ValueError):
 
 
 # -- reading inputs (Ray tasks) --------------------------------------------------------------
-def _bucketed(fn, n: int, caption: bool = False):
-    """A Ray Data generator UDF: ``fn``'s ``LIST_SCHEMA`` tables with their ``uri_bucket`` (``_with_bucket``), never none.
+def _typed(fn, schema: pa.Schema, transform=None):
+    """A Ray Data generator UDF: ``fn``'s non-empty tables (through ``transform``), or one empty table of ``schema``.
 
-    The bucket is added in the same task (not by a later map) and an input that yields no
-    rows (an empty folder) yields one empty table of the full schema: Ray Data turns a task
-    output without rows into a block without columns, and the shuffle cannot concatenate
-    that with the others (``ArrowInvalid: Schema at index 1 was different``).
+    Ray Data turns a task output without rows into a block without columns, and the shuffle
+    cannot concatenate that with the others (``ArrowInvalid: Schema at index 1 was different``).
     """
+    transform = transform or (lambda t: t)
+
     @functools.wraps(fn)
     def wrapper(batch: pa.Table, **kw) -> Iterator[pa.Table]:
         empty = True
         for t in fn(batch, **kw):
             if t.num_rows:
                 empty = False
-                yield _with_bucket(t, n, caption)
+                yield transform(t)
         if empty:
-            yield _with_bucket(CAPTIONS_SCHEMA.empty_table() if caption else ST.LIST_SCHEMA.empty_table(), n, caption)
+            yield transform(schema.empty_table())
     return wrapper
 
 
-def _typed(fn, schema: pa.Schema):
-    """A generator UDF that yields at least one table of ``schema`` (see ``_bucketed``)."""
-    @functools.wraps(fn)
-    def wrapper(batch: pa.Table, **kw) -> Iterator[pa.Table]:
-        empty = True
-        for t in fn(batch, **kw):
-            if t.num_rows:
-                empty = False
-                yield t
-        if empty:
-            yield schema.empty_table()
-    return wrapper
+def _bucketed(fn, n: int, caption: bool = False):
+    """``_typed`` for listing (or caption) rows, with their ``uri_bucket`` added in the same task, not by a later map."""
+    return _typed(fn, CAPTIONS_SCHEMA if caption else ST.LIST_SCHEMA, functools.partial(_with_bucket, n=n, caption=caption))
 
 
 def _list_units(batch: pa.Table, storage_options: dict | None) -> Iterator[pa.Table]:
@@ -228,9 +220,9 @@ def plan(out: ScanOutput, source: str, detector_ids: list[str], scan_id: str, fu
     did not grow (2-core machine, ``bench/bench_plan.py``).
     """
     t0 = time.time()
-    table = out.state_table()
+    table, files = out.open_state()
     n = int(table.properties.get(PROP_PARTITIONS, ST.DEFAULT_PARTITIONS))
-    state_files = {b: [df.file_path for df in files] for b, files in out.state_files(table).items()}
+    state_files = {b: [df.file_path for df in fs] for b, fs in files.items()}
     ds, info = listing(source, storage_options, fan_out, n)
     if captions:
         ds = ds.union(_caption_dataset(captions, storage_options, n))
@@ -262,8 +254,6 @@ def _shuffle_partitions(n: int) -> int:
 
 def _read_captions(batch: pa.Table, storage_options: dict | None) -> Iterator[pa.Table]:
     """Ray task: a ``uri,caption`` manifest -> its rows, uris qualified as in scan manifests."""
-    from detector_core.listing import _qualify
-
     for path in batch["path"].to_pylist():
         base = path.rsplit("/", 1)[0] if "/" in path else "."
         with _open(path, storage_options) as f:
@@ -273,7 +263,7 @@ def _read_captions(batch: pa.Table, storage_options: dict | None) -> Iterator[pa
             else:
                 blocks = (pa.Table.from_batches([b]) for b in pq.ParquetFile(f).iter_batches(columns=[S.URI, S.CAPTION]))
             for t in blocks:
-                uris = [None if u is None else _qualify(str(u), base) for u in t[S.URI].to_pylist()]
+                uris = [None if u is None else qualify_uri(str(u), base) for u in t[S.URI].to_pylist()]
                 yield pa.table({S.URI: pa.array(uris, pa.string()), S.CAPTION: t[S.CAPTION].cast(pa.string())})
 
 
@@ -331,7 +321,7 @@ def refresh_state(out: ScanOutput, storage_options: dict | None = None, compact_
     import ray
 
     t0 = time.time()
-    table = out.state_table()
+    table, existing_files = out.open_state()
     n = int(table.properties.get(PROP_PARTITIONS, ST.DEFAULT_PARTITIONS))
     mark = out.state_mark(table)
     new, top = {}, {}
@@ -342,7 +332,6 @@ def refresh_state(out: ScanOutput, storage_options: dict | None = None, compact_
         if top != mark:
             out.commit_state([], [], top)
         return {"history_files": 0, "state_files_written": 0, "state_files_replaced": 0, "seconds": round(time.time() - t0, 2)}
-    existing_files = out.state_files(table)
     existing = {b: [df.file_path for df in files] for b, files in existing_files.items()}
     by_path = {df.file_path: df for files in existing_files.values() for df in files}
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), 256))

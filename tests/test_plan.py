@@ -194,8 +194,7 @@ def test_state_deleted_is_rebuilt_from_history_and_compacts(ray_local, bundle_di
         s = scan.main([*args, "--state-compact-at", "2"])
         assert s["scored"] == 1
         replaced += s["state_refresh"]["after"]["state_files_replaced"]
-    table = o.state_table()
-    files = o.state_files(table)
+    _, files = o.open_state()
     assert replaced >= 2 and max(len(v) for v in files.values()) == 1
     state = o.read(STATE)
     rows = [r for r in state.to_pylist() if r["uri"] == uris[0]]
