@@ -52,11 +52,11 @@ class AblationConfig:
     clip_model: str = opt("test-tiny", "open_clip model name (paper: ViT-L-14)")
     pretrained: str = opt("none", "open_clip tag, weights path or s3:// URI; 'none' = random init (tests/demo)")
     arms: str = opt(",".join(ARMS), "arms to run, comma-separated, from: " + "; ".join(ARMS))
-    epochs: int = opt(32, "training epochs per arm")
-    batch_size: int = opt(2048, "training batch size per arm")
-    lr: float = opt(1e-3, "AdamW learning rate")
-    seed: int = opt(0, "training seed (the same for every arm)")
-    embed_batch_size: int = opt(64, "images per embedding batch")
+    epochs: int = opt(32, "training epochs per arm", within="[1, inf)")
+    batch_size: int = opt(2048, "training batch size per arm", within="[1, inf)")
+    lr: float = opt(1e-3, "AdamW learning rate", within="(0, inf)")
+    seed: int = opt(0, "training seed (the same for every arm)", within="[0, inf)")
+    embed_batch_size: int = opt(64, "images per embedding batch", within="[1, inf)")
     gpu: bool = opt(False, "one GPU per arm (and for the CLIP actors)")
     s3_endpoint: str = opt("", "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
     ray_address: str = opt("", "Ray cluster address (default: the job's cluster, or a local Ray)")
@@ -66,11 +66,12 @@ def _train_arm(name: str, optim: OptimConfig, x_train, y_train, x_eval, y_eval, 
     """One arm: fit on the training features, score the held-out ones (runs in a Ray task)."""
     import torch
 
+    from detector_core.devices import select_device
     from detector_core.metrics import average_precision, roc_auc, tpr_at_fpr
     from detector_core.model import DetectorMLP
     from detector_core.training import fit, predict_logits
 
-    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    device = select_device(use_gpu)  # --gpu where CUDA does not work fails, never runs on the CPU
     torch.manual_seed(seed)
     model = DetectorMLP(x_train.shape[1]).to(device)
     fit(model, torch.from_numpy(x_train).to(device), torch.from_numpy(y_train).to(device), optim, seed=seed)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -23,19 +24,46 @@ from detector_core.storage import join, open_fs
 T = TypeVar("T")
 
 
-def opt(default: Any, help: str, **kw) -> Any:  # noqa: A002 - mirrors argparse
-    """A dataclass field with help text (and optional argparse ``choices``/``flag``)."""
-    return dataclasses.field(default=default, metadata={"help": help, **kw})
+def opt(default: Any, help: str, *, within: str | None = None, **kw) -> Any:  # noqa: A002 - mirrors argparse
+    """A dataclass field with help text (and optional argparse ``choices``).
+
+    ``within`` is the interval a number must lie in, written as in mathematics:
+    ``"[1, inf)"``, ``"(0, 1)"``, ``"[0, 1]"``. ``parse_config`` refuses a value outside it
+    before the job does anything, and ``--help`` shows it. Every int and float flag has one
+    (``tests/test_cli.py`` checks).
+    """
+    meta = {"help": help, **kw}
+    if within is not None:
+        parse_interval(within)  # a typo in an interval fails at import, not at a user's run
+        meta["within"] = within
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def parse_interval(text: str) -> tuple[float, float, bool, bool]:
+    """``"[0, 1)"`` -> (0.0, 1.0, True, False): low, high, and whether each end is included."""
+    t = text.strip()
+    if len(t) < 5 or t[0] not in "[(" or t[-1] not in "])" or "," not in t:
+        raise ValueError(f"not an interval: {text!r} (write e.g. '[1, inf)' or '(0, 1]')")
+    low, high = (float(x) for x in t[1:-1].split(","))
+    return low, high, t[0] == "[", t[-1] == "]"
+
+
+def in_interval(value: float, text: str) -> bool:
+    low, high, low_in, high_in = parse_interval(text)
+    if math.isnan(value):  # NaN lies in no interval
+        return False
+    return (low < value or (low_in and value == low)) and (value < high or (high_in and value == high))
 
 
 def parse_config(cls: type[T], argv=None, description: str | None = None) -> T:
-    """Parse ``argv`` into the job's config dataclass."""
+    """Parse ``argv`` into the job's config dataclass; a number outside its field's ``within`` ends the job with one line."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         meta = dict(f.metadata)
         help_text = meta.pop("help")
+        within = meta.pop("within", None)
         typ = hints[f.name]
         if typ is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
@@ -44,16 +72,26 @@ def parse_config(cls: type[T], argv=None, description: str | None = None) -> T:
         if getattr(typ, "__origin__", None) is not None or str(typ).startswith("typing.Optional") or " | " in str(typ):
             args = [a for a in getattr(typ, "__args__", ()) if a is not type(None)]
             base = args[0] if args else str
-        parser.add_argument(flag, dest=f.name, type=base, default=f.default, help=f"{help_text} (default: {f.default})", **meta)
-    ns = parser.parse_args(argv)
-    return cls(**vars(ns))
+        shown = f"{help_text} (default: {f.default}" + (f"; in {within})" if within else ")")
+        parser.add_argument(flag, dest=f.name, type=base, default=f.default, help=shown, **meta)
+    cfg = cls(**vars(parser.parse_args(argv)))
+    for f in dataclasses.fields(cls):
+        within = f.metadata.get("within")
+        value = getattr(cfg, f.name)
+        unset = isinstance(f.default, float) and math.isnan(f.default) and math.isnan(value)  # NaN default = "not given"
+        if within and value is not None and not unset and not in_interval(value, within):
+            fail(f"--{f.name.replace('_', '-')} must be in {within}, got {value}")
+    return cfg
 
 
 def init_ray(address: str | None = None) -> None:
     """Connect to the cluster (under ``ray job submit``, ``RAY_ADDRESS`` or ``--ray-address``) or start a private local Ray.
 
-    No environment variable is passed through a runtime env: Ray writes runtime envs in plain
-    text into its session logs, so credentials would land on disk. A local Ray's workers
+    A cluster address is checked before ``ray.init``, which would otherwise wait minutes on a
+    dead head (and ignore SIGTERM meanwhile) or print 20 s of ``InvalidAuthToken`` against a
+    token cluster: no answer, or a refused token, ends the job with one line that says what
+    to set. No environment variable is passed through a runtime env: Ray writes runtime envs in
+    plain text into its session logs, so credentials would land on disk. A local Ray's workers
     inherit this process's environment; a cluster's workers use their own (instance profile,
     IRSA, the job's env from ``cluster/runtime_env.yaml``, which holds no secrets).
     """
@@ -70,7 +108,58 @@ def init_ray(address: str | None = None) -> None:
               file=sys.stderr, flush=True)
         ray.init(address="local", num_cpus=cpus, log_to_driver=True)
         return
+    check_connection(address)
     ray.init(address=address, log_to_driver=True)
+
+
+def check_connection(address: str | None) -> None:
+    """Check the cluster a job will join (``--ray-address``, else ``RAY_ADDRESS``) before any work; nothing to check for a private Ray.
+
+    Jobs that write before they start Ray (the scan takes its output's lease first) call this
+    right after validating their flags, so a wrong address leaves nothing behind.
+    """
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target:
+        check_ray_address(target)
+
+
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, with one line, when no Ray cluster answers at ``address`` or it refuses our token."""
+    import socket
+
+    from ray._private.services import canonicalize_bootstrap_address
+
+    if address.startswith("ray://"):
+        return  # Ray Client: its own connection timeout applies
+    if address.startswith(("http://", "https://")):
+        fail(f"{address} is a dashboard (job API) address: submit with `ray job submit --address {address} -- python -m jobs…`, "
+             "or pass the cluster's GCS address (host:6379) to --ray-address")
+    try:
+        resolved = canonicalize_bootstrap_address(address)
+    except (ConnectionError, ValueError) as e:  # "auto" with nothing running here, or no host:port
+        fail(f"no Ray cluster at --ray-address {address}: {e}; start one (`ray start --head`) or leave out --ray-address "
+             "for a private local Ray")
+    if resolved is None:
+        return
+    host, _, port = resolved.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        fail(f"no Ray cluster answers at {resolved} ({e.strerror or type(e).__name__}): the head is down, or its address file "
+             "is left from one that died; start it (`ray start --head`), fix --ray-address/RAY_ADDRESS, or leave both out "
+             "for a private local Ray")
+    try:
+        from ray._raylet import GcsClient
+        from ray.exceptions import AuthenticationError
+    except ImportError:  # a Ray without token auth: nothing more to check
+        return
+    try:
+        GcsClient(address=resolved)
+    except AuthenticationError:
+        mode = os.environ.get("RAY_AUTH_MODE", "disabled")
+        fail(f"the Ray cluster at {resolved} refused this job: it requires a token and "
+             + ("RAY_AUTH_MODE is not set; set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or ~/.ray/auth_token)" if mode != "token"
+                else "the one given (RAY_AUTH_TOKEN or ~/.ray/auth_token) is not its token"))
 
 
 def new_run_id(prefix: str) -> str:
@@ -155,4 +244,4 @@ def run_main(main) -> None:
         raise SystemExit(1)
 
 
-__all__ = ["opt", "parse_config", "init_ray", "new_run_id", "write_json", "write_parquet", "read_json", "config_dict", "fail", "run_main", "join"]
+__all__ = ["opt", "parse_config", "parse_interval", "in_interval", "init_ray", "check_connection", "check_ray_address", "new_run_id", "write_json", "write_parquet", "read_json", "config_dict", "fail", "run_main", "join"]

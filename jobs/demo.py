@@ -35,13 +35,13 @@ from jobs.common import opt, parse_config, run_main
 @dataclass
 class DemoConfig:
     output: str = opt("demo_out", "folder for the demo images, the detector and the scan tables")
-    n_train: int = opt(300, "labelled demo images per class for training")
-    n_scan: int = opt(60, "unlabelled demo images to scan")
+    n_train: int = opt(300, "labelled demo images per class for training", within="[1, inf)")
+    n_scan: int = opt(60, "unlabelled demo images to scan", within="[1, inf)")
     clip_model: str = opt("test-tiny", "open_clip model name (paper: ViT-L-14)")
     pretrained: str = opt("none", "open_clip tag, weights path or s3:// URI; 'none' = random init")
-    epochs: int = opt(12, "training epochs")
-    workers: int = opt(1, "Ray Train workers")
-    seed: int = opt(0, "seed for the demo data")
+    epochs: int = opt(12, "training epochs", within="[1, inf)")
+    workers: int = opt(1, "Ray Train workers", within="[1, inf)")
+    seed: int = opt(0, "seed for the demo data", within="[0, inf)")
     dnf: bool = opt(False, "also train a DNF detector (test-tiny UNet + ResNet-18) and scan with both detectors in one pass")
 
 

@@ -54,13 +54,13 @@ class EmbedConfig:
     feature_mode: str = opt("image", "image or image+text (image+text needs a caption per row)", choices=FEATURE_MODES)
     extractor: str = opt("clip", "feature family: clip (CLIP embeddings) or dnf (Diffusion Noise Feature of a diffusion UNet)", choices=EXTRACTORS)
     unet: str = opt("test-tiny", "--extractor dnf: diffusers UNet2DModel folder (local or s3://), or test-tiny (random; tests/demo)")
-    timestep: int = opt(0, "--extractor dnf: timestep of the single UNet call (0: the first DDIM inversion step, as the reference)")
-    batch_size: int = opt(64, "images per embedding batch")
-    actors: int = opt(1, "number of CLIP actors (one GPU each with --gpu)")
+    timestep: int = opt(0, "--extractor dnf: timestep of the single UNet call (0: the first DDIM inversion step, as the reference)", within="[0, 999]")
+    batch_size: int = opt(64, "images per embedding batch", within="[1, inf)")
+    actors: int = opt(1, "number of CLIP actors (one GPU each with --gpu)", within="[1, inf)")
     gpu: bool = opt(False, "run CLIP actors on GPUs (num_gpus=1 each)")
-    val_fraction: float = opt(0.2, "fraction of rows without a split that go to validation (by uri hash)")
+    val_fraction: float = opt(0.2, "fraction of rows without a split that go to validation (by uri hash)", within="[0, 1)")
     perturb: str = opt("", "embed perturbed images: one kind:value of detector_core.perturb (jpeg:75, resize:0.5, blur:2, crop:0.6); for jobs.evaluate")
-    perturb_seed: int = opt(0, "seed of random perturbations (crop positions)")
+    perturb_seed: int = opt(0, "seed of random perturbations (crop positions)", within="[0, inf)")
     s3_endpoint: str = opt("", "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
     ray_address: str = opt("", "Ray cluster address (default: the job's cluster, or a local Ray)")
 
@@ -138,7 +138,7 @@ def run_embedding(cfg: EmbedConfig, storage_options: dict | None = None) -> dict
     )
     ds = ds.map_batches(
         Embedder,
-        fn_constructor_kwargs=dict(spec=spec, storage_options=so),
+        fn_constructor_kwargs=dict(spec=spec, storage_options=so, gpu=cfg.gpu),
         batch_size=cfg.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),

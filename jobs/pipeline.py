@@ -31,6 +31,7 @@ import torch
 
 from detector_core import schema as S
 from detector_core.bundle import DetectorBundle, load_bundle
+from detector_core.devices import select_device
 from detector_core.extractors import FeatureSpec, build_extractor, preprocess_for
 from detector_core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from detector_core.perturb import parse_perturbation
@@ -198,10 +199,6 @@ def _size_or_none(v) -> int | None:
     return int(v)
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 class Embedder:
     """Ray Data actor: uint8 images (+ captions) -> features of one extractor, one model per actor.
 
@@ -210,8 +207,9 @@ class Embedder:
     """
 
     def __init__(self, spec: FeatureSpec, storage_options: dict | None = None, precision: str = "auto", pixels: str = PIXELS,
-                 device: torch.device | None = None):
-        self.device = device or default_device()
+                 device: torch.device | None = None, gpu: bool = False):
+        # --gpu on a node where CUDA does not work fails here, in the actor's start, rather than run on the CPU.
+        self.device = device if device is not None else select_device(gpu)
         self.spec = spec
         self.extractor = build_extractor(spec, self.device, precision, storage_options)
         self.dim = spec.dim
@@ -294,9 +292,9 @@ class Scorer:
     """
 
     def __init__(self, bundle_uris: list[str], scan_id: str, storage_options: dict | None = None, crash_marker: str = "",
-                 load_counter=None, device: str | None = None):
+                 load_counter=None, device: str | None = None, gpu: bool = False):
         self.crash_marker = crash_marker
-        self.device = torch.device(device) if device else default_device()
+        self.device = torch.device(device) if device else select_device(gpu)
         self.bundles = [load_bundle(u, storage_options, device=self.device) for u in bundle_uris]
         self.embedders = {spec: Embedder(spec, storage_options, pixels=pixel_column(j), device=self.device)
                           for j, spec in enumerate(feature_specs(self.bundles))}

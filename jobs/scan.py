@@ -59,7 +59,19 @@ from detector_core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from detector_core.lease import Lease, LeaseHeldError, LeaseLostError
 from detector_core.storage import open_fs, s3_storage_options
 from jobs import planning
-from jobs.common import config_dict, fail, init_ray, join, new_run_id, opt, parse_config, run_main, write_json, write_parquet
+from jobs.common import (
+    check_connection,
+    config_dict,
+    fail,
+    init_ray,
+    join,
+    new_run_id,
+    opt,
+    parse_config,
+    run_main,
+    write_json,
+    write_parquet,
+)
 from jobs.pipeline import feature_specs
 from jobs.planning import PlanError, refresh_state, remove_plan
 
@@ -79,17 +91,17 @@ class ScanConfig:
     full: bool = opt(False, "score everything again, not only new or changed objects")
     scan_date: str = opt("", "scan_date partition to write, YYYY-MM-DD (default: today, UTC); for backfills and re-runs of a missed night")
     captions: str = opt("", "manifest with uri,caption for detectors that use image+text features")
-    batch_size: int = opt(64, "images per model batch")
+    batch_size: int = opt(64, "images per model batch", within="[1, inf)")
     actors: str = opt("1", "Scorer actors: a number, or a range MIN-MAX (e.g. 1-16) that grows into GPUs as they appear and shrinks when idle")
     gpu: bool = opt(False, "run the Scorer actors on GPUs (one each)")
-    cpus_per_actor: float = opt(0.0, "CPUs reserved per Scorer actor, its torch threads (0 = 1 with --gpu, else half the cluster's CPUs shared by the actors, so decoding has the rest)")
-    chunk_size: int = opt(50_000, "result rows per commit unit (objects x detectors): each unit is one Iceberg snapshot per table")
-    max_pixels: int = opt(DEFAULT_MAX_PIXELS, "refuse images with more pixels than this (decompression bombs)")
-    max_bytes: int = opt(DEFAULT_MAX_BYTES, "refuse objects larger than this many bytes (never read past it)")
-    state_compact_at: int = opt(8, "files per state partition at which a refresh merges them into one (compaction)")
-    list_fan_out: int = opt(64, "listing units a prefix is split into (its first levels of common prefixes), listed by parallel tasks")
-    resource_timeout: float = opt(900.0, "seconds to wait for the first Scorer actor to be placed before failing with the missing resource")
-    lease_ttl: float = opt(300.0, "seconds a scan's lease on the output lasts without renewal (a dead scan blocks the output this long)")
+    cpus_per_actor: float = opt(0.0, "CPUs reserved per Scorer actor, its torch threads (0 = 1 with --gpu, else half the cluster's CPUs shared by the actors, so decoding has the rest)", within="[0, inf)")
+    chunk_size: int = opt(50_000, "result rows per commit unit (objects x detectors): each unit is one Iceberg snapshot per table", within="[1, inf)")
+    max_pixels: int = opt(DEFAULT_MAX_PIXELS, "refuse images with more pixels than this (decompression bombs)", within="[1, inf)")
+    max_bytes: int = opt(DEFAULT_MAX_BYTES, "refuse objects larger than this many bytes (never read past it)", within="[1, inf)")
+    state_compact_at: int = opt(8, "files per state partition at which a refresh merges them into one (compaction)", within="[1, inf)")
+    list_fan_out: int = opt(64, "listing units a prefix is split into (its first levels of common prefixes), listed by parallel tasks", within="[1, inf)")
+    resource_timeout: float = opt(900.0, "seconds to wait for the first Scorer actor to be placed before failing with the missing resource", within="(0, inf)")
+    lease_ttl: float = opt(300.0, "seconds a scan's lease on the output lasts without renewal (a dead scan blocks the output this long)", within="(0, inf)")
     wait: bool = opt(False, "if another scan holds the output's lease, wait for it instead of refusing")
     s3_endpoint: str = opt("", "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
     ray_address: str = opt("", "Ray cluster address (default: the job's cluster, or a local Ray)")
@@ -114,14 +126,7 @@ def validate(cfg: ScanConfig) -> None:
     """Refuse bad settings before anything is listed, leased or started."""
     if not (cfg.detector and cfg.input and cfg.output):
         fail("--detector, --input and --output are required")
-    for name in ("batch_size", "chunk_size", "max_pixels", "max_bytes", "list_fan_out", "state_compact_at"):
-        if getattr(cfg, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be a positive whole number, got {getattr(cfg, name)}")
-    for name in ("resource_timeout", "lease_ttl"):
-        if not getattr(cfg, name) > 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if cfg.cpus_per_actor < 0:
-        fail(f"--cpus-per-actor must be 0 (auto) or positive, got {cfg.cpus_per_actor}")
+    # Numbers are checked against their fields' intervals by parse_config.
     try:
         parse_actors(cfg.actors)
     except ValueError as exc:
@@ -200,7 +205,7 @@ def build_stream(cfg: ScanConfig, work_files: list[str], n_work: int, uris: list
     cpus, gpus = _actor_resources(cfg)
     ds = ds.map_batches(
         Scorer, fn_constructor_kwargs=dict(bundle_uris=uris, scan_id=scan_id, storage_options=so, crash_marker=cfg.crash_actor_once,
-                                           load_counter=counter),
+                                           load_counter=counter, gpu=cfg.gpu),
         batch_size=cfg.batch_size, batch_format="numpy",
         # Ray Data restarts a dead actor and retries its batch (tests/test_scan.py kills one);
         # MIN < MAX is the autoscaling pool.
@@ -260,6 +265,7 @@ def _run_row(base: dict, b: DetectorBundle, unit: int, status: str, counts: dict
 
 def run_scan(cfg: ScanConfig) -> dict:
     validate(cfg)
+    check_connection(cfg.ray_address or None)
     so = s3_storage_options(cfg.s3_endpoint or None)
     uris = [cfg.detector] + [u.strip() for u in cfg.ensemble.split(",") if u.strip()]
     try:

@@ -61,6 +61,7 @@ import torch
 
 from detector_core import schema as S
 from detector_core.bundle import DetectorBundle, save_bundle
+from detector_core.devices import select_device
 from detector_core.extractors import EXTRACTORS, FeatureSpec
 from detector_core.features import FEATURE_MODES
 from detector_core.losses import LOSS_KINDS
@@ -82,37 +83,37 @@ class TrainConfig:
     feature_mode: str = opt("image", "image or image+text; fixed in the detector", choices=FEATURE_MODES)
     extractor: str = opt("clip", "detector family: clip (CLIP features + MLP) or dnf (Diffusion Noise Feature + ResNet)", choices=EXTRACTORS)
     unet: str = opt("test-tiny", "--extractor dnf: diffusers UNet2DModel folder (local or s3://), or test-tiny (random; tests/demo)")
-    timestep: int = opt(0, "--extractor dnf: timestep of the UNet call (0: the first DDIM inversion step, as the reference)")
+    timestep: int = opt(0, "--extractor dnf: timestep of the UNet call (0: the first DDIM inversion step, as the reference)", within="[0, 999]")
     resnet: str = opt("resnet50", "--extractor dnf: classifier on the noise feature", choices=RESNETS)
     resnet_init: str = opt("", "--extractor dnf: torchvision state dict (.pth, local or s3://) to start the ResNet from, e.g. ImageNet weights as the DNF paper does; default random")
     loss: str = opt("cvar_auc", "training loss: erm, cvar or cvar_auc (the paper's)", choices=LOSS_KINDS)
     sam: bool = opt(True, "optimise with SAM over AdamW (--no-sam: plain AdamW)")
     sam_local_perturbation: bool = opt(False, "SAM pass one without gradient sync (m-sharpness) instead of the global perturbation")
-    rho: float = opt(0.05, "SAM neighbourhood radius")
-    alpha: float = opt(0.8, "CVaR level")
-    gamma: float = opt(0.5, "weight of CVaR against the AUC loss")
-    eta: float = opt(0.6, "AUC hinge margin")
-    lr: float = opt(1e-3, "AdamW learning rate")
-    weight_decay: float = opt(0.01, "AdamW weight decay")
-    epochs: int = opt(32, "epochs")
-    batch_size: int = opt(2048, "global batch size (split over workers)")
-    dropout: float = opt(0.335, "MLP dropout (--extractor clip)")
-    workers: int = opt(1, "Ray Train workers")
+    rho: float = opt(0.05, "SAM neighbourhood radius", within="[0, inf)")
+    alpha: float = opt(0.8, "CVaR level", within="(0, 1]")
+    gamma: float = opt(0.5, "weight of CVaR against the AUC loss", within="[0, 1]")
+    eta: float = opt(0.6, "AUC hinge margin", within="[0, inf)")
+    lr: float = opt(1e-3, "AdamW learning rate", within="(0, inf)")
+    weight_decay: float = opt(0.01, "AdamW weight decay", within="[0, inf)")
+    epochs: int = opt(32, "epochs", within="[1, inf)")
+    batch_size: int = opt(2048, "global batch size (split over workers)", within="[1, inf)")
+    dropout: float = opt(0.335, "MLP dropout (--extractor clip)", within="[0, 1)")
+    workers: int = opt(1, "Ray Train workers", within="[1, inf)")
     gpu: bool = opt(False, "one GPU per worker")
     sync_bn: bool = opt(False, "SyncBatchNorm across workers (CUDA only)")
-    target_fpr: float = opt(0.01, "false-positive rate on validation real images that the threshold is calibrated to")
-    val_fraction: float = opt(0.2, "fraction of rows without a split that go to validation")
-    seed: int = opt(0, "random seed")
+    target_fpr: float = opt(0.01, "false-positive rate on validation real images that the threshold is calibrated to", within="(0, 1)")
+    val_fraction: float = opt(0.2, "fraction of rows without a split that go to validation", within="(0, 1)")
+    seed: int = opt(0, "random seed", within="[0, inf)")
     run_name: str = opt("", "Ray Train run name; the same name and storage resume (default: from --output)")
     storage_path: str = opt("", "Ray Train storage for checkpoints (default: OUTPUT/ray)")
-    max_failures: int = opt(2, "worker failures to recover from (from the last checkpoint)")
+    max_failures: int = opt(2, "worker failures to recover from (from the last checkpoint; -1: no limit)", within="[-1, inf)")
     cache_shard: bool = opt(True, "keep each worker's shard in memory after the first epoch (--no-cache-shard: stream every epoch)")
-    cache_shard_max_gb: float = opt(8.0, "stream every epoch instead when a worker's shard is larger than this (DNF features are 768 KiB a row at 256 px)")
-    embed_batch_size: int = opt(64, "images per embedding batch (stage 1)")
-    embed_actors: int = opt(1, "feature-extractor actors for stage 1")
+    cache_shard_max_gb: float = opt(8.0, "stream every epoch instead when a worker's shard is larger than this (DNF features are 768 KiB a row at 256 px)", within="(0, inf)")
+    embed_batch_size: int = opt(64, "images per embedding batch (stage 1)", within="[1, inf)")
+    embed_actors: int = opt(1, "feature-extractor actors for stage 1", within="[1, inf)")
     s3_endpoint: str = opt("", "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
     ray_address: str = opt("", "Ray cluster address (default: the job's cluster, or a local Ray)")
-    fail_after_epoch: int = opt(-1, "testing: make rank 0 crash once right after checkpointing this epoch")
+    fail_after_epoch: int = opt(-1, "testing: make rank 0 crash once right after checkpointing this epoch", within="[-1, inf)")
 
     def optim(self) -> OptimConfig:
         return OptimConfig(
@@ -179,6 +180,8 @@ def train_loop_per_worker(config: dict) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg.gpu:
+        select_device(True)  # raises DeviceError naming the cause where the worker's GPU is unusable
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
     model = build_classifier(config["model_config"])

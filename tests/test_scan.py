@@ -197,14 +197,18 @@ def test_one_stream_models_built_once_per_actor_and_rows_never_reach_the_driver(
     summary = scan.main(["--detector", str(bundle_dir), "--input", str(bucket), "--output", str(out), "--chunk-size", "4",
                          "--batch-size", "4", "--actors", "2"])
     _exactly_once(out, uris)
-    assert summary["commit_units"] == 6  # N / 6 per unit: six commits ...
-    assert summary["model_loads"] == 2  # ... from one pipeline: each of the 2 actors built its models once
+    assert summary["model_loads"] == 2  # one pipeline: each of the 2 actors built its models once, for all units
     # What the driver received: exactly one record per data file the tables reference (counted
     # independently from the Iceberg metadata), not one per object.
     referenced = sum(len(_data_files(out, name)) for name in ("scores", "flagged", "errors"))
     assert summary["driver_rows_received"] == summary["data_files"] == referenced
-    units = [r for r in _tables(out)["runs"].to_pylist() if r["status"] == "unit"]
-    assert sorted(r["unit"] for r in units) == list(range(6)) and sum(r["scored"] for r in units) == 24
+    units = sorted((r for r in _tables(out)["runs"].to_pylist() if r["status"] == "unit"), key=lambda r: r["unit"])
+    sizes = [r["scored"] + r["errors"] for r in units]
+    assert [r["unit"] for r in units] == list(range(summary["commit_units"])) and sum(sizes) == 24
+    # Units are cut at the first writer-call boundary once 4 rows are pending, and a writer call holds
+    # at most 4 rows (Ray Data may hand it fewer at a block's end, so the count of units is 4 to 6):
+    # every unit but the last holds 4 to 7 rows.
+    assert summary["commit_units"] >= 4 and all(4 <= n <= 7 for n in sizes[:-1]) and 1 <= sizes[-1] <= 7
 
 
 def test_scan_on_s3(ray_local, bundle_dir, s3_bucket, tmp_path):
