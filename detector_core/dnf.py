@@ -1,12 +1,13 @@
 """Diffusion Noise Feature (DNF): the noise a pretrained pixel-space diffusion UNet estimates for an image.
 
 Zhang & Xu, "Diffusion Noise Feature: Accurate and Fast Generated Image Detection"
-(shared/method.md section 7): the image, resized to the UNet's side (256 for the DDPM/DDIM
-LSUN-Bedroom UNet) with bilinear interpolation and scaled to [-1, 1], goes once through the
-UNet at the first timestep of the DDIM inversion schedule (``t = 0``); the estimated noise
-``eps_theta(x, t)`` -- an image-shaped float tensor -- is the feature a ResNet classifies.
-The reference code then min-max scales each batch and saves PNGs (clamped, 8-bit); here the
-float values are kept as they are.
+(docs/method.md section 8): the image, resized to the UNet's side (256 for
+the DDPM/DDIM LSUN-Bedroom UNet) with bilinear interpolation and scaled to [-1, 1], goes once
+through the UNet at the first timestep of the DDIM inversion schedule (``t = 0``); the
+estimated noise ``eps_theta(x, t)`` -- an image-shaped float tensor -- is the feature a ResNet
+classifies. The reference code resizes bicubic on the float tensor and saves the noise with
+``torchvision.utils.save_image``, which clamps it to [0, 1] and quantises it to 8 bits (no
+min-max scaling); here the float values are kept as they are (docs/method.md section 10 lists this).
 
 ``unet`` is a diffusers ``UNet2DModel`` folder (``config.json`` + weights, or a pipeline
 folder with a ``unet/`` subfolder), local or on an object store (fetched once into a local

@@ -1,6 +1,6 @@
 """Feature extractors behind one interface: what turns a decoded image into a classifier's input.
 
-Two families (shared/method.md sections 1 and 7):
+Two families (docs/method.md sections 1 and 8):
 
 - ``clip``: frozen CLIP embeddings (image, or image+text) -- the paper's MLP classifies them;
 - ``dnf``: the Diffusion Noise Feature of a pixel-space diffusion UNet -- a ResNet classifies it.

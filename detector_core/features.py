@@ -1,4 +1,4 @@
-"""Frozen CLIP features: the detector's input (shared/method.md section 1).
+"""Frozen CLIP features: the detector's input (docs/method.md section 1).
 
 ``ClipEncoder`` wraps an open_clip model built from a model name and a ``pretrained``
 that is one of: an open_clip tag (``openai``, ``laion2b_s32b_b82k``, ...), a local

@@ -57,6 +57,8 @@ class DecodedImage:
     height: int
     mode: str
     n_frames: int
+    jpeg_quality: int | None = None
+    exif: bool = False
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -95,7 +97,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: 
         data: the object's bytes.
         max_pixels: refuse images whose header claims more pixels (decompression bombs).
         draft_size: for JPEG, allow DCT downscaling as long as both sides stay at least
-            this many pixels (None: full resolution).
+            this many pixels (None: full resolution). Other formats are always decoded in
+            full: no pixel-domain filter measured so far matches DCT scaling
+            (``python -m bench.bench_draft``).
     """
     if not data:
         raise ImageDecodeError("empty", "the object has no bytes")
@@ -118,6 +122,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: 
         raise ImageDecodeError("too_large", f"{width}x{height} = {width * height} pixels is over the limit of {max_pixels}")
     n_frames = int(getattr(im, "n_frames", 1) or 1)
     mode = im.mode
+    quality = estimate_jpeg_quality(im) if fmt == "JPEG" else None
+    exif = bool(im.info.get("exif"))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -143,4 +149,43 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: 
         raise
     except (OSError, ValueError) as exc:
         raise ImageDecodeError("corrupt", f"{type(exc).__name__}: {exc}") from exc
-    return DecodedImage(image=rgb, format=fmt, width=width, height=height, mode=mode, n_frames=n_frames)
+    return DecodedImage(image=rgb, format=fmt, width=width, height=height, mode=mode, n_frames=n_frames, jpeg_quality=quality,
+                        exif=exif)
+
+
+def draft_factor(width: int, height: int, draft_size: int) -> int:
+    """The DCT scale Pillow's ``draft`` picks for a JPEG: the largest of 8, 4, 2, 1 that keeps both sides at least ``draft_size``."""
+    scale = min(width // draft_size, height // draft_size)
+    return next(a for a in (8, 4, 2, 1) if scale >= a)
+
+
+# The luminance quantisation table of the JPEG standard (Annex K), which libjpeg scales by quality.
+_STD_LUMINANCE = (
+    16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+    14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+    49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99,
+)
+
+
+def _libjpeg_table_sum(quality: int) -> int:
+    scale = 5000 // quality if quality < 50 else 200 - 2 * quality
+    return sum(min(255, max(1, (q * scale + 50) // 100)) for q in _STD_LUMINANCE)
+
+
+_TABLE_SUMS = {q: _libjpeg_table_sum(q) for q in range(1, 101)}
+
+
+def estimate_jpeg_quality(im: Image.Image) -> int | None:
+    """The libjpeg quality (1-100) whose scaled standard table is closest to the file's luminance table.
+
+    libjpeg scales each entry of the standard table by ``5000/q`` (q < 50) or ``200 - 2q``
+    percent and clamps it to [1, 255]; the table's sum is compared with the sum each quality
+    gives (order-free, so the table's storage order does not matter). Exact for libjpeg-style
+    encoders; for others an estimate of how coarsely the file was quantised. None when the
+    file has no tables.
+    """
+    tables = getattr(im, "quantization", None)
+    if not tables or 0 not in tables:
+        return None
+    total = sum(tables[0])
+    return min(_TABLE_SUMS, key=lambda q: (abs(_TABLE_SUMS[q] - total), q))

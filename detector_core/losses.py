@@ -1,5 +1,5 @@
 """Training losses of the paper: CVaR of the per-example BCE, a pairwise AUC surrogate,
-and their mix (shared/method.md section 3).
+and their mix (docs/method.md section 3).
 
 Everything here is exact and runs on the tensors' own device without a host
 round-trip (no ``.item()``, no boolean-mask indexing), so it costs nothing extra on a

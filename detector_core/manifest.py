@@ -95,13 +95,21 @@ def read_manifest(uri: str, storage_options: dict | None = None) -> pa.Table:
     return table.set_column(table.column_names.index(S.URI), S.URI, pa.array(uris, pa.string()))
 
 
-def _split_for(uri: str, val_fraction: float) -> str:
+def _split_for(uri: str, val_fraction: float, calib_fraction: float = 0.0) -> str:
     h = int.from_bytes(hashlib.sha1(uri.encode()).digest()[:8], "big") / 2**64
-    return S.SPLIT_VAL if h < val_fraction else S.SPLIT_TRAIN
+    return S.SPLIT_VAL if h < val_fraction else S.SPLIT_CALIB if h < val_fraction + calib_fraction else S.SPLIT_TRAIN
 
 
-def validate_manifest(table: pa.Table, val_fraction: float = 0.2, require_labels: bool = True) -> ValidatedManifest:
-    """Split good rows from bad ones; normalise columns and types; assign missing splits."""
+def validate_manifest(table: pa.Table, val_fraction: float = 0.2, require_labels: bool = True,
+                      calib_fraction: float = 0.0) -> ValidatedManifest:
+    """Split good rows from bad ones; normalise columns and types; assign missing splits.
+
+    A row without a split goes, by a hash of its uri, to ``val`` (``val_fraction``: picks the
+    best epoch), ``calib`` (``calib_fraction``: calibrates the threshold, so the false-positive
+    rate is measured on images that chose nothing) or ``train``.
+    """
+    if not (0.0 <= val_fraction and 0.0 <= calib_fraction and val_fraction + calib_fraction < 1.0):
+        raise ManifestError(f"validation ({val_fraction}) and calibration ({calib_fraction}) fractions must leave rows to train on")
     n = table.num_rows
     col = lambda name: table.column(name).to_pylist() if name in table.column_names else [None] * n  # noqa: E731
     uris, labels, captions, gens, splits = col(S.URI), col(S.LABEL), col(S.CAPTION), col(S.GENERATOR), col(S.SPLIT)
@@ -134,7 +142,7 @@ def validate_manifest(table: pa.Table, val_fraction: float = 0.2, require_labels
         good[S.LABEL].append(lab_i)
         good[S.CAPTION].append(None if cap is None else str(cap))
         good[S.GENERATOR].append(str(gen) if gen is not None else ("real" if lab_i == 0 else "unknown"))
-        good[S.SPLIT].append(str(split).lower() if split not in (None, "") else _split_for(str(u), val_fraction))
+        good[S.SPLIT].append(str(split).lower() if split not in (None, "") else _split_for(str(u), val_fraction, calib_fraction))
     out = pa.table(
         {
             S.URI: pa.array(good[S.URI], pa.string()),

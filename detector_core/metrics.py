@@ -1,4 +1,4 @@
-"""Detector metrics and threshold calibration (shared/method.md sections 6 and 8).
+"""Detector metrics and threshold calibration (docs/method.md sections 6 and 7).
 
 Curves come from scikit-learn. Conventions, used by the scan too: label 1 is
 generated, a higher score means "more likely generated", and an image is flagged when

@@ -4,9 +4,9 @@
 ``Linear(d, d) -> BatchNorm1d(d) -> LeakyReLU(0.01) -> Dropout(0.335)`` on top of the
 (concatenated) CLIP embedding and ends in ``Linear(d, 1)``: one logit, where a positive
 logit means "generated" (label 1). Linear layers use Kaiming-uniform init (fan_in,
-relu) as the reference code does. See shared/method.md section 2.
+relu) as the reference code does. See docs/method.md section 2.
 
-``NoiseResNet`` is the DNF detector's classifier (method.md section 7): a torchvision ResNet
+``NoiseResNet`` is the DNF detector's classifier (docs/method.md section 8): a torchvision ResNet
 (50 in the paper; 18/34 by flag) with a one-logit head, on the image-shaped noise feature.
 Both take the flattened ``(n, d)`` feature rows that caches and scans carry, so the
 training step, SAM and the distributed loop are the same for both; ``build_classifier``

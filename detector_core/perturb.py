@@ -3,7 +3,7 @@
 A perturbation is written ``kind:value`` (``jpeg:75``, ``resize:0.5``, ``blur:2``,
 ``crop:0.6``); a command line lists several values per kind (``jpeg:95,75,50``) and
 ``parse_perturbations`` expands them. Each is applied to the decoded RGB image before the
-model's resize and crop, to real and generated images alike (method.md section 6). Only
+model's resize and crop, to real and generated images alike (docs/method.md section 7). Only
 ``crop`` draws random numbers; its generator is seeded from the perturbation seed and the
 object's URI, so a re-run (or another worker) perturbs every image the same way.
 """

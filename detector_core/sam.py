@@ -1,6 +1,6 @@
 """Sharpness-Aware Minimisation (Foret et al., 2021) around any base optimiser.
 
-One SAM step is two passes (shared/method.md section 4):
+One SAM step is two passes (docs/method.md section 4):
 
 1. forward + backward at ``w``; ``first_step()`` moves to ``w + e`` with
    ``e = rho * g / ||g||`` (``adaptive=True``: ASAM, ``e_i = rho * w_i^2 g_i / ||w g||``);

@@ -20,6 +20,8 @@ ETAG = "etag"
 WIDTH = "width"
 HEIGHT = "height"
 FORMAT = "format"
+JPEG_QUALITY = "jpeg_quality"
+EXIF = "exif"
 
 # Feature cache.
 FEATURES = "features"
@@ -47,18 +49,21 @@ BUCKET = "bucket"
 SPLIT_TRAIN = "train"
 SPLIT_VAL = "val"
 SPLIT_TEST = "test"
+SPLIT_CALIB = "calib"  # held out of model selection: the threshold is calibrated on it
 
 COLUMN_DOCS = {
     URI: "object URI (s3://bucket/key, gs://…, or a local path)",
     LABEL: "1 = generated, 0 = real",
     CAPTION: "caption or prompt of the image (needed by image+text detectors)",
     GENERATOR: "which generator made the image ('real' for real images)",
-    SPLIT: "train / val / test; assigned from a hash of the uri when the manifest has none",
+    SPLIT: "train / val / calib / test; assigned from a hash of the uri when the manifest has none (val picks the epoch, calib sets the threshold)",
     SIZE: "object size in bytes",
     ETAG: "object ETag (S3/GCS), or mtime:<seconds> for local files; with size, what tells a changed object",
     WIDTH: "image width in pixels, as stored",
     HEIGHT: "image height in pixels, as stored",
     FORMAT: "image format as detected from the bytes (JPEG, PNG, …)",
+    JPEG_QUALITY: "JPEG quality estimated from the file's luminance quantisation table (1-100; null for other formats)",
+    EXIF: "the file carries an EXIF block",
     FEATURES: "feature vector (float32): CLIP image or image+text embedding, or the flattened DNF noise estimate",
     CLIP_ID: "feature extractor that made the features: 'model/pretrained/mode' for CLIP, 'dnf/<unet>/t<step>/<size>' for DNF",
     ERROR_STAGE: "where the object failed: list (no usable uri or size in the input, not a regular file), read (I/O, over --max-bytes), decode (bytes are no usable image), embed",

@@ -59,6 +59,7 @@ class EmbedConfig:
     actors: int = opt(1, "number of CLIP actors (one GPU each with --gpu)", within="[1, inf)")
     gpu: bool = opt(False, "run CLIP actors on GPUs (num_gpus=1 each)")
     val_fraction: float = opt(0.2, "fraction of rows without a split that go to validation (by uri hash)", within="[0, 1)")
+    calib_fraction: float = opt(0.1, "fraction of rows without a split that go to the calibration split (by uri hash): the threshold is set on it, not on validation", within="[0, 1)")
     perturb: str = opt("", "embed perturbed images: one kind:value of detector_core.perturb (jpeg:75, resize:0.5, blur:2, crop:0.6); for jobs.evaluate")
     perturb_seed: int = opt(0, "seed of random perturbations (crop positions)", within="[0, inf)")
     s3_endpoint: str = opt("", "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
@@ -99,7 +100,7 @@ def run_embedding(cfg: EmbedConfig, storage_options: dict | None = None) -> dict
     """Embed (or reuse) the feature cache; returns the cache's summary."""
     so = storage_options if storage_options is not None else s3_storage_options(cfg.s3_endpoint or None)
     try:
-        vm = validate_manifest(read_manifest(cfg.manifest, so), val_fraction=cfg.val_fraction)
+        vm = validate_manifest(read_manifest(cfg.manifest, so), val_fraction=cfg.val_fraction, calib_fraction=cfg.calib_fraction)
     except ManifestError as exc:
         fail(str(exc))
     table = vm.table

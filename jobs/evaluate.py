@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import shlex
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +39,7 @@ from detector_core.bundle import BundleError, DetectorBundle, load_bundle
 from detector_core.manifest import ManifestError, read_manifest, validate_manifest
 from detector_core.metrics import summarize
 from detector_core.perturb import parse_perturbations
-from detector_core.storage import open_fs, s3_storage_options
+from detector_core.storage import arrow_fs, open_fs, s3_storage_options
 from detector_core.training import predict_logits
 from jobs.common import config_dict, fail, join, opt, parse_config, run_main, write_json, write_parquet
 from jobs.embed import EmbedConfig, read_features, run_embedding, spec_settings
@@ -190,6 +191,19 @@ def _holdout(cfg: EvaluateConfig, so) -> tuple[str, str]:
     return join(root, "train", "detector"), join(root, "eval_manifest.parquet")
 
 
+def _shortcuts(cache: str, so: dict | None) -> dict:
+    """How well the evaluation set's metadata alone predicts its labels (detector_core.shortcuts); warned on stderr."""
+    import pyarrow.dataset as pads
+
+    from detector_core.shortcuts import dataset_report
+
+    pa_fs, path = arrow_fs(join(cache, "data"), so)
+    report = dataset_report(pads.dataset(path, filesystem=pa_fs, format="parquet"))
+    if report["warning"]:
+        print(f"WARNING: {report['warning']}", file=sys.stderr, flush=True)
+    return report
+
+
 def run_evaluation(cfg: EvaluateConfig) -> dict:
     so = s3_storage_options(cfg.s3_endpoint or None)
     if not (cfg.manifest and cfg.output) or not (cfg.detector or cfg.holdout_generator):
@@ -207,7 +221,10 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
         fail(str(exc))
     if cfg.split:
         try:
-            vm = validate_manifest(read_manifest(manifest, so))
+            # Rows without a split are assigned as the detector's training assigned them.
+            tc = bundle.training_config or {}
+            vm = validate_manifest(read_manifest(manifest, so), val_fraction=tc.get("val_fraction", 0.2),
+                                   calib_fraction=tc.get("calib_fraction", 0.0))
         except ManifestError as exc:
             fail(str(exc))
         rows = vm.table.filter(pc.is_in(vm.table[S.SPLIT], value_set=pa.array(cfg.split.split(","))))
@@ -230,6 +247,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
         if p is None:
             curves = roc_curves(labels, scores, gens)
             hist = (labels, scores)
+            shortcuts = _shortcuts(cache, so)
     table = markdown_table(conditions)
     title = bundle.detector_id + (f", unseen {cfg.holdout_generator}" if cfg.holdout_generator else "")
     pictures = _plots(cfg.output, curves, hist[0], hist[1], bundle.threshold, title, so)
@@ -237,6 +255,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
         "detector": detector, "detector_id": bundle.detector_id, "detector_kind": bundle.kind, "feature_id": bundle.features.id,
         "threshold": bundle.threshold, "manifest": manifest, "holdout_generator": cfg.holdout_generator or None,
         "images": n_scored, "conditions": conditions, "roc": curves, "pictures": pictures, "config": config_dict(cfg),
+        "shortcuts": shortcuts,
     }
     write_json(join(cfg.output, "metrics.json"), result, so)
     fs, path = open_fs(join(cfg.output, "metrics.md"), so)

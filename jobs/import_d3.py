@@ -1,6 +1,6 @@
 """Import ELSA D3 shards into a training manifest plus image files.
 
-D3 (shared/method.md section 6) stores, per record, four generated images as bytes
+D3 (docs/method.md section 7) stores, per record, four generated images as bytes
 columns ``image_gen0..3`` (each a struct with ``bytes`` or raw bytes) made by the models
 named in ``model_gen0..3`` from ``positive_prompt``, and the real LAION image only by
 ``url`` with its caption in ``original_prompt``. This writes the generated images to

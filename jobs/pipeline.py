@@ -155,6 +155,8 @@ def load_images(
     width = np.full(n, -1, dtype=np.int32)
     height = np.full(n, -1, dtype=np.int32)
     fmt = np.full(n, None, dtype=object)
+    quality = np.full(n, None, dtype=object)  # what the shortcut report reads (detector_core.shortcuts)
+    exif = np.zeros(n, dtype=bool)
     errors = {c: np.full(n, None, dtype=object) for c in ERROR_COLUMNS}
 
     def record(i, stage, kind, message):
@@ -187,9 +189,10 @@ def load_images(
             record(i, "decode", type(exc).__name__, str(exc))
             continue
         width[i], height[i], fmt[i] = decoded.width, decoded.height, decoded.format
+        quality[i], exif[i] = decoded.jpeg_quality, decoded.exif
     out = {k: v for k, v in batch.items()}
     out.update({pixel_column(j): p for j, p in enumerate(pixels)})
-    out.update({S.SIZE: size, S.WIDTH: width, S.HEIGHT: height, S.FORMAT: fmt, **errors})
+    out.update({S.SIZE: size, S.WIDTH: width, S.HEIGHT: height, S.FORMAT: fmt, S.JPEG_QUALITY: quality, S.EXIF: exif, **errors})
     return out
 
 
@@ -251,6 +254,7 @@ def fixed_list(matrix: np.ndarray, valid: np.ndarray) -> pa.Array:
 COLUMN_TYPES = {
     S.URI: pa.string(), S.LABEL: pa.int8(), S.CAPTION: pa.string(), S.GENERATOR: pa.string(), S.SPLIT: pa.string(),
     S.SIZE: pa.int64(), S.ETAG: pa.string(), S.WIDTH: pa.int32(), S.HEIGHT: pa.int32(), S.FORMAT: pa.string(),
+    S.JPEG_QUALITY: pa.int16(), S.EXIF: pa.bool_(),
     S.ERROR_STAGE: pa.string(), S.ERROR_TYPE: pa.string(), S.ERROR_MESSAGE: pa.string(),
 }
 
@@ -266,7 +270,9 @@ def to_table(batch: dict[str, np.ndarray], extra: dict[str, pa.Array]) -> pa.Tab
             # An all-null column comes back from Arrow as float NaN (or null type).
             cols[k] = pa.nulls(len(v), pa.string())
             continue
-        cols[k] = pa.array(list(v) if v.dtype == object else v, type=typ)
+        # A nullable integer column may come back from Arrow as float with NaN for its nulls.
+        cols[k] = pa.array(list(v) if v.dtype == object else v, type=typ,
+                           from_pandas=v.dtype.kind == "f" and typ is not None and pa.types.is_integer(typ))
     cols.update(extra)
     return pa.table(cols)
 

@@ -10,29 +10,37 @@ Diffusion Noise Features of ``--unet``, bundle kind ``dnf-resnet``; the same los
 SAM and distributed step (a ResNet wants a smaller ``--batch-size`` and ``--lr``, e.g. 64
 and 1e-4, and ``--gpu``).
 
-Distributed semantics (shared/method.md section 5):
+Distributed semantics (docs/method.md section 5):
 
 - The loss is non-decomposable, so every worker all-gathers the logits and labels of
   the global batch (autograd-aware) and computes the loss on it; DDP's gradient
-  average then equals the single-process gradient for the same global batch
-  (``tests/test_train.py`` proves it against a single-process computation).
+  average then equals the single-process gradient for the same global batch, up to
+  BatchNorm (below): exact with ``--sync-bn`` (``tests/test_distributed.py`` checks it
+  against a single process).
 - SAM: by default pass one all-reduces too, so every worker perturbs along the global
-  gradient -- the exact single-process SAM step. ``--sam-local-perturbation`` skips
-  that sync (``no_sync``: the SAM paper's m-sharpness, one all-reduce fewer). Either
-  way pass two is averaged, so the workers' weights stay identical (tested).
+  gradient -- the single-process SAM step. ``--sam-unsynced-perturbation`` skips that
+  sync (``no_sync``, one all-reduce fewer): each worker then perturbs along the gradient
+  of its share of the *global* loss, which is not the SAM paper's m-sharpness (that uses
+  each worker's own loss). Either way pass two is averaged, so the workers' weights stay
+  identical (tested).
 - BatchNorm uses per-worker batch statistics (ghost batch norm over each worker's
-  ``batch_size / workers`` rows, broadcast from rank 0 for the running statistics):
-  exact SyncBatchNorm costs an all-reduce per BN layer per pass and is CUDA-only in
-  torch; ``--sync-bn`` turns it on for GPU runs.
+  ``batch_size / workers`` rows, broadcast from rank 0 for the running statistics), so N
+  workers are not exactly one process with the whole batch; exact SyncBatchNorm costs an
+  all-reduce per BN layer per pass and is CUDA-only in torch; ``--sync-bn`` turns it on
+  for GPU runs.
+- Dropout masks differ per rank (the generator is seeded with ``seed`` and the rank after
+  the model is built; initial weights are the same everywhere).
 
 Every epoch rank 0 evaluates on the validation split (AUC, AP, accuracy, TPR at 1 %
 FPR), reports through Ray Train, rewrites ``OUT/history.jsonl`` and checkpoints model,
 SAM/AdamW state, scheduler, epoch and the best model so far to ``--storage-path``
 (local or S3). ``FailureConfig(max_failures)`` restarts failed workers from the last
 checkpoint; re-submitting the same ``--run-name`` and storage resumes. At the end the
-best epoch (validation AUC) becomes the bundle, its threshold calibrated on validation
-real images to ``--target-fpr``; ``OUT/detector/``, ``OUT/metrics.json`` and
-``OUT/config.json`` are written.
+best epoch (validation AUC) becomes the bundle, its threshold calibrated to ``--target-fpr``
+on the real images of the ``calib`` split (``--calib-fraction``: rows that neither trained
+nor picked the epoch, so the achieved rate in ``metrics.json`` is not optimistic; scored in
+Ray tasks, only logits reach the driver); ``OUT/detector/``, ``OUT/metrics.json`` (with the
+shortcut report, ``detector_core.shortcuts``) and ``OUT/config.json`` are written.
 
     python -m jobs.train --manifest data/manifest.parquet --output out/run1
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
@@ -51,6 +59,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import time
 import uuid
@@ -67,6 +76,7 @@ from detector_core.features import FEATURE_MODES
 from detector_core.losses import LOSS_KINDS
 from detector_core.metrics import calibrate_threshold, summarize
 from detector_core.model import RESNETS, NoiseResNet, build_classifier, load_backbone
+from detector_core.shortcuts import dataset_report
 from detector_core.storage import arrow_fs, open_fs, s3_storage_options
 from detector_core.training import OptimConfig, all_gather_batch, build_optimizer, build_scheduler, predict_logits, training_step
 from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, read_json, run_main, write_json
@@ -85,13 +95,13 @@ class TrainConfig:
     unet: str = opt("test-tiny", "--extractor dnf: diffusers UNet2DModel folder (local or s3://), or test-tiny (random; tests/demo)")
     timestep: int = opt(0, "--extractor dnf: timestep of the UNet call (0: the first DDIM inversion step, as the reference)", within="[0, 999]")
     resnet: str = opt("resnet50", "--extractor dnf: classifier on the noise feature", choices=RESNETS)
-    resnet_init: str = opt("", "--extractor dnf: torchvision state dict (.pth, local or s3://) to start the ResNet from, e.g. ImageNet weights as the DNF paper does; default random")
+    resnet_init: str = opt("", "--extractor dnf: torchvision state dict (.pth, local or s3://) to start the ResNet from, e.g. ImageNet weights; default random, as the DNF reference (from scratch since its commit 139c073)")
     loss: str = opt("cvar_auc", "training loss: erm, cvar or cvar_auc (the paper's)", choices=LOSS_KINDS)
     sam: bool = opt(True, "optimise with SAM over AdamW (--no-sam: plain AdamW)")
-    sam_local_perturbation: bool = opt(False, "SAM pass one without gradient sync (m-sharpness) instead of the global perturbation")
+    sam_unsynced_perturbation: bool = opt(False, "SAM pass one without gradient sync: each worker perturbs along its own share of the global loss's gradient (not m-sharpness, which uses each worker's own loss); default: the global perturbation")
     rho: float = opt(0.05, "SAM neighbourhood radius", within="[0, inf)")
     alpha: float = opt(0.8, "CVaR level", within="(0, 1]")
-    gamma: float = opt(0.5, "weight of CVaR against the AUC loss", within="[0, 1]")
+    gamma: float = opt(0.1, "weight of CVaR against the AUC loss (0.1: the reference's documented run, whose `alpha=0.1` argument is passed on as gamma; tune it)", within="[0, 1]")
     eta: float = opt(0.6, "AUC hinge margin", within="[0, inf)")
     lr: float = opt(1e-3, "AdamW learning rate", within="(0, inf)")
     weight_decay: float = opt(0.01, "AdamW weight decay", within="[0, inf)")
@@ -101,8 +111,9 @@ class TrainConfig:
     workers: int = opt(1, "Ray Train workers", within="[1, inf)")
     gpu: bool = opt(False, "one GPU per worker")
     sync_bn: bool = opt(False, "SyncBatchNorm across workers (CUDA only)")
-    target_fpr: float = opt(0.01, "false-positive rate on validation real images that the threshold is calibrated to", within="(0, 1)")
-    val_fraction: float = opt(0.2, "fraction of rows without a split that go to validation", within="(0, 1)")
+    target_fpr: float = opt(0.01, "false-positive rate on the calib split's real images that the threshold is calibrated to", within="(0, 1)")
+    val_fraction: float = opt(0.2, "fraction of rows without a split that go to validation (picks the best epoch)", within="(0, 1)")
+    calib_fraction: float = opt(0.1, "fraction of rows without a split that go to calibration (sets the threshold; 0: calibrate on validation, optimistic)", within="[0, 1)")
     seed: int = opt(0, "random seed", within="[0, inf)")
     run_name: str = opt("", "Ray Train run name; the same name and storage resume (default: from --output)")
     storage_path: str = opt("", "Ray Train storage for checkpoints (default: OUTPUT/ray)")
@@ -169,6 +180,31 @@ def _evaluate(model: torch.nn.Module, val: tuple[torch.Tensor, torch.Tensor], ta
     return metrics, threshold
 
 
+def _real_logits(model: torch.nn.Module, data_path: str, pa_fs, split: str) -> np.ndarray:
+    """The model's logits on the real images of one split of the cache, scored in Ray tasks (only logits reach the driver)."""
+    import ray.data
+    from ray.data.expressions import col
+
+    def score(batch: dict, model) -> dict:
+        return {"logit": predict_logits(model, torch.from_numpy(batch["x"])).double().cpu().numpy()}
+
+    ds = ray.data.read_parquet(data_path, filesystem=pa_fs).select_columns([S.FEATURES, S.LABEL, S.SPLIT, S.ERROR_STAGE])
+    ds = ds.filter(expr=col(S.ERROR_STAGE).is_null() & (col(S.SPLIT) == split) & (col(S.LABEL) == 0))
+    ds = ds.map_batches(_xy, batch_format="pyarrow").map_batches(score, fn_kwargs={"model": model}, batch_format="numpy")
+    logits = [b["logit"] for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
+    return np.concatenate(logits) if logits else np.zeros(0)
+
+
+def _shortcuts(dataset, seed: int) -> dict:
+    """The shortcut report on the cache (detector_core.shortcuts); its warning goes to stderr too."""
+    report = dataset_report(dataset, seed=seed)
+    print(f"shortcut report: label from metadata alone, cross-validated AUC {report['auc']}; per generator {report['per_generator']}",
+          flush=True)
+    if report["warning"]:
+        print(f"WARNING: {report['warning']}", file=sys.stderr, flush=True)
+    return report
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker: the epoch loop around ``detector_core.training.training_step``."""
     import ray.data
@@ -191,6 +227,10 @@ def train_loop_per_worker(config: dict) -> None:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ddp = ray.train.torch.prepare_model(model)
     raw = getattr(ddp, "module", ddp)
+    # Same initial weights on every rank (seed above, and DDP broadcasts rank 0's), but each
+    # rank's own dropout masks: with one seed all workers would draw identical masks for
+    # their different examples.
+    torch.manual_seed(cfg.seed * 1_000_003 + rank)
     optim_cfg = cfg.optim()
     optimizer = build_optimizer(raw, optim_cfg)
     scheduler = build_scheduler(optimizer, optim_cfg)
@@ -205,7 +245,7 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             print(f"resuming from the checkpoint of epoch {state['epoch']}")
     gather = all_gather_batch if world > 1 else (lambda z, y: (z, y))
-    first_pass = ddp.no_sync if (world > 1 and cfg.sam_local_perturbation) else contextlib.nullcontext
+    first_pass = ddp.no_sync if (world > 1 and cfg.sam_unsynced_perturbation) else contextlib.nullcontext
     shard = ray.train.get_dataset_shard("train")
     session = uuid.uuid4().hex[:8]  # tells the epochs of a resumed run from the first attempt's
     local_batch = config["local_batch"]
@@ -314,7 +354,7 @@ def run_training(cfg: TrainConfig) -> dict:
         embed_cfg = EmbedConfig(
             manifest=cfg.manifest, output=cache, **spec_settings(spec_of(cfg)), batch_size=cfg.embed_batch_size,
             actors=cfg.embed_actors, gpu=cfg.gpu,
-            val_fraction=cfg.val_fraction, s3_endpoint=cfg.s3_endpoint, ray_address=cfg.ray_address,
+            val_fraction=cfg.val_fraction, calib_fraction=cfg.calib_fraction, s3_endpoint=cfg.s3_endpoint, ray_address=cfg.ray_address,
         )
         embed_summary = run_embedding(embed_cfg, so)
     marker = read_json(join(cache, "_SUCCESS.json"), so)
@@ -341,6 +381,7 @@ def run_training(cfg: TrainConfig) -> dict:
         fail(f"only {n_train} training rows in {cache}; need at least {2 * cfg.workers}")
     if n_val == 0 or n_val_gen in (0, n_val):
         fail(f"the validation split of {cache} needs real and generated images (has {n_val} rows, {n_val_gen} generated)")
+    shortcuts = _shortcuts(dataset, cfg.seed)
 
     def split_ds(split: str):
         from ray.data.expressions import col
@@ -391,20 +432,29 @@ def run_training(cfg: TrainConfig) -> dict:
     model = build_classifier(model_config)
     model.load_state_dict(best["model"])
     bm = best["metrics"]
-    threshold_logit = float(best["threshold_logit"])
+    calib_real = _real_logits(model.eval(), data_path, pa_fs, S.SPLIT_CALIB)
+    if calib_real.size:
+        threshold_logit = calibrate_threshold(calib_real, cfg.target_fpr)
+        calibration = {"method": "target_fpr", "target_fpr": cfg.target_fpr, "split": S.SPLIT_CALIB, "n_real": int(calib_real.size),
+                       "achieved_fpr": float((calib_real >= threshold_logit).mean())}
+    else:  # no calib rows (calib_fraction 0, or a manifest's own splits without one)
+        threshold_logit = float(best["threshold_logit"])
+        calibration = {"method": "target_fpr", "target_fpr": cfg.target_fpr, "split": S.SPLIT_VAL, "n_real": bm["val_n_real"],
+                       "achieved_fpr": 1.0 - bm["val_real_accuracy"],
+                       "note": "calibrated on the split that also picked the epoch: the achieved rate is optimistic"}
+        print(f"WARNING: no {S.SPLIT_CALIB} split in {cache}: the threshold is calibrated on validation, which also picked "
+              "the epoch (optimistic); use --calib-fraction or a calib split in the manifest", file=sys.stderr, flush=True)
     bundle = DetectorBundle(
-        model=model.eval(), features=spec, threshold_logit=threshold_logit,
-        calibration={"method": "target_fpr", "target_fpr": cfg.target_fpr, "split": S.SPLIT_VAL,
-                     "n_real": bm["val_n_real"], "achieved_fpr": 1.0 - bm["val_real_accuracy"]},
+        model=model.eval(), features=spec, threshold_logit=threshold_logit, calibration=calibration,
         training_config=config_dict(cfg), metrics={k: v for k, v in bm.items()},
     )
     save_bundle(bundle, join(cfg.output, "detector"), so)
     metrics = {
         **{k: bm[k] for k in bm if k.startswith("val_")},
-        "threshold": bundle.threshold, "threshold_logit": threshold_logit, "target_fpr": cfg.target_fpr,
+        "threshold": bundle.threshold, "threshold_logit": threshold_logit, "target_fpr": cfg.target_fpr, "calibration": calibration,
         "best_epoch": best["epoch"], "epochs_run": len(state["history"]), "epochs": cfg.epochs,
         "train_rows": n_train, "detector_id": bundle.detector_id, "history": state["history"],
-        "embedding": embed_summary, "train_seconds": round(time.time() - started, 2),
+        "embedding": embed_summary, "train_seconds": round(time.time() - started, 2), "shortcuts": shortcuts,
     }
     write_json(join(cfg.output, "metrics.json"), metrics, so)
     write_json(join(cfg.output, "config.json"), config_dict(cfg), so)

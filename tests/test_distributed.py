@@ -45,7 +45,7 @@ def _data():
     return x, y, init
 
 
-def _worker(rank: int, world: int, port: int, out: str, local_perturbation: bool) -> None:
+def _worker(rank: int, world: int, port: int, out: str, unsynced_perturbation: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -61,7 +61,7 @@ def _worker(rank: int, world: int, port: int, out: str, local_perturbation: bool
         grads = {k: p.grad.clone() for k, p in model.named_parameters()}
         model.zero_grad()
         opt = build_optimizer(model, cfg)
-        first = ddp.no_sync if local_perturbation else contextlib.nullcontext
+        first = ddp.no_sync if unsynced_perturbation else contextlib.nullcontext
         for s in range(STEPS):
             training_step(ddp, opt, x[s, sl], y[s, sl], cfg, gather=all_gather_batch, first_pass_context=first)
         torch.save({"grads": grads, "params": dict(model.named_parameters())}, os.path.join(out, f"rank{rank}.pt"))
@@ -69,11 +69,11 @@ def _worker(rank: int, world: int, port: int, out: str, local_perturbation: bool
         dist.destroy_process_group()
 
 
-def _run(tmp_path, local_perturbation: bool):
+def _run(tmp_path, unsynced_perturbation: bool):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(tmp_path), local_perturbation), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, port, str(tmp_path), unsynced_perturbation), nprocs=2, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
@@ -93,7 +93,7 @@ def _single_process():
 
 
 def test_two_workers_give_the_single_process_gradient_and_sam_steps(tmp_path):
-    ranks = _run(tmp_path, local_perturbation=False)
+    ranks = _run(tmp_path, unsynced_perturbation=False)
     grads, params = _single_process()
     for r in ranks:
         for k in grads:
@@ -105,12 +105,12 @@ def test_two_workers_give_the_single_process_gradient_and_sam_steps(tmp_path):
         assert torch.equal(ranks[0]["params"][k], ranks[1]["params"][k]), k
 
 
-def test_local_perturbation_keeps_workers_identical(tmp_path):
-    ranks = _run(tmp_path, local_perturbation=True)
+def test_unsynced_perturbation_keeps_workers_identical(tmp_path):
+    ranks = _run(tmp_path, unsynced_perturbation=True)
     _, params = _single_process()
     for k in params:
         assert torch.equal(ranks[0]["params"][k], ranks[1]["params"][k]), k
-    # m-sharpness really differs from the global perturbation (so the test above has teeth).
+    # the unsynced perturbation really differs from the global perturbation (so the test above has teeth).
     diff = max(float((ranks[0]["params"][k] - params[k]).abs().max()) for k in params)
     assert diff > 1e-6
 

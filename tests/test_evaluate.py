@@ -59,6 +59,7 @@ def test_metrics_per_generator_and_perturbed(ray_local, small_manifest, bundle_d
                          "--perturb", "jpeg:50", "blur:2"])
     assert list(res["conditions"]) == ["clean", "jpeg:50", "blur:2"]
     assert set(res["conditions"]["clean"]) == {"all", "gen_checker8", "gen_checker16"}
+    assert res["shortcuts"]["rows"] == 80 and set(res["shortcuts"]["per_generator"]) == {"gen_checker8", "gen_checker16"}
 
     # Independent: the cached features scored by the bundle, metrics by scikit-learn.
     bundle = load_bundle(str(bundle_dir))

@@ -1,6 +1,6 @@
 """The MLP's structure and that the full recipe (cvar_auc + SAM) learns.
 
-Structure is checked layer by layer against shared/method.md section 2; learning on a
+Structure is checked layer by layer against docs/method.md section 2; learning on a
 small separable synthetic set must reach a held-out AUC above 0.99 in seconds on CPU.
 """
 

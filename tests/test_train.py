@@ -14,7 +14,7 @@ from detector_core.bundle import load_bundle
 from detector_core.features import ClipEncoder
 from detector_core.images import decode_image
 from detector_core.manifest import ManifestError, validate_manifest
-from detector_core.metrics import roc_auc
+from detector_core.metrics import calibrate_threshold, roc_auc
 from jobs import train
 
 FAST = ["--batch-size", "64", "--lr", "3e-3", "--embed-batch-size", "128"]
@@ -34,6 +34,11 @@ def test_two_workers_learn_and_recover_from_a_worker_failure(ray_local, demo_man
     sessions = [h["session"] for h in hist]
     assert len(set(sessions[:3])) == 1 and len(set(sessions[3:])) == 1 and sessions[0] != sessions[3]
     assert metrics["best_epoch"] == int(np.argmax([h["val_auc"] for h in hist]))
+    # The shortcut report ran on the cache's usable rows, from the metadata the embedding recorded.
+    cache = pq.read_table(demo_features / "data", columns=["label", "format", "jpeg_quality", "exif", "error_stage"])
+    usable = cache.filter(pa.compute.is_null(cache["error_stage"]))
+    assert metrics["shortcuts"]["rows"] == usable.num_rows and metrics["shortcuts"]["auc"] is not None
+    assert set(usable["format"].to_pylist()) == {"PNG"} and usable["jpeg_quality"].null_count == usable.num_rows
 
     # The bundle scores images exactly as a direct detector_core computation does.
     bundle = load_bundle(str(out / "detector"))
@@ -45,8 +50,20 @@ def test_two_workers_learn_and_recover_from_a_worker_failure(ray_local, demo_man
     with torch.no_grad():
         logits = bundle.model(enc.encode(pixels, None, "image")).numpy()
     assert roc_auc(val["label"].to_numpy(), logits) == pytest.approx(metrics["val_auc"], abs=1e-6)
-    real = logits[val["label"].to_numpy() == 0]
-    assert (real >= bundle.threshold_logit).mean() <= 0.01
+    # The threshold comes from the calib split's real images: rows that neither trained nor picked
+    # the epoch (disjoint from validation), recomputed here directly from the files.
+    assert bundle.calibration["split"] == "calib" and metrics["calibration"]["split"] == "calib"
+    full = validate_manifest(pq.read_table(demo_manifest), calib_fraction=0.1).table
+    calib = full.filter(pa.compute.equal(full["split"], "calib"))
+    assert calib.num_rows > 0 and not set(calib["uri"].to_pylist()) & set(val["uri"].to_pylist())
+    cached = pq.read_table(demo_features / "data", columns=["uri", "split"])
+    assert {u for u, sp in zip(cached["uri"].to_pylist(), cached["split"].to_pylist()) if sp == "calib"} == set(calib["uri"].to_pylist())
+    real_uris = [u for u, y in zip(calib["uri"].to_pylist(), calib["label"].to_pylist()) if y == 0]
+    pixels = torch.stack([enc.preprocess(decode_image(open(u, "rb").read()).image) for u in real_uris])
+    with torch.no_grad():
+        real = bundle.model(enc.encode(pixels, None, "image")).double().numpy()
+    assert bundle.threshold_logit == pytest.approx(calibrate_threshold(real, 0.01), abs=1e-5)
+    assert (real >= bundle.threshold_logit).mean() <= 0.01 and bundle.calibration["n_real"] == len(real_uris)
     saved = json.loads((out / "config.json").read_text())
     assert saved["epochs"] == 12 and saved["loss"] == "cvar_auc" and saved["sam"] is True
 
