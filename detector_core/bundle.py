@@ -65,6 +65,9 @@ class DetectorBundle:
     calibration: dict = field(default_factory=lambda: {"method": "default", "note": "probability 0.5"})
     training_config: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+    # How the training features were computed beyond the spec (precision, JPEG decode, resize:
+    # extractors.feature_compute); empty for bundles made before it was recorded.
+    feature_compute: dict = field(default_factory=dict)
     created_at: str = ""
     content_hash: str = ""
 
@@ -128,6 +131,7 @@ class DetectorBundle:
             "calibration": self.calibration,
             "training_config": self.training_config,
             "metrics": self.metrics,
+            "feature_compute": self.feature_compute,
             "created_at": self.created_at,
             "content_hash": self.content_hash,
         }
@@ -205,6 +209,7 @@ def load_bundle(uri: str, storage_options: dict | None = None, device: torch.dev
         calibration=meta.get("calibration", {}),
         training_config=meta.get("training_config", {}),
         metrics=meta.get("metrics", {}),
+        feature_compute=meta.get("feature_compute", {}),
         created_at=meta.get("created_at", ""),
         content_hash=meta.get("content_hash", ""),
     )

@@ -99,6 +99,7 @@ class DnfPreprocess:
     """
 
     draft_ok = False  # the noise estimate lives in the high frequencies that DCT downscaling changes
+    resize = "bilinear"
 
     def __init__(self, size: int) -> None:
         self.size = int(size)

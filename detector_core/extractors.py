@@ -25,7 +25,7 @@ from detector_core.dnf import TEST_TINY as UNET_TEST_TINY
 from detector_core.dnf import DnfExtractor, DnfPreprocess, unet_config
 from detector_core.features import FEATURE_MODES, ClipEncoder, SplitPreprocess, feature_dim
 
-__all__ = ["EXTRACTORS", "FeatureSpec", "ClipFeatures", "build_extractor", "preprocess_for"]
+__all__ = ["EXTRACTORS", "FeatureSpec", "ClipFeatures", "build_extractor", "draft_size_for", "feature_compute", "preprocess_for"]
 
 EXTRACTORS = ("clip", "dnf")
 _CLIP_KEYS = ("clip_model", "pretrained", "feature_mode")
@@ -105,10 +105,26 @@ class FeatureSpec:
 
 @functools.lru_cache(maxsize=8)
 def preprocess_for(spec: FeatureSpec):
-    """The CPU half of the spec's preprocessing (``to_uint8``, ``size``, ``draft_ok``)."""
+    """The CPU half of the spec's preprocessing (``to_uint8``, ``size``, ``draft_ok``, ``resize``)."""
     if spec.extractor == "clip":
         return SplitPreprocess(spec.clip_model, spec.pretrained)
     return DnfPreprocess(spec.resolved().image_size)
+
+
+def draft_size_for(prep, draft: bool = True) -> int | None:
+    """The JPEG draft size a spec's images are decoded at: twice its input where its preprocessing allows it, else None (full)."""
+    return 2 * prep.size if (draft and prep.draft_ok) else None
+
+
+def feature_compute(spec: FeatureSpec, gpu: bool, draft: bool = True) -> dict:
+    """How a spec's features are computed, beyond the spec: precision, JPEG decode, resize filter.
+
+    Recorded in feature caches and bundles; a scan compares its own with the bundle's
+    (``jobs.scan``): a different decode is refused, a different precision warned about and
+    recorded. ``gpu``: the extractors run on CUDA (bf16 autocast) rather than the CPU (fp32).
+    """
+    prep = preprocess_for(spec)
+    return {"precision": "bf16" if gpu else "fp32", "jpeg_draft_size": draft_size_for(prep, draft) or 0, "resize": prep.resize}
 
 
 class ClipFeatures:

@@ -32,6 +32,7 @@ __all__ = [
     "ClipEncoder",
     "WeightsNotFoundError",
     "build_preprocess",
+    "check_weights",
     "SplitPreprocess",
     "feature_dim",
     "preprocess_config",
@@ -103,6 +104,8 @@ class SplitPreprocess:
         if names[cut + 1 :] != ["Normalize"]:
             raise ValueError(f"unexpected open_clip eval transform {names}; cannot split it")
         self.pil_transforms = full.transforms[:cut]
+        first = self.pil_transforms[0] if self.pil_transforms else None
+        self.resize = str(getattr(getattr(first, "interpolation", None), "value", "none"))  # e.g. "bicubic", recorded with features
         self.size = cfg["size"]
         self.mean = torch.tensor(cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg["std"], dtype=torch.float32).view(1, 3, 1, 1)
@@ -143,6 +146,57 @@ def _resolve_pretrained(model_name: str, pretrained: str | None, cache_dir: str 
         f"(tags: {', '.join(tags) or 'none'}). Pass a local path or s3:// URI of the weights, a tag whose weights are "
         f"in the open_clip cache, or 'none' for random weights (tests only)."
     )
+
+
+def _cached_tag_weights(model_name: str, tag: str, cache_dir: str | None) -> str | None:
+    """The local file of an open_clip tag's weights, or None when they are not in the cache (never downloads)."""
+    cfg = open_clip.get_pretrained_cfg(model_name, tag)
+    if cfg.get("file"):
+        return cfg["file"] if os.path.isfile(cfg["file"]) else None
+    if cfg.get("hf_hub"):
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filename = os.path.split(cfg["hf_hub"])
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        if filename.endswith(".bin"):
+            names = [filename[:-4] + ".safetensors", filename]
+        for name in names:
+            hit = try_to_load_from_cache(repo, name, cache_dir=cache_dir)
+            if isinstance(hit, str) and os.path.isfile(hit):
+                return hit
+    if cfg.get("url"):
+        path = os.path.join(cache_dir or os.path.expanduser("~/.cache/clip"), os.path.basename(cfg["url"]))
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def check_weights(model_name: str, pretrained: str | None, cache_dir: str | None = None, storage_options: dict | None = None) -> None:
+    """Fail now, with what to pass, when a job's CLIP weights are not where it will look (no download, no model built).
+
+    Jobs call this before they start anything (``jobs.train``, ``jobs.embed``): an open_clip tag
+    must be in the local cache, a path must exist, an object-store URI must exist.
+    """
+    _model_config(model_name)
+    if _is_no_weights(pretrained):
+        return
+    pretrained = str(pretrained)
+    advice = ("download them into this machine's open_clip cache where there is network (python -c \"import open_clip; open_clip.create_model("
+              f"'{model_name}', pretrained='{pretrained}')\") or pass --pretrained with the weights file's path or s3:// URI; "
+              "--clip-model test-tiny --pretrained none is the random model for tests")
+    if is_remote(pretrained):
+        from detector_core.storage import open_fs
+
+        fs, path = open_fs(pretrained, storage_options)
+        if not fs.exists(path):
+            raise WeightsNotFoundError(f"--pretrained {pretrained} does not exist")
+        return
+    if open_clip.get_pretrained_cfg(model_name, pretrained):
+        if _cached_tag_weights(model_name, pretrained, cache_dir) is None:
+            raise WeightsNotFoundError(f"the {pretrained!r} weights of {model_name} are not in the local open_clip cache and "
+                                       f"nothing is downloaded at run time: {advice}")
+        return
+    _resolve_pretrained(model_name, pretrained, cache_dir, storage_options)  # a file, or the error that lists the tags
 
 
 class ClipEncoder:

@@ -121,7 +121,7 @@ def detector_loss(
     labels: torch.Tensor,
     kind: str = "cvar_auc",
     alpha: float = 0.8,
-    gamma: float = 0.5,
+    gamma: float = 0.1,
     eta: float = 0.6,
     p: float = 2,
 ) -> torch.Tensor:

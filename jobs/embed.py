@@ -13,7 +13,8 @@ tasks, CLIP on GPU actors) and writes::
                              format, features (fixed-size float32 list), clip_id
                              (the extractor's id), error_* (null for good rows)
     CACHE/errors.parquet     rows that could not be used (manifest, read or decode stage)
-    CACHE/_SUCCESS.json      written last: cache key, counts, the resolved config
+    CACHE/_SUCCESS.json      written last: cache key, counts, how features were computed
+                             (precision, JPEG decode, resize), the resolved config
 
 The cache key hashes the validated manifest and the extractor settings (CLIP model,
 weights and feature mode; or UNet, timestep and size); a re-run with the same key finds
@@ -36,8 +37,8 @@ import pyarrow.parquet as pq
 
 from detector_core import schema as S
 from detector_core.dnf import UnetNotFoundError
-from detector_core.extractors import EXTRACTORS, FeatureSpec
-from detector_core.features import FEATURE_MODES
+from detector_core.extractors import EXTRACTORS, FeatureSpec, feature_compute
+from detector_core.features import FEATURE_MODES, WeightsNotFoundError, check_weights
 from detector_core.manifest import ManifestError, read_manifest, validate_manifest
 from detector_core.storage import arrow_fs, open_fs, s3_storage_options
 from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, read_json, run_main, write_json
@@ -49,8 +50,8 @@ SUCCESS = "_SUCCESS.json"
 class EmbedConfig:
     manifest: str = opt("", "labelled manifest: .parquet/.csv with uri,label[,caption,generator,split], or a real/ + generated/ tree")
     output: str = opt("", "feature cache folder (local path or s3://…)")
-    clip_model: str = opt("test-tiny", "open_clip model name (paper: ViT-L-14)")
-    pretrained: str = opt("none", "open_clip tag, weights path or s3:// URI; 'none' = random init (tests/demo)")
+    clip_model: str = opt("ViT-L-14", "open_clip model (the paper's: ViT-L-14; test-tiny: a random 64 px model for tests)")
+    pretrained: str = opt("openai", "open_clip tag whose weights are in the local cache, a weights path or s3:// URI, or none (random: tests only); checked before any work")
     feature_mode: str = opt("image", "image or image+text (image+text needs a caption per row)", choices=FEATURE_MODES)
     extractor: str = opt("clip", "feature family: clip (CLIP embeddings) or dnf (Diffusion Noise Feature of a diffusion UNet)", choices=EXTRACTORS)
     unet: str = opt("test-tiny", "--extractor dnf: diffusers UNet2DModel folder (local or s3://), or test-tiny (random; tests/demo)")
@@ -118,6 +119,11 @@ def run_embedding(cfg: EmbedConfig, storage_options: dict | None = None) -> dict
         print(f"feature cache {cfg.output} is up to date (key {key[:12]}); not embedding again")
         return {**marker, "reused": True}
 
+    if spec.extractor == "clip":
+        try:  # absent weights fail here, with what to pass, not in every actor
+            check_weights(spec.clip_model, spec.pretrained, storage_options=so)
+        except (WeightsNotFoundError, ValueError) as exc:
+            fail(str(exc))
     import ray
 
     from jobs.pipeline import Embedder, load_images
@@ -168,6 +174,8 @@ def run_embedding(cfg: EmbedConfig, storage_options: dict | None = None) -> dict
         "feature_id": spec.id,
         "feature_dim": spec.dim,
         "feature_shape": list(spec.shape),
+        # Precision, decode and resize of these features: bundles trained on them carry it, scans compare with it.
+        "feature_compute": feature_compute(spec, cfg.gpu, draft=not cfg.perturb),
         "rows_in_manifest": table.num_rows + vm.bad.num_rows,
         "embedded": n_ok,
         "errors": errors.num_rows,

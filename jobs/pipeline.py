@@ -32,7 +32,7 @@ import torch
 from detector_core import schema as S
 from detector_core.bundle import DetectorBundle, load_bundle
 from detector_core.devices import select_device
-from detector_core.extractors import FeatureSpec, build_extractor, preprocess_for
+from detector_core.extractors import FeatureSpec, build_extractor, draft_size_for, preprocess_for
 from detector_core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from detector_core.perturb import parse_perturbation
 from detector_core.state import todo_column
@@ -137,12 +137,16 @@ def load_images(
     ``perturbation`` (``jpeg:75``, ``blur:2`` …, ``detector_core.perturb``) is applied to
     the full-size decoded image before the model's resize and crop (no draft decoding then,
     so that JPEG re-compression and resizing act on the stored pixels). ``specs`` are
-    resolved feature specs; JPEG draft decoding is used only when every one allows it.
+    resolved feature specs; each spec's images are decoded as ``feature_compute`` records (JPEG
+    draft decoding where the spec allows it).
     """
     preps = [preprocess_for(spec) for spec in specs]
     perturb = parse_perturbation(perturbation) if perturbation else None
-    draft = draft and perturb is None and all(p.draft_ok for p in preps)
-    draft_size = 2 * max(p.size for p in preps)
+    # Each spec's images are decoded as its training decoded them (feature_compute): a JPEG at
+    # twice the spec's input where it allows draft, in full otherwise. An ensemble of specs that
+    # disagree decodes a JPEG once per decode path (a draft decode is cheap next to a full one).
+    draft_sizes = [draft_size_for(p, draft and perturb is None) for p in preps]
+    paths = list(dict.fromkeys(draft_sizes))
     n = len(batch[S.URI])
     # Rows the plan already failed (error_stage = list: no usable uri, a FIFO, a bad manifest value) are not read.
     preset = has_error(batch) if S.ERROR_STAGE in batch else np.zeros(n, dtype=bool)
@@ -178,10 +182,13 @@ def load_images(
         size[i] = listed_sizes[i] if listed_sizes[i] is not None else len(data)
         try:
             # JPEG DCT scaling: decode at >= 2x the model input, never below it.
-            decoded = decode_image(data, max_pixels=max_pixels, draft_size=draft_size if draft else None)
-            image = decoded.image if perturb is None else perturb.apply(decoded.image, uri, perturb_seed)
-            for out, prep in zip(pixels, preps):
-                out[i] = prep.to_uint8(image)
+            first = decode_image(data, max_pixels=max_pixels, draft_size=paths[0])
+            # Draft sizes only change how a JPEG is decoded: other formats decode once.
+            images = {d: first if (d == paths[0] or first.format != "JPEG") else decode_image(data, max_pixels=max_pixels, draft_size=d)
+                      for d in paths}
+            decoded = first
+            for out, prep, d in zip(pixels, preps, draft_sizes):
+                out[i] = prep.to_uint8(images[d].image if perturb is None else perturb.apply(images[d].image, uri, perturb_seed))
         except ImageDecodeError as exc:
             record(i, "decode", exc.kind, exc.message)
             continue

@@ -42,6 +42,7 @@ import datetime as dt
 import json
 import os
 import signal
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -54,6 +55,7 @@ import pyarrow.parquet as pq
 from detector_core import schema as S
 from detector_core import tables as T
 from detector_core.bundle import BundleError, DetectorBundle, load_bundle
+from detector_core.extractors import feature_compute
 from detector_core.catalog import CatalogError, ScanOutput, data_file_path
 from detector_core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from detector_core.lease import Lease, LeaseHeldError, LeaseLostError
@@ -263,6 +265,25 @@ def _run_row(base: dict, b: DetectorBundle, unit: int, status: str, counts: dict
             "committed_at": now, **(extra or {})}
 
 
+def _check_feature_compute(bundles: list[DetectorBundle], gpu: bool) -> None:
+    """Features computed as each detector's training computed them: another decode or resize is refused,
+    another precision (bf16 on GPUs, fp32 on CPUs) warned about; the run summary records both sides."""
+    for b in bundles:
+        trained = b.feature_compute
+        if not trained:  # bundles from before it was recorded
+            continue
+        ours = feature_compute(b.features, gpu)
+        for key in ("jpeg_draft_size", "resize"):
+            if key in trained and trained[key] != ours[key]:
+                fail(f"detector {b.detector_id} was trained on features computed with {key} {trained[key]!r}, and this scan "
+                     f"would compute them with {ours[key]!r}: its scores would not mean what its threshold says; retrain it "
+                     "with this version, or scan with the version that trained it")
+        if trained.get("precision") and trained["precision"] != ours["precision"]:
+            print(f"WARNING: detector {b.detector_id} was trained on {trained['precision']} features and this scan computes "
+                  f"{ours['precision']} ({'--gpu' if gpu else 'no --gpu'}): scores may shift slightly near the threshold "
+                  "(recorded in the run summary)", file=sys.stderr, flush=True)
+
+
 def run_scan(cfg: ScanConfig) -> dict:
     validate(cfg)
     check_connection(cfg.ray_address or None)
@@ -278,6 +299,7 @@ def run_scan(cfg: ScanConfig) -> dict:
     needing = [b.detector_id for b in bundles if b.needs_captions]
     if needing and not cfg.captions:
         fail(f"detector {', '.join(needing)} uses image+text features and needs captions; pass --captions with a uri,caption manifest")
+    _check_feature_compute(bundles, cfg.gpu)
     scan_date = cfg.scan_date or dt.datetime.now(dt.timezone.utc).date().isoformat()
     try:
         out = ScanOutput.open(cfg.output, cfg.catalog, cfg.namespace, so)
@@ -404,7 +426,9 @@ def _scan_under_lease(cfg, so, uris, bundles, scan_date, out: ScanOutput, scan_i
         "state_refresh": {"before": state_before, "after": state_after},
         "snapshot_ids": snaps,
         "detectors": [{"detector": u, "detector_id": b.detector_id, "detector_kind": b.kind, "feature_id": b.features.id,
-                       "threshold": b.threshold, "skipped": counts["skipped_by_detector"][b.detector_id],
+                       "threshold": b.threshold, "feature_compute": {"trained": b.feature_compute or None,
+                                                                     "scanned": feature_compute(b.features, cfg.gpu)},
+                       "skipped": counts["skipped_by_detector"][b.detector_id],
                        "scored": totals[b.detector_id]["scores"], "flagged": totals[b.detector_id]["flagged"],
                        "errors": totals[b.detector_id]["errors"]} for u, b in zip(uris, bundles)],
         "started_at": started_at, "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),

@@ -72,7 +72,7 @@ from detector_core import schema as S
 from detector_core.bundle import DetectorBundle, save_bundle
 from detector_core.devices import select_device
 from detector_core.extractors import EXTRACTORS, FeatureSpec
-from detector_core.features import FEATURE_MODES
+from detector_core.features import FEATURE_MODES, WeightsNotFoundError, check_weights
 from detector_core.losses import LOSS_KINDS
 from detector_core.metrics import calibrate_threshold, summarize
 from detector_core.model import RESNETS, NoiseResNet, build_classifier, load_backbone
@@ -88,8 +88,8 @@ class TrainConfig:
     manifest: str = opt("", "labelled manifest (.parquet/.csv or a real/ + generated/ tree); embeds it first")
     features: str = opt("", "existing feature cache from jobs.embed (replaces --manifest)")
     output: str = opt("", "output folder: detector/, metrics.json, config.json, history.jsonl (local or s3://)")
-    clip_model: str = opt("test-tiny", "open_clip model (paper: ViT-L-14)")
-    pretrained: str = opt("none", "open_clip tag, weights path or s3:// URI; 'none' = random init (tests/demo)")
+    clip_model: str = opt("ViT-L-14", "open_clip model (the paper's: ViT-L-14; test-tiny: a random 64 px model for tests)")
+    pretrained: str = opt("openai", "open_clip tag whose weights are in the local cache, a weights path or s3:// URI, or none (random: tests only); checked before any work")
     feature_mode: str = opt("image", "image or image+text; fixed in the detector", choices=FEATURE_MODES)
     extractor: str = opt("clip", "detector family: clip (CLIP features + MLP) or dnf (Diffusion Noise Feature + ResNet)", choices=EXTRACTORS)
     unet: str = opt("test-tiny", "--extractor dnf: diffusers UNet2DModel folder (local or s3://), or test-tiny (random; tests/demo)")
@@ -344,6 +344,11 @@ def run_training(cfg: TrainConfig) -> dict:
             load_backbone(NoiseResNet(cfg.resnet, (3, 32, 32)), cfg.resnet_init, so)
         except (OSError, ValueError, RuntimeError) as exc:
             fail(str(exc))
+    if cfg.manifest and cfg.extractor == "clip":
+        try:  # the paper's ViT-L-14 is the default: absent weights fail here, with what to pass, not in every actor
+            check_weights(cfg.clip_model, cfg.pretrained, storage_options=so)
+        except (WeightsNotFoundError, ValueError) as exc:
+            fail(str(exc))
     init_ray(cfg.ray_address or None)
     embed_summary = None
     cache = cfg.features
@@ -446,6 +451,7 @@ def run_training(cfg: TrainConfig) -> dict:
               "the epoch (optimistic); use --calib-fraction or a calib split in the manifest", file=sys.stderr, flush=True)
     bundle = DetectorBundle(
         model=model.eval(), features=spec, threshold_logit=threshold_logit, calibration=calibration,
+        feature_compute=marker.get("feature_compute", {}),
         training_config=config_dict(cfg), metrics={k: v for k, v in bm.items()},
     )
     save_bundle(bundle, join(cfg.output, "detector"), so)

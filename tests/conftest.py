@@ -115,5 +115,5 @@ def demo_features(ray_local, demo_manifest, tmp_path_factory):
     from jobs.embed import main as embed_main
 
     cache = tmp_path_factory.mktemp("features") / "cache"
-    embed_main(["--manifest", str(demo_manifest), "--output", str(cache), "--batch-size", "128"])
+    embed_main(["--manifest", str(demo_manifest), "--output", str(cache), "--batch-size", "128", "--clip-model", "test-tiny", "--pretrained", "none"])
     return cache

@@ -119,3 +119,25 @@ def test_gpu_asked_for_where_cuda_is_unusable_is_an_error_never_the_cpu():
     assert reason in str(e.value)
     with pytest.raises(DeviceError):  # the scan's actor refuses at start, before loading any model
         Scorer(["/nonexistent/bundle"], scan_id="s", gpu=True)
+
+
+def test_training_defaults_to_the_papers_clip_and_says_what_to_pass_when_its_weights_are_absent(tmp_path):
+    """No silent random CLIP: the default is ViT-L-14/openai, and without its weights the job ends before any work."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.train import TrainConfig
+
+    cfg = parse_config(TrainConfig, [])
+    assert (cfg.clip_model, cfg.pretrained) == ("ViT-L-14", "openai")
+    from detector_core.features import _cached_tag_weights
+
+    if _cached_tag_weights("ViT-L-14", "openai", None):
+        pytest.skip("the ViT-L-14 openai weights are cached on this machine")
+    pq.write_table(pa.table({"uri": ["a.png", "b.png"], "label": [0, 1]}), tmp_path / "m.parquet")
+    for job in ("jobs.train", "jobs.embed"):
+        res = subprocess.run([sys.executable, "-m", job, "--manifest", str(tmp_path / "m.parquet"), "--output", str(tmp_path / job)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+        last = res.stderr.strip().splitlines()[-1]
+        assert res.returncode == 2 and last.startswith("ERROR: the 'openai' weights of ViT-L-14 are not in the local open_clip cache"), last
+        assert "--pretrained" in last and "test-tiny" in last and "starting a private local Ray" not in res.stderr

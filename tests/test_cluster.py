@@ -509,7 +509,8 @@ def test_train_then_scan_through_ray_job_submit_on_s3(ray_head, s3_server, s3_bu
     renv = _runtime_env(tmp_path, s3_server)
 
     train = _submit(ray_head, renv, "python", "-m", "jobs.train", "--manifest", f"{s3_bucket}/data/manifest.parquet",
-                    "--output", f"{s3_bucket}/train", "--epochs", "3", "--batch-size", "32", "--embed-batch-size", "64")
+                    "--output", f"{s3_bucket}/train", "--epochs", "3", "--batch-size", "32", "--embed-batch-size", "64",
+                    "--clip-model", "test-tiny", "--pretrained", "none")
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     fs.invalidate_cache()
     assert fs.exists(f"{b}/train/detector/detector.json") and fs.exists(f"{b}/train/metrics.json")

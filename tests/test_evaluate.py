@@ -100,7 +100,7 @@ def test_metrics_per_generator_and_perturbed(ray_local, small_manifest, bundle_d
 def test_leave_one_generator_out(ray_local, small_manifest, tmp_path):
     out = tmp_path / "holdout"
     res = evaluate.main(["--holdout-generator", "gen_checker16", "--manifest", str(small_manifest), "--output", str(out),
-                         "--train-args", "--epochs 2 --batch-size 32 --embed-batch-size 64"])
+                         "--clip-model", "test-tiny", "--pretrained", "none", "--train-args", "--epochs 2 --batch-size 32 --embed-batch-size 64"])
     trained_on = pq.read_table(out / "holdout" / "train_manifest.parquet")
     assert "gen_checker16" not in trained_on["generator"].to_pylist() and trained_on.num_rows == 60
     evaluated = pq.read_table(out / "holdout" / "eval_manifest.parquet").to_pandas()
@@ -112,7 +112,7 @@ def test_leave_one_generator_out(ray_local, small_manifest, tmp_path):
 
 def test_ablation_has_every_arm(ray_local, demo_manifest, tmp_path):
     res = ablation.main(["--manifest", str(demo_manifest), "--output", str(tmp_path / "abl"), "--epochs", "4",
-                         "--batch-size", "64", "--lr", "3e-3", "--embed-batch-size", "128"])
+                         "--batch-size", "64", "--lr", "3e-3", "--embed-batch-size", "128", "--clip-model", "test-tiny", "--pretrained", "none"])
     names = [r["arm"] for r in res["arms"]]
     assert names == list(ablation.ARMS) and res["skipped"] == []
     for r in res["arms"]:

@@ -415,3 +415,55 @@ def test_elastic_pool_and_a_missing_gpu_fails_fast_naming_it(ray_local, bundle_d
     err = capsys.readouterr().err
     assert "no Scorer actor could be placed" in err and "GPU" in err, err
     assert time.time() - started < 120
+
+
+def _big_jpeg(seed: int = 5) -> bytes:
+    rng = np.random.default_rng(seed)
+    small = make_image(rng, "real", size=(96, 128))
+    arr = np.asarray(small.resize((1024, 768), Image.BICUBIC)).astype(np.int16) + rng.integers(-8, 9, size=(768, 1024, 3))
+    return _save(Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), "JPEG", quality=90)
+
+
+def test_an_ensemble_decodes_each_detectors_images_as_its_training_did(tmp_path):
+    """CLIP allows JPEG draft decoding, DNF does not: in one pass each gets its own decode (before, the
+    ensemble turned draft off for both, so the CLIP detector saw other pixels than in training)."""
+    from detector_core.extractors import draft_size_for, preprocess_for
+    from jobs.pipeline import load_images, pixel_column
+
+    data = _big_jpeg()
+    (tmp_path / "big.jpg").write_bytes(data)
+    clip, dnf = FeatureSpec(clip_model="test-tiny"), FeatureSpec(extractor="dnf", unet="test-tiny").resolved()
+    out = load_images({"uri": np.array([str(tmp_path / "big.jpg")], dtype=object)}, specs=[clip, dnf])
+    p_clip, p_dnf = preprocess_for(clip), preprocess_for(dnf)
+    assert draft_size_for(p_clip) == 2 * p_clip.size and draft_size_for(p_dnf) is None
+    want_clip = p_clip.to_uint8(decode_image(data, draft_size=2 * p_clip.size).image)
+    want_dnf = p_dnf.to_uint8(decode_image(data).image)
+    assert np.array_equal(out[pixel_column(0)][0], want_clip) and np.array_equal(out[pixel_column(1)][0], want_dnf)
+    assert not np.array_equal(want_clip, p_clip.to_uint8(decode_image(data).image))  # the decode paths really differ here
+    alone = load_images({"uri": np.array([str(tmp_path / "big.jpg")], dtype=object)}, specs=[clip])
+    assert np.array_equal(alone[pixel_column(0)][0], want_clip)  # as when the CLIP detector was trained (embedded alone)
+
+
+def test_a_detector_trained_with_another_decode_is_refused_and_another_precision_warned(ray_local, tmp_path, capsys):
+    from detector_core.extractors import feature_compute
+
+    spec = FeatureSpec(clip_model="test-tiny", feature_mode="image")
+    here = feature_compute(spec, gpu=False)
+    assert here == {"precision": "fp32", "jpeg_draft_size": 128, "resize": "bicubic"}
+    torch.manual_seed(0)
+    for name, recorded in (("draft", {**here, "jpeg_draft_size": 448}), ("resize", {**here, "resize": "bilinear"}),
+                           ("bf16", {**here, "precision": "bf16"})):
+        save_bundle(DetectorBundle(model=DetectorMLP(64).eval(), features=spec, feature_compute=recorded), str(tmp_path / name))
+    assert load_bundle(str(tmp_path / "bf16")).feature_compute["precision"] == "bf16"  # recorded, and kept by the content hash
+    bucket = tmp_path / "bucket"
+    _images(bucket, 2, 7)
+    for name, key in (("draft", "jpeg_draft_size 448"), ("resize", "resize 'bilinear'")):
+        with pytest.raises(SystemExit):
+            scan.main(["--detector", str(tmp_path / name), "--input", str(bucket), "--output", str(tmp_path / f"out-{name}")])
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("ERROR: detector") and key in last, last
+        assert not (tmp_path / f"out-{name}").exists()  # refused before anything was written
+    summary = scan.main(["--detector", str(tmp_path / "bf16"), "--input", str(bucket), "--output", str(tmp_path / "out")])
+    assert "trained on bf16 features and this scan computes fp32" in capsys.readouterr().err
+    (d,) = summary["detectors"]
+    assert d["feature_compute"] == {"trained": {**here, "precision": "bf16"}, "scanned": here} and summary["scored"] == 2
