@@ -55,8 +55,8 @@ import pyarrow.parquet as pq
 from detector_core import schema as S
 from detector_core import tables as T
 from detector_core.bundle import BundleError, DetectorBundle, load_bundle
-from detector_core.extractors import feature_compute
 from detector_core.catalog import CatalogError, ScanOutput, data_file_path
+from detector_core.extractors import feature_compute
 from detector_core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from detector_core.lease import Lease, LeaseHeldError, LeaseLostError
 from detector_core.storage import open_fs, s3_storage_options
