@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -52,6 +52,12 @@ class FeatureSpec:
     def __post_init__(self) -> None:
         if self.extractor not in EXTRACTORS:
             raise ValueError(f"extractor must be one of {EXTRACTORS}, got {self.extractor!r}")
+        # The other family's fields mean nothing here: keep them at their defaults, so that two
+        # specs of one extractor are equal (and hash alike) whatever a job config carried in them.
+        other = _DNF_KEYS if self.extractor == "clip" else _CLIP_KEYS
+        for f in fields(self):
+            if f.name in other and getattr(self, f.name) != f.default:
+                object.__setattr__(self, f.name, f.default)
         if self.extractor == "clip" and self.feature_mode not in FEATURE_MODES:
             raise ValueError(f"feature mode must be one of {FEATURE_MODES}, got {self.feature_mode!r}")
 

@@ -187,8 +187,9 @@ def load_images(
             images = {d: first if (d == paths[0] or first.format != "JPEG") else decode_image(data, max_pixels=max_pixels, draft_size=d)
                       for d in paths}
             decoded = first
+            views = {d: im.image if perturb is None else perturb.apply(im.image, uri, perturb_seed) for d, im in images.items()}
             for out, prep, d in zip(pixels, preps, draft_sizes):
-                out[i] = prep.to_uint8(images[d].image if perturb is None else perturb.apply(images[d].image, uri, perturb_seed))
+                out[i] = prep.to_uint8(views[d])
         except ImageDecodeError as exc:
             record(i, "decode", exc.kind, exc.message)
             continue
