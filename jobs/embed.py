@@ -97,6 +97,16 @@ def cache_key(table: pa.Table, spec: FeatureSpec, perturb: str = "", perturb_see
     return h.hexdigest()
 
 
+def require_weights(spec: FeatureSpec, storage_options: dict | None = None) -> None:
+    """End the job now, with what to pass, when a CLIP spec's weights are not here (not later in every actor)."""
+    if spec.extractor != "clip":
+        return
+    try:
+        check_weights(spec.clip_model, spec.pretrained, storage_options=storage_options)
+    except (WeightsNotFoundError, ValueError) as exc:
+        fail(str(exc))
+
+
 def run_embedding(cfg: EmbedConfig, storage_options: dict | None = None) -> dict:
     """Embed (or reuse) the feature cache; returns the cache's summary."""
     so = storage_options if storage_options is not None else s3_storage_options(cfg.s3_endpoint or None)
@@ -119,11 +129,7 @@ def run_embedding(cfg: EmbedConfig, storage_options: dict | None = None) -> dict
         print(f"feature cache {cfg.output} is up to date (key {key[:12]}); not embedding again")
         return {**marker, "reused": True}
 
-    if spec.extractor == "clip":
-        try:  # absent weights fail here, with what to pass, not in every actor
-            check_weights(spec.clip_model, spec.pretrained, storage_options=so)
-        except (WeightsNotFoundError, ValueError) as exc:
-            fail(str(exc))
+    require_weights(spec, so)
     import ray
 
     from jobs.pipeline import Embedder, load_images

@@ -42,8 +42,13 @@ class SubmitConfig:
     poll: float = opt(5.0, "seconds between status checks when the log stream is not available", within="(0, 600]")
 
 
+def _name(status) -> str:
+    """``JobStatus.RUNNING`` (or ``RUNNING``) -> ``RUNNING``."""
+    return str(status).rsplit(".", 1)[-1]
+
+
 def _status(client, sid: str) -> str:
-    return str(client.get_job_info(sid).status).rsplit(".", 1)[-1]
+    return _name(client.get_job_info(sid).status)
 
 
 def _find(client, sid: str):
@@ -58,7 +63,7 @@ def _find(client, sid: str):
 def _submit_or_attach(client, cfg: SubmitConfig, entrypoint: list[str]) -> None:
     info = _find(client, cfg.submission_id)
     if info is not None:
-        print(f"job {cfg.submission_id} exists ({str(info.status).rsplit('.', 1)[-1]}): following it, not submitting again", flush=True)
+        print(f"job {cfg.submission_id} exists ({_name(info.status)}): following it, not submitting again", flush=True)
         return
     runtime_env = None
     if cfg.runtime_env:
@@ -84,7 +89,7 @@ def _follow(client, cfg: SubmitConfig) -> str:
     sid = cfg.submission_id
     while True:
         info = client.get_job_info(sid)
-        status = str(info.status).rsplit(".", 1)[-1]
+        status = _name(info.status)
         if status in ENDED:
             return status
         started = (info.start_time or time.time() * 1000) / 1000

@@ -72,7 +72,7 @@ from detector_core import schema as S
 from detector_core.bundle import DetectorBundle, save_bundle
 from detector_core.devices import select_device
 from detector_core.extractors import EXTRACTORS, FeatureSpec
-from detector_core.features import FEATURE_MODES, WeightsNotFoundError, check_weights
+from detector_core.features import FEATURE_MODES
 from detector_core.losses import LOSS_KINDS
 from detector_core.metrics import calibrate_threshold, summarize
 from detector_core.model import RESNETS, NoiseResNet, build_classifier, load_backbone
@@ -80,7 +80,7 @@ from detector_core.shortcuts import dataset_report
 from detector_core.storage import arrow_fs, open_fs, s3_storage_options
 from detector_core.training import OptimConfig, all_gather_batch, build_optimizer, build_scheduler, predict_logits, training_step
 from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, read_json, run_main, write_json
-from jobs.embed import cache_spec, spec_of, spec_settings
+from jobs.embed import cache_spec, require_weights, spec_of, spec_settings
 
 
 @dataclass
@@ -344,11 +344,8 @@ def run_training(cfg: TrainConfig) -> dict:
             load_backbone(NoiseResNet(cfg.resnet, (3, 32, 32)), cfg.resnet_init, so)
         except (OSError, ValueError, RuntimeError) as exc:
             fail(str(exc))
-    if cfg.manifest and cfg.extractor == "clip":
-        try:  # the paper's ViT-L-14 is the default: absent weights fail here, with what to pass, not in every actor
-            check_weights(cfg.clip_model, cfg.pretrained, storage_options=so)
-        except (WeightsNotFoundError, ValueError) as exc:
-            fail(str(exc))
+    if cfg.manifest:  # before Ray starts: the paper's ViT-L-14 is the default, and its weights may be absent
+        require_weights(spec_of(cfg), so)
     init_ray(cfg.ray_address or None)
     embed_summary = None
     cache = cfg.features
