@@ -40,7 +40,7 @@ def main(argv=None):
     out = {}
     for name, draft in (("full", None), ("draft", 2 * prep.size)):
         t = time.perf_counter()
-        crops = [prep.to_uint8(decode_image(p.read_bytes(), draft_size=draft).image) for p in paths]
+        crops = [prep.to_input(decode_image(p.read_bytes(), draft_size=draft).image) for p in paths]
         dt = (time.perf_counter() - t) / len(paths)
         with torch.inference_mode():
             f = enc.encode_images(prep.normalize(torch.from_numpy(np.stack(crops))))
@@ -61,7 +61,7 @@ def main(argv=None):
     for name, images in (("jpeg100_full", [decode_image(b).image for b in jpegs]),
                          ("jpeg100_draft", [decode_image(b, draft_size=2 * prep.size).image for b in jpegs])):
         with torch.inference_mode():
-            f = enc.encode_images(prep.normalize(torch.from_numpy(np.stack([prep.to_uint8(i) for i in images]))))
+            f = enc.encode_images(prep.normalize(torch.from_numpy(np.stack([prep.to_input(i) for i in images]))))
             out[name] = (0.0, f, mlp(f).numpy(), None)
     reductions = {}
     for filt in ("none (full decode: what a scan does)", "box (Image.reduce)", "bicubic", "hamming", "lanczos"):
@@ -72,7 +72,7 @@ def main(argv=None):
             images.append(picture if filt.startswith("none") else picture.reduce(k) if filt.startswith("box")
                           else picture.resize(size, getattr(Image.Resampling, filt.upper())))
         with torch.inference_mode():
-            f = enc.encode_images(prep.normalize(torch.from_numpy(np.stack([prep.to_uint8(i) for i in images]))))
+            f = enc.encode_images(prep.normalize(torch.from_numpy(np.stack([prep.to_input(i) for i in images]))))
             reductions[filt] = (f, mlp(f).numpy())
     (t_full, f_full, z_full, c_full), (t_draft, f_draft, z_draft, c_draft) = out["full"], out["draft"]
     cos = torch.nn.functional.cosine_similarity(f_full, f_draft).numpy()

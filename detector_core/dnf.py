@@ -4,17 +4,24 @@ Zhang & Xu, "Diffusion Noise Feature: Accurate and Fast Generated Image Detectio
 (docs/method.md section 8): the image, resized to the UNet's side (256 for
 the DDPM/DDIM LSUN-Bedroom UNet) with bilinear interpolation and scaled to [-1, 1], goes once
 through the UNet at the first timestep of the DDIM inversion schedule (``t = 0``); the
-estimated noise ``eps_theta(x, t)`` -- an image-shaped float tensor -- is the feature a ResNet
-classifies. The reference code resizes bicubic on the float tensor and saves the noise with
-``torchvision.utils.save_image``, which clamps it to [0, 1] and quantises it to 8 bits (no
-min-max scaling); here the float values are kept as they are (docs/method.md section 10 lists this).
+estimated noise ``eps_theta(x, t)`` -- an image-shaped tensor -- is the feature a ResNet
+classifies. Two value modes (``DNF_VALUES``):
+
+- ``reference`` (default): the reference code's feature, bit for bit on the same UNet and
+  decoded pixels: bicubic (antialiased) resize of the float image, ``x / 255 * 2 - 1``, the
+  UNet call, then what ``torchvision.utils.save_image`` does to the noise -- ``* 255 + 0.5``,
+  clamp to [0, 255], truncate to 8 bits (no min-max scaling) -- and, for a JPEG source, the
+  JPEG file it writes (PIL's defaults, quality 75) read back; the classifier sees ``/ 255``,
+  in [0, 1], as the reference's ``ToTensor`` gives it.
+- ``raw``: bilinear resize of the uint8 image, the float noise estimate unclamped (what this
+  tool did before; its feature ids are unchanged).
 
 ``unet`` is a diffusers ``UNet2DModel`` folder (``config.json`` + weights, or a pipeline
 folder with a ``unet/`` subfolder), local or on an object store (fetched once into a local
 cache), or ``test-tiny``: a 32 px random UNet shipped with the package for tests and the
 demo (seeded, so every process builds the same weights). Nothing is downloaded: a model id
-that is not a folder is an error that says what to pass. On CUDA the UNet runs under bf16
-autocast and the feature comes back as float32.
+that is not a folder is an error that says what to pass. The UNet runs in fp32 for
+``reference`` values; for ``raw`` under bf16 autocast on CUDA.
 """
 
 from __future__ import annotations
@@ -27,9 +34,11 @@ import torch
 
 from detector_core.storage import fetch_cached, is_remote, join, open_fs
 
-__all__ = ["TEST_TINY", "DnfExtractor", "DnfPreprocess", "UnetNotFoundError", "load_unet", "unet_config"]
+__all__ = ["DNF_VALUES", "TEST_TINY", "DnfExtractor", "DnfPreprocess", "UnetNotFoundError", "load_unet", "quantize_noise", "unet_config"]
 
 TEST_TINY = "test-tiny"
+DNF_VALUES = ("reference", "raw")
+SAVE_FORMAT_JPEG_QUALITY = 75  # PIL's default, what save_image writes a .jpg with
 _CONFIG_DIR = Path(__file__).with_name("unet_configs")
 CONFIG_FILE = "config.json"
 
@@ -91,26 +100,66 @@ def load_unet(ref: str, device: torch.device | str = "cpu", storage_options: dic
 
 
 class DnfPreprocess:
-    """The DNF input transform cut at the uint8 image, like ``features.SplitPreprocess``.
+    """The DNF input transform cut where the image leaves the CPU, like ``features.SplitPreprocess``.
 
-    ``to_uint8`` (CPU workers): RGB, resized to ``size x size`` with bilinear interpolation
-    (the reference squashes, it does not crop) -> ``H x W x 3`` uint8. ``normalize`` (on the
-    device): ``(n, H, W, 3)`` uint8 -> float ``(n, 3, H, W)`` in [-1, 1].
+    ``to_input`` (CPU workers) takes a decoded RGB PIL image. ``raw``: resized to ``size x
+    size`` bilinear (squashed, not cropped) -> ``H x W x 3`` uint8. ``reference``: the
+    reference's ``Resize((size, size), bicubic)`` on the float ``3 x H x W`` tensor
+    (antialiased, torchvision's default), unclamped -> ``H x W x 3`` float32 (four times the
+    bytes; values may leave [0, 255] as bicubic overshoots). ``normalize`` (on the device):
+    ``(n, H, W, 3)`` -> float ``(n, 3, H, W)`` in [-1, 1], with the reference's operations in
+    its order for ``reference``, so the result is the same bits.
     """
 
     draft_ok = False  # the noise estimate lives in the high frequencies that DCT downscaling changes
-    resize = "bilinear"
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, values: str = "reference") -> None:
+        if values not in DNF_VALUES:
+            raise ValueError(f"DNF values must be one of {DNF_VALUES}, got {values!r}")
         self.size = int(size)
+        self.values = values
+        self.resize = "bicubic-antialias-float" if values == "reference" else "bilinear"
+        self.dtype = "float32" if values == "reference" else "uint8"  # of what to_input returns
 
-    def to_uint8(self, image) -> np.ndarray:
+    def to_input(self, image) -> np.ndarray:
         from PIL import Image
 
-        return np.asarray(image.convert("RGB").resize((self.size, self.size), Image.Resampling.BILINEAR), dtype=np.uint8)
+        if self.values == "raw":
+            return np.asarray(image.convert("RGB").resize((self.size, self.size), Image.Resampling.BILINEAR), dtype=np.uint8)
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.functional import resize
+
+        x = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1).float()
+        x = resize(x, [self.size, self.size], interpolation=InterpolationMode.BICUBIC, antialias=True)
+        return x.permute(1, 2, 0).numpy()
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
-        return batch.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        x = batch.permute(0, 3, 1, 2).float()
+        if self.values == "raw":
+            return x.div_(127.5).sub_(1.0)
+        return (x / 255.0) * 2.0 - 1.0
+
+
+def quantize_noise(noise: torch.Tensor, jpeg: np.ndarray | None = None) -> torch.Tensor:
+    """What the reference's classifier reads of a noise estimate ``(n, 3, S, S)``: float32 in [0, 1], on the CPU.
+
+    ``torchvision.utils.save_image``'s arithmetic (``* 255 + 0.5``, clamp, truncate to
+    uint8); rows where ``jpeg`` is true go through the JPEG file it would write for a
+    ``.jpg`` source (PIL defaults) and are read back; then ``ToTensor``'s ``/ 255``.
+    """
+    q = noise.float().mul(255).add_(0.5).clamp_(0, 255).to("cpu", torch.uint8)
+    if jpeg is not None and np.any(jpeg):
+        import io
+
+        from PIL import Image
+
+        hwc = q.permute(0, 2, 3, 1).numpy()
+        for i in np.flatnonzero(jpeg):
+            buf = io.BytesIO()
+            Image.fromarray(hwc[i]).save(buf, format="JPEG", quality=SAVE_FORMAT_JPEG_QUALITY)
+            buf.seek(0)
+            q[i] = torch.from_numpy(np.array(Image.open(buf).convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+    return q.float().div(255)
 
 
 class DnfExtractor:
@@ -121,13 +170,15 @@ class DnfExtractor:
         device: where the UNet runs; passed in, never guessed here.
         timestep: the diffusion timestep of the single UNet call (0: the first step of
             DDIM inversion, as in the reference).
-        precision: ``auto`` (bf16 autocast on CUDA, fp32 elsewhere), ``fp32``, ``bf16`` or ``fp16``.
+        precision: ``auto`` (fp32 for ``reference`` values, whose bits need it; for ``raw`` bf16
+            autocast on CUDA, fp32 elsewhere), ``fp32``, ``bf16`` or ``fp16``.
+        values: ``reference`` (the reference's 8-bit feature) or ``raw`` (float noise), module docstring.
         storage_options / cache_dir: for object-store UNets.
         seed: RNG seed of the ``test-tiny`` random initialisation.
     """
 
     def __init__(self, unet, device: torch.device | str = "cpu", timestep: int = 0, precision: str = "auto",
-                 storage_options: dict | None = None, cache_dir: str | None = None, seed: int = 0) -> None:
+                 storage_options: dict | None = None, cache_dir: str | None = None, seed: int = 0, values: str = "reference") -> None:
         self.device = torch.device(device)
         self.timestep = int(timestep)
         if isinstance(unet, str):
@@ -139,12 +190,13 @@ class DnfExtractor:
         if self.channels != 3:  # FeatureSpec.shape, bundles and the ResNet all take a 3-channel noise estimate
             raise ValueError(f"UNet {unet if isinstance(unet, str) else type(unet).__name__} predicts {self.channels} channels; "
                              f"DNF takes an RGB noise estimate (out_channels 3), e.g. the DDPM/DDIM pixel-space UNets")
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        if precision == "auto":  # the reference's bits come from an fp32 UNet
+            precision = "bf16" if (self.device.type == "cuda" and values == "raw") else "fp32"
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
         self.precision = precision
-        self.prep = DnfPreprocess(self.image_size)
+        self.prep = DnfPreprocess(self.image_size, values)
+        self.values = values
 
     @property
     def dim(self) -> int:
@@ -159,6 +211,13 @@ class DnfExtractor:
         with torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype is not None):
             return self.unet(x, t).sample.float()
 
-    def extract(self, pixels: torch.Tensor, captions=None) -> torch.Tensor:
-        """uint8 ``(n, S, S, 3)`` batch -> flattened DNF features ``(n, 3*S*S)``."""
-        return self.noise(self.prep.normalize(pixels.to(self.device, non_blocking=True))).flatten(1)
+    def extract(self, pixels: torch.Tensor, captions=None, jpeg: np.ndarray | None = None) -> torch.Tensor:
+        """``(n, S, S, 3)`` batch of ``prep.to_input`` arrays -> flattened DNF features ``(n, 3*S*S)``.
+
+        ``jpeg``: which rows came from JPEG files (``reference`` round-trips their noise through
+        a JPEG file, as the reference's saved copies are; ignored for ``raw``).
+        """
+        noise = self.noise(self.prep.normalize(pixels.to(self.device, non_blocking=True)))
+        if self.values == "reference":
+            return quantize_noise(noise, jpeg).flatten(1)
+        return noise.flatten(1)

@@ -7,9 +7,10 @@ Two families (docs/method.md sections 1 and 8):
 
 ``FeatureSpec`` names an extractor and its settings; it is recorded in every feature cache
 and detector bundle, and is all a scan worker needs to rebuild the same extractor. Both
-families split their preprocessing the same way: ``preprocess_for(spec).to_uint8`` on CPU
-workers (a ``size x size x 3`` uint8 image is what travels), and ``build_extractor(spec,
-device).extract(uint8 batch, captions)`` on the accelerator, returning ``(n, dim)`` float32
+families split their preprocessing the same way: ``preprocess_for(spec).to_input`` on CPU
+workers (a ``size x size x 3`` array of ``prep.dtype`` is what travels: uint8, or float32 for
+DNF's reference values), and ``build_extractor(spec, device).extract(batch, captions, jpeg)``
+on the accelerator, returning ``(n, dim)`` float32
 features (DNF's image-shaped feature flattened; ``spec.shape`` gives it back its shape).
 """
 
@@ -21,15 +22,15 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from detector_core.dnf import DNF_VALUES, DnfExtractor, DnfPreprocess, unet_config
 from detector_core.dnf import TEST_TINY as UNET_TEST_TINY
-from detector_core.dnf import DnfExtractor, DnfPreprocess, unet_config
 from detector_core.features import FEATURE_MODES, ClipEncoder, SplitPreprocess, feature_dim
 
 __all__ = ["EXTRACTORS", "FeatureSpec", "ClipFeatures", "build_extractor", "draft_size_for", "feature_compute", "preprocess_for"]
 
 EXTRACTORS = ("clip", "dnf")
 _CLIP_KEYS = ("clip_model", "pretrained", "feature_mode")
-_DNF_KEYS = ("unet", "timestep", "image_size")
+_DNF_KEYS = ("unet", "timestep", "image_size", "dnf_values")
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,8 @@ class FeatureSpec:
 
     ``clip``: ``clip_model``, ``pretrained`` (tag, path, URI or ``none``), ``feature_mode``.
     ``dnf``: ``unet`` (folder, URI or ``test-tiny``), ``timestep``, ``image_size`` (the
-    UNet's side; 0 until ``resolved``).
+    UNet's side; 0 until ``resolved``), ``dnf_values`` (``reference``: the reference's 8-bit
+    feature; ``raw``: the float noise, what records without the field hold).
     """
 
     extractor: str = "clip"
@@ -48,6 +50,7 @@ class FeatureSpec:
     unet: str = UNET_TEST_TINY
     timestep: int = 0
     image_size: int = 0
+    dnf_values: str = "reference"
 
     def __post_init__(self) -> None:
         if self.extractor not in EXTRACTORS:
@@ -60,17 +63,25 @@ class FeatureSpec:
                 object.__setattr__(self, f.name, f.default)
         if self.extractor == "clip" and self.feature_mode not in FEATURE_MODES:
             raise ValueError(f"feature mode must be one of {FEATURE_MODES}, got {self.feature_mode!r}")
+        if self.dnf_values not in DNF_VALUES:
+            raise ValueError(f"DNF values must be one of {DNF_VALUES}, got {self.dnf_values!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "FeatureSpec":
         """From a cache marker or bundle metadata (records older than DNF have no ``extractor``: CLIP)."""
         extractor = d.get("extractor", "clip")
         keys = _CLIP_KEYS if extractor == "clip" else _DNF_KEYS
-        return cls(extractor=extractor, **{k: d[k] for k in keys if k in d})
+        kwargs = {k: d[k] for k in keys if k in d}
+        if extractor == "dnf":
+            kwargs.setdefault("dnf_values", "raw")  # DNF records from before the reference mode hold float noise
+        return cls(extractor=extractor, **kwargs)
 
     def to_dict(self) -> dict:
         keys = _CLIP_KEYS if self.extractor == "clip" else _DNF_KEYS
-        return {"extractor": self.extractor, **{k: getattr(self, k) for k in keys}}
+        d = {"extractor": self.extractor, **{k: getattr(self, k) for k in keys}}
+        if d.get("dnf_values") == "raw":  # as records from before the field: raw bundles keep their content hash
+            del d["dnf_values"]
+        return d
 
     def resolved(self, storage_options: dict | None = None) -> "FeatureSpec":
         """The spec with ``image_size`` read from the UNet's config (DNF); CLIP specs unchanged."""
@@ -83,7 +94,8 @@ class FeatureSpec:
         """Short name of the extractor and settings, stored with every feature row and score."""
         if self.extractor == "clip":
             return f"{self.clip_model}/{self.pretrained}/{self.feature_mode}"
-        return f"dnf/{self.unet}/t{self.timestep}/{self.image_size}"
+        # raw keeps its pre-reference id: the incremental state and old tables key on it.
+        return f"dnf/{self.unet}/t{self.timestep}/{self.image_size}" + ("" if self.dnf_values == "raw" else "/q8")
 
     @property
     def needs_captions(self) -> bool:
@@ -106,7 +118,7 @@ class FeatureSpec:
         """What of the spec enters a feature cache key (CLIP's string is the pre-DNF one, so old caches stay valid)."""
         if self.extractor == "clip":
             return f"{self.clip_model}|{self.pretrained}|{self.feature_mode}|"
-        return f"dnf|{self.unet}|t={self.timestep}|{self.image_size}|"
+        return f"dnf|{self.unet}|t={self.timestep}|{self.image_size}|" + ("" if self.dnf_values == "raw" else "values=reference|")
 
 
 @functools.lru_cache(maxsize=8)
@@ -114,7 +126,7 @@ def preprocess_for(spec: FeatureSpec):
     """The CPU half of the spec's preprocessing (``to_uint8``, ``size``, ``draft_ok``, ``resize``)."""
     if spec.extractor == "clip":
         return SplitPreprocess(spec.clip_model, spec.pretrained)
-    return DnfPreprocess(spec.resolved().image_size)
+    return DnfPreprocess(spec.resolved().image_size, spec.dnf_values)
 
 
 def draft_size_for(prep, draft: bool = True) -> int | None:
@@ -127,10 +139,12 @@ def feature_compute(spec: FeatureSpec, gpu: bool, draft: bool = True) -> dict:
 
     Recorded in feature caches and bundles; a scan compares its own with the bundle's
     (``jobs.scan``): a different decode is refused, a different precision warned about and
-    recorded. ``gpu``: the extractors run on CUDA (bf16 autocast) rather than the CPU (fp32).
+    recorded. ``gpu``: the extractors run on CUDA (bf16 autocast, except DNF reference values: fp32)
+    rather than the CPU (fp32).
     """
     prep = preprocess_for(spec)
-    return {"precision": "bf16" if gpu else "fp32", "jpeg_draft_size": draft_size_for(prep, draft) or 0, "resize": prep.resize}
+    bf16 = gpu and not (spec.extractor == "dnf" and spec.dnf_values == "reference")  # DnfExtractor's "auto"
+    return {"precision": "bf16" if bf16 else "fp32", "jpeg_draft_size": draft_size_for(prep, draft) or 0, "resize": prep.resize}
 
 
 class ClipFeatures:
@@ -142,7 +156,7 @@ class ClipFeatures:
         self.prep = preprocess_for(spec)
         self.dim = spec.dim
 
-    def extract(self, pixels: torch.Tensor, captions=None) -> torch.Tensor:
+    def extract(self, pixels: torch.Tensor, captions=None, jpeg=None) -> torch.Tensor:
         pixels = pixels.to(self.encoder.device, non_blocking=True)
         return self.encoder.encode(self.prep.normalize(pixels), captions, self.spec.feature_mode)
 
@@ -152,7 +166,8 @@ def build_extractor(spec: FeatureSpec, device: torch.device | str = "cpu", preci
     """The extractor of a spec on ``device``: ``ClipFeatures`` or ``DnfExtractor``."""
     if spec.extractor == "clip":
         return ClipFeatures(spec, device, precision, storage_options)
-    ex = DnfExtractor(spec.unet, device=device, timestep=spec.timestep, precision=precision, storage_options=storage_options)
+    ex = DnfExtractor(spec.unet, device=device, timestep=spec.timestep, precision=precision, storage_options=storage_options,
+                      values=spec.dnf_values)
     if spec.image_size and spec.image_size != ex.image_size:
         raise ValueError(f"spec says image size {spec.image_size} but UNet {spec.unet} has sample size {ex.image_size}")
     return ex

@@ -88,13 +88,14 @@ def build_preprocess(model_name: str, pretrained: str | None) -> Callable:
 class SplitPreprocess:
     """open_clip's eval transform cut in two at ``ToTensor``, for pipelines.
 
-    ``to_uint8`` (CPU workers) resizes and crops a PIL image and returns ``H x W x 3``
+    ``to_input`` (CPU workers) resizes and crops a PIL image and returns ``H x W x 3``
     uint8 -- a quarter of the bytes of the float tensor, which is what travels to the
     GPU; ``normalize`` (on the GPU) turns a ``(n, H, W, 3)`` uint8 batch into the
     normalised float ``(n, 3, H, W)`` batch. Together they equal ``build_preprocess``.
     """
 
     draft_ok = True  # JPEG DCT downscaling to >= 2x the input barely moves CLIP features (bench/bench_draft.py)
+    dtype = "uint8"  # of what to_input returns (numpy dtype name)
 
     def __init__(self, model_name: str, pretrained: str | None) -> None:
         cfg = preprocess_config(model_name, pretrained)
@@ -110,7 +111,7 @@ class SplitPreprocess:
         self.mean = torch.tensor(cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg["std"], dtype=torch.float32).view(1, 3, 1, 1)
 
-    def to_uint8(self, image) -> "np.ndarray":
+    def to_input(self, image) -> "np.ndarray":
         import numpy as np
 
         for t in self.pil_transforms:

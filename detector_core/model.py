@@ -99,8 +99,8 @@ class NoiseResNet(nn.Module):
         arch: ``resnet50`` (the DNF paper's), ``resnet34`` or ``resnet18``.
         in_shape: ``(C, H, W)`` of one feature (``(3, 256, 256)`` for the bedroom UNet).
 
-    Random initialisation (torchvision's): no ImageNet weights are fetched; the DNF
-    reference starts from ImageNet weights, which ``load_backbone`` loads from a file.
+    Random initialisation (torchvision's), as the DNF reference's ResNet-50 (from scratch since
+    its commit 139c073); ``load_backbone`` loads other starting weights from a file.
     """
 
     predict_batch_size = 128

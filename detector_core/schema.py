@@ -65,7 +65,7 @@ COLUMN_DOCS = {
     JPEG_QUALITY: "JPEG quality estimated from the file's luminance quantisation table (1-100; null for other formats)",
     EXIF: "the file carries an EXIF block",
     FEATURES: "feature vector (float32): CLIP image or image+text embedding, or the flattened DNF noise estimate",
-    CLIP_ID: "feature extractor that made the features: 'model/pretrained/mode' for CLIP, 'dnf/<unet>/t<step>/<size>' for DNF",
+    CLIP_ID: "feature extractor that made the features: 'model/pretrained/mode' for CLIP, 'dnf/<unet>/t<step>/<size>[/q8]' for DNF (q8: the reference's 8-bit values)",
     ERROR_STAGE: "where the object failed: list (no usable uri or size in the input, not a regular file), read (I/O, over --max-bytes), decode (bytes are no usable image), embed",
     ERROR_TYPE: "error kind, e.g. not_an_image, truncated, too_large, or the exception name",
     ERROR_MESSAGE: "human-readable cause",

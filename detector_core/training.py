@@ -1,5 +1,10 @@
 """Optimiser, schedule and the one-batch update of the paper, free of any runtime.
 
+Two recipes (``RECIPES``): ``cvar-sam``, the paper's (CVaR + AUC loss, SAM over AdamW, cosine
+schedule); and ``dnf-reference``, the DNF reference's classifier training (BCE, Adam, no
+SAM, horizontal flips, ``PlateauStop``: the learning rate cut tenfold when validation
+accuracy stops improving, training over when it would fall below 1e-6).
+
 ``training_step`` is the whole update for one batch (one or two passes, depending on
 SAM) and is what both the single-process loop here and the Ray Train worker loop in
 ``jobs/train.py`` call: the distributed job only supplies a ``gather`` that turns the
@@ -22,7 +27,13 @@ from torch import nn
 from detector_core.losses import detector_loss
 from detector_core.sam import SAM, bn_stats_frozen
 
-__all__ = ["OptimConfig", "all_gather_batch", "batch_loss", "build_optimizer", "build_scheduler", "training_step", "predict_logits", "fit"]
+__all__ = ["RECIPES", "RECIPE_OPTIM", "OptimConfig", "PlateauStop", "all_gather_batch", "batch_loss", "build_optimizer", "build_scheduler",
+           "random_hflip", "training_step", "predict_logits", "fit"]
+
+RECIPES = ("cvar-sam", "dnf-reference")
+# What each recipe sets of OptimConfig (cvar-sam: its defaults). dnf-reference: the reference's
+# Trainer -- BCEWithLogits, Adam(lr 1e-4, betas (0.9, 0.999)), no weight decay, batch 64.
+RECIPE_OPTIM = {"cvar-sam": {}, "dnf-reference": {"loss": "erm", "sam": False, "optimizer": "adam", "lr": 1e-4, "weight_decay": 0.0, "batch_size": 64}}
 
 
 @dataclass
@@ -44,17 +55,21 @@ class OptimConfig:
     epochs: int = 32
     batch_size: int = 2048
     eta_min: float = 1e-5
+    optimizer: str = "adamw"  # or "adam" (the DNF reference's: weight decay as L2 in the gradient, 0 there)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW, wrapped in SAM when ``cfg.sam``."""
+    """AdamW (or Adam, ``cfg.optimizer``), wrapped in SAM when ``cfg.sam``."""
+    if cfg.optimizer not in ("adamw", "adam"):
+        raise ValueError(f"optimizer must be adamw or adam, got {cfg.optimizer!r}")
+    base = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     if cfg.sam:
-        return SAM(model.parameters(), torch.optim.AdamW, rho=cfg.rho, adaptive=cfg.adaptive, **kwargs)
-    return torch.optim.AdamW(model.parameters(), **kwargs)
+        return SAM(model.parameters(), base, rho=cfg.rho, adaptive=cfg.adaptive, **kwargs)
+    return base(model.parameters(), **kwargs)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> torch.optim.lr_scheduler.LRScheduler:
@@ -64,6 +79,55 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> torch
     # step() runs, so the scheduler's step-order bookkeeping sees it.
     base = getattr(optimizer, "base_optimizer", optimizer)
     return torch.optim.lr_scheduler.CosineAnnealingLR(base, T_max=t_max, eta_min=cfg.eta_min)
+
+
+class PlateauStop:
+    """The DNF reference's early stopping, which also schedules the learning rate.
+
+    Its ``EarlyStopping(patience, delta=-0.001)`` on validation accuracy: an epoch counts as
+    an improvement when it beats the best by more than ``margin``; after ``patience``
+    epochs without one the learning rate is divided by 10 and a fresh stopper starts with
+    twice the margin (``delta=-0.002``) and no best; once the divided rate is below
+    ``min_lr`` training is over. (torch's ``ReduceLROnPlateau`` differs: it keeps the best
+    across reductions, counts ``patience + 1`` bad epochs and never stops.)
+    """
+
+    def __init__(self, patience: int = 5, margin: float = 0.001, min_lr: float = 1e-6) -> None:
+        self.patience, self.margin, self.min_lr = int(patience), float(margin), float(min_lr)
+        self.best: float | None = None
+        self.bad = 0
+        self.done = False
+
+    def step(self, score: float, lr: float) -> tuple[float, bool]:
+        """After an epoch with validation ``score`` at learning rate ``lr``: (next lr, stop training)."""
+        if self.best is None or score > self.best + self.margin:
+            self.best, self.bad = score, 0
+            return lr, False
+        self.bad += 1
+        if self.bad < self.patience:
+            return lr, False
+        lr = lr / 10.0
+        if lr < self.min_lr:
+            self.done = True
+            return lr, True
+        self.best, self.bad, self.margin = None, 0, 0.002
+        return lr, False
+
+    def state_dict(self) -> dict:
+        return {"patience": self.patience, "margin": self.margin, "min_lr": self.min_lr, "best": self.best, "bad": self.bad, "done": self.done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+def random_hflip(x: torch.Tensor, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Flip each image-shaped feature ``(n, C*H*W)`` left-right with probability 1/2 (a new tensor).
+
+    ``RandomHorizontalFlip`` of the reference's classifier, applied to the feature (its image).
+    """
+    flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)
+    images = x.view(x.shape[0], *shape)
+    return torch.where(flip.view(-1, *([1] * len(shape))), images.flip(-1), images).reshape(x.shape)
 
 
 def _identity_gather(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,7 +43,7 @@ from detector_core.storage import arrow_fs, open_fs, s3_storage_options
 from detector_core.training import predict_logits
 from jobs.common import config_dict, fail, join, opt, parse_config, run_main, write_json, write_parquet
 from jobs.embed import EmbedConfig, read_features, run_embedding, spec_settings
-from jobs.pipeline import features_matrix
+from jobs.pipeline import features_matrix, trained_draft
 
 CLEAN = "clean"
 METRIC_COLUMNS = [("auc", "AUC"), ("ap", "AP"), ("accuracy", "acc@thr"), ("accuracy_at_0.5", "acc@0.5"),
@@ -239,6 +239,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
         cache = join(cfg.output, "features", name.replace(":", "-"))
         run_embedding(EmbedConfig(
             manifest=manifest, output=cache, **spec_settings(bundle.features), batch_size=cfg.batch_size, actors=cfg.actors, gpu=cfg.gpu,
+            jpeg_draft=trained_draft(bundle),
             perturb="" if p is None else p.name, perturb_seed=cfg.perturb_seed, s3_endpoint=cfg.s3_endpoint,
             ray_address=cfg.ray_address), so)
         labels, scores, gens, n = score_cache(bundle, cache, so)

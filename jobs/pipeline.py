@@ -5,7 +5,7 @@ either feature family (``detector_core.extractors``: CLIP or DNF):
 
 - ``load_images`` (CPU tasks): fetch the objects' bytes concurrently through fsspec
   (s3fs issues the GETs in parallel), decode each image once with ``detector_core.images``
-  and resize/crop it to the input of every extractor asked for, as uint8 (``pixels`` for
+  and resize/crop it to the input of every extractor asked for, as uint8 (float32 for DNF reference values; ``pixels`` for
   the first, ``pixels_1`` ... for the others: an ensemble scan decodes once). A failure is
   recorded on the row (``error_stage`` / ``error_type`` / ``error_message``) and the row
   goes on, so that every object ends as exactly one output row.
@@ -44,7 +44,7 @@ ERROR_COLUMNS = (S.ERROR_STAGE, S.ERROR_TYPE, S.ERROR_MESSAGE)
 
 
 def pixel_column(i: int) -> str:
-    """The uint8 input column of the ``i``-th extractor of a ``load_images`` call."""
+    """The input column of the ``i``-th extractor of a ``load_images`` call."""
     return PIXELS if i == 0 else f"{PIXELS}_{i}"
 
 
@@ -127,7 +127,7 @@ def load_images(
     specs: list[FeatureSpec],
     storage_options: dict | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    draft: bool = True,
+    draft: bool | list[bool] = True,
     perturbation: str = "",
     perturb_seed: int = 0,
     max_bytes: int = DEFAULT_MAX_BYTES,
@@ -138,14 +138,15 @@ def load_images(
     the full-size decoded image before the model's resize and crop (no draft decoding then,
     so that JPEG re-compression and resizing act on the stored pixels). ``specs`` are
     resolved feature specs; each spec's images are decoded as ``feature_compute`` records (JPEG
-    draft decoding where the spec allows it).
+    draft decoding where the spec allows it and ``draft`` -- one for all, or one per spec -- is on).
     """
     preps = [preprocess_for(spec) for spec in specs]
     perturb = parse_perturbation(perturbation) if perturbation else None
     # Each spec's images are decoded as its training decoded them (feature_compute): a JPEG at
     # twice the spec's input where it allows draft, in full otherwise. An ensemble of specs that
     # disagree decodes a JPEG once per decode path (a draft decode is cheap next to a full one).
-    draft_sizes = [draft_size_for(p, draft and perturb is None) for p in preps]
+    drafts = draft if isinstance(draft, list) else [draft] * len(preps)
+    draft_sizes = [draft_size_for(p, d and perturb is None) for p, d in zip(preps, drafts)]
     paths = list(dict.fromkeys(draft_sizes))
     n = len(batch[S.URI])
     # Rows the plan already failed (error_stage = list: no usable uri, a FIFO, a bad manifest value) are not read.
@@ -154,7 +155,7 @@ def load_images(
     listed_sizes = [_size_or_none(v) for v in batch[S.SIZE]] if S.SIZE in batch else [None] * n
     read = [i for i in range(n) if not preset[i]]
     fetched = _fetch([uris[i] for i in read], storage_options, max_bytes=max_bytes, sizes=[listed_sizes[i] for i in read])
-    pixels = [np.zeros((n, p.size, p.size, 3), dtype=np.uint8) for p in preps]
+    pixels = [np.zeros((n, p.size, p.size, 3), dtype=p.dtype) for p in preps]
     size = np.full(n, -1, dtype=np.int64)
     width = np.full(n, -1, dtype=np.int32)
     height = np.full(n, -1, dtype=np.int32)
@@ -189,7 +190,7 @@ def load_images(
             decoded = first
             views = {d: im.image if perturb is None else perturb.apply(im.image, uri, perturb_seed) for d, im in images.items()}
             for out, prep, d in zip(pixels, preps, draft_sizes):
-                out[i] = prep.to_uint8(views[d])
+                out[i] = prep.to_input(views[d])
         except ImageDecodeError as exc:
             record(i, "decode", exc.kind, exc.message)
             continue
@@ -211,7 +212,7 @@ def _size_or_none(v) -> int | None:
 
 
 class Embedder:
-    """Ray Data actor: uint8 images (+ captions) -> features of one extractor, one model per actor.
+    """Ray Data actor: resized images (+ captions) -> features of one extractor, one model per actor.
 
     Output rows drop the pixels and gain ``features`` (fixed-size float32 list; null for
     rows that failed before) and ``clip_id`` (the extractor's id, ``FeatureSpec.id``).
@@ -237,7 +238,8 @@ class Embedder:
         captions = None
         if self.spec.needs_captions:
             captions = [None if c is None else str(c) for c in batch[S.CAPTION][ok]]
-        return self.extractor.extract(pixels.to(self.device, non_blocking=True), captions), ok
+        jpeg = np.asarray(batch[S.FORMAT][ok] == "JPEG", dtype=bool)  # DNF reference values round-trip a JPEG source's noise
+        return self.extractor.extract(pixels.to(self.device, non_blocking=True), captions, jpeg), ok
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         feats, ok = self.extract(batch)
@@ -295,6 +297,27 @@ def features_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 def feature_specs(bundles: list[DetectorBundle]) -> list[FeatureSpec]:
     """The distinct extractors of some detectors, in order (``load_images`` makes one input column each)."""
     return list(dict.fromkeys(b.features for b in bundles))
+
+
+def trained_draft(bundle: DetectorBundle) -> bool:
+    """Whether the bundle's training decoded JPEGs with DCT scaling (bundles from before it was recorded: yes)."""
+    size = (bundle.feature_compute or {}).get("jpeg_draft_size")
+    return size is None or size > 0 or draft_size_for(preprocess_for(bundle.features)) is None
+
+
+def feature_drafts(bundles: list[DetectorBundle]) -> list[bool]:
+    """Per ``feature_specs`` entry, whether to draft-decode its JPEGs: as its detectors' training did.
+
+    Raises ``ValueError`` when two detectors of one extractor were trained with different decodes.
+    """
+    out = []
+    for spec in feature_specs(bundles):
+        ways = {b.detector_id: trained_draft(b) for b in bundles if b.features == spec}
+        if len(set(ways.values())) > 1:
+            raise ValueError(f"detectors {', '.join(ways)} share the extractor {spec.id} but their training decoded JPEGs "
+                             "differently (--jpeg-draft / --no-jpeg-draft); scan them in separate runs")
+        out.append(next(iter(ways.values())))
+    return out
 
 
 class Scorer:

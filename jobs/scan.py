@@ -74,7 +74,7 @@ from jobs.common import (
     write_json,
     write_parquet,
 )
-from jobs.pipeline import feature_specs
+from jobs.pipeline import feature_drafts, feature_specs, trained_draft
 from jobs.planning import PlanError, refresh_state, remove_plan
 
 # The only columns that reach the driver: one row per data file written by a worker.
@@ -200,8 +200,8 @@ def build_stream(cfg: ScanConfig, work_files: list[str], n_work: int, uris: list
     rows = max(1, min(1024, -(-n_work // 64)))  # at least ~64 blocks, so that small scans still spread over the decoders
     ds = ray.data.from_items([{"path": p} for p in work_files], override_num_blocks=len(work_files))
     ds = ds.map_batches(read_work, fn_kwargs=dict(storage_options=so, rows=rows), batch_size=1, batch_format="pyarrow")
-    ds = ds.map_batches(load_images, fn_kwargs=dict(specs=feature_specs(bundles), storage_options=so, max_pixels=cfg.max_pixels,
-                                                    max_bytes=cfg.max_bytes),
+    ds = ds.map_batches(load_images, fn_kwargs=dict(specs=feature_specs(bundles), draft=feature_drafts(bundles), storage_options=so,
+                                                    max_pixels=cfg.max_pixels, max_bytes=cfg.max_bytes),
                         batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1)
     lo, hi = parse_actors(cfg.actors)
     cpus, gpus = _actor_resources(cfg)
@@ -272,7 +272,7 @@ def _check_feature_compute(bundles: list[DetectorBundle], gpu: bool) -> None:
         trained = b.feature_compute
         if not trained:  # bundles from before it was recorded
             continue
-        ours = feature_compute(b.features, gpu)
+        ours = feature_compute(b.features, gpu, draft=trained_draft(b))
         for key in ("jpeg_draft_size", "resize"):
             if key in trained and trained[key] != ours[key]:
                 fail(f"detector {b.detector_id} was trained on features computed with {key} {trained[key]!r}, and this scan "
@@ -300,6 +300,10 @@ def run_scan(cfg: ScanConfig) -> dict:
     if needing and not cfg.captions:
         fail(f"detector {', '.join(needing)} uses image+text features and needs captions; pass --captions with a uri,caption manifest")
     _check_feature_compute(bundles, cfg.gpu)
+    try:
+        feature_drafts(bundles)
+    except ValueError as exc:
+        fail(str(exc))
     scan_date = cfg.scan_date or dt.datetime.now(dt.timezone.utc).date().isoformat()
     try:
         out = ScanOutput.open(cfg.output, cfg.catalog, cfg.namespace, so)
@@ -427,7 +431,7 @@ def _scan_under_lease(cfg, so, uris, bundles, scan_date, out: ScanOutput, scan_i
         "snapshot_ids": snaps,
         "detectors": [{"detector": u, "detector_id": b.detector_id, "detector_kind": b.kind, "feature_id": b.features.id,
                        "threshold": b.threshold, "feature_compute": {"trained": b.feature_compute or None,
-                                                                     "scanned": feature_compute(b.features, cfg.gpu)},
+                                                                     "scanned": feature_compute(b.features, cfg.gpu, draft=trained_draft(b))},
                        "skipped": counts["skipped_by_detector"][b.detector_id],
                        "scored": totals[b.detector_id]["scores"], "flagged": totals[b.detector_id]["flagged"],
                        "errors": totals[b.detector_id]["errors"]} for u, b in zip(uris, bundles)],

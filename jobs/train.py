@@ -6,9 +6,10 @@ Stage 1 (``--manifest``): embed the manifest once into a feature cache with
 ``--workers`` workers (GPUs with ``--gpu``) trains the classifier on Ray Data shards of
 the cache. ``--extractor clip`` (default): the paper's MLP on CLIP features, bundle kind
 ``clip-mlp``. ``--extractor dnf``: a ResNet (``--resnet``, ResNet-50 as in the DNF paper) on
-Diffusion Noise Features of ``--unet``, bundle kind ``dnf-resnet``; the same loss options,
-SAM and distributed step (a ResNet wants a smaller ``--batch-size`` and ``--lr``, e.g. 64
-and 1e-4, and ``--gpu``).
+Diffusion Noise Features of ``--unet`` (``--dnf-values reference``: the reference's 8-bit
+feature), bundle kind ``dnf-resnet``; trained with the same loss options, SAM and distributed
+step (``--recipe cvar-sam``) or as the DNF reference trains it (``--recipe dnf-reference``:
+BCE, Adam, batch 64, flips, lr/10 on a validation-accuracy plateau; docs/method.md section 8).
 
 Distributed semantics (docs/method.md section 5):
 
@@ -36,7 +37,7 @@ FPR), reports through Ray Train, rewrites ``OUT/history.jsonl`` and checkpoints 
 SAM/AdamW state, scheduler, epoch and the best model so far to ``--storage-path``
 (local or S3). ``FailureConfig(max_failures)`` restarts failed workers from the last
 checkpoint; re-submitting the same ``--run-name`` and storage resumes. At the end the
-best epoch (validation AUC) becomes the bundle, its threshold calibrated to ``--target-fpr``
+best epoch (validation AUC; accuracy for ``dnf-reference``) becomes the bundle, its threshold calibrated to ``--target-fpr``
 on the real images of the ``calib`` split (``--calib-fraction``: rows that neither trained
 nor picked the epoch, so the achieved rate in ``metrics.json`` is not optimistic; scored in
 Ray tasks, only logits reach the driver); ``OUT/detector/``, ``OUT/metrics.json`` (with the
@@ -49,13 +50,13 @@ shortcut report, ``detector_core.shortcuts``) and ``OUT/config.json`` are writte
         --workers 4 --gpu
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
         python -m jobs.train --manifest s3://bucket/d3/manifest.parquet --output s3://bucket/detectors/dnf1 \\
-        --extractor dnf --unet s3://bucket/weights/ddpm-bedroom-256 --resnet resnet50 \\
-        --batch-size 64 --lr 1e-4 --workers 4 --gpu
+        --extractor dnf --unet s3://bucket/weights/ddpm-bedroom-256 --recipe dnf-reference --epochs 1000 --workers 4 --gpu
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -71,6 +72,7 @@ import torch
 from detector_core import schema as S
 from detector_core.bundle import DetectorBundle, save_bundle
 from detector_core.devices import select_device
+from detector_core.dnf import DNF_VALUES
 from detector_core.extractors import EXTRACTORS, FeatureSpec
 from detector_core.features import FEATURE_MODES
 from detector_core.losses import LOSS_KINDS
@@ -78,7 +80,18 @@ from detector_core.metrics import calibrate_threshold, summarize
 from detector_core.model import RESNETS, NoiseResNet, build_classifier, load_backbone
 from detector_core.shortcuts import dataset_report
 from detector_core.storage import arrow_fs, open_fs, s3_storage_options
-from detector_core.training import OptimConfig, all_gather_batch, build_optimizer, build_scheduler, predict_logits, training_step
+from detector_core.training import (
+    RECIPE_OPTIM,
+    RECIPES,
+    OptimConfig,
+    PlateauStop,
+    all_gather_batch,
+    build_optimizer,
+    build_scheduler,
+    predict_logits,
+    random_hflip,
+    training_step,
+)
 from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, read_json, run_main, write_json
 from jobs.embed import cache_spec, require_weights, spec_of, spec_settings
 
@@ -94,8 +107,11 @@ class TrainConfig:
     extractor: str = opt("clip", "detector family: clip (CLIP features + MLP) or dnf (Diffusion Noise Feature + ResNet)", choices=EXTRACTORS)
     unet: str = opt("test-tiny", "--extractor dnf: diffusers UNet2DModel folder (local or s3://), or test-tiny (random; tests/demo)")
     timestep: int = opt(0, "--extractor dnf: timestep of the UNet call (0: the first DDIM inversion step, as the reference)", within="[0, 999]")
+    dnf_values: str = opt("reference", "--extractor dnf: reference (the DNF reference's feature bit for bit: bicubic float resize, noise clamped and quantised to 8 bits, JPEG sources' noise through a JPEG file) or raw (bilinear uint8 resize, float noise)", choices=DNF_VALUES)
     resnet: str = opt("resnet50", "--extractor dnf: classifier on the noise feature", choices=RESNETS)
     resnet_init: str = opt("", "--extractor dnf: torchvision state dict (.pth, local or s3://) to start the ResNet from, e.g. ImageNet weights; default random, as the DNF reference (from scratch since its commit 139c073)")
+    recipe: str = opt("cvar-sam", "cvar-sam (the paper's: the loss, SAM and AdamW flags below, cosine schedule, best epoch by validation AUC) or dnf-reference (--extractor dnf; the DNF reference's classifier training: BCE, Adam, lr 1e-4, batch 64, no weight decay, horizontal flips, fc init N(0, 0.02), lr/10 when validation accuracy stalls for --patience epochs, stop below 1e-6, best epoch by validation accuracy; flags left at their defaults take the recipe's values)", choices=RECIPES)
+    patience: int = opt(5, "--recipe dnf-reference: epochs without a validation-accuracy gain before the lr drops tenfold", within="[1, inf)")
     loss: str = opt("cvar_auc", "training loss: erm, cvar or cvar_auc (the paper's)", choices=LOSS_KINDS)
     sam: bool = opt(True, "optimise with SAM over AdamW (--no-sam: plain AdamW)")
     sam_unsynced_perturbation: bool = opt(False, "SAM pass one without gradient sync: each worker perturbs along its own share of the global loss's gradient (not m-sharpness, which uses each worker's own loss); default: the global perturbation")
@@ -120,6 +136,7 @@ class TrainConfig:
     max_failures: int = opt(2, "worker failures to recover from (from the last checkpoint; -1: no limit)", within="[-1, inf)")
     cache_shard: bool = opt(True, "keep each worker's shard in memory after the first epoch (--no-cache-shard: stream every epoch)")
     cache_shard_max_gb: float = opt(8.0, "stream every epoch instead when a worker's shard is larger than this (DNF features are 768 KiB a row at 256 px)", within="(0, inf)")
+    jpeg_draft: bool = opt(True, "decode large JPEGs with DCT scaling to twice the model input (CLIP; 4.6-5.4x faster decode); --no-jpeg-draft decodes every image in full, the same function of the pixels for JPEGs and other formats (a set whose real images are JPEG and generated ones PNG); recorded, and scans of the detector decode the same way")
     embed_batch_size: int = opt(64, "images per embedding batch (stage 1)", within="[1, inf)")
     embed_actors: int = opt(1, "feature-extractor actors for stage 1", within="[1, inf)")
     s3_endpoint: str = opt("", "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
@@ -130,7 +147,23 @@ class TrainConfig:
         return OptimConfig(
             loss=self.loss, alpha=self.alpha, gamma=self.gamma, eta=self.eta, sam=self.sam, rho=self.rho,
             lr=self.lr, weight_decay=self.weight_decay, epochs=self.epochs, batch_size=self.batch_size,
+            optimizer=RECIPE_OPTIM[self.recipe].get("optimizer", "adamw"),
         )
+
+    def apply_recipe(self) -> list[str]:
+        """Give the recipe's values to the fields still at their defaults; returns what it set."""
+        defaults = TrainConfig()
+        changed = []
+        for k, v in RECIPE_OPTIM[self.recipe].items():
+            if hasattr(self, k) and getattr(self, k) == getattr(defaults, k) != v:
+                setattr(self, k, v)
+                changed.append(f"--{k.replace('_', '-')} {v}")
+        return changed
+
+    @property
+    def select_metric(self) -> str:
+        """The validation metric that picks the best epoch (and, for dnf-reference, drives the lr)."""
+        return "val_accuracy" if self.recipe == "dnf-reference" else "val_auc"
 
     def model_config(self, spec: FeatureSpec) -> dict:
         """The classifier for a (resolved) feature spec, as ``build_classifier`` takes it."""
@@ -221,6 +254,9 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
     model = build_classifier(config["model_config"])
+    reference = cfg.recipe == "dnf-reference"
+    if reference:  # the reference's Trainer: torch.nn.init.normal_(fc.weight, 0.0, init_gain=0.02)
+        torch.nn.init.normal_(model.net.fc.weight, 0.0, 0.02)
     if cfg.resnet_init and cfg.extractor == "dnf":  # every rank loads it; DDP would broadcast rank 0's anyway
         load_backbone(model, cfg.resnet_init, config["storage_options"])
     if cfg.sync_bn and world > 1:
@@ -233,7 +269,9 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed * 1_000_003 + rank)
     optim_cfg = cfg.optim()
     optimizer = build_optimizer(raw, optim_cfg)
-    scheduler = build_scheduler(optimizer, optim_cfg)
+    # dnf-reference: the lr is cut by validation accuracy (PlateauStop, decided on rank 0), not a fixed schedule.
+    scheduler = PlateauStop(cfg.patience) if reference else build_scheduler(optimizer, optim_cfg)
+    flip_shape = tuple(config["model_config"]["in_shape"]) if reference else None
     start_epoch, history, best = 0, [], None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -253,10 +291,15 @@ def train_loop_per_worker(config: dict) -> None:
     cache: tuple[torch.Tensor, torch.Tensor] | None = None
     val: tuple[torch.Tensor, torch.Tensor] | None = None
     for epoch in range(start_epoch, cfg.epochs):
+        if getattr(scheduler, "done", False):
+            break  # resumed after the plateau stop's last epoch
         ddp.train()
         started = time.time()
         losses, seen = [], 0
         lr = optimizer.param_groups[0]["lr"]
+        flips = torch.Generator().manual_seed(cfg.seed * 7919 + epoch * 31 + rank)  # each rank and epoch its own flips
+        augment = functools.partial(random_hflip, shape=flip_shape, generator=flips) if flip_shape else (lambda x: x)
+
         if cache is None:
             # First epoch: stream the shard from Ray Data and keep it. Features are small
             # (6 KB a row at width 1536), so later epochs reshuffle in memory instead of
@@ -266,7 +309,7 @@ def train_loop_per_worker(config: dict) -> None:
                 batch_size=local_batch, drop_last=True, local_shuffle_buffer_size=4 * local_batch,
                 local_shuffle_seed=cfg.seed + epoch, device=device,
             ):
-                losses.append(training_step(ddp, optimizer, batch["x"], batch["y"], optim_cfg, gather=gather, first_pass_context=first_pass))
+                losses.append(training_step(ddp, optimizer, augment(batch["x"]), batch["y"], optim_cfg, gather=gather, first_pass_context=first_pass))
                 seen += batch["x"].shape[0]
                 if cfg.cache_shard:
                     xs.append(batch["x"])
@@ -277,9 +320,10 @@ def train_loop_per_worker(config: dict) -> None:
             order = torch.randperm(cache[0].shape[0], generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 31 + rank))
             for i in range(0, order.numel() - local_batch + 1, local_batch):
                 idx = order[i : i + local_batch].to(cache[0].device)
-                losses.append(training_step(ddp, optimizer, cache[0][idx], cache[1][idx], optim_cfg, gather=gather, first_pass_context=first_pass))
+                losses.append(training_step(ddp, optimizer, augment(cache[0][idx]), cache[1][idx], optim_cfg, gather=gather, first_pass_context=first_pass))
                 seen += idx.numel()
-        scheduler.step()
+        if not reference:
+            scheduler.step()
         metrics = {
             "epoch": epoch,
             "session": session,
@@ -288,13 +332,20 @@ def train_loop_per_worker(config: dict) -> None:
             "lr": lr,
         }
         ckpt = None
+        decision = torch.tensor([lr, 0.0], dtype=torch.float64, device=device)  # (next lr, stop): rank 0 decides for dnf-reference
         if rank == 0:
             if val is None:  # rank 0 keeps the validation split in memory (on the device when it is small)
                 val = _load_split(ray.train.get_dataset_shard("val"), device if config["val_on_device"] else "cpu")
             val_metrics, threshold = _evaluate(raw, val, cfg.target_fpr)
             metrics.update(val_metrics)
             history.append(metrics)
-            if best is None or val_metrics["val_auc"] > best["metrics"]["val_auc"]:
+            if reference:
+                next_lr, stop = scheduler.step(val_metrics["val_accuracy"], lr)
+                decision = torch.tensor([next_lr, float(stop)], dtype=torch.float64, device=device)
+                for group in optimizer.param_groups:
+                    group["lr"] = next_lr
+            key = cfg.select_metric
+            if best is None or val_metrics[key] > best["metrics"][key]:
                 best = {"epoch": epoch, "metrics": metrics, "threshold_logit": threshold,
                         "model": {k: v.detach().cpu().clone() for k, v in raw.state_dict().items()}}
             ckpt = _save_state({
@@ -303,11 +354,22 @@ def train_loop_per_worker(config: dict) -> None:
             })
             _write_history(config["output"], history, so)
             print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
+        if reference and world > 1:
+            import torch.distributed as dist
+
+            dist.broadcast(decision, src=0)
+            for group in optimizer.param_groups:
+                group["lr"] = float(decision[0])
+            scheduler.done = bool(decision[1])
         # The local copy goes once it is in storage: a ResNet-50 checkpoint (weights, AdamW
         # moments, best weights) is ~380 MB, and one per epoch would fill the worker's /tmp.
         ray.train.report(metrics, checkpoint=ckpt, delete_local_checkpoint_after_upload=ckpt is not None)
         if epoch == cfg.fail_after_epoch and checkpoint is None and rank == 0:
             raise RuntimeError(f"simulated worker failure after epoch {epoch} (--fail-after-epoch)")
+        if reference and bool(decision[1]):
+            if rank == 0:
+                print(f"early stop after epoch {epoch}: validation accuracy stalled at the last learning rate")
+            break
 
 
 def _write_history(output: str, history: list[dict], so: dict | None) -> None:
@@ -355,7 +417,7 @@ def run_training(cfg: TrainConfig) -> dict:
         cache = join(cfg.output, "features")
         embed_cfg = EmbedConfig(
             manifest=cfg.manifest, output=cache, **spec_settings(spec_of(cfg)), batch_size=cfg.embed_batch_size,
-            actors=cfg.embed_actors, gpu=cfg.gpu,
+            actors=cfg.embed_actors, gpu=cfg.gpu, jpeg_draft=cfg.jpeg_draft,
             val_fraction=cfg.val_fraction, calib_fraction=cfg.calib_fraction, s3_endpoint=cfg.s3_endpoint, ray_address=cfg.ray_address,
         )
         embed_summary = run_embedding(embed_cfg, so)
@@ -370,6 +432,11 @@ def run_training(cfg: TrainConfig) -> dict:
     elif spec != (wanted := spec_of(cfg).resolved(so)):
         fail(f"feature cache {cache} was made with {spec.id}, not {wanted.id}")
     model_config = cfg.model_config(spec)
+    if cfg.recipe == "dnf-reference":
+        if spec.extractor != "dnf":
+            fail("--recipe dnf-reference trains the DNF reference's classifier: it needs --extractor dnf")
+        if set_by_recipe := cfg.apply_recipe():
+            print(f"--recipe dnf-reference: {', '.join(set_by_recipe)}")
     if cfg.resnet_init and spec.extractor != "dnf":
         fail("--resnet-init is for --extractor dnf (a ResNet on the noise feature)")
 

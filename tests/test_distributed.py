@@ -3,7 +3,11 @@
 The workers run exactly what a Ray Train worker runs (``batch_loss`` / ``training_step``
 with ``all_gather_batch`` under DistributedDataParallel). The single-process side runs
 the plain model on the whole global batch, split into the same two chunks for the
-forward pass only, since BatchNorm uses per-worker statistics (jobs/train.py says why).
+forward pass only, since BatchNorm uses per-worker statistics (jobs/train.py says why);
+with dropout on, each chunk draws from its own worker's random stream (the workers seed
+per rank, as jobs/train.py does), so the masks are the ones the workers drew. With
+SyncBatchNorm (CUDA only in torch: two GPUs and NCCL) the single process is the plain model
+on the whole batch, unchunked.
 """
 
 from __future__ import annotations
@@ -26,14 +30,33 @@ D, N, STEPS = 10, 48, 4
 
 
 class Chunked(nn.Module):
-    """Forward a batch as ``k`` chunks (one per simulated worker) and concatenate."""
+    """Forward a batch as ``k`` chunks (one per simulated worker) and concatenate.
+
+    Chunk ``r`` runs on worker ``r``'s random stream (``rank_seed(r)``, carried from call to
+    call), so its dropout masks are the ones that worker draws.
+    """
 
     def __init__(self, model: nn.Module, k: int) -> None:
         super().__init__()
         self.model, self.k = model, k
+        self.states = []
+        for r in range(k):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(rank_seed(r))
+                self.states.append(torch.get_rng_state())
 
     def forward(self, x):
-        return torch.cat([self.model(c) for c in x.chunk(self.k)])
+        out = []
+        for r, c in enumerate(x.chunk(self.k)):
+            with torch.random.fork_rng(devices=[]):
+                torch.set_rng_state(self.states[r])
+                out.append(self.model(c))
+                self.states[r] = torch.get_rng_state()
+        return torch.cat(out)
+
+
+def rank_seed(rank: int) -> int:
+    return 1_000_003 + rank  # jobs/train.py: seed * 1_000_003 + rank, seed 1
 
 
 def _data():
@@ -45,14 +68,18 @@ def _data():
     return x, y, init
 
 
-def _worker(rank: int, world: int, port: int, out: str, unsynced_perturbation: bool) -> None:
+def _worker(rank: int, world: int, port: int, out: str, unsynced_perturbation: bool, dropout: float = 0.0, sync_bn: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("nccl" if sync_bn else "gloo", rank=rank, world_size=world)
     try:
         x, y, init = _data()
-        model = DetectorMLP(D, hidden_dim=16, dropout=0.0).double()
+        model = DetectorMLP(D, hidden_dim=16, dropout=dropout).double()
         model.load_state_dict(init)
-        ddp = DDP(model)
+        if sync_bn:
+            x, y = x.cuda(rank), y.cuda(rank)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model).cuda(rank)
+        ddp = DDP(model, device_ids=[rank] if sync_bn else None)
+        torch.manual_seed(rank_seed(rank))
         cfg = OptimConfig(sam=True, rho=0.05, lr=1e-2)
         b = N // world
         sl = slice(rank * b, (rank + 1) * b)
@@ -64,24 +91,27 @@ def _worker(rank: int, world: int, port: int, out: str, unsynced_perturbation: b
         first = ddp.no_sync if unsynced_perturbation else contextlib.nullcontext
         for s in range(STEPS):
             training_step(ddp, opt, x[s, sl], y[s, sl], cfg, gather=all_gather_batch, first_pass_context=first)
-        torch.save({"grads": grads, "params": dict(model.named_parameters())}, os.path.join(out, f"rank{rank}.pt"))
+        params = {k: p.detach().cpu() for k, p in model.named_parameters()}
+        torch.save({"grads": {k: g.cpu() for k, g in grads.items()}, "params": params}, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def _run(tmp_path, unsynced_perturbation: bool):
+def _run(tmp_path, unsynced_perturbation: bool, dropout: float = 0.0, sync_bn: bool = False):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(tmp_path), unsynced_perturbation), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, port, str(tmp_path), unsynced_perturbation, dropout, sync_bn), nprocs=2, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-def _single_process():
+def _single_process(dropout: float = 0.0, whole_batch_bn: bool = False):
     x, y, init = _data()
-    model = DetectorMLP(D, hidden_dim=16, dropout=0.0).double()
+    model = DetectorMLP(D, hidden_dim=16, dropout=dropout).double()
     model.load_state_dict(init)
-    chunked = Chunked(model, 2)
+    if whole_batch_bn:
+        x, y, model = x.cuda(), y.cuda(), model.cuda()
+    chunked = model if whole_batch_bn else Chunked(model, 2)
     cfg = OptimConfig(sam=True, rho=0.05, lr=1e-2)
     batch_loss(chunked, x[0], y[0], cfg).backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters()}
@@ -89,12 +119,27 @@ def _single_process():
     opt = build_optimizer(model, cfg)
     for s in range(STEPS):
         training_step(chunked, opt, x[s], y[s], cfg)
-    return grads, dict(model.named_parameters())
+    return {k: g.cpu() for k, g in grads.items()}, {k: p.detach().cpu() for k, p in model.named_parameters()}
 
 
-def test_two_workers_give_the_single_process_gradient_and_sam_steps(tmp_path):
-    ranks = _run(tmp_path, unsynced_perturbation=False)
-    grads, params = _single_process()
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_two_workers_give_the_single_process_gradient_and_sam_steps(tmp_path, dropout):
+    ranks = _run(tmp_path, unsynced_perturbation=False, dropout=dropout)
+    grads, params = _single_process(dropout)
+    _same(ranks, grads, params)
+    if dropout:  # the masks matter: the same steps without dropout end elsewhere
+        _, plain = _single_process(0.0)
+        assert max(float((params[k] - plain[k]).abs().max()) for k in params) > 1e-4
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="SyncBatchNorm needs CUDA: two GPUs and NCCL")
+def test_sync_bn_workers_give_the_whole_batch_single_process(tmp_path):
+    ranks = _run(tmp_path, unsynced_perturbation=False, sync_bn=True)
+    grads, params = _single_process(whole_batch_bn=True)
+    _same(ranks, grads, params)
+
+
+def _same(ranks, grads, params):
     for r in ranks:
         for k in grads:
             torch.testing.assert_close(r["grads"][k], grads[k], rtol=1e-9, atol=1e-12, msg=f"gradient {k}")

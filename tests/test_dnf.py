@@ -17,15 +17,15 @@ from safetensors.torch import save as save_safetensors
 
 from detector_core import dnf
 from detector_core.bundle import BundleError, DetectorBundle, load_bundle, save_bundle
+from detector_core.catalog import read_table
 from detector_core.demo import encode, make_image
 from detector_core.dnf import DnfExtractor, UnetNotFoundError, load_unet, unet_config
 from detector_core.extractors import FeatureSpec
 from detector_core.images import decode_image
 from detector_core.model import DetectorMLP, NoiseResNet, load_backbone
-from detector_core.catalog import read_table
 from jobs import evaluate, scan, train
 from jobs.embed import read_features
-from jobs.pipeline import features_matrix
+from jobs.pipeline import Embedder, features_matrix, load_images
 
 TINY = FeatureSpec(extractor="dnf", unet="test-tiny").resolved()
 
@@ -47,19 +47,74 @@ def _direct_dnf(images: list[Image.Image], timestep: int = 0) -> torch.Tensor:
         return _direct_unet()(x, torch.full((len(images),), timestep)).sample.flatten(1)
 
 
-def test_dnf_equals_a_direct_unet_call_and_keeps_float_values():
+def test_dnf_raw_values_equal_a_direct_unet_call_and_keep_float_values():
     rng = np.random.default_rng(0)
     images = [make_image(rng, size=(50, 70)), make_image(rng, "gen_checker8", size=(96, 64))]
-    ex = DnfExtractor("test-tiny")
-    pixels = torch.from_numpy(np.stack([ex.prep.to_uint8(im) for im in images]))
+    ex = DnfExtractor("test-tiny", values="raw")
+    pixels = torch.from_numpy(np.stack([ex.prep.to_input(im) for im in images]))
     got = ex.extract(pixels)
     want = _direct_dnf(images)
     assert got.shape == (2, 3 * 32 * 32) and TINY.shape == (3, 32, 32)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert got.min() < 0 or got.max() > 1  # no clamping to [0, 1] as a PNG round trip would do
-    later = DnfExtractor("test-tiny", timestep=500).extract(pixels)
+    later = DnfExtractor("test-tiny", timestep=500, values="raw").extract(pixels)
     torch.testing.assert_close(later, _direct_dnf(images, timestep=500), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(later, got)
+
+
+def _reference_dnf(paths: list[Path], out_dir: Path, timestep: int = 0) -> torch.Tensor:
+    """The DNF reference's steps, written out here: read_image -> float -> Resize bicubic -> /255*2-1 -> UNet ->
+    torchvision.utils.save_image to a file named like the source -> read back as its classifier's ImageFolder +
+    ToTensor does."""
+    from torchvision import transforms
+    from torchvision.io import read_image
+    from torchvision.utils import save_image
+
+    resize = transforms.Resize((32, 32), interpolation=transforms.InterpolationMode.BICUBIC)
+    xs = []
+    for p in paths:
+        x = read_image(str(p)).float()
+        x = torch.cat([x] * 3) if x.shape[0] == 1 else x[:3]
+        xs.append((resize(x) / 255.0) * 2.0 - 1.0)
+    with torch.no_grad():
+        et = _direct_unet()(torch.stack(xs), torch.ones(len(xs)) * timestep).sample
+    out = []
+    for p, item in zip(paths, et):
+        saved = out_dir / p.name
+        save_image(item, str(saved))
+        out.append(transforms.ToTensor()(Image.open(saved).convert("RGB")))
+    return torch.stack(out).flatten(1)
+
+
+def test_dnf_reference_values_equal_the_reference_bit_for_bit(tmp_path):
+    rng = np.random.default_rng(3)
+    src = tmp_path / "src"
+    src.mkdir()
+    (tmp_path / "saved").mkdir()
+    images = [make_image(rng, size=(50, 70)), make_image(rng, "gen_checker8", size=(96, 64)),
+              make_image(rng, size=(33, 41)), make_image(rng, "gen_checker8", size=(64, 64)).convert("L")]
+    paths = []
+    for i, (im, ext) in enumerate(zip(images, ["png", "png", "jpg", "jpg"])):
+        paths.append(src / f"im{i}.{ext}")
+        im.save(paths[-1], quality=90) if ext == "jpg" else im.save(paths[-1])
+    want = _reference_dnf(paths, tmp_path / "saved")
+    ex = DnfExtractor("test-tiny")
+    assert ex.values == "reference" and ex.precision == "fp32"
+    decoded = [decode_image(p.read_bytes()) for p in paths]
+    pixels = torch.from_numpy(np.stack([ex.prep.to_input(d.image) for d in decoded]))
+    assert pixels.dtype == torch.float32
+    got = ex.extract(pixels, jpeg=np.array([d.format == "JPEG" for d in decoded]))
+    assert torch.equal(got, want)
+    # The pipeline's own stages (decode on CPU workers, the Embedder actor) pass each row's format on.
+    batch = load_images({"uri": np.array([str(p) for p in paths], dtype=object), "error_stage": np.full(4, None, dtype=object)}, [TINY])
+    table = Embedder(TINY)(batch)
+    assert torch.equal(torch.tensor(features_matrix(table["features"])), want)
+    assert got.min() >= 0 and got.max() <= 1 and torch.equal(torch.round(got * 255) / 255, got)
+    # Each step matters: no JPEG round trip for the JPEG sources, or the raw float feature, differs.
+    assert not torch.equal(ex.extract(pixels, jpeg=np.zeros(4, dtype=bool))[2:], want[2:])
+    raw = DnfExtractor("test-tiny", values="raw")
+    assert raw.prep.dtype == "uint8" and FeatureSpec(extractor="dnf", unet="test-tiny", dnf_values="raw").resolved().id == "dnf/test-tiny/t0/32"
+    assert TINY.id == "dnf/test-tiny/t0/32/q8" and FeatureSpec.from_dict({"extractor": "dnf", "unet": "test-tiny"}).dnf_values == "raw"
 
 
 def test_unet_loads_from_a_folder_a_pipeline_folder_and_s3(tmp_path, s3_bucket):
@@ -145,10 +200,35 @@ def test_dnf_trains_scans_and_ensembles_with_clip(ray_local, demo_manifest, tmp_
     bundle = load_bundle(str(out / "detector"))
     assert bundle.kind == "dnf-resnet" and bundle.features == TINY and bundle.training_config["resnet"] == "resnet18"
 
-    # The cache holds the DNF of each image as detector_core computes it directly.
+    # The cache holds the reference's DNF of each image through Ray Data. Not bit for bit here:
+    # the UNet ran on batches of 128 and the mirror on 5, and the CPU convolutions round
+    # differently with the batch size -- the reference itself gives 1 value in 15,360 one
+    # level apart between batch 1 and batch 5 -- so a few values may sit one level apart.
     cached = read_features(str(out / "features"), ["uri", "features"])[:5]
-    images = [decode_image(Path(u).read_bytes()).image for u in cached["uri"].to_pylist()]
-    torch.testing.assert_close(torch.tensor(features_matrix(cached["features"])), _direct_dnf(images), rtol=1e-4, atol=1e-4)
+    (tmp_path / "saved").mkdir()
+    want = _reference_dnf([Path(u) for u in cached["uri"].to_pylist()], tmp_path / "saved")
+    levels = (torch.tensor(features_matrix(cached["features"])) - want).abs() * 255
+    assert levels.max() < 1.001 and (levels > 0).float().mean() < 1e-3
+
+    # The reference's recipe on the same cache, on two workers: Adam, BCE, batch 64, flips,
+    # lr cut tenfold on a validation-accuracy plateau (rank 0 decides, every worker follows).
+    ref = train.main(["--features", str(out / "features"), "--output", str(tmp_path / "dnf-ref"), "--recipe", "dnf-reference",
+                      "--resnet", "resnet18", "--epochs", "8", "--patience", "1", "--workers", "2"])
+    tc = load_bundle(str(tmp_path / "dnf-ref" / "detector")).training_config
+    assert (tc["recipe"], tc["lr"], tc["batch_size"], tc["loss"], tc["sam"], tc["weight_decay"]) == ("dnf-reference", 1e-4, 64, "erm", False, 0.0)
+    history = ref["history"]
+    assert history[0]["lr"] == 1e-4
+    # The reference's EarlyStopping(patience=1, delta=-0.001), a fresh one with delta -0.002 after each cut, stop below 1e-6.
+    best, margin, lr, stopped = None, 0.001, 1e-4, False
+    for i, h in enumerate(history):
+        assert h["lr"] == pytest.approx(lr, rel=1e-12), (i, history)
+        if best is None or h["val_accuracy"] > best + margin:
+            best = h["val_accuracy"]
+        else:
+            lr, best, margin = lr / 10, None, 0.002
+            stopped = lr < 1e-6
+    assert len(history) == 8 or stopped, history
+    assert ref["best_epoch"] == int(np.argmax([h["val_accuracy"] for h in history]))
 
     # jobs.evaluate takes the DNF bundle as it takes a CLIP one: on the validation split it
     # reproduces the AUC that training measured on the same images.
@@ -161,8 +241,9 @@ def test_dnf_trains_scans_and_ensembles_with_clip(ray_local, demo_manifest, tmp_
     rng = np.random.default_rng(3)
     folder = tmp_path / "bucket"
     folder.mkdir()
-    for i in range(8):
-        (folder / f"img_{i}.png").write_bytes(encode(make_image(rng, "real" if i % 2 else "gen_checker8")))
+    for i in range(8):  # PNGs and JPEGs: the reference round-trips a JPEG source's noise through a JPEG file
+        fmt = "JPEG" if i % 4 == 1 else "PNG"
+        (folder / f"img_{i}.{'jpg' if fmt == 'JPEG' else 'png'}").write_bytes(encode(make_image(rng, "real" if i % 2 else "gen_checker8"), fmt))
     (folder / "broken.jpg").write_bytes(b"not an image")
     torch.manual_seed(0)
     clip_dir = tmp_path / "clip-detector"
@@ -178,14 +259,16 @@ def test_dnf_trains_scans_and_ensembles_with_clip(ray_local, demo_manifest, tmp_
     assert pq.read_schema(files[0]) == pq.read_schema(files[1])  # one file schema for both kinds
     assert "detector_kind" in pq.read_schema(files[0]).names
     assert set(dnf_rows["detector_kind"].to_pylist()) == {"dnf-resnet"} and set(clip_rows["detector_kind"].to_pylist()) == {"clip-mlp"}
-    assert set(dnf_rows["clip_id"].to_pylist()) == {"dnf/test-tiny/t0/32"}
+    assert set(dnf_rows["clip_id"].to_pylist()) == {"dnf/test-tiny/t0/32/q8"}
 
-    # DNF scan scores = decode + DNF + ResNet computed directly.
+    # DNF scan scores = the reference's DNF + the ResNet, computed directly (up to the one-level
+    # differences of a different batch size, above).
     uris = sorted(dnf_rows["uri"].to_pylist())
+    (tmp_path / "saved-scan").mkdir()
     with torch.no_grad():
-        direct = bundle.model(_direct_dnf([decode_image(Path(u).read_bytes()).image for u in uris])).double().numpy()
+        direct = bundle.model(_reference_dnf([Path(u) for u in uris], tmp_path / "saved-scan")).double().numpy()
     got = dict(zip(dnf_rows["uri"].to_pylist(), dnf_rows["logit"].to_pylist()))
-    np.testing.assert_allclose([got[u] for u in uris], direct, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose([got[u] for u in uris], direct, rtol=1e-3, atol=1e-3)
 
     # Ensemble over an output the CLIP detector already scanned: only the DNF detector has work;
     # every object then has one row per detector, each equal to its detector's own scan.

@@ -156,3 +156,31 @@ def test_state_dict_round_trip_resumes_exactly():
     assert r_opt.param_groups is r_opt.base_optimizer.param_groups
     for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_dnf_reference_recipe_pieces():
+    """Adam for the recipe; each row flipped or not, about half; PlateauStop's lr sequence on a hand-made accuracy curve."""
+    from detector_core.training import RECIPE_OPTIM, PlateauStop, random_hflip
+
+    model = torch.nn.Linear(4, 1)
+    opt = build_optimizer(model, OptimConfig(**{k: v for k, v in RECIPE_OPTIM["dnf-reference"].items() if k != "batch_size"}))
+    assert type(opt) is torch.optim.Adam and opt.param_groups[0]["lr"] == 1e-4 and opt.param_groups[0]["weight_decay"] == 0.0
+
+    x = torch.randn(400, 3 * 2 * 5)
+    y = random_hflip(x, (3, 2, 5), torch.Generator().manual_seed(0)).view(400, 3, 2, 5)
+    images = x.view(400, 3, 2, 5)
+    flipped = torch.tensor([torch.equal(y[i], images[i].flip(-1)) for i in range(400)])
+    kept = torch.tensor([torch.equal(y[i], images[i]) for i in range(400)])
+    assert bool((flipped ^ kept).all()) and 150 < int(flipped.sum()) < 250
+
+    # patience 2: 0.5, 0.6 (better), 0.6005 (not by > 0.001), 0.6 -> cut to 1e-5 and a fresh stopper with margin
+    # 0.002; 0.61 (its first: best), 0.611 (not by > 0.002), 0.611 -> cut to 1e-6; 0.7, 0.7, 0.7 -> 1e-7 < 1e-6: stop.
+    stop, lr, seen = PlateauStop(patience=2), 1e-4, []
+    for acc in (0.5, 0.6, 0.6005, 0.6, 0.61, 0.611, 0.611, 0.7, 0.7, 0.7):
+        lr, done = stop.step(acc, lr)
+        seen.append((lr, done))
+    assert [round(v, 12) for v, _ in seen] == [1e-4, 1e-4, 1e-4, 1e-5, 1e-5, 1e-5, 1e-6, 1e-6, 1e-6, 1e-7]
+    assert [d for _, d in seen] == [False] * 9 + [True]
+    restored = PlateauStop()
+    restored.load_state_dict(stop.state_dict())
+    assert restored.done and restored.margin == 0.002

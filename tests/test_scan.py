@@ -436,10 +436,10 @@ def test_an_ensemble_decodes_each_detectors_images_as_its_training_did(tmp_path)
     out = load_images({"uri": np.array([str(tmp_path / "big.jpg")], dtype=object)}, specs=[clip, dnf])
     p_clip, p_dnf = preprocess_for(clip), preprocess_for(dnf)
     assert draft_size_for(p_clip) == 2 * p_clip.size and draft_size_for(p_dnf) is None
-    want_clip = p_clip.to_uint8(decode_image(data, draft_size=2 * p_clip.size).image)
-    want_dnf = p_dnf.to_uint8(decode_image(data).image)
+    want_clip = p_clip.to_input(decode_image(data, draft_size=2 * p_clip.size).image)
+    want_dnf = p_dnf.to_input(decode_image(data).image)
     assert np.array_equal(out[pixel_column(0)][0], want_clip) and np.array_equal(out[pixel_column(1)][0], want_dnf)
-    assert not np.array_equal(want_clip, p_clip.to_uint8(decode_image(data).image))  # the decode paths really differ here
+    assert not np.array_equal(want_clip, p_clip.to_input(decode_image(data).image))  # the decode paths really differ here
     alone = load_images({"uri": np.array([str(tmp_path / "big.jpg")], dtype=object)}, specs=[clip])
     assert np.array_equal(alone[pixel_column(0)][0], want_clip)  # as when the CLIP detector was trained (embedded alone)
 
@@ -467,3 +467,50 @@ def test_a_detector_trained_with_another_decode_is_refused_and_another_precision
     assert "trained on bf16 features and this scan computes fp32" in capsys.readouterr().err
     (d,) = summary["detectors"]
     assert d["feature_compute"] == {"trained": {**here, "precision": "bf16"}, "scanned": here} and summary["scored"] == 2
+
+
+def test_no_jpeg_draft_makes_png_and_jpeg_the_same_function_and_scans_follow_the_bundle(ray_local, tmp_path, capsys):
+    """--no-jpeg-draft: a large picture as PNG and as JPEG q100 4:4:4 gives features no further apart than
+    the JPEG's own full and draft decodes; a bundle trained so is scanned with full decodes, not refused."""
+    from detector_core.extractors import feature_compute
+    from jobs.pipeline import Embedder, load_images
+
+    rng = np.random.default_rng(9)
+    picture = Image.fromarray(np.clip(np.asarray(make_image(rng, "real", size=(96, 128)).resize((1024, 768), Image.BICUBIC)).astype(np.int16)
+                                      + rng.integers(-8, 9, size=(768, 1024, 3)), 0, 255).astype(np.uint8))
+    (tmp_path / "p.png").write_bytes(_save(picture, "PNG"))
+    (tmp_path / "p.jpg").write_bytes(_save(picture, "JPEG", quality=100, subsampling=0))
+    spec = FeatureSpec(clip_model="test-tiny")
+    embed = Embedder(spec)
+
+    def features(name: str, draft: bool) -> np.ndarray:
+        batch = load_images({"uri": np.array([str(tmp_path / name)], dtype=object)}, specs=[spec], draft=draft)
+        return embed.extract(batch)[0].numpy()[0]
+
+    jpeg_full, jpeg_draft, png = features("p.jpg", False), features("p.jpg", True), features("p.png", False)
+    assert np.abs(png - jpeg_full).max() <= np.abs(jpeg_full - jpeg_draft).max()
+    assert np.abs(jpeg_full - jpeg_draft).max() > 0  # the draft path was really taken
+
+    torch.manual_seed(0)
+    full = {**feature_compute(spec, gpu=False, draft=False)}
+    assert full["jpeg_draft_size"] == 0
+    model = DetectorMLP(64).eval()
+    save_bundle(DetectorBundle(model=model, features=spec, feature_compute=full), str(tmp_path / "full"))
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    (bucket / "p.jpg").write_bytes((tmp_path / "p.jpg").read_bytes())
+    summary = scan.main(["--detector", str(tmp_path / "full"), "--input", str(bucket), "--output", str(tmp_path / "out")])
+    (d,) = summary["detectors"]
+    assert d["feature_compute"]["scanned"] == full and summary["scored"] == 1
+    from detector_core.catalog import read_table
+
+    (logit,) = read_table(str(tmp_path / "out"), "scores")["logit"].to_pylist()
+    with torch.no_grad():
+        assert logit == pytest.approx(float(model(torch.from_numpy(jpeg_full)[None])), abs=1e-5)
+
+    # Two detectors of one extractor trained with different decodes cannot share a pass.
+    save_bundle(DetectorBundle(model=DetectorMLP(64).eval(), features=spec, feature_compute=feature_compute(spec, gpu=False)), str(tmp_path / "draft"))
+    with pytest.raises(SystemExit):
+        scan.main(["--detector", str(tmp_path / "full"), "--ensemble", str(tmp_path / "draft"), "--input", str(bucket),
+                   "--output", str(tmp_path / "out2")])
+    assert "decoded JPEGs differently" in capsys.readouterr().err
