@@ -22,8 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from detector_core.cache import fixed_list
 from jobs.common import write_json
-from jobs.pipeline import fixed_list
 
 
 def synthetic_cache(root: Path, rows: int, dim: int = 1536) -> None:

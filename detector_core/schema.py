@@ -1,11 +1,14 @@
 """Column names of every table the product reads or writes, in one place, with their meaning.
 
 Manifests (training / evaluation input), feature caches, and the scan's ``scores``,
-``flagged`` and ``errors`` tables all name their columns from here; ``COLUMN_DOCS``
-is the documentation that the README's schema section repeats.
+``flagged`` and ``errors`` tables all name their columns from here; ``TYPES`` is each
+column's one Arrow type (feature caches, scan tables, pipeline batches all take it from
+here); ``COLUMN_DOCS`` is the documentation that the README's schema section repeats.
 """
 
 from __future__ import annotations
+
+import pyarrow as pa
 
 # Manifest (input) columns.
 URI = "uri"
@@ -50,6 +53,17 @@ SPLIT_TRAIN = "train"
 SPLIT_VAL = "val"
 SPLIT_TEST = "test"
 SPLIT_CALIB = "calib"  # held out of model selection: the threshold is calibrated on it
+
+# Every column's type, wherever it is stored (``features`` is a FixedSizeList whose width is the extractor's).
+TYPES = {
+    URI: pa.string(), LABEL: pa.int8(), CAPTION: pa.string(), GENERATOR: pa.string(), SPLIT: pa.string(),
+    SIZE: pa.int64(), ETAG: pa.string(), WIDTH: pa.int32(), HEIGHT: pa.int32(), FORMAT: pa.string(),
+    JPEG_QUALITY: pa.int16(), EXIF: pa.bool_(), CLIP_ID: pa.string(),
+    ERROR_STAGE: pa.string(), ERROR_TYPE: pa.string(), ERROR_MESSAGE: pa.string(),
+    SCORE: pa.float64(), LOGIT: pa.float64(), THRESHOLD: pa.float64(), FLAGGED: pa.bool_(),
+    DETECTOR_ID: pa.string(), DETECTOR_KIND: pa.string(), SCAN_ID: pa.string(), SCANNED_AT: pa.timestamp("us", tz="UTC"),
+    SCAN_DATE: pa.date32(), BUCKET: pa.string(),
+}
 
 COLUMN_DOCS = {
     URI: "object URI (s3://bucket/key, gs://…, or a local path)",

@@ -33,19 +33,13 @@ ALL_TABLES = (*TABLES, "runs")
 LOCAL_BUCKET = "local"  # the bucket partition of local-path objects
 PARTITION_COLUMNS = (S.SCAN_DATE, S.BUCKET)
 
-_TS = pa.timestamp("us", tz="UTC")
-_PARTS = [(S.SCAN_DATE, pa.date32()), (S.BUCKET, pa.string())]
-SCORES_SCHEMA = pa.schema([
-    (S.URI, pa.string()), (S.ETAG, pa.string()), (S.SIZE, pa.int64()), (S.WIDTH, pa.int32()), (S.HEIGHT, pa.int32()),
-    (S.FORMAT, pa.string()), (S.SCORE, pa.float64()), (S.LOGIT, pa.float64()), (S.THRESHOLD, pa.float64()),
-    (S.FLAGGED, pa.bool_()), (S.DETECTOR_ID, pa.string()), (S.DETECTOR_KIND, pa.string()), (S.CLIP_ID, pa.string()),
-    (S.SCAN_ID, pa.string()), (S.SCANNED_AT, _TS), *_PARTS,
-], metadata={METADATA_KEY: SCHEMA_VERSION.encode()})
-ERRORS_SCHEMA = pa.schema([
-    (S.URI, pa.string()), (S.ETAG, pa.string()), (S.SIZE, pa.int64()), (S.ERROR_STAGE, pa.string()),
-    (S.ERROR_TYPE, pa.string()), (S.ERROR_MESSAGE, pa.string()), (S.DETECTOR_ID, pa.string()), (S.DETECTOR_KIND, pa.string()),
-    (S.SCAN_ID, pa.string()), (S.SCANNED_AT, _TS), *_PARTS,
-], metadata={METADATA_KEY: SCHEMA_VERSION.encode()})
+_TS = S.TYPES[S.SCANNED_AT]
+SCORES_COLUMNS = (S.URI, S.ETAG, S.SIZE, S.WIDTH, S.HEIGHT, S.FORMAT, S.SCORE, S.LOGIT, S.THRESHOLD, S.FLAGGED, S.DETECTOR_ID,
+                  S.DETECTOR_KIND, S.CLIP_ID, S.SCAN_ID, S.SCANNED_AT, *PARTITION_COLUMNS)
+ERRORS_COLUMNS = (S.URI, S.ETAG, S.SIZE, S.ERROR_STAGE, S.ERROR_TYPE, S.ERROR_MESSAGE, S.DETECTOR_ID, S.DETECTOR_KIND, S.SCAN_ID,
+                  S.SCANNED_AT, *PARTITION_COLUMNS)
+SCORES_SCHEMA = pa.schema([(c, S.TYPES[c]) for c in SCORES_COLUMNS], metadata={METADATA_KEY: SCHEMA_VERSION.encode()})
+ERRORS_SCHEMA = pa.schema([(c, S.TYPES[c]) for c in ERRORS_COLUMNS], metadata={METADATA_KEY: SCHEMA_VERSION.encode()})
 RUNS_SCHEMA = pa.schema([
     ("scan_id", pa.string()), ("unit", pa.int32()), ("status", pa.string()), (S.SCAN_DATE, pa.date32()),
     ("detector_id", pa.string()), ("detector_kind", pa.string()), ("feature_id", pa.string()), ("input", pa.string()),

@@ -26,11 +26,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from detector_core import schema as S
+from detector_core.cache import SUCCESS, features_matrix, read_features, read_marker
 from detector_core.storage import open_fs, s3_storage_options
 from detector_core.training import OptimConfig
-from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, read_json, run_main, write_json
-from jobs.embed import SUCCESS, EmbedConfig, read_features, run_embedding
-from jobs.pipeline import features_matrix
+from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, run_main, write_json
+from jobs.embed import EmbedConfig, run_embedding
 
 # arm -> (loss, SAM, features); the order is the table's.
 ARMS = {
@@ -113,7 +113,7 @@ def run_ablation(cfg: AblationConfig) -> dict:
         run_embedding(EmbedConfig(manifest=cfg.manifest, output=cache, clip_model=cfg.clip_model, pretrained=cfg.pretrained,
                                   feature_mode=mode, batch_size=cfg.embed_batch_size, gpu=cfg.gpu, s3_endpoint=cfg.s3_endpoint,
                                   ray_address=cfg.ray_address), so)
-    marker = read_json(join(cache, SUCCESS), so)
+    marker = read_marker(cache, so)
     if marker is None:
         fail(f"{cache} is not a finished feature cache (no {SUCCESS})")
     mode, dim = marker["feature_mode"], marker["feature_dim"]

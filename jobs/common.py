@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime as dt
 import json
 import math
 import os
@@ -206,6 +207,25 @@ def fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
+def parse_date(value: str, flag: str) -> str:
+    """``YYYY-MM-DD`` as given to ``flag``, or the job ends with the one line that says so."""
+    try:
+        return dt.date.fromisoformat(value).isoformat()
+    except ValueError:
+        fail(f"{flag} {value!r} is not a date (YYYY-MM-DD)")
+
+
+def open_output(scan: str, catalog: str, namespace: str, storage_options: dict | None):
+    """A scan output's tables (``detector_core.views.open_scan_output``), or the job ends with the reason."""
+    from detector_core.catalog import CatalogError
+    from detector_core.views import open_scan_output
+
+    try:
+        return open_scan_output(scan, catalog, namespace, storage_options)
+    except CatalogError as exc:
+        fail(str(exc))
+
+
 def _cause(exc: BaseException) -> str:
     """One line that says what went wrong, from the exception chain's most telling link."""
     chain = [exc]
@@ -244,4 +264,4 @@ def run_main(main) -> None:
         raise SystemExit(1)
 
 
-__all__ = ["opt", "parse_config", "parse_interval", "in_interval", "init_ray", "check_connection", "check_ray_address", "new_run_id", "write_json", "write_parquet", "read_json", "config_dict", "fail", "run_main", "join"]
+__all__ = ["opt", "parse_config", "parse_interval", "in_interval", "init_ray", "check_connection", "check_ray_address", "new_run_id", "write_json", "write_parquet", "read_json", "config_dict", "fail", "run_main", "join", "parse_date", "open_output"]

@@ -7,18 +7,9 @@ the Diffusion Noise Feature of a diffusion UNet (``dnf``; a row holds the flatte
 Reads the manifest (Parquet/CSV or a ``real/`` + ``generated/<gen>/`` tree), validates it
 (bad rows are counted with reasons; a manifest without both classes is refused up
 front), then runs the shared Ray Data pipeline (``jobs.pipeline``: read + decode on CPU
-tasks, CLIP on GPU actors) and writes::
-
-    CACHE/data/*.parquet     uri, label, caption, generator, split, size, width, height,
-                             format, features (fixed-size float32 list), clip_id
-                             (the extractor's id), error_* (null for good rows)
-    CACHE/errors.parquet     rows that could not be used (manifest, read or decode stage)
-    CACHE/_SUCCESS.json      written last: cache key, counts, how features were computed
-                             (precision, JPEG decode, resize), the resolved config
-
-The cache key hashes the validated manifest and the extractor settings (CLIP model,
-weights and feature mode; or UNet, timestep and size); a re-run with the same key finds
-``_SUCCESS.json`` and embeds nothing.
+tasks, CLIP on GPU actors) and writes a feature cache in the format ``detector_core.cache``
+describes (``data/``, ``errors.parquet``, and ``_SUCCESS.json`` last). A re-run whose cache
+key (manifest + extractor settings + decode) matches the finished cache embeds nothing.
 
     python -m jobs.embed --manifest s3://bucket/manifest.parquet --output s3://bucket/features/run1
     python -m jobs.embed --manifest ... --output ... --extractor dnf --unet s3://bucket/weights/ddpm-bedroom-256
@@ -27,7 +18,6 @@ weights and feature mode; or UNet, timestep and size); a re-run with the same ke
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 
@@ -36,14 +26,13 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from detector_core import schema as S
+from detector_core.cache import DATA, ERRORS, SUCCESS, cache_key, read_marker
 from detector_core.dnf import DNF_VALUES, UnetNotFoundError
 from detector_core.extractors import EXTRACTORS, FeatureSpec, feature_compute
 from detector_core.features import FEATURE_MODES, WeightsNotFoundError, check_weights
 from detector_core.manifest import ManifestError, read_manifest, validate_manifest
 from detector_core.storage import arrow_fs, open_fs, s3_storage_options
-from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, read_json, run_main, write_json
-
-SUCCESS = "_SUCCESS.json"
+from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, run_main, write_json
 
 
 @dataclass
@@ -87,20 +76,6 @@ def spec_settings(spec: FeatureSpec) -> dict:
     return {k: getattr(spec, k) for k in SPEC_FIELDS}
 
 
-def cache_key(table: pa.Table, spec: FeatureSpec, perturb: str = "", perturb_seed: int = 0, jpeg_draft: bool = True) -> str:
-    h = hashlib.sha256(spec.cache_prefix().encode())
-    if not jpeg_draft:  # only when off, so that caches made before the option keep their keys
-        h.update(b"jpeg_draft=0|")
-    if perturb:
-        h.update(f"perturb={perturb}|seed={perturb_seed}|".encode())
-    for name in (S.URI, S.LABEL, S.CAPTION, S.GENERATOR, S.SPLIT):
-        for chunk in table.column(name).chunks:
-            for buf in chunk.buffers():
-                if buf is not None:
-                    h.update(buf)
-    return h.hexdigest()
-
-
 def require_weights(spec: FeatureSpec, storage_options: dict | None = None) -> None:
     """End the job now, with what to pass, when a CLIP spec's weights are not here (not later in every actor)."""
     if spec.extractor != "clip":
@@ -128,7 +103,7 @@ def run_embedding(cfg: EmbedConfig, storage_options: dict | None = None) -> dict
         if missing:
             fail(f"--feature-mode image+text needs a caption for every image; {missing} of {table.num_rows} rows have none")
     key = cache_key(table, spec, cfg.perturb, cfg.perturb_seed, cfg.jpeg_draft)
-    marker = read_json(join(cfg.output, SUCCESS), so)
+    marker = read_marker(cfg.output, so)
     if marker and marker.get("key") == key:
         print(f"feature cache {cfg.output} is up to date (key {key[:12]}); not embedding again")
         return {**marker, "reused": True}
@@ -140,9 +115,9 @@ def run_embedding(cfg: EmbedConfig, storage_options: dict | None = None) -> dict
 
     init_ray(cfg.ray_address or None)
     fs, root = open_fs(cfg.output, so)
-    data_dir = join(cfg.output, "data")
-    if fs.exists(join(root, "data")):
-        fs.rm(join(root, "data"), recursive=True)  # a stale or half-written cache
+    data_dir = join(cfg.output, DATA)
+    if fs.exists(join(root, DATA)):
+        fs.rm(join(root, DATA), recursive=True)  # a stale or half-written cache
     start = time.time()
     rows_per_block = max(1, min(1024, -(-table.num_rows // 64)))
     blocks = [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
@@ -171,7 +146,7 @@ def run_embedding(cfg: EmbedConfig, storage_options: dict | None = None) -> dict
         [S.URI, S.ERROR_STAGE, S.ERROR_TYPE, S.ERROR_MESSAGE]
     )
     errors = pa.concat_tables([manifest_bad, failed])
-    with fs.open(join(root, "errors.parquet"), "wb") as f:
+    with fs.open(join(root, ERRORS), "wb") as f:
         pq.write_table(errors, f)
     n_ok = written.count_rows(filter=pads.field(S.ERROR_STAGE).is_null())
     by_reason = {}
@@ -197,18 +172,6 @@ def run_embedding(cfg: EmbedConfig, storage_options: dict | None = None) -> dict
     write_json(join(cfg.output, SUCCESS), summary, so)
     print(f"embedded {n_ok} images into {cfg.output} in {elapsed:.1f} s; {errors.num_rows} unusable rows {by_reason or ''}")
     return {**summary, "reused": False}
-
-
-def cache_spec(marker: dict) -> FeatureSpec:
-    """The extractor spec a finished cache was made with (caches older than DNF: CLIP)."""
-    return FeatureSpec.from_dict(marker)
-
-
-def read_features(cache: str, columns: list[str], storage_options: dict | None = None) -> pa.Table:
-    """``columns`` of the usable rows (embedded, no error) of a finished feature cache."""
-    fs, path = arrow_fs(join(cache, "data"), storage_options)
-    t = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=[*columns, S.ERROR_STAGE])
-    return t.filter(pads.field(S.ERROR_STAGE).is_null()).drop_columns([S.ERROR_STAGE])
 
 
 def main(argv=None) -> dict:

@@ -36,14 +36,15 @@ import torch
 
 from detector_core import schema as S
 from detector_core.bundle import BundleError, DetectorBundle, load_bundle
+from detector_core.cache import features_matrix, read_features
 from detector_core.manifest import ManifestError, read_manifest, validate_manifest
 from detector_core.metrics import summarize
 from detector_core.perturb import parse_perturbations
 from detector_core.storage import arrow_fs, open_fs, s3_storage_options
 from detector_core.training import predict_logits
 from jobs.common import config_dict, fail, join, opt, parse_config, run_main, write_json, write_parquet
-from jobs.embed import EmbedConfig, read_features, run_embedding, spec_settings
-from jobs.pipeline import features_matrix, trained_draft
+from jobs.embed import EmbedConfig, run_embedding, spec_settings
+from jobs.pipeline import trained_draft
 
 CLEAN = "clean"
 METRIC_COLUMNS = [("auc", "AUC"), ("ap", "AP"), ("accuracy", "acc@thr"), ("accuracy_at_0.5", "acc@0.5"),

@@ -31,6 +31,7 @@ import torch
 
 from detector_core import schema as S
 from detector_core.bundle import DetectorBundle, load_bundle
+from detector_core.cache import fixed_list
 from detector_core.devices import select_device
 from detector_core.extractors import FeatureSpec, build_extractor, draft_size_for, preprocess_for
 from detector_core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
@@ -253,20 +254,10 @@ def has_error(batch: dict[str, np.ndarray]) -> np.ndarray:
     return np.array([isinstance(e, str) for e in batch[S.ERROR_STAGE]], dtype=bool)
 
 
-def fixed_list(matrix: np.ndarray, valid: np.ndarray) -> pa.Array:
-    """(n, d) float32 -> FixedSizeList<float32, d>, null where not ``valid``."""
-    values = pa.array(np.ascontiguousarray(matrix, dtype=np.float32).ravel())
-    return pa.FixedSizeListArray.from_arrays(values, matrix.shape[1], mask=pa.array(~valid))
-
-
 # Fixed types, so that every block (and every Parquet file) has the same schema even
 # when a batch's column is all null.
-COLUMN_TYPES = {
-    S.URI: pa.string(), S.LABEL: pa.int8(), S.CAPTION: pa.string(), S.GENERATOR: pa.string(), S.SPLIT: pa.string(),
-    S.SIZE: pa.int64(), S.ETAG: pa.string(), S.WIDTH: pa.int32(), S.HEIGHT: pa.int32(), S.FORMAT: pa.string(),
-    S.JPEG_QUALITY: pa.int16(), S.EXIF: pa.bool_(),
-    S.ERROR_STAGE: pa.string(), S.ERROR_TYPE: pa.string(), S.ERROR_MESSAGE: pa.string(),
-}
+COLUMN_TYPES = {c: S.TYPES[c] for c in (S.URI, S.LABEL, S.CAPTION, S.GENERATOR, S.SPLIT, S.SIZE, S.ETAG, S.WIDTH, S.HEIGHT,
+                                        S.FORMAT, S.JPEG_QUALITY, S.EXIF, S.ERROR_STAGE, S.ERROR_TYPE, S.ERROR_MESSAGE)}
 
 
 def to_table(batch: dict[str, np.ndarray], extra: dict[str, pa.Array]) -> pa.Table:
@@ -285,13 +276,6 @@ def to_table(batch: dict[str, np.ndarray], extra: dict[str, pa.Array]) -> pa.Tab
                            from_pandas=v.dtype.kind == "f" and typ is not None and pa.types.is_integer(typ))
     cols.update(extra)
     return pa.table(cols)
-
-
-def features_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """FixedSizeList column -> (n, d) float32 numpy (no nulls expected)."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    d = arr.type.list_size
-    return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32, copy=False)
 
 
 def feature_specs(bundles: list[DetectorBundle]) -> list[FeatureSpec]:

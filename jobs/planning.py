@@ -34,8 +34,16 @@ import pyarrow.parquet as pq
 from detector_core import schema as S
 from detector_core import state as ST
 from detector_core.catalog import HISTORY, PROP_PARTITIONS, STATE, ScanOutput
-from detector_core.listing import (ListingUnit, inventory_files, inventory_rows, is_inventory, is_manifest, list_unit, manifest_rows,
-                                   split_prefix)
+from detector_core.listing import (
+    ListingUnit,
+    inventory_files,
+    inventory_rows,
+    is_inventory,
+    is_manifest,
+    list_unit,
+    manifest_rows,
+    split_prefix,
+)
 from detector_core.manifest import qualify_uri
 from detector_core.storage import join, open_fs
 

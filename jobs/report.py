@@ -9,7 +9,7 @@ The page holds the run summaries of the date, a histogram of scores per detector
 threshold and the near-threshold band marked, a grid of flagged images as small embedded
 thumbnails (made from the objects themselves) sorted by score with uri, score and detector,
 the near-threshold band worth a human look, and the error counts by stage and type. It
-reads that date's partitions of the Iceberg tables as of the newest committed unit (``jobs.audit.connect``); the grid
+reads that date's partitions of the Iceberg tables as of the newest committed unit (``detector_core.views.connect``); the grid
 and the band are capped (``--max-thumbnails``, ``--max-band``) and the page says how many
 rows were left out and the command that lists them all. Every text from the data (URIs,
 messages, ids) is HTML-escaped; the page loads nothing from outside itself.
@@ -30,8 +30,8 @@ import pyarrow as pa
 
 from detector_core.images import ImageDecodeError, decode_image
 from detector_core.storage import open_fs, s3_storage_options
-from jobs.audit import connect, open_output, parse_date, read_runs, sql_quote
-from jobs.common import config_dict, fail, opt, parse_config, run_main
+from detector_core.views import connect, read_runs, sql_quote
+from jobs.common import config_dict, fail, open_output, opt, parse_config, parse_date, run_main
 
 HIST_BINS = 50
 

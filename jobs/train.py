@@ -71,6 +71,7 @@ import torch
 
 from detector_core import schema as S
 from detector_core.bundle import DetectorBundle, save_bundle
+from detector_core.cache import DATA, SUCCESS, cache_spec, features_matrix, read_marker
 from detector_core.devices import select_device
 from detector_core.dnf import DNF_VALUES
 from detector_core.extractors import EXTRACTORS, FeatureSpec
@@ -92,8 +93,8 @@ from detector_core.training import (
     random_hflip,
     training_step,
 )
-from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, read_json, run_main, write_json
-from jobs.embed import cache_spec, require_weights, spec_of, spec_settings
+from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, run_main, write_json
+from jobs.embed import require_weights, spec_of, spec_settings
 
 
 @dataclass
@@ -174,8 +175,6 @@ class TrainConfig:
 
 def _xy(batch):
     """Arrow batch of the cache -> {x: (n, d) float32, y: float32}."""
-    from jobs.pipeline import features_matrix
-
     return {"x": features_matrix(batch.column(S.FEATURES)), "y": batch.column(S.LABEL).to_numpy().astype(np.float32)}
 
 
@@ -421,9 +420,9 @@ def run_training(cfg: TrainConfig) -> dict:
             val_fraction=cfg.val_fraction, calib_fraction=cfg.calib_fraction, s3_endpoint=cfg.s3_endpoint, ray_address=cfg.ray_address,
         )
         embed_summary = run_embedding(embed_cfg, so)
-    marker = read_json(join(cache, "_SUCCESS.json"), so)
+    marker = read_marker(cache, so)
     if marker is None:
-        fail(f"{cache} is not a finished feature cache (no _SUCCESS.json); run jobs.embed first")
+        fail(f"{cache} is not a finished feature cache (no {SUCCESS}); run jobs.embed first")
     spec = cache_spec(marker)
     if cfg.features:  # the cache decides the extractor settings the bundle records
         for k, v in spec.to_dict().items():
@@ -440,7 +439,7 @@ def run_training(cfg: TrainConfig) -> dict:
     if cfg.resnet_init and spec.extractor != "dnf":
         fail("--resnet-init is for --extractor dnf (a ResNet on the noise feature)")
 
-    pa_fs, data_path = arrow_fs(join(cache, "data"), so)
+    pa_fs, data_path = arrow_fs(join(cache, DATA), so)
     dataset = pads.dataset(data_path, filesystem=pa_fs, format="parquet")
     good = pads.field(S.ERROR_STAGE).is_null()
     n_train = dataset.count_rows(filter=good & (pads.field(S.SPLIT) == S.SPLIT_TRAIN))

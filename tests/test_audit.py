@@ -26,6 +26,7 @@ from detector_core.features import ClipEncoder
 from detector_core.images import decode_image
 from detector_core.model import DetectorMLP
 from detector_core.catalog import ScanOutput, read_table
+from detector_core.views import duckdb_connection
 from jobs import audit, scan
 
 DAY1, DAY2 = "2026-11-20", "2026-11-21"
@@ -163,7 +164,7 @@ def test_date_and_bucket_filters_open_only_their_partitions(scans):
         with pytest.raises(SystemExit):
             _ask("per-day", "--scan", str(out))  # all days: the corrupt files are read and the query fails cleanly
         # DuckDB's iceberg_scan as an auditor types it prunes on the partition columns too.
-        con = audit.duckdb_connection(ScanOutput.open(str(out), create=False))
+        con = duckdb_connection(ScanOutput.open(str(out), create=False))
         loc = ScanOutput.open(str(out), create=False).table("flagged").metadata_location
         n = con.sql(f"SELECT count(*) FROM iceberg_scan('{loc}') WHERE scan_date = DATE '{DAY2}' AND bucket = 'local'").fetchone()[0]
         assert n == int(_rows_cached["flagged"].query("scan_date == @DAY2").shape[0])
@@ -211,7 +212,7 @@ def test_tables_from_s3_with_duckdb_pyiceberg_and_the_audit_job(ray_local, scans
     assert got.scored.tolist() == [5] and got.flagged.tolist() == [int(rows.flagged.sum())]
     o = ScanOutput.open(remote, create=False)
     assert o.table("scores").metadata_location.startswith(remote + "/scores/metadata/")
-    con = audit.duckdb_connection(o)  # DuckDB's iceberg_scan over s3:// through the fsspec filesystem
+    con = duckdb_connection(o)  # DuckDB's iceberg_scan over s3:// through the fsspec filesystem
     n = con.sql(f"SELECT count(*) FROM iceberg_scan('{o.table('flagged').metadata_location}') WHERE scan_date = DATE '{DAY1}'").fetchone()[0]
     assert n == summary["flagged"] == int(rows.flagged.sum())
 

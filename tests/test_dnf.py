@@ -17,6 +17,7 @@ from safetensors.torch import save as save_safetensors
 
 from detector_core import dnf
 from detector_core.bundle import BundleError, DetectorBundle, load_bundle, save_bundle
+from detector_core.cache import features_matrix, read_features
 from detector_core.catalog import read_table
 from detector_core.demo import encode, make_image
 from detector_core.dnf import DnfExtractor, UnetNotFoundError, load_unet, unet_config
@@ -24,8 +25,7 @@ from detector_core.extractors import FeatureSpec
 from detector_core.images import decode_image
 from detector_core.model import DetectorMLP, NoiseResNet, load_backbone
 from jobs import evaluate, scan, train
-from jobs.embed import read_features
-from jobs.pipeline import Embedder, features_matrix, load_images
+from jobs.pipeline import Embedder, load_images
 
 TINY = FeatureSpec(extractor="dnf", unet="test-tiny").resolved()
 

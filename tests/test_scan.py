@@ -376,7 +376,7 @@ def test_readers_never_see_part_of_a_commit_unit(ray_local, bundle_dir, tmp_path
     seen, stop = [], threading.Event()
 
     def poll():
-        from jobs.audit import duckdb_connection
+        from detector_core.views import duckdb_connection
 
         while not stop.is_set():
             try:

@@ -1,0 +1,122 @@
+"""DuckDB views of a scan output's tables: what audit queries and the review page read.
+
+``connect(out)`` gives a DuckDB connection with the views ``scores``, ``flagged``, ``errors``
+(``iceberg_scan`` over the Iceberg tables, loaded from the ``duckdb-extension-iceberg`` pip
+package, never downloaded) pinned to the snapshots the newest ``runs`` row records, so the
+three agree even while a scan commits its next unit; and ``runs`` (one row per finished
+scan and detector, ``read_runs``). Filters on the partition columns (``scan_date``,
+``bucket``) prune manifests and files.
+"""
+
+from __future__ import annotations
+
+import duckdb
+import pyarrow as pa
+
+from detector_core import tables as T
+from detector_core.catalog import CatalogError, ScanOutput
+from detector_core.storage import is_remote, open_fs
+
+__all__ = ["RUNS_SCHEMA", "connect", "duckdb_connection", "open_scan_output", "pinned_snapshots", "read_runs", "sql_quote"]
+
+
+def sql_quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+RUNS_SCHEMA = pa.schema([
+    ("scan_id", pa.string()), ("scan_date", pa.string()), ("detector_id", pa.string()), ("detector_kind", pa.string()),
+    ("input", pa.string()), ("listed", pa.int64()), ("skipped", pa.int64()), ("scored", pa.int64()), ("flagged", pa.int64()),
+    ("errors", pa.int64()), ("model_loads", pa.int64()), ("seconds", pa.float64()), ("started_at", pa.string()),
+    ("finished_at", pa.string()),
+])
+RUN_COLUMNS = RUNS_SCHEMA.names
+
+
+def read_runs(out: ScanOutput) -> pa.Table:
+    """The finished scans, one row per scan and detector (an ensemble scan has several)."""
+    rows = out.read("runs", "status = 'completed'").to_pylist()
+    return pa.Table.from_pylist([{**{k: r.get(k) for k in RUN_COLUMNS}, "scan_date": r["scan_date"].isoformat(),
+                                  "started_at": r["started_at"].isoformat(), "finished_at": r["committed_at"].isoformat()}
+                                 for r in rows], schema=RUNS_SCHEMA)
+
+
+def duckdb_connection(out: ScanOutput) -> duckdb.DuckDBPyConnection:
+    """DuckDB with the Iceberg extension loaded from its pip package (no download) and the output's filesystem."""
+    import glob
+    import os
+
+    import duckdb_extension_avro
+    import duckdb_extension_iceberg
+
+    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    for mod in (duckdb_extension_avro, duckdb_extension_iceberg):
+        found = glob.glob(os.path.join(os.path.dirname(mod.__file__), "extensions", f"v{duckdb.__version__}", "*.duckdb_extension"))
+        if not found:
+            raise RuntimeError(f"{mod.__name__} has no extension for DuckDB {duckdb.__version__}: install the matching versions "
+                               "(pip install -e . pins them)")
+        con.execute(f"LOAD {sql_quote(found[0])}")
+    if is_remote(out.uri):
+        con.register_filesystem(out.fs)
+    return con
+
+
+def pinned_snapshots(out: ScanOutput) -> dict[str, int | None]:
+    """The result tables' snapshot ids as of the newest committed unit (the ``runs`` row committed last).
+
+    Reading every table at these snapshots gives one consistent point, even while a scan
+    is committing its next unit table by table.
+    """
+    runs = out.read("runs", selected_fields=("committed_at", *[f"{t}_snapshot_id" for t in T.TABLES]))
+    if runs.num_rows == 0:
+        return {t: None for t in T.TABLES}
+    last = runs.sort_by([("committed_at", "descending")]).slice(0, 1).to_pylist()[0]
+    return {t: last[f"{t}_snapshot_id"] for t in T.TABLES}
+
+
+def connect(out: ScanOutput, where: str = "", since: str = "", until: str = "", bucket: str = "",
+            runs: pa.Table | None = None) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the views ``scores``, ``flagged``, ``errors`` and ``runs`` of a scan output.
+
+    The table views are DuckDB ``iceberg_scan`` over the Iceberg tables, pinned to the
+    snapshots of the newest committed unit; ``since``/``until``/``bucket`` are filters on
+    the partition columns, which prune manifests and files; ``where`` (SQL over the
+    columns) is part of every table view. ``runs`` is ``read_runs(out)`` when the caller
+    has it already.
+    """
+    con = duckdb_connection(out)
+    con.register("_runs", read_runs(out) if runs is None else runs)
+    con.execute("CREATE VIEW runs AS SELECT * REPLACE (CAST(scan_date AS DATE) AS scan_date) FROM _runs")
+    conds = [f"({where})"] if where else []
+    if since:
+        conds.append(f"scan_date >= DATE {sql_quote(since)}")
+    if until:
+        conds.append(f"scan_date <= DATE {sql_quote(until)}")
+    if bucket:
+        conds.append(f"bucket = {sql_quote(bucket)}")
+    cond = " AND ".join(conds) or "true"
+    pins = pinned_snapshots(out)
+    for name in T.TABLES:
+        if pins[name] is not None:
+            src = f"iceberg_scan({sql_quote(out.table(name).metadata_location)}, snapshot_from_id = {int(pins[name])})"
+        else:
+            con.register(f"_empty_{name}", T.TABLE_SCHEMAS[name].empty_table())
+            src = f"_empty_{name}"
+        con.execute(f"CREATE VIEW {name} AS SELECT * FROM {src} WHERE {cond}")
+    return con
+
+
+def open_scan_output(scan: str, catalog: str = "", namespace: str = "", storage_options: dict | None = None) -> ScanOutput:
+    """The scan output ``scan`` as its tables; ``CatalogError`` with a one-line reason when it cannot be opened."""
+    fs, root = open_fs(scan, storage_options)
+    if not scan or not fs.exists(root):
+        raise CatalogError(f"--scan {scan!r} does not exist (or is not reachable with these credentials)")
+    try:
+        return ScanOutput.open(scan, catalog, namespace, storage_options, create=False)
+    except CatalogError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - NoSuchTable / NoSuchNamespace from any catalog
+        if type(exc).__name__.startswith("NoSuch"):
+            raise CatalogError(f"no scan tables for {scan} in its catalog ({exc}); was it written by jobs.scan, or does it need "
+                               f"'python -m jobs.audit migrate --output {scan}'?") from exc
+        raise
