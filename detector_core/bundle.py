@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+from scipy.special import expit
 from torch import nn
 
 from detector_core.extractors import FeatureSpec
@@ -46,8 +46,7 @@ class BundleError(RuntimeError):
     """A bundle that is missing, corrupt, or does not fit this code."""
 
 
-def _sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
 
 
 @dataclass
@@ -102,7 +101,7 @@ class DetectorBundle:
     @property
     def threshold(self) -> float:
         """The decision threshold on the probability scale (for people; decide on logits)."""
-        return _sigmoid(self.threshold_logit)
+        return float(expit(self.threshold_logit))
 
     @property
     def needs_captions(self) -> bool:

@@ -27,13 +27,13 @@ needs Ray: it runs on a laptop against the bucket, or as a job on the cluster.
 from __future__ import annotations
 
 import json
-import math
 import re
 import sys
 from dataclasses import dataclass
 
 import duckdb
 import pyarrow as pa
+from scipy.special import logit as scipy_logit
 
 from detector_core import schema as S
 from detector_core import tables as T
@@ -122,7 +122,7 @@ def question_sql(cfg: AuditConfig) -> str:
     if q == "recut":
         if not (0.0 < cfg.threshold < 1.0):
             fail("recut needs --threshold T with 0 < T < 1 (a score)")
-        logit = math.log(cfg.threshold / (1.0 - cfg.threshold))  # decisions are made on the logit, as in the scan
+        logit = float(scipy_logit(cfg.threshold))  # decisions are made on the logit, as in the scan
         if cfg.rows:
             return f"""SELECT scan_date, bucket, uri, score, logit, flagged AS flagged_at_bundle, detector_id, scan_id FROM scores
                        WHERE logit >= {logit!r} ORDER BY score DESC, uri{_limit(cfg)}"""

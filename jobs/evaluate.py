@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from scipy.special import expit
 
 from detector_core import schema as S
 from detector_core.bundle import BundleError, DetectorBundle, load_bundle
@@ -157,7 +158,7 @@ def score_cache(bundle: DetectorBundle, cache: str, so) -> tuple[np.ndarray, np.
         fail(f"features of {cache} are {feats.shape[1]}-d; detector {bundle.detector_id} takes {bundle.in_dim}-d")
     with torch.inference_mode():
         logits = predict_logits(bundle.model, feats).double().numpy()
-    scores = 1.0 / (1.0 + np.exp(-logits))
+    scores = expit(logits)
     labels = t[S.LABEL].to_numpy().astype(np.int64)
     gens = np.array(["generated" if g is None else str(g) for g in t[S.GENERATOR].to_pylist()], dtype=object)
     gens[labels == 0] = "real"

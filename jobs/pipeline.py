@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
+from scipy.special import expit
 
 from detector_core import schema as S
 from detector_core.bundle import DetectorBundle, load_bundle
@@ -344,8 +345,7 @@ class Scorer:
             logits = np.full(n, np.nan, dtype=np.float64)
             if ok.any():
                 logits[ok] = predict_logits(b.model, x).double().cpu().numpy()
-            with np.errstate(over="ignore"):
-                scores = 1.0 / (1.0 + np.exp(-logits))
+            scores = expit(logits)
             table = to_table(batch, {
                 S.LOGIT: pa.array(logits, mask=~ok),
                 S.SCORE: pa.array(scores, mask=~ok),
