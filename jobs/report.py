@@ -11,15 +11,16 @@ thumbnails (made from the objects themselves) sorted by score with uri, score an
 the near-threshold band worth a human look, and the error counts by stage and type. It
 reads that date's partitions of the Iceberg tables as of the newest committed unit (``detector_core.views.connect``); the grid
 and the band are capped (``--max-thumbnails``, ``--max-band``) and the page says how many
-rows were left out and the command that lists them all. Every text from the data (URIs,
-messages, ids) is HTML-escaped; the page loads nothing from outside itself.
+rows were left out and the command that lists them all. The page is rendered from the Jinja2
+template ``jobs/templates/review.html.j2`` with autoescape on, so every text from the data
+(URIs, messages, ids) is HTML-escaped; it loads nothing from outside itself.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
-import html
+import functools
 import io
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -53,10 +54,6 @@ class ReportConfig:
     s3_endpoint: str = opt("", "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
 
 
-def _e(value) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
-
-
 def thumbnail(uri: str, size: int, storage_options: dict | None, max_pixels: int) -> str:
     """A data: URI of a small JPEG of the object, or raise with the reason."""
     fs, path = open_fs(uri, storage_options)
@@ -81,8 +78,8 @@ def _thumbnails(uris: list[str], cfg: ReportConfig, so: dict | None) -> dict[str
         return dict(zip(uris, pool.map(one, uris)))
 
 
-def histogram_svg(scores: np.ndarray, threshold: float, band: float, width: int = 640, height: int = 180) -> str:
-    """Inline SVG histogram of scores in [0, 1] with the threshold line and the band shaded."""
+def histogram(scores: np.ndarray, threshold: float, band: float, width: int = 640, height: int = 180) -> dict:
+    """The geometry of the inline SVG histogram of scores in [0, 1] (threshold line, band shaded) the template draws."""
     counts, edges = np.histogram(scores, bins=HIST_BINS, range=(0.0, 1.0))
     top = max(1, int(counts.max()))
     pad_l, pad_b = 40, 22
@@ -92,80 +89,35 @@ def histogram_svg(scores: np.ndarray, threshold: float, band: float, width: int 
     def x(v):
         return pad_l + v * w
 
-    parts = [f'<svg class="hist" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-             f'aria-label="histogram of scores">']
     lo, hi = max(0.0, threshold - band), min(1.0, threshold + band)
-    parts.append(f'<rect class="band" x="{x(lo):.1f}" y="8" width="{x(hi) - x(lo):.1f}" height="{h}"/>')
-    for i, c in enumerate(counts):
-        bh = h * c / top
-        parts.append(f'<rect class="bar{" over" if edges[i] >= threshold else ""}" x="{pad_l + i * bw:.1f}" y="{8 + h - bh:.1f}" '
-                     f'width="{max(bw - 1, 1):.1f}" height="{bh:.1f}"><title>{edges[i]:.2f}–{edges[i + 1]:.2f}: {c}</title></rect>')
-    parts.append(f'<line class="thr" x1="{x(threshold):.1f}" x2="{x(threshold):.1f}" y1="4" y2="{8 + h}"/>')
-    # Right of the line, or left of it when the threshold is near 1 and the label would be cut off.
-    side = 'x="{:.1f}"'.format(x(threshold) + 3) if threshold < 0.8 else 'x="{:.1f}" text-anchor="end"'.format(x(threshold) - 3)
-    parts.append(f'<text {side} y="14" class="lbl">threshold {threshold:.3f}</text>')
-    for v in (0.0, 0.25, 0.5, 0.75, 1.0):
-        parts.append(f'<text x="{x(v):.1f}" y="{height - 6}" class="axis" text-anchor="middle">{v:g}</text>')
-    parts.append(f'<text x="{pad_l - 4}" y="16" class="axis" text-anchor="end">{top}</text>')
-    parts.append(f'<text x="{pad_l - 4}" y="{8 + h}" class="axis" text-anchor="end">0</text></svg>')
-    return "".join(parts)
+    bars = [{"x": pad_l + i * bw, "y": 8 + h - h * c / top, "w": max(bw - 1, 1), "h": h * c / top, "over": bool(edges[i] >= threshold),
+             "lo": edges[i], "hi": edges[i + 1], "count": int(c)} for i, c in enumerate(counts)]
+    left = threshold >= 0.8
+    return {"width": width, "height": height, "pad_l": pad_l, "plot_h": h, "top": top, "threshold": threshold,
+            "band_x": x(lo), "band_w": x(hi) - x(lo), "bars": bars, "thr_x": x(threshold),
+            "label_x": x(threshold) - 3 if left else x(threshold) + 3, "label_left": left,
+            "ticks": [{"x": x(v), "label": f"{v:g}"} for v in (0.0, 0.25, 0.5, 0.75, 1.0)]}
 
 
-def _cards(rows: list[dict], thumbs: dict, threshold_of: dict) -> str:
+def _cards(rows: list[dict], thumbs: dict, threshold_of: dict) -> list[dict]:
     out = []
     for r in rows:
         t = thumbs.get(r["uri"])
-        if isinstance(t, str):
-            img = f'<img class="thumb" src="{t}" alt="{_e(r["uri"])}" loading="lazy">'
-        else:
-            img = f'<div class="nothumb">no thumbnail: {_e(getattr(t, "message", None) or t)}</div>'
-        thr = threshold_of.get(r["detector_id"], r.get("threshold"))
-        out.append(
-            f'<figure class="card" data-score="{r["score"]:.6f}">{img}<figcaption>'
-            f'<div class="score">{r["score"]:.4f} <span class="muted">(threshold {thr:.3f})</span></div>'
-            f'<div class="uri" title="{_e(r["uri"])}">{_e(r["uri"])}</div>'
-            f'<div class="muted">{_e(r["detector_id"])}</div></figcaption></figure>')
-    return "".join(out)
+        out.append({**r, "thumb": t, "thumb_error": getattr(t, "message", None) or t,
+                    "threshold": threshold_of.get(r["detector_id"], r.get("threshold"))})
+    return out
 
 
-def _table(table: pa.Table) -> str:
-    if table.num_rows == 0:
-        return '<p class="muted">none</p>'
-    head = "".join(f"<th>{_e(c)}</th>" for c in table.column_names)
-    body = "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in row.values()) + "</tr>" for row in table.to_pylist())
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def _table(table: pa.Table) -> dict:
+    return {"columns": table.column_names, "rows": [list(r.values()) for r in table.to_pylist()]}
 
 
-CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}
-h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd}
-.muted{color:#777;font-size:12px} table{border-collapse:collapse;font-size:13px;background:#fff}
-td,th{border:1px solid #ddd;padding:3px 8px;text-align:left} th{background:#f0f0f0}
-.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(190px,1fr));gap:10px}
-.card{margin:0;background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px;overflow:hidden}
-.card img{display:block;max-width:100%;margin:0 auto 6px;image-rendering:auto}
-.nothumb{height:120px;display:flex;align-items:center;justify-content:center;color:#a33;font-size:12px;text-align:center;background:#f4f4f4}
-.uri{font-family:ui-monospace,monospace;font-size:11px;word-break:break-all;white-space:pre-wrap}
-.score{font-weight:600} .hist .bar{fill:#8aa4c8} .hist .bar.over{fill:#d0675f} .hist .band{fill:#f5e6a8}
-.hist .thr{stroke:#b00;stroke-width:2} .hist .lbl{font-size:11px;fill:#b00} .hist .axis{font-size:10px;fill:#555}
-.note{background:#fff7d6;border:1px solid #e8d78a;padding:6px 10px;border-radius:4px;margin:8px 0}
-input[type=search]{padding:4px 8px;width:320px}
-"""
+@functools.lru_cache(maxsize=1)
+def _template():
+    import jinja2
 
-# Filters the cards by a substring of their uri; textContent comparisons only, no innerHTML.
-JS = """
-document.addEventListener('DOMContentLoaded', function () {
-  var box = document.getElementById('filter');
-  if (!box) return;
-  box.addEventListener('input', function () {
-    var q = box.value.toLowerCase();
-    document.querySelectorAll('.card').forEach(function (c) {
-      var u = c.querySelector('.uri');
-      c.style.display = (!q || (u && u.textContent.toLowerCase().indexOf(q) >= 0)) ? '' : 'none';
-    });
-  });
-});
-"""
+    env = jinja2.Environment(loader=jinja2.PackageLoader("jobs", "templates"), autoescape=True, undefined=jinja2.StrictUndefined)
+    return env.get_template("review.html.j2")
 
 
 def build_report(cfg: ReportConfig) -> tuple[str, dict]:
@@ -188,8 +140,7 @@ def build_report(cfg: ReportConfig) -> tuple[str, dict]:
     hists = []
     for d in per_det:
         s = con.sql("SELECT score FROM scores WHERE detector_id = ?", params=[d["detector_id"]]).to_arrow_table()["score"].to_numpy()
-        hists.append(f'<h3 class="muted">{_e(d["detector_id"])}: {d["scored"]} scored, {d["flagged"]} flagged</h3>'
-                     + histogram_svg(s, d["threshold"], cfg.band))
+        hists.append({**histogram(s, d["threshold"], cfg.band), **d})
     n_flagged = sum(d["flagged"] for d in per_det)
     flagged = con.sql("SELECT uri, score, threshold, detector_id FROM flagged ORDER BY score DESC, uri LIMIT ?",
                       params=[max(0, cfg.max_thumbnails)]).to_arrow_table().to_pylist()
@@ -203,30 +154,12 @@ def build_report(cfg: ReportConfig) -> tuple[str, dict]:
 
     summary_cols = ["scan_id", "detector_id", "detector_kind", "input", "listed", "skipped", "scored", "flagged", "errors", "seconds", "finished_at"]
     summary = pa.Table.from_pylist([{k: r[k] for k in summary_cols} for r in run_rows])
-    left_out = n_flagged - len(flagged)
-    more = (f'<p class="note">{left_out} more flagged images not shown (the page shows the {len(flagged)} highest scores). '
-            f'All of them: <code>python -m jobs.audit query top --scan {_e(cfg.scan)} --date {date} --limit 0 --format csv</code></p>'
-            if left_out > 0 else "")
-    band_more = (f'<p class="note">{n_band - len(band)} more rows in the band not shown (closest to the threshold first).</p>'
-                 if n_band > len(band) else "")
-    title = f"Scan review {date}"
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="icon" href="data:,"><title>{_e(title)}</title><style>{CSS}</style><script>{JS}</script></head>
-<body>
-<h1>{_e(title)}</h1>
-<p class="muted">scan output {_e(cfg.scan)} · generated {_e(dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))}</p>
-<h2>Run summary</h2>{_table(summary)}
-<h2>Scores</h2><div id="histograms">{"".join(hists) or '<p class="muted">no scores</p>'}</div>
-<p class="muted">red line: the detector's threshold; shaded: the near-threshold band (±{cfg.band:g}); red bars: flagged.</p>
-<h2 id="flagged-heading">Flagged images ({n_flagged})</h2>
-<p><input type="search" id="filter" placeholder="filter by uri"></p>{more}
-<div class="grid" id="flagged">{_cards(flagged, thumbs, threshold_of)}</div>
-<h2 id="band-heading">Near the threshold ({n_band}, |score − threshold| ≤ {cfg.band:g})</h2>{band_more}
-<div class="grid" id="band">{_cards(band, thumbs, threshold_of)}</div>
-<h2>Errors by type ({sum(errors["objects"].to_pylist())})</h2>{_table(errors)}
-</body></html>
-"""
+    page = _template().render(
+        title=f"Scan review {date}", scan=cfg.scan, date=date, band=f"{cfg.band:g}",
+        generated_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        summary=_table(summary), histograms=hists, n_flagged=n_flagged, flagged=_cards(flagged, thumbs, threshold_of),
+        n_band=n_band, near=_cards(band, thumbs, threshold_of), errors=_table(errors), n_errors=int(sum(errors["objects"].to_pylist())),
+    )
     counts = {"date": date, "flagged": n_flagged, "flagged_shown": len(flagged), "band": n_band, "band_shown": len(band),
               "errors": int(sum(errors["objects"].to_pylist())),
               "thumbnail_failures": sum(1 for v in thumbs.values() if not isinstance(v, str))}
