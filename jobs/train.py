@@ -32,7 +32,7 @@ Distributed semantics (docs/method.md section 5):
 - Dropout masks differ per rank (the generator is seeded with ``seed`` and the rank after
   the model is built; initial weights are the same everywhere).
 
-Every epoch rank 0 evaluates on the validation split (AUC, AP, accuracy, TPR at 1 %
+The worker loop is ``jobs/train_worker.py``. Every epoch rank 0 evaluates on the validation split (AUC, AP, accuracy, TPR at 1 %
 FPR), reports through Ray Train, rewrites ``OUT/history.jsonl`` and checkpoints model,
 SAM/AdamW state, scheduler, epoch and the best model so far to ``--storage-path``
 (local or S3). ``FailureConfig(max_failures)`` restarts failed workers from the last
@@ -55,46 +55,29 @@ shortcut report, ``detector_core.shortcuts``) and ``OUT/config.json`` are writte
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
-import json
-import os
 import sys
-import tempfile
 import time
-import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
 from detector_core import schema as S
 from detector_core.bundle import DetectorBundle, save_bundle
-from detector_core.cache import DATA, SUCCESS, cache_spec, features_matrix, read_marker
-from detector_core.devices import select_device
+from detector_core.cache import DATA, SUCCESS, cache_spec, read_marker
 from detector_core.dnf import DNF_VALUES
 from detector_core.extractors import EXTRACTORS, FeatureSpec
 from detector_core.features import FEATURE_MODES
 from detector_core.losses import LOSS_KINDS
-from detector_core.metrics import calibrate_threshold, summarize
+from detector_core.metrics import calibrate_threshold
 from detector_core.model import RESNETS, NoiseResNet, build_classifier, load_backbone
 from detector_core.shortcuts import dataset_report
-from detector_core.storage import arrow_fs, open_fs, s3_storage_options
-from detector_core.training import (
-    RECIPE_OPTIM,
-    RECIPES,
-    OptimConfig,
-    PlateauStop,
-    all_gather_batch,
-    build_optimizer,
-    build_scheduler,
-    predict_logits,
-    random_hflip,
-    training_step,
-)
+from detector_core.storage import arrow_fs, s3_storage_options
+from detector_core.training import RECIPE_OPTIM, RECIPES, OptimConfig, predict_logits
 from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, run_main, write_json
 from jobs.embed import require_weights, spec_of, spec_settings
+from jobs.train_worker import load_state, train_loop_per_worker, xy
 
 
 @dataclass
@@ -117,11 +100,16 @@ class TrainConfig:
     sam: bool = opt(True, "optimise with SAM over AdamW (--no-sam: plain AdamW)")
     sam_unsynced_perturbation: bool = opt(False, "SAM pass one without gradient sync: each worker perturbs along its own share of the global loss's gradient (not m-sharpness, which uses each worker's own loss); default: the global perturbation")
     rho: float = opt(0.05, "SAM neighbourhood radius", within="[0, inf)")
+    adaptive: bool = opt(False, "adaptive SAM (ASAM: the perturbation scaled by each weight's magnitude)")
     alpha: float = opt(0.8, "CVaR level", within="(0, 1]")
     gamma: float = opt(0.1, "weight of CVaR against the AUC loss (0.1: the reference's documented run, whose `alpha=0.1` argument is passed on as gamma; tune it)", within="[0, 1]")
     eta: float = opt(0.6, "AUC hinge margin", within="[0, inf)")
     lr: float = opt(1e-3, "AdamW learning rate", within="(0, inf)")
     weight_decay: float = opt(0.01, "AdamW weight decay", within="[0, inf)")
+    beta1: float = opt(0.9, "Adam(W) first-moment decay", within="[0, 1)")
+    beta2: float = opt(0.999, "Adam(W) second-moment decay", within="[0, 1)")
+    eta_min: float = opt(1e-5, "floor of the cosine learning-rate schedule", within="[0, inf)")
+    p: float = opt(2.0, "exponent of the pairwise AUC hinge (the paper's squared hinge: 2)", within="[1, inf)")
     epochs: int = opt(32, "epochs", within="[1, inf)")
     batch_size: int = opt(2048, "global batch size (split over workers)", within="[1, inf)")
     dropout: float = opt(0.335, "MLP dropout (--extractor clip)", within="[0, 1)")
@@ -145,11 +133,9 @@ class TrainConfig:
     fail_after_epoch: int = opt(-1, "testing: make rank 0 crash once right after checkpointing this epoch", within="[-1, inf)")
 
     def optim(self) -> OptimConfig:
-        return OptimConfig(
-            loss=self.loss, alpha=self.alpha, gamma=self.gamma, eta=self.eta, sam=self.sam, rho=self.rho,
-            lr=self.lr, weight_decay=self.weight_decay, epochs=self.epochs, batch_size=self.batch_size,
-            optimizer=RECIPE_OPTIM[self.recipe].get("optimizer", "adamw"),
-        )
+        """The optimiser settings: every ``OptimConfig`` field from the flag of the same name, the optimiser from the recipe."""
+        given = {f.name: getattr(self, f.name) for f in fields(OptimConfig) if hasattr(self, f.name)}
+        return OptimConfig(**given, optimizer=RECIPE_OPTIM[self.recipe].get("optimizer", "adamw"))
 
     def apply_recipe(self) -> list[str]:
         """Give the recipe's values to the fields still at their defaults; returns what it set."""
@@ -173,45 +159,6 @@ class TrainConfig:
         return {"in_dim": spec.dim, "dropout": self.dropout}
 
 
-def _xy(batch):
-    """Arrow batch of the cache -> {x: (n, d) float32, y: float32}."""
-    return {"x": features_matrix(batch.column(S.FEATURES)), "y": batch.column(S.LABEL).to_numpy().astype(np.float32)}
-
-
-def _save_state(state: dict) -> "object":
-    import ray.train
-
-    d = tempfile.mkdtemp(prefix="ckpt-")
-    torch.save(state, os.path.join(d, "state.pt"))
-    return ray.train.Checkpoint.from_directory(d)
-
-
-def _load_state(checkpoint) -> dict:
-    with checkpoint.as_directory() as d:
-        return torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
-
-
-def _load_split(it, device) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = zip(*((b["x"], b["y"]) for b in it.iter_torch_batches(batch_size=1024, device=device)))
-    return torch.cat(xs), torch.cat(ys)
-
-
-def _evaluate(model: torch.nn.Module, val: tuple[torch.Tensor, torch.Tensor], target_fpr: float) -> tuple[dict, float]:
-    z = predict_logits(model, val[0]).cpu().numpy().astype(np.float64)
-    y = val[1].cpu().numpy().astype(np.int64)
-    m = summarize(y, z, threshold=0.0)  # logit 0 = probability 0.5
-    real = z[y == 0]
-    threshold = calibrate_threshold(real, target_fpr) if real.size else float("inf")
-    at = summarize(y, z, threshold=threshold)
-    metrics = {
-        "val_auc": m["auc"], "val_ap": m["ap"], "val_accuracy": m["accuracy"],
-        "val_tpr_at_fpr_0.01": m["tpr_at_fpr_0.01"], "val_tpr_at_fpr_0.001": m["tpr_at_fpr_0.001"],
-        "val_accuracy_at_threshold": at["accuracy"], "val_real_accuracy": at["real_accuracy"],
-        "val_generated_accuracy": at["generated_accuracy"], "val_n": m["n"], "val_n_real": m["n_real"],
-    }
-    return metrics, threshold
-
-
 def _real_logits(model: torch.nn.Module, data_path: str, pa_fs, split: str) -> np.ndarray:
     """The model's logits on the real images of one split of the cache, scored in Ray tasks (only logits reach the driver)."""
     import ray.data
@@ -222,7 +169,7 @@ def _real_logits(model: torch.nn.Module, data_path: str, pa_fs, split: str) -> n
 
     ds = ray.data.read_parquet(data_path, filesystem=pa_fs).select_columns([S.FEATURES, S.LABEL, S.SPLIT, S.ERROR_STAGE])
     ds = ds.filter(expr=col(S.ERROR_STAGE).is_null() & (col(S.SPLIT) == split) & (col(S.LABEL) == 0))
-    ds = ds.map_batches(_xy, batch_format="pyarrow").map_batches(score, fn_kwargs={"model": model}, batch_format="numpy")
+    ds = ds.map_batches(xy, batch_format="pyarrow").map_batches(score, fn_kwargs={"model": model}, batch_format="numpy")
     logits = [b["logit"] for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
     return np.concatenate(logits) if logits else np.zeros(0)
 
@@ -235,147 +182,6 @@ def _shortcuts(dataset, seed: int) -> dict:
     if report["warning"]:
         print(f"WARNING: {report['warning']}", file=sys.stderr, flush=True)
     return report
-
-
-def train_loop_per_worker(config: dict) -> None:
-    """Ray Train worker: the epoch loop around ``detector_core.training.training_step``."""
-    import ray.data
-    import ray.train
-    import ray.train.torch
-
-    cfg = TrainConfig(**config["cfg"])
-    # Per-batch progress bars from inside the workers drown the epoch lines in the job log.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if cfg.gpu:
-        select_device(True)  # raises DeviceError naming the cause where the worker's GPU is unusable
-    device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.seed)
-    model = build_classifier(config["model_config"])
-    reference = cfg.recipe == "dnf-reference"
-    if reference:  # the reference's Trainer: torch.nn.init.normal_(fc.weight, 0.0, init_gain=0.02)
-        torch.nn.init.normal_(model.net.fc.weight, 0.0, 0.02)
-    if cfg.resnet_init and cfg.extractor == "dnf":  # every rank loads it; DDP would broadcast rank 0's anyway
-        load_backbone(model, cfg.resnet_init, config["storage_options"])
-    if cfg.sync_bn and world > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ddp = ray.train.torch.prepare_model(model)
-    raw = getattr(ddp, "module", ddp)
-    # Same initial weights on every rank (seed above, and DDP broadcasts rank 0's), but each
-    # rank's own dropout masks: with one seed all workers would draw identical masks for
-    # their different examples.
-    torch.manual_seed(cfg.seed * 1_000_003 + rank)
-    optim_cfg = cfg.optim()
-    optimizer = build_optimizer(raw, optim_cfg)
-    # dnf-reference: the lr is cut by validation accuracy (PlateauStop, decided on rank 0), not a fixed schedule.
-    scheduler = PlateauStop(cfg.patience) if reference else build_scheduler(optimizer, optim_cfg)
-    flip_shape = tuple(config["model_config"]["in_shape"]) if reference else None
-    start_epoch, history, best = 0, [], None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        state = _load_state(checkpoint)
-        raw.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
-        if rank == 0:
-            print(f"resuming from the checkpoint of epoch {state['epoch']}")
-    gather = all_gather_batch if world > 1 else (lambda z, y: (z, y))
-    first_pass = ddp.no_sync if (world > 1 and cfg.sam_unsynced_perturbation) else contextlib.nullcontext
-    shard = ray.train.get_dataset_shard("train")
-    session = uuid.uuid4().hex[:8]  # tells the epochs of a resumed run from the first attempt's
-    local_batch = config["local_batch"]
-    so = config["storage_options"]
-    cache: tuple[torch.Tensor, torch.Tensor] | None = None
-    val: tuple[torch.Tensor, torch.Tensor] | None = None
-    for epoch in range(start_epoch, cfg.epochs):
-        if getattr(scheduler, "done", False):
-            break  # resumed after the plateau stop's last epoch
-        ddp.train()
-        started = time.time()
-        losses, seen = [], 0
-        lr = optimizer.param_groups[0]["lr"]
-        flips = torch.Generator().manual_seed(cfg.seed * 7919 + epoch * 31 + rank)  # each rank and epoch its own flips
-        augment = functools.partial(random_hflip, shape=flip_shape, generator=flips) if flip_shape else (lambda x: x)
-
-        if cache is None:
-            # First epoch: stream the shard from Ray Data and keep it. Features are small
-            # (6 KB a row at width 1536), so later epochs reshuffle in memory instead of
-            # paying for a new streaming execution every epoch.
-            xs, ys = [], []
-            for batch in shard.iter_torch_batches(
-                batch_size=local_batch, drop_last=True, local_shuffle_buffer_size=4 * local_batch,
-                local_shuffle_seed=cfg.seed + epoch, device=device,
-            ):
-                losses.append(training_step(ddp, optimizer, augment(batch["x"]), batch["y"], optim_cfg, gather=gather, first_pass_context=first_pass))
-                seen += batch["x"].shape[0]
-                if cfg.cache_shard:
-                    xs.append(batch["x"])
-                    ys.append(batch["y"])
-            if cfg.cache_shard and xs:
-                cache = (torch.cat(xs), torch.cat(ys))
-        else:
-            order = torch.randperm(cache[0].shape[0], generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 31 + rank))
-            for i in range(0, order.numel() - local_batch + 1, local_batch):
-                idx = order[i : i + local_batch].to(cache[0].device)
-                losses.append(training_step(ddp, optimizer, augment(cache[0][idx]), cache[1][idx], optim_cfg, gather=gather, first_pass_context=first_pass))
-                seen += idx.numel()
-        if not reference:
-            scheduler.step()
-        metrics = {
-            "epoch": epoch,
-            "session": session,
-            "train_loss": float(torch.stack(losses).mean()) if losses else float("nan"),
-            "train_examples_per_s": seen * world / max(time.time() - started, 1e-9),
-            "lr": lr,
-        }
-        ckpt = None
-        decision = torch.tensor([lr, 0.0], dtype=torch.float64, device=device)  # (next lr, stop): rank 0 decides for dnf-reference
-        if rank == 0:
-            if val is None:  # rank 0 keeps the validation split in memory (on the device when it is small)
-                val = _load_split(ray.train.get_dataset_shard("val"), device if config["val_on_device"] else "cpu")
-            val_metrics, threshold = _evaluate(raw, val, cfg.target_fpr)
-            metrics.update(val_metrics)
-            history.append(metrics)
-            if reference:
-                next_lr, stop = scheduler.step(val_metrics["val_accuracy"], lr)
-                decision = torch.tensor([next_lr, float(stop)], dtype=torch.float64, device=device)
-                for group in optimizer.param_groups:
-                    group["lr"] = next_lr
-            key = cfg.select_metric
-            if best is None or val_metrics[key] > best["metrics"][key]:
-                best = {"epoch": epoch, "metrics": metrics, "threshold_logit": threshold,
-                        "model": {k: v.detach().cpu().clone() for k, v in raw.state_dict().items()}}
-            ckpt = _save_state({
-                "model": raw.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "epoch": epoch, "history": history, "best": best,
-            })
-            _write_history(config["output"], history, so)
-            print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
-        if reference and world > 1:
-            import torch.distributed as dist
-
-            dist.broadcast(decision, src=0)
-            for group in optimizer.param_groups:
-                group["lr"] = float(decision[0])
-            scheduler.done = bool(decision[1])
-        # The local copy goes once it is in storage: a ResNet-50 checkpoint (weights, AdamW
-        # moments, best weights) is ~380 MB, and one per epoch would fill the worker's /tmp.
-        ray.train.report(metrics, checkpoint=ckpt, delete_local_checkpoint_after_upload=ckpt is not None)
-        if epoch == cfg.fail_after_epoch and checkpoint is None and rank == 0:
-            raise RuntimeError(f"simulated worker failure after epoch {epoch} (--fail-after-epoch)")
-        if reference and bool(decision[1]):
-            if rank == 0:
-                print(f"early stop after epoch {epoch}: validation accuracy stalled at the last learning rate")
-            break
-
-
-def _write_history(output: str, history: list[dict], so: dict | None) -> None:
-    fs, path = open_fs(join(output, "history.jsonl"), so)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write("".join(json.dumps(h, default=float) + "\n" for h in history).encode())
 
 
 def _run_name(cfg: TrainConfig) -> str:
@@ -455,7 +261,7 @@ def run_training(cfg: TrainConfig) -> dict:
         from ray.data.expressions import col
 
         ds = ray.data.read_parquet(data_path, filesystem=pa_fs).select_columns([S.FEATURES, S.LABEL, S.SPLIT, S.ERROR_STAGE])
-        ds = ds.filter(expr=col(S.ERROR_STAGE).is_null() & (col(S.SPLIT) == split)).map_batches(_xy, batch_format="pyarrow")
+        ds = ds.filter(expr=col(S.ERROR_STAGE).is_null() & (col(S.SPLIT) == split)).map_batches(xy, batch_format="pyarrow")
         # A dataset carries its own DataContext into the workers that iterate it: without
         # this, rank 0's per-epoch read of the validation shard floods the job log with bars.
         ds.context.enable_progress_bars = False
@@ -495,7 +301,7 @@ def run_training(cfg: TrainConfig) -> dict:
         fail(f"training failed: {type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}")
     if result.checkpoint is None:
         fail("training produced no checkpoint")
-    state = _load_state(result.checkpoint)
+    state = load_state(result.checkpoint)
     best = state["best"]
     model = build_classifier(model_config)
     model.load_state_dict(best["model"])
