@@ -4,7 +4,7 @@
     python -m jobs.audit query per-prefix --scan s3://audit/scans --bucket uploads --depth 2
     python -m jobs.audit query top        --scan s3://audit/scans --date 2026-11-23 --limit 100
     python -m jobs.audit query detectors  --scan s3://audit/scans
-    python -m jobs.audit query diff       --scan s3://audit/scans --detector OLD_ID --against NEW_ID
+    python -m jobs.audit query diff       --scan s3://audit/scans --detector-id OLD_ID --against-id NEW_ID
     python -m jobs.audit query recut      --scan s3://audit/scans --threshold 0.9 [--rows --out flagged_0.9.parquet]
     python -m jobs.audit query errors     --scan s3://audit/scans --date 2026-11-23
     python -m jobs.audit query sql        --scan OUT --sql "SELECT bucket, count(*) FROM flagged GROUP BY ALL"
@@ -55,8 +55,8 @@ class AuditConfig:
     since: str = opt("", "only scan dates on or after this one, YYYY-MM-DD")
     until: str = opt("", "only scan dates on or before this one, YYYY-MM-DD")
     bucket: str = opt("", "only objects in this bucket ('local' for local paths)")
-    detector: str = opt("", "only rows of this detector id (diff: the old detector)")
-    against: str = opt("", "diff: the new detector id to compare --detector with")
+    detector_id: str = opt("", "only rows of this detector id (diff: the old detector)")
+    against_id: str = opt("", "diff: the new detector id to compare --detector-id with")
     threshold: float = opt(float("nan"), "recut: the new threshold on the score scale (0..1)", within="[0, 1]")
     rows: bool = opt(False, "recut: list the rows flagged at --threshold instead of counts per day")
     depth: int = opt(1, "per-prefix: how many folder levels below the bucket make a prefix", within="[1, inf)")
@@ -71,8 +71,8 @@ class AuditConfig:
 
 def _where(cfg: AuditConfig) -> str:
     parts = []
-    if cfg.detector and cfg.question != "diff":
-        parts.append(f"detector_id = {sql_quote(cfg.detector)}")
+    if cfg.detector_id and cfg.question != "diff":
+        parts.append(f"detector_id = {sql_quote(cfg.detector_id)}")
     return " AND ".join(parts)
 
 
@@ -110,11 +110,11 @@ def question_sql(cfg: AuditConfig) -> str:
                          min(scan_date) AS first_scan_date, max(scan_date) AS last_scan_date
                   FROM scores GROUP BY detector_id ORDER BY last_scan_date DESC, detector_id"""
     if q == "diff":
-        if not (cfg.detector and cfg.against):
-            fail("diff needs --detector OLD_ID --against NEW_ID (list them with: query detectors)")
+        if not (cfg.detector_id and cfg.against_id):
+            fail("diff needs --detector-id OLD_ID --against-id NEW_ID (list them with: query detectors)")
         latest = "SELECT uri, arg_max(score, scanned_at) AS score, arg_max(flagged, scanned_at) AS flagged FROM scores WHERE detector_id = {} GROUP BY uri"
         return f"""
-            WITH a AS ({latest.format(sql_quote(cfg.detector))}), b AS ({latest.format(sql_quote(cfg.against))})
+            WITH a AS ({latest.format(sql_quote(cfg.detector_id))}), b AS ({latest.format(sql_quote(cfg.against_id))})
             SELECT CASE WHEN b.flagged THEN 'newly flagged' ELSE 'no longer flagged' END AS change,
                    uri, a.score AS score_old, b.score AS score_new
             FROM a JOIN b USING (uri) WHERE a.flagged <> b.flagged

@@ -42,7 +42,7 @@ class ReportConfig:
     scan: str = opt("", "scan output prefix (the --output of jobs.scan), local or s3://")
     date: str = opt("last", "scan date to report, YYYY-MM-DD, or 'last' for the newest committed one")
     out: str = opt("report.html", "where to write the page (local or s3://)")
-    detector: str = opt("", "only this detector id (default: every detector that scanned that date)")
+    detector_id: str = opt("", "only this detector id (default: every detector that scanned that date)")
     max_thumbnails: int = opt(500, "flagged images shown as thumbnails, highest scores first; the page counts the rest", within="[0, inf)")
     band: float = opt(0.05, "near-threshold band: scores within this distance of the threshold (score scale)", within="[0, 1]")
     max_band: int = opt(100, "rows of the near-threshold band shown as thumbnails", within="[0, inf)")
@@ -128,9 +128,9 @@ def build_report(cfg: ReportConfig) -> tuple[str, dict]:
     if runs.num_rows == 0:
         fail(f"no finished scans in {cfg.scan}: nothing to report")
     date = max(runs["scan_date"].to_pylist()) if cfg.date in ("", "last") else parse_date(cfg.date, "--date")
-    where = f"detector_id = {sql_quote(cfg.detector)}" if cfg.detector else ""
+    where = f"detector_id = {sql_quote(cfg.detector_id)}" if cfg.detector_id else ""
     con = connect(out, where, date, date, runs=runs)
-    run_rows = [r for r in runs.to_pylist() if r["scan_date"] == date and (not cfg.detector or r["detector_id"] == cfg.detector)]
+    run_rows = [r for r in runs.to_pylist() if r["scan_date"] == date and (not cfg.detector_id or r["detector_id"] == cfg.detector_id)]
     if not run_rows:
         fail(f"no committed scan on {date} under {cfg.scan} (dates: {', '.join(sorted(set(runs['scan_date'].to_pylist())))})")
 

@@ -105,7 +105,7 @@ def test_top_per_prefix_and_errors(scans):
     want = s.assign(folder=folder).groupby("folder").flagged.agg(["size", "sum"])
     # Local paths: the prefix is the path's folders (depth 99 = all of them), so the last
     # folder names the group.
-    deep = _ask("per-prefix", "--scan", out, "--detector", scans["new"], "--depth", "99")
+    deep = _ask("per-prefix", "--scan", out, "--detector-id", scans["new"], "--depth", "99")
     by_dir = {p.rsplit("/", 1)[-1]: (r.scored, r.flagged) for p, r in zip(deep.prefix, deep.itertuples())}
     assert by_dir == {"x": (want.loc["a", "size"], want.loc["a", "sum"]), "b": (want.loc["b", "size"], want.loc["b", "sum"])}
 
@@ -115,7 +115,7 @@ def test_top_per_prefix_and_errors(scans):
 
 def test_diff_between_detector_versions(scans):
     out = str(scans["out"])
-    got = _ask("diff", "--scan", out, "--detector", scans["old"], "--against", scans["new"], "--limit", "0")
+    got = _ask("diff", "--scan", out, "--detector-id", scans["old"], "--against-id", scans["new"], "--limit", "0")
     s = _rows(out, "scores")
     latest = s.sort_values("scanned_at").groupby(["detector_id", "uri"]).last().reset_index()
     a = latest[latest.detector_id == scans["old"]].set_index("uri").flagged
@@ -133,15 +133,15 @@ def test_recut_at_another_threshold(scans):
     s = _rows(out, "scores")
     s = s[s.detector_id == scans["new"]]
     t = float(s.score.quantile(0.3))  # a threshold inside the spread of scores
-    got = _ask("recut", "--scan", out, "--detector", scans["new"], "--threshold", repr(t))
+    got = _ask("recut", "--scan", out, "--detector-id", scans["new"], "--threshold", repr(t))
     logit = math.log(t / (1 - t))
     assert got.scored.tolist() == [12]
     assert got.flagged_at_threshold.tolist() == [int((s.logit >= logit).sum())]
     assert got.newly_flagged.tolist() == [int(((s.logit >= logit) & ~s.flagged).sum())]
-    rows = _ask("recut", "--scan", out, "--detector", scans["new"], "--threshold", repr(t), "--rows", "--limit", "0")
+    rows = _ask("recut", "--scan", out, "--detector-id", scans["new"], "--threshold", repr(t), "--rows", "--limit", "0")
     assert sorted(rows.uri) == sorted(s[s.logit >= logit].uri)
     # at the bundle's own threshold nothing changes
-    same = _ask("recut", "--scan", out, "--detector", scans["new"], "--threshold", repr(float(s.threshold.iloc[0])))
+    same = _ask("recut", "--scan", out, "--detector-id", scans["new"], "--threshold", repr(float(s.threshold.iloc[0])))
     assert same.newly_flagged.tolist() == [0] and same.no_longer_flagged.tolist() == [0]
 
 
@@ -257,7 +257,7 @@ def test_migrate_what_the_previous_code_wrote(ray_local, scans, tmp_path):
 def test_bad_questions_fail_with_one_line(scans, capsys):
     with pytest.raises(SystemExit):
         audit.main(["query", "diff", "--scan", str(scans["out"])])
-    assert "needs --detector OLD_ID --against NEW_ID" in capsys.readouterr().err
+    assert "needs --detector-id OLD_ID --against-id NEW_ID" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         audit.main(["query", "per-day", "--scan", str(scans["out"]), "--since", "yesterday"])
     assert "is not a date" in capsys.readouterr().err
