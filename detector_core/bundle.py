@@ -28,16 +28,15 @@ from safetensors.torch import save as save_safetensors
 from scipy.special import expit
 from torch import nn
 
-from detector_core.extractors import FeatureSpec
+from detector_core.extractors import FAMILIES, FeatureSpec
 from detector_core.model import build_classifier
 from detector_core.storage import join, open_fs
 
-__all__ = ["FORMAT_VERSION", "KINDS", "BundleError", "DetectorBundle", "save_bundle", "load_bundle"]
+__all__ = ["BUNDLE_KINDS", "FORMAT_VERSION", "BundleError", "DetectorBundle", "save_bundle", "load_bundle"]
 
 FORMAT_VERSION = 1
-KIND_CLIP_MLP = "clip-mlp"
-KIND_DNF_RESNET = "dnf-resnet"
-KINDS = {"clip": KIND_CLIP_MLP, "dnf": KIND_DNF_RESNET}  # extractor -> bundle kind
+# A bundle's kind names its family's detector (extractors.FAMILIES: "clip-mlp", "dnf-resnet").
+BUNDLE_KINDS = {family.kind: name for name, family in FAMILIES.items()}  # bundle kind -> extractor
 WEIGHTS_FILE = "weights.safetensors"
 META_FILE = "detector.json"
 
@@ -80,7 +79,7 @@ class DetectorBundle:
 
     @property
     def kind(self) -> str:
-        return KINDS[self.features.extractor]
+        return self.features.family.kind
 
     @property
     def clip_model(self) -> str:
@@ -178,9 +177,9 @@ def load_bundle(uri: str, storage_options: dict | None = None, device: torch.dev
     if version != FORMAT_VERSION:
         raise BundleError(f"bundle at {uri} has format version {version!r}; this code reads version {FORMAT_VERSION}")
     kind = meta.get("kind")
-    extractor = {v: k for k, v in KINDS.items()}.get(kind)
+    extractor = BUNDLE_KINDS.get(kind)
     if extractor is None:
-        raise BundleError(f"bundle at {uri} is of kind {kind!r}; this code loads {', '.join(KINDS.values())}")
+        raise BundleError(f"bundle at {uri} is of kind {kind!r}; this code loads {', '.join(BUNDLE_KINDS)}")
     try:
         cfg = meta["model_config"]
         spec = FeatureSpec.from_dict({**meta, "extractor": extractor})

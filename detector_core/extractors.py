@@ -26,11 +26,92 @@ from detector_core.dnf import DNF_VALUES, DnfExtractor, DnfPreprocess, unet_conf
 from detector_core.dnf import TEST_TINY as UNET_TEST_TINY
 from detector_core.features import FEATURE_MODES, ClipEncoder, SplitPreprocess, feature_dim
 
-__all__ = ["EXTRACTORS", "FeatureSpec", "ClipFeatures", "build_extractor", "draft_size_for", "feature_compute", "preprocess_for"]
+__all__ = ["EXTRACTORS", "FAMILIES", "FeatureSpec", "ClipFeatures", "build_extractor", "draft_size_for", "feature_compute", "preprocess_for"]
 
-EXTRACTORS = ("clip", "dnf")
-_CLIP_KEYS = ("clip_model", "pretrained", "feature_mode")
-_DNF_KEYS = ("unet", "timestep", "image_size", "dnf_values")
+class _Clip:
+    """The CLIP family: frozen open_clip embeddings (docs/method.md section 1)."""
+
+    keys = ("clip_model", "pretrained", "feature_mode")
+    kind = "clip-mlp"  # the bundle kind of its detectors
+
+    @staticmethod
+    def check(spec: "FeatureSpec") -> None:
+        if spec.feature_mode not in FEATURE_MODES:
+            raise ValueError(f"feature mode must be one of {FEATURE_MODES}, got {spec.feature_mode!r}")
+
+    @staticmethod
+    def id(spec: "FeatureSpec") -> str:
+        return f"{spec.clip_model}/{spec.pretrained}/{spec.feature_mode}"
+
+    @staticmethod
+    def cache_prefix(spec: "FeatureSpec") -> str:  # the pre-DNF string, so old caches stay valid
+        return f"{spec.clip_model}|{spec.pretrained}|{spec.feature_mode}|"
+
+    @staticmethod
+    def shape(spec: "FeatureSpec") -> tuple[int, ...]:
+        return (feature_dim(spec.clip_model, spec.feature_mode),)
+
+    @staticmethod
+    def resolved(spec: "FeatureSpec", storage_options: dict | None) -> "FeatureSpec":
+        return spec
+
+    @staticmethod
+    def preprocess(spec: "FeatureSpec"):
+        return SplitPreprocess(spec.clip_model, spec.pretrained)
+
+    @staticmethod
+    def build(spec: "FeatureSpec", device, precision: str, storage_options: dict | None):
+        return ClipFeatures(spec, device, precision, storage_options)
+
+
+class _Dnf:
+    """The DNF family: a diffusion UNet's noise estimate (docs/method.md section 8)."""
+
+    keys = ("unet", "timestep", "image_size", "dnf_values")
+    kind = "dnf-resnet"
+
+    @staticmethod
+    def check(spec: "FeatureSpec") -> None:
+        if spec.dnf_values not in DNF_VALUES:
+            raise ValueError(f"DNF values must be one of {DNF_VALUES}, got {spec.dnf_values!r}")
+
+    @staticmethod
+    def id(spec: "FeatureSpec") -> str:  # raw keeps its pre-reference id: the incremental state and old tables key on it
+        return f"dnf/{spec.unet}/t{spec.timestep}/{spec.image_size}" + ("" if spec.dnf_values == "raw" else "/q8")
+
+    @staticmethod
+    def cache_prefix(spec: "FeatureSpec") -> str:
+        return f"dnf|{spec.unet}|t={spec.timestep}|{spec.image_size}|" + ("" if spec.dnf_values == "raw" else "values=reference|")
+
+    @staticmethod
+    def shape(spec: "FeatureSpec") -> tuple[int, ...]:
+        if not spec.image_size:
+            raise ValueError("DNF spec has no image_size; call resolved() first")
+        return (3, spec.image_size, spec.image_size)
+
+    @staticmethod
+    def resolved(spec: "FeatureSpec", storage_options: dict | None) -> "FeatureSpec":
+        if spec.image_size:
+            return spec
+        return replace(spec, image_size=int(unet_config(spec.unet, storage_options)["sample_size"]))
+
+    @staticmethod
+    def preprocess(spec: "FeatureSpec"):
+        return DnfPreprocess(spec.resolved().image_size, spec.dnf_values)
+
+    @staticmethod
+    def build(spec: "FeatureSpec", device, precision: str, storage_options: dict | None):
+        ex = DnfExtractor(spec.unet, device=device, timestep=spec.timestep, precision=precision, storage_options=storage_options,
+                          values=spec.dnf_values)
+        if spec.image_size and spec.image_size != ex.image_size:
+            raise ValueError(f"spec says image size {spec.image_size} but UNet {spec.unet} has sample size {ex.image_size}")
+        return ex
+
+
+# The extractor families, by the name ``--extractor`` and every record use. A new family is a
+# class with these members and a ``FeatureSpec`` field per key, registered here.
+FAMILIES = {"clip": _Clip, "dnf": _Dnf}
+EXTRACTORS = tuple(FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -53,49 +134,43 @@ class FeatureSpec:
     dnf_values: str = "reference"
 
     def __post_init__(self) -> None:
-        if self.extractor not in EXTRACTORS:
+        if self.extractor not in FAMILIES:
             raise ValueError(f"extractor must be one of {EXTRACTORS}, got {self.extractor!r}")
-        # The other family's fields mean nothing here: keep them at their defaults, so that two
+        # Other families' fields mean nothing here: keep them at their defaults, so that two
         # specs of one extractor are equal (and hash alike) whatever a job config carried in them.
-        other = _DNF_KEYS if self.extractor == "clip" else _CLIP_KEYS
+        mine = self.family.keys
         for f in fields(self):
-            if f.name in other and getattr(self, f.name) != f.default:
+            if f.name != "extractor" and f.name not in mine and getattr(self, f.name) != f.default:
                 object.__setattr__(self, f.name, f.default)
-        if self.extractor == "clip" and self.feature_mode not in FEATURE_MODES:
-            raise ValueError(f"feature mode must be one of {FEATURE_MODES}, got {self.feature_mode!r}")
-        if self.dnf_values not in DNF_VALUES:
-            raise ValueError(f"DNF values must be one of {DNF_VALUES}, got {self.dnf_values!r}")
+        self.family.check(self)
+
+    @property
+    def family(self):
+        return FAMILIES[self.extractor]
 
     @classmethod
     def from_dict(cls, d: dict) -> "FeatureSpec":
         """From a cache marker or bundle metadata (records older than DNF have no ``extractor``: CLIP)."""
         extractor = d.get("extractor", "clip")
-        keys = _CLIP_KEYS if extractor == "clip" else _DNF_KEYS
-        kwargs = {k: d[k] for k in keys if k in d}
+        kwargs = {k: d[k] for k in FAMILIES[extractor].keys if k in d} if extractor in FAMILIES else {}
         if extractor == "dnf":
             kwargs.setdefault("dnf_values", "raw")  # DNF records from before the reference mode hold float noise
         return cls(extractor=extractor, **kwargs)
 
     def to_dict(self) -> dict:
-        keys = _CLIP_KEYS if self.extractor == "clip" else _DNF_KEYS
-        d = {"extractor": self.extractor, **{k: getattr(self, k) for k in keys}}
+        d = {"extractor": self.extractor, **{k: getattr(self, k) for k in self.family.keys}}
         if d.get("dnf_values") == "raw":  # as records from before the field: raw bundles keep their content hash
             del d["dnf_values"]
         return d
 
     def resolved(self, storage_options: dict | None = None) -> "FeatureSpec":
-        """The spec with ``image_size`` read from the UNet's config (DNF); CLIP specs unchanged."""
-        if self.extractor == "dnf" and not self.image_size:
-            return replace(self, image_size=int(unet_config(self.unet, storage_options)["sample_size"]))
-        return self
+        """The spec with what must be read from the model filled in (DNF: ``image_size`` from the UNet's config)."""
+        return self.family.resolved(self, storage_options)
 
     @property
     def id(self) -> str:
         """Short name of the extractor and settings, stored with every feature row and score."""
-        if self.extractor == "clip":
-            return f"{self.clip_model}/{self.pretrained}/{self.feature_mode}"
-        # raw keeps its pre-reference id: the incremental state and old tables key on it.
-        return f"dnf/{self.unet}/t{self.timestep}/{self.image_size}" + ("" if self.dnf_values == "raw" else "/q8")
+        return self.family.id(self)
 
     @property
     def needs_captions(self) -> bool:
@@ -104,29 +179,21 @@ class FeatureSpec:
     @property
     def shape(self) -> tuple[int, ...]:
         """Shape of one feature: ``(d,)`` for CLIP, ``(3, S, S)`` for DNF (resolved specs)."""
-        if self.extractor == "clip":
-            return (feature_dim(self.clip_model, self.feature_mode),)
-        if not self.image_size:
-            raise ValueError("DNF spec has no image_size; call resolved() first")
-        return (3, self.image_size, self.image_size)
+        return self.family.shape(self)
 
     @property
     def dim(self) -> int:
         return math.prod(self.shape)
 
     def cache_prefix(self) -> str:
-        """What of the spec enters a feature cache key (CLIP's string is the pre-DNF one, so old caches stay valid)."""
-        if self.extractor == "clip":
-            return f"{self.clip_model}|{self.pretrained}|{self.feature_mode}|"
-        return f"dnf|{self.unet}|t={self.timestep}|{self.image_size}|" + ("" if self.dnf_values == "raw" else "values=reference|")
+        """What of the spec enters a feature cache key."""
+        return self.family.cache_prefix(self)
 
 
 @functools.lru_cache(maxsize=8)
 def preprocess_for(spec: FeatureSpec):
-    """The CPU half of the spec's preprocessing (``to_uint8``, ``size``, ``draft_ok``, ``resize``)."""
-    if spec.extractor == "clip":
-        return SplitPreprocess(spec.clip_model, spec.pretrained)
-    return DnfPreprocess(spec.resolved().image_size, spec.dnf_values)
+    """The CPU half of the spec's preprocessing (``to_input``, ``dtype``, ``size``, ``draft_ok``, ``resize``)."""
+    return spec.family.preprocess(spec)
 
 
 def draft_size_for(prep, draft: bool = True) -> int | None:
@@ -164,10 +231,4 @@ class ClipFeatures:
 def build_extractor(spec: FeatureSpec, device: torch.device | str = "cpu", precision: str = "auto",
                     storage_options: dict | None = None):
     """The extractor of a spec on ``device``: ``ClipFeatures`` or ``DnfExtractor``."""
-    if spec.extractor == "clip":
-        return ClipFeatures(spec, device, precision, storage_options)
-    ex = DnfExtractor(spec.unet, device=device, timestep=spec.timestep, precision=precision, storage_options=storage_options,
-                      values=spec.dnf_values)
-    if spec.image_size and spec.image_size != ex.image_size:
-        raise ValueError(f"spec says image size {spec.image_size} but UNet {spec.unet} has sample size {ex.image_size}")
-    return ex
+    return spec.family.build(spec, device, precision, storage_options)
