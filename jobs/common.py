@@ -60,21 +60,32 @@ def parse_config(cls: type[T], argv=None, description: str | None = None) -> T:
     """Parse ``argv`` into the job's config dataclass; a number outside its field's ``within`` ends the job with one line."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    # Flags declared by a shared piece (jobs.options) go in that piece's group, after the job's own.
+    owner = {name: klass for klass in reversed(cls.__mro__) for name in vars(klass).get("__annotations__", {})}
+    groups: dict[type, Any] = {}
+    ordered = sorted(dataclasses.fields(cls), key=lambda f: owner.get(f.name, cls) is not cls)
+    for f in ordered:
+        klass = owner.get(f.name, cls)
+        if klass is cls:
+            target = parser
+        elif klass not in groups:
+            target = groups[klass] = parser.add_argument_group((klass.__doc__ or klass.__name__).strip().splitlines()[0].rstrip("."))
+        else:
+            target = groups[klass]
         flag = "--" + f.name.replace("_", "-")
         meta = dict(f.metadata)
         help_text = meta.pop("help")
         within = meta.pop("within", None)
         typ = hints[f.name]
         if typ is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            target.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
             continue
         base = typ
         if getattr(typ, "__origin__", None) is not None or str(typ).startswith("typing.Optional") or " | " in str(typ):
             args = [a for a in getattr(typ, "__args__", ()) if a is not type(None)]
             base = args[0] if args else str
         shown = f"{help_text} (default: {f.default}" + (f"; in {within})" if within else ")")
-        parser.add_argument(flag, dest=f.name, type=base, default=f.default, help=shown, **meta)
+        target.add_argument(flag, dest=f.name, type=base, default=f.default, help=shown, **meta)
     cfg = cls(**vars(parser.parse_args(argv)))
     for f in dataclasses.fields(cls):
         within = f.metadata.get("within")

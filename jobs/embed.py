@@ -27,53 +27,30 @@ import pyarrow.parquet as pq
 
 from detector_core import schema as S
 from detector_core.cache import DATA, ERRORS, SUCCESS, cache_key, read_marker
-from detector_core.dnf import DNF_VALUES, UnetNotFoundError
-from detector_core.extractors import EXTRACTORS, FeatureSpec, feature_compute
-from detector_core.features import FEATURE_MODES, WeightsNotFoundError, check_weights
+from detector_core.dnf import UnetNotFoundError
+from detector_core.extractors import FeatureSpec, feature_compute
+from detector_core.features import WeightsNotFoundError, check_weights
 from detector_core.manifest import ManifestError, read_manifest, validate_manifest
 from detector_core.storage import arrow_fs, open_fs, s3_storage_options
 from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, run_main, write_json
+from jobs.options import ExtractorOptions, RayOptions, StorageOptions
 
 
 @dataclass
-class EmbedConfig:
+class EmbedConfig(RayOptions, StorageOptions, ExtractorOptions):
     manifest: str = opt("", "labelled manifest: .parquet/.csv with uri,label[,caption,generator,split], or a real/ + generated/ tree")
     output: str = opt("", "feature cache folder (local path or s3://…)")
-    clip_model: str = opt("ViT-L-14", "open_clip model (the paper's: ViT-L-14; test-tiny: a random 64 px model for tests)")
-    pretrained: str = opt("openai", "open_clip tag whose weights are in the local cache, a weights path or s3:// URI, or none (random: tests only); checked before any work")
-    feature_mode: str = opt("image", "image or image+text (image+text needs a caption per row)", choices=FEATURE_MODES)
-    extractor: str = opt("clip", "feature family: clip (CLIP embeddings) or dnf (Diffusion Noise Feature of a diffusion UNet)", choices=EXTRACTORS)
-    unet: str = opt("test-tiny", "--extractor dnf: diffusers UNet2DModel folder (local or s3://), or test-tiny (random; tests/demo)")
-    timestep: int = opt(0, "--extractor dnf: timestep of the single UNet call (0: the first DDIM inversion step, as the reference)", within="[0, 999]")
-    dnf_values: str = opt("reference", "--extractor dnf: reference (the DNF reference's feature bit for bit: bicubic float resize, noise clamped and quantised to 8 bits, JPEG sources' noise through a JPEG file) or raw (bilinear uint8 resize, float noise)", choices=DNF_VALUES)
     batch_size: int = opt(64, "images per embedding batch", within="[1, inf)")
     actors: int = opt(1, "number of CLIP actors (one GPU each with --gpu)", within="[1, inf)")
     gpu: bool = opt(False, "run CLIP actors on GPUs (num_gpus=1 each)")
     val_fraction: float = opt(0.2, "fraction of rows without a split that go to validation (by uri hash)", within="[0, 1)")
     calib_fraction: float = opt(0.1, "fraction of rows without a split that go to the calibration split (by uri hash): the threshold is set on it, not on validation", within="[0, 1)")
-    jpeg_draft: bool = opt(True, "decode large JPEGs with DCT scaling to twice the model input (CLIP; 4.6-5.4x faster decode); --no-jpeg-draft decodes every image in full, the same function of the pixels for JPEGs and other formats (a set whose real images are JPEG and generated ones PNG); recorded, and scans of the detector decode the same way")
     perturb: str = opt("", "embed perturbed images: one kind:value of detector_core.perturb (jpeg:75, resize:0.5, blur:2, crop:0.6); for jobs.evaluate")
     perturb_seed: int = opt(0, "seed of random perturbations (crop positions)", within="[0, inf)")
-    s3_endpoint: str = opt("", "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
-    ray_address: str = opt("", "Ray cluster address (default: the job's cluster, or a local Ray)")
 
     def spec(self, storage_options: dict | None = None) -> FeatureSpec:
         """The resolved extractor spec (DNF: the input size read from the UNet's config)."""
-        return spec_of(self).resolved(storage_options)
-
-
-# The extractor settings a job config carries (EmbedConfig, TrainConfig), as FeatureSpec names them.
-SPEC_FIELDS = ("extractor", "clip_model", "pretrained", "feature_mode", "unet", "timestep", "dnf_values")
-
-
-def spec_of(cfg) -> FeatureSpec:
-    """The (unresolved) extractor spec of a job config with the ``SPEC_FIELDS``."""
-    return FeatureSpec(**{k: getattr(cfg, k) for k in SPEC_FIELDS})
-
-
-def spec_settings(spec: FeatureSpec) -> dict:
-    """``EmbedConfig`` fields that reproduce a spec (e.g. a bundle's): ``EmbedConfig(**spec_settings(b.features), ...)``."""
-    return {k: getattr(spec, k) for k in SPEC_FIELDS}
+        return self.feature_spec().resolved(storage_options)
 
 
 def require_weights(spec: FeatureSpec, storage_options: dict | None = None) -> None:

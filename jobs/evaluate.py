@@ -44,7 +44,8 @@ from detector_core.perturb import parse_perturbations
 from detector_core.storage import arrow_fs, open_fs, s3_storage_options
 from detector_core.training import predict_logits
 from jobs.common import config_dict, fail, join, opt, parse_config, run_main, write_json, write_parquet
-from jobs.embed import EmbedConfig, run_embedding, spec_settings
+from jobs.embed import EmbedConfig, run_embedding
+from jobs.options import extractor_options
 from jobs.pipeline import trained_draft
 
 CLEAN = "clean"
@@ -240,7 +241,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
         name = CLEAN if p is None else p.name
         cache = join(cfg.output, "features", name.replace(":", "-"))
         run_embedding(EmbedConfig(
-            manifest=manifest, output=cache, **spec_settings(bundle.features), batch_size=cfg.batch_size, actors=cfg.actors, gpu=cfg.gpu,
+            manifest=manifest, output=cache, **extractor_options(bundle.features), batch_size=cfg.batch_size, actors=cfg.actors, gpu=cfg.gpu,
             jpeg_draft=trained_draft(bundle),
             perturb="" if p is None else p.name, perturb_seed=cfg.perturb_seed, s3_endpoint=cfg.s3_endpoint,
             ray_address=cfg.ray_address), so)

@@ -66,9 +66,7 @@ import torch
 from detector_core import schema as S
 from detector_core.bundle import DetectorBundle, save_bundle
 from detector_core.cache import DATA, SUCCESS, cache_spec, read_marker
-from detector_core.dnf import DNF_VALUES
-from detector_core.extractors import EXTRACTORS, FeatureSpec
-from detector_core.features import FEATURE_MODES
+from detector_core.extractors import FeatureSpec
 from detector_core.losses import LOSS_KINDS
 from detector_core.metrics import calibrate_threshold
 from detector_core.model import RESNETS, NoiseResNet, build_classifier, load_backbone
@@ -76,22 +74,16 @@ from detector_core.shortcuts import dataset_report
 from detector_core.storage import arrow_fs, s3_storage_options
 from detector_core.training import RECIPE_OPTIM, RECIPES, OptimConfig, predict_logits
 from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, run_main, write_json
-from jobs.embed import require_weights, spec_of, spec_settings
+from jobs.embed import require_weights
+from jobs.options import ExtractorOptions, RayOptions, StorageOptions, extractor_options
 from jobs.train_worker import load_state, train_loop_per_worker, xy
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RayOptions, StorageOptions, ExtractorOptions):
     manifest: str = opt("", "labelled manifest (.parquet/.csv or a real/ + generated/ tree); embeds it first")
     features: str = opt("", "existing feature cache from jobs.embed (replaces --manifest)")
     output: str = opt("", "output folder: detector/, metrics.json, config.json, history.jsonl (local or s3://)")
-    clip_model: str = opt("ViT-L-14", "open_clip model (the paper's: ViT-L-14; test-tiny: a random 64 px model for tests)")
-    pretrained: str = opt("openai", "open_clip tag whose weights are in the local cache, a weights path or s3:// URI, or none (random: tests only); checked before any work")
-    feature_mode: str = opt("image", "image or image+text; fixed in the detector", choices=FEATURE_MODES)
-    extractor: str = opt("clip", "detector family: clip (CLIP features + MLP) or dnf (Diffusion Noise Feature + ResNet)", choices=EXTRACTORS)
-    unet: str = opt("test-tiny", "--extractor dnf: diffusers UNet2DModel folder (local or s3://), or test-tiny (random; tests/demo)")
-    timestep: int = opt(0, "--extractor dnf: timestep of the UNet call (0: the first DDIM inversion step, as the reference)", within="[0, 999]")
-    dnf_values: str = opt("reference", "--extractor dnf: reference (the DNF reference's feature bit for bit: bicubic float resize, noise clamped and quantised to 8 bits, JPEG sources' noise through a JPEG file) or raw (bilinear uint8 resize, float noise)", choices=DNF_VALUES)
     resnet: str = opt("resnet50", "--extractor dnf: classifier on the noise feature", choices=RESNETS)
     resnet_init: str = opt("", "--extractor dnf: torchvision state dict (.pth, local or s3://) to start the ResNet from, e.g. ImageNet weights; default random, as the DNF reference (from scratch since its commit 139c073)")
     recipe: str = opt("cvar-sam", "cvar-sam (the paper's: the loss, SAM and AdamW flags below, cosine schedule, best epoch by validation AUC) or dnf-reference (--extractor dnf; the DNF reference's classifier training: BCE, Adam, lr 1e-4, batch 64, no weight decay, horizontal flips, fc init N(0, 0.02), lr/10 when validation accuracy stalls for --patience epochs, stop below 1e-6, best epoch by validation accuracy; flags left at their defaults take the recipe's values)", choices=RECIPES)
@@ -125,11 +117,8 @@ class TrainConfig:
     max_failures: int = opt(2, "worker failures to recover from (from the last checkpoint; -1: no limit)", within="[-1, inf)")
     cache_shard: bool = opt(True, "keep each worker's shard in memory after the first epoch (--no-cache-shard: stream every epoch)")
     cache_shard_max_gb: float = opt(8.0, "stream every epoch instead when a worker's shard is larger than this (DNF features are 768 KiB a row at 256 px)", within="(0, inf)")
-    jpeg_draft: bool = opt(True, "decode large JPEGs with DCT scaling to twice the model input (CLIP; 4.6-5.4x faster decode); --no-jpeg-draft decodes every image in full, the same function of the pixels for JPEGs and other formats (a set whose real images are JPEG and generated ones PNG); recorded, and scans of the detector decode the same way")
     embed_batch_size: int = opt(64, "images per embedding batch (stage 1)", within="[1, inf)")
     embed_actors: int = opt(1, "feature-extractor actors for stage 1", within="[1, inf)")
-    s3_endpoint: str = opt("", "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
-    ray_address: str = opt("", "Ray cluster address (default: the job's cluster, or a local Ray)")
     fail_after_epoch: int = opt(-1, "testing: make rank 0 crash once right after checkpointing this epoch", within="[-1, inf)")
 
     def optim(self) -> OptimConfig:
@@ -212,7 +201,7 @@ def run_training(cfg: TrainConfig) -> dict:
         except (OSError, ValueError, RuntimeError) as exc:
             fail(str(exc))
     if cfg.manifest:  # before Ray starts: the paper's ViT-L-14 is the default, and its weights may be absent
-        require_weights(spec_of(cfg), so)
+        require_weights(cfg.feature_spec(), so)
     init_ray(cfg.ray_address or None)
     embed_summary = None
     cache = cfg.features
@@ -221,8 +210,8 @@ def run_training(cfg: TrainConfig) -> dict:
 
         cache = join(cfg.output, "features")
         embed_cfg = EmbedConfig(
-            manifest=cfg.manifest, output=cache, **spec_settings(spec_of(cfg)), batch_size=cfg.embed_batch_size,
-            actors=cfg.embed_actors, gpu=cfg.gpu, jpeg_draft=cfg.jpeg_draft,
+            manifest=cfg.manifest, output=cache, **extractor_options(cfg), batch_size=cfg.embed_batch_size,
+            actors=cfg.embed_actors, gpu=cfg.gpu,
             val_fraction=cfg.val_fraction, calib_fraction=cfg.calib_fraction, s3_endpoint=cfg.s3_endpoint, ray_address=cfg.ray_address,
         )
         embed_summary = run_embedding(embed_cfg, so)
@@ -234,7 +223,7 @@ def run_training(cfg: TrainConfig) -> dict:
         for k, v in spec.to_dict().items():
             if hasattr(cfg, k) and k != "image_size":
                 setattr(cfg, k, v)
-    elif spec != (wanted := spec_of(cfg).resolved(so)):
+    elif spec != (wanted := cfg.feature_spec().resolved(so)):
         fail(f"feature cache {cache} was made with {spec.id}, not {wanted.id}")
     model_config = cfg.model_config(spec)
     if cfg.recipe == "dnf-reference":
