@@ -24,9 +24,9 @@ import torch
 
 from detector_core.dnf import DNF_VALUES, DnfExtractor, DnfPreprocess, unet_config
 from detector_core.dnf import TEST_TINY as UNET_TEST_TINY
-from detector_core.features import FEATURE_MODES, ClipEncoder, SplitPreprocess, feature_dim
+from detector_core.features import FEATURE_MODES, ClipEncoder, SplitPreprocess, check_weights, feature_dim
 
-__all__ = ["EXTRACTORS", "FAMILIES", "FeatureSpec", "ClipFeatures", "build_extractor", "draft_size_for", "feature_compute", "preprocess_for"]
+__all__ = ["EXTRACTORS", "FAMILIES", "FeatureSpec", "ClipFeatures", "build_extractor", "check_available", "draft_size_for", "feature_compute", "preprocess_for"]
 
 class _Clip:
     """The CLIP family: frozen open_clip embeddings (docs/method.md section 1)."""
@@ -62,6 +62,10 @@ class _Clip:
     @staticmethod
     def build(spec: "FeatureSpec", device, precision: str, storage_options: dict | None):
         return ClipFeatures(spec, device, precision, storage_options)
+
+    @staticmethod
+    def check_available(spec: "FeatureSpec", storage_options: dict | None) -> None:
+        check_weights(spec.clip_model, spec.pretrained, storage_options=storage_options)
 
 
 class _Dnf:
@@ -106,6 +110,10 @@ class _Dnf:
         if spec.image_size and spec.image_size != ex.image_size:
             raise ValueError(f"spec says image size {spec.image_size} but UNet {spec.unet} has sample size {ex.image_size}")
         return ex
+
+    @staticmethod
+    def check_available(spec: "FeatureSpec", storage_options: dict | None) -> None:
+        unet_config(spec.unet, storage_options)
 
 
 # The extractor families, by the name ``--extractor`` and every record use. A new family is a
@@ -188,6 +196,15 @@ class FeatureSpec:
     def cache_prefix(self) -> str:
         """What of the spec enters a feature cache key."""
         return self.family.cache_prefix(self)
+
+
+def check_available(spec: FeatureSpec, storage_options: dict | None = None) -> None:
+    """Fail now, with what to pass, when a spec's model weights are not where its extractor will look.
+
+    Raises ``features.WeightsNotFoundError`` (CLIP) or ``dnf.UnetNotFoundError`` (DNF); loads no model.
+    Jobs call it before they start Ray work, so a missing file is one line, not a dead actor.
+    """
+    spec.family.check_available(spec, storage_options)
 
 
 @functools.lru_cache(maxsize=8)

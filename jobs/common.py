@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import math
 import os
+import re
 import sys
 import time
 import uuid
@@ -218,6 +219,18 @@ def fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
+def require_weights(spec, storage_options: dict | None = None) -> None:
+    """End the job now, with what to pass, when a feature spec's weights are not here (not later in every actor)."""
+    from detector_core.dnf import UnetNotFoundError
+    from detector_core.extractors import check_available
+    from detector_core.features import WeightsNotFoundError
+
+    try:
+        check_available(spec, storage_options)
+    except (WeightsNotFoundError, UnetNotFoundError, ValueError) as exc:
+        fail(str(exc))
+
+
 def parse_date(value: str, flag: str) -> str:
     """``YYYY-MM-DD`` as given to ``flag``, or the job ends with the one line that says so."""
     try:
@@ -237,6 +250,10 @@ def open_output(scan: str, catalog: str, namespace: str, storage_options: dict |
         fail(str(exc))
 
 
+_RAY_WRAPPERS = ("ActorDiedError", "RayActorError", "RayTaskError", "ActorUnavailableError")
+_RAISED = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$", re.M)  # "WeightsNotFoundError: ..." lines of a remote traceback
+
+
 def _cause(exc: BaseException) -> str:
     """One line that says what went wrong, from the exception chain's most telling link."""
     chain = [exc]
@@ -246,6 +263,13 @@ def _cause(exc: BaseException) -> str:
             break
         chain.append(nxt)
     for e in chain:
+        if type(e).__name__ in _RAY_WRAPPERS:  # a task or actor died: say what killed it, not that it died
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, BaseException) and cause is not e:
+                return _cause(cause)
+            found = [m for m in _RAISED.findall(str(e)) if m[0] not in _RAY_WRAPPERS]
+            if found:
+                return f"{found[-1][0]}: {found[-1][1].strip()[:400]}"
         if isinstance(e, (PermissionError,)) or type(e).__name__ in ("NoCredentialsError", "ClientError"):
             text = " ".join(str(e).split())
             return f"object store refused the request ({type(e).__name__}: {text}); check the credentials (AWS_* variables, instance role) and --s3-endpoint"
@@ -275,4 +299,4 @@ def run_main(main) -> None:
         raise SystemExit(1)
 
 
-__all__ = ["opt", "parse_config", "parse_interval", "in_interval", "init_ray", "check_connection", "check_ray_address", "new_run_id", "write_json", "write_parquet", "read_json", "config_dict", "fail", "run_main", "join", "parse_date", "open_output"]
+__all__ = ["opt", "parse_config", "parse_interval", "in_interval", "init_ray", "check_connection", "check_ray_address", "new_run_id", "write_json", "write_parquet", "read_json", "config_dict", "fail", "run_main", "join", "parse_date", "open_output", "require_weights"]

@@ -29,10 +29,9 @@ from detector_core import schema as S
 from detector_core.cache import DATA, ERRORS, SUCCESS, cache_key, read_marker
 from detector_core.dnf import UnetNotFoundError
 from detector_core.extractors import FeatureSpec, feature_compute
-from detector_core.features import WeightsNotFoundError, check_weights
 from detector_core.manifest import ManifestError, read_manifest, validate_manifest
 from detector_core.storage import arrow_fs, open_fs, s3_storage_options
-from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, run_main, write_json
+from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, require_weights, run_main, write_json
 from jobs.options import ExtractorOptions, RayOptions, StorageOptions
 
 
@@ -51,16 +50,6 @@ class EmbedConfig(RayOptions, StorageOptions, ExtractorOptions):
     def spec(self, storage_options: dict | None = None) -> FeatureSpec:
         """The resolved extractor spec (DNF: the input size read from the UNet's config)."""
         return self.feature_spec().resolved(storage_options)
-
-
-def require_weights(spec: FeatureSpec, storage_options: dict | None = None) -> None:
-    """End the job now, with what to pass, when a CLIP spec's weights are not here (not later in every actor)."""
-    if spec.extractor != "clip":
-        return
-    try:
-        check_weights(spec.clip_model, spec.pretrained, storage_options=storage_options)
-    except (WeightsNotFoundError, ValueError) as exc:
-        fail(str(exc))
 
 
 def run_embedding(cfg: EmbedConfig, storage_options: dict | None = None) -> dict:

@@ -70,6 +70,7 @@ from jobs.common import (
     new_run_id,
     opt,
     parse_config,
+    require_weights,
     run_main,
     write_json,
     write_parquet,
@@ -293,6 +294,8 @@ def run_scan(cfg: ScanConfig) -> dict:
         bundles = [load_bundle(u, so) for u in uris]
     except BundleError as exc:
         fail(str(exc))
+    for spec in dict.fromkeys(b.features for b in bundles):  # a missing CLIP or UNet file: one line now, not a dead actor
+        require_weights(spec, so)
     ids = [b.detector_id for b in bundles]
     if len(set(ids)) != len(ids):
         fail(f"the same detector is given twice ({', '.join(ids)}); each bundle may appear once")

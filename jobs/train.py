@@ -73,8 +73,7 @@ from detector_core.model import RESNETS, NoiseResNet, build_classifier, load_bac
 from detector_core.shortcuts import dataset_report
 from detector_core.storage import arrow_fs, s3_storage_options
 from detector_core.training import RECIPE_OPTIM, RECIPES, OptimConfig, predict_logits
-from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, run_main, write_json
-from jobs.embed import require_weights
+from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, require_weights, run_main, write_json
 from jobs.options import ExtractorOptions, RayOptions, StorageOptions, extractor_options
 from jobs.train_worker import load_state, train_loop_per_worker, xy
 

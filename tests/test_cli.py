@@ -141,3 +141,41 @@ def test_training_defaults_to_the_papers_clip_and_says_what_to_pass_when_its_wei
         last = res.stderr.strip().splitlines()[-1]
         assert res.returncode == 2 and last.startswith("ERROR: the 'openai' weights of ViT-L-14 are not in the local open_clip cache"), last
         assert "--pretrained" in last and "test-tiny" in last and "starting a private local Ray" not in res.stderr
+
+
+def test_a_dead_actor_is_reported_by_what_killed_it(ray_local):
+    """A Ray actor whose constructor raised (e.g. a Scorer whose weights are missing): the job's last line names that error."""
+    import ray
+
+    from detector_core.features import WeightsNotFoundError
+    from jobs.common import _cause
+
+    @ray.remote(num_cpus=0)
+    class Broken:
+        def __init__(self):
+            raise WeightsNotFoundError("--pretrained s3://bucket/weights.bin does not exist")
+
+        def ping(self):
+            return 1
+
+    with pytest.raises(Exception) as info:
+        ray.get(Broken.remote().ping.remote(), timeout=120)
+    assert "ActorDiedError" in type(info.value).__name__ or "RayActorError" in type(info.value).__name__
+    assert _cause(info.value) == "WeightsNotFoundError: --pretrained s3://bucket/weights.bin does not exist"
+
+
+def test_a_scan_whose_bundle_weights_are_missing_is_refused_before_ray(tmp_path, capsys):
+    from detector_core.bundle import DetectorBundle, save_bundle
+    from detector_core.extractors import FeatureSpec
+    from detector_core.model import DetectorMLP
+    from jobs import scan
+
+    missing = tmp_path / "vit.bin"
+    save_bundle(DetectorBundle(model=DetectorMLP(64).eval(), features=FeatureSpec(clip_model="test-tiny", pretrained=str(missing))),
+                str(tmp_path / "det"))
+    (tmp_path / "in").mkdir()
+    with pytest.raises(SystemExit):
+        scan.main(["--detector", str(tmp_path / "det"), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("ERROR:") and str(missing) in last, last
+    assert not (tmp_path / "out").exists()
