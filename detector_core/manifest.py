@@ -75,19 +75,21 @@ def manifest_from_tree(root: str, storage_options: dict | None = None) -> pa.Tab
 def read_manifest(uri: str, storage_options: dict | None = None) -> pa.Table:
     """Read a Parquet/CSV manifest, or build one from a ``real/``, ``generated/`` tree."""
     fs, path = open_fs(uri, storage_options)
-    if fs.isdir(path):
-        if fs.exists(f"{path.rstrip('/')}/real") or fs.exists(f"{path.rstrip('/')}/generated"):
-            return manifest_from_tree(uri, storage_options)
-        table = pq.read_table(path, filesystem=fs)
-    elif path.lower().endswith((".csv", ".csv.gz")):
-        with fs.open(path, "rb", compression="infer") as f:
-            table = pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
-    elif path.lower().endswith(".parquet") or path.lower().endswith(".pq"):
-        table = pq.read_table(path, filesystem=fs)
-    elif not fs.exists(path):
-        raise ManifestError(f"manifest {uri} does not exist")
-    else:
-        raise ManifestError(f"manifest {uri}: expected .parquet, .csv, or a folder with real/ and generated/")
+    if fs.isdir(path) and (fs.exists(f"{path.rstrip('/')}/real") or fs.exists(f"{path.rstrip('/')}/generated")):
+        return manifest_from_tree(uri, storage_options)
+    try:
+        if fs.isdir(path) or path.lower().endswith((".parquet", ".pq")):
+            table = pq.read_table(path, filesystem=fs)
+        elif path.lower().endswith((".csv", ".csv.gz")):
+            with fs.open(path, "rb", compression="infer") as f:
+                table = pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+        elif not fs.exists(path):
+            raise ManifestError(f"manifest {uri} does not exist")
+        else:
+            raise ManifestError(f"manifest {uri}: expected .parquet, .csv, or a folder with real/ and generated/")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
+        # Arrow's message names the row and column of a bad CSV line, or what is wrong with a Parquet file.
+        raise ManifestError(f"manifest {uri} cannot be read: {' '.join(str(exc).split())}") from exc
     if S.URI not in table.column_names:
         raise ManifestError(f"manifest {uri} has no '{S.URI}' column (columns: {table.column_names})")
     base = posixpath.dirname(uri.rstrip("/")) if not fs.isdir(path) else uri.rstrip("/")

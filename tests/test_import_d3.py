@@ -40,3 +40,16 @@ def test_d3_shard_to_manifest(tmp_path):
     assert open(first["uri"], "rb").read() == recs[0]["image_gen0"]["bytes"]  # the stored bytes, unchanged
     for g in gens:
         decode_image(open(g["uri"], "rb").read())  # every written file is a whole image
+
+
+def test_an_unreadable_manifest_names_the_file_and_the_bad_line(tmp_path):
+    import pytest
+
+    from detector_core.manifest import ManifestError, read_manifest
+
+    (tmp_path / "m.csv").write_text("uri,label\na.png,1\nb.png,0,extra\n")
+    (tmp_path / "m.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(ManifestError, match=r"m\.csv cannot be read: CSV parse error: Expected 2 columns, got 3: b\.png,0,extra"):
+        read_manifest(str(tmp_path / "m.csv"))
+    with pytest.raises(ManifestError, match=r"m\.parquet cannot be read: .*magic bytes"):
+        read_manifest(str(tmp_path / "m.parquet"))
