@@ -9,7 +9,7 @@ minutes on one H100:
 1. ``vit_l14_forward``: the ViT-L-14 image tower (``ClipEncoder``, bf16 autocast) on
    preprocessed 224 px batches already on the GPU: images/s, the ceiling of a scan.
 2. ``scan_steady``: the scan's own stages on synthetic 3000x2000 JPEG photos with a
-   ViT-L-14 bundle: ``jobs.pipeline.load_images`` (read, draft decode, crop) in a pool of
+   ViT-L-14 bundle: ``jobs.decoding.load_images`` (read, draft decode, crop) in a pool of
    CPU processes feeding ``jobs.pipeline.Scorer`` (features + MLP + decision), timed after
    a warm-up; the same functions Ray Data runs as tasks and actors. Ray itself is not used
    here: its wheel (79 MB) is larger than what may travel to the GPU machine, so this is
@@ -67,7 +67,7 @@ def _photo(args) -> str:
 
 
 def _load(uris: list[str]) -> dict:
-    from jobs.pipeline import load_images
+    from jobs.decoding import load_images
 
     return load_images({"uri": np.array(uris, dtype=object)}, specs=_SPECS)
 
@@ -111,7 +111,7 @@ def scan_steady(device: str, photos: int, objects: int, batch: int, workers: int
         t1 = time.perf_counter()
     return {"images_per_s_steady": round((objects - n_warm) / (t1 - t_warm), 1), "images_per_s_all": round(objects / (t1 - t0), 1),
             "objects": objects, "distinct_photos": photos, "batch": batch, "decode_processes": workers,
-            "note": "jobs.pipeline.load_images in a process pool -> jobs.pipeline.Scorer in one process; no Ray (wheel too large to carry)"}
+            "note": "jobs.decoding.load_images in a process pool -> jobs.pipeline.Scorer in one process; no Ray (wheel too large to carry)"}
 
 
 def dnf_features(device: str, batch: int, seconds: float) -> dict:

@@ -77,7 +77,8 @@ def run_embedding(cfg: EmbedConfig, storage_options: dict | None = None) -> dict
     require_weights(spec, so)
     import ray
 
-    from jobs.pipeline import Embedder, load_images
+    from jobs.decoding import load_images
+    from jobs.pipeline import Embedder
 
     init_ray(cfg.ray_address or None)
     fs, root = open_fs(cfg.output, so)

@@ -196,7 +196,8 @@ def build_stream(cfg: ScanConfig, work_files: list[str], n_work: int, uris: list
     """One Ray Data pipeline over the whole plan: work files -> decode tasks -> Scorer actors -> file-writing tasks."""
     import ray
 
-    from jobs.pipeline import Scorer, load_images
+    from jobs.decoding import load_images
+    from jobs.pipeline import Scorer
 
     rows = max(1, min(1024, -(-n_work // 64)))  # at least ~64 blocks, so that small scans still spread over the decoders
     ds = ray.data.from_items([{"path": p} for p in work_files], override_num_blocks=len(work_files))

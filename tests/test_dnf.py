@@ -25,7 +25,8 @@ from detector_core.extractors import FeatureSpec
 from detector_core.images import decode_image
 from detector_core.model import DetectorMLP, NoiseResNet, load_backbone
 from jobs import evaluate, scan, train
-from jobs.pipeline import Embedder, load_images
+from jobs.decoding import load_images
+from jobs.pipeline import Embedder
 
 TINY = FeatureSpec(extractor="dnf", unet="test-tiny").resolved()
 

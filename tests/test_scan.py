@@ -428,7 +428,7 @@ def test_an_ensemble_decodes_each_detectors_images_as_its_training_did(tmp_path)
     """CLIP allows JPEG draft decoding, DNF does not: in one pass each gets its own decode (before, the
     ensemble turned draft off for both, so the CLIP detector saw other pixels than in training)."""
     from detector_core.extractors import draft_size_for, preprocess_for
-    from jobs.pipeline import load_images, pixel_column
+    from jobs.decoding import load_images, pixel_column
 
     data = _big_jpeg()
     (tmp_path / "big.jpg").write_bytes(data)
@@ -473,7 +473,8 @@ def test_no_jpeg_draft_makes_png_and_jpeg_the_same_function_and_scans_follow_the
     """--no-jpeg-draft: a large picture as PNG and as JPEG q100 4:4:4 gives features no further apart than
     the JPEG's own full and draft decodes; a bundle trained so is scanned with full decodes, not refused."""
     from detector_core.extractors import feature_compute
-    from jobs.pipeline import Embedder, load_images
+    from jobs.decoding import load_images
+    from jobs.pipeline import Embedder
 
     rng = np.random.default_rng(9)
     picture = Image.fromarray(np.clip(np.asarray(make_image(rng, "real", size=(96, 128)).resize((1024, 768), Image.BICUBIC)).astype(np.int16)
