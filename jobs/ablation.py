@@ -29,7 +29,7 @@ from detector_core import schema as S
 from detector_core.cache import SUCCESS, features_matrix, read_features, read_marker
 from detector_core.storage import open_fs, s3_storage_options
 from detector_core.training import OptimConfig
-from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, run_main, write_json
+from jobs.common import RayOptions, StorageOptions, config_dict, fail, init_ray, join, opt, parse_config, run_main, write_json
 from jobs.embed import EmbedConfig, run_embedding
 
 # arm -> (loss, SAM, features); the order is the table's.
@@ -45,7 +45,7 @@ CAPTION_NOTE = ("Caption source differs by class in ELSA D3 (real: original capt
 
 
 @dataclass
-class AblationConfig:
+class AblationConfig(RayOptions, StorageOptions):
     manifest: str = opt("", "labelled manifest with captions (uri, label, caption[, generator, split])")
     features: str = opt("", "an existing image+text feature cache (jobs.embed --feature-mode image+text) instead of --manifest")
     output: str = opt("", "folder for ablation.md, ablation.json and the feature cache (local or s3://)")
@@ -58,8 +58,6 @@ class AblationConfig:
     seed: int = opt(0, "training seed (the same for every arm)", within="[0, inf)")
     embed_batch_size: int = opt(64, "images per embedding batch", within="[1, inf)")
     gpu: bool = opt(False, "one GPU per arm (and for the CLIP actors)")
-    s3_endpoint: str = opt("", "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
-    ray_address: str = opt("", "Ray cluster address (default: the job's cluster, or a local Ray)")
 
 
 def _train_arm(name: str, optim: OptimConfig, x_train, y_train, x_eval, y_eval, seed: int, use_gpu: bool) -> dict:

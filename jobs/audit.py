@@ -40,7 +40,7 @@ from detector_core import tables as T
 from detector_core.catalog import CatalogError, ScanOutput
 from detector_core.storage import open_fs, s3_storage_options
 from detector_core.views import connect, read_runs, sql_quote
-from jobs.common import fail, open_output, opt, parse_config, parse_date, run_main, write_parquet
+from jobs.common import StorageOptions, fail, open_output, opt, parse_config, parse_date, run_main, write_parquet
 
 QUESTIONS = ("per-day", "per-prefix", "top", "detectors", "diff", "recut", "errors", "sql")
 FORMATS = ("table", "csv", "json", "parquet")
@@ -48,7 +48,7 @@ _BUCKET_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
 @dataclass
-class AuditConfig:
+class AuditConfig(StorageOptions):
     question: str = opt("", "what to ask: " + ", ".join(QUESTIONS), choices=QUESTIONS)
     scan: str = opt("", "scan output prefix (the --output of jobs.scan), local or s3://")
     date: str = opt("", "only this scan date, YYYY-MM-DD ('last' = the newest date in the tables)")
@@ -66,7 +66,6 @@ class AuditConfig:
     out: str = opt("", "write the answer to this file (local or s3://) instead of stdout; required for parquet")
     catalog: str = opt("", "Iceberg catalog of the tables (default: the one OUT/_catalog.json records; see jobs.scan --catalog)")
     namespace: str = opt("", "catalog namespace of the output's tables (default: as recorded)")
-    s3_endpoint: str = opt("", "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
 
 
 def _where(cfg: AuditConfig) -> str:
@@ -195,11 +194,10 @@ def _emit(table: pa.Table, cfg: AuditConfig) -> None:
 
 
 @dataclass
-class MigrateConfig:
+class MigrateConfig(StorageOptions):
     output: str = opt("", "scan output written before schema 3 (hive-partitioned Parquet + runs/*.json), local or s3://")
     catalog: str = opt("", "Iceberg catalog for its tables (as jobs.scan --catalog; empty = SQLite OUT/catalog.db for local outputs)")
     namespace: str = opt("", "catalog namespace for its tables (default: as recorded, else 'detector')")
-    s3_endpoint: str = opt("", "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
 
 
 def migrate(cfg: MigrateConfig) -> dict:

@@ -97,6 +97,20 @@ def parse_config(cls: type[T], argv=None, description: str | None = None) -> T:
     return cfg
 
 
+@dataclasses.dataclass
+class StorageOptions:
+    """Object storage."""
+
+    s3_endpoint: str = opt("", "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
+
+
+@dataclasses.dataclass
+class RayOptions:
+    """The Ray cluster."""
+
+    ray_address: str = opt("", "Ray cluster address (default: the job's cluster, or a local Ray)")
+
+
 def init_ray(address: str | None = None) -> None:
     """Connect to the cluster (under ``ray job submit``, ``RAY_ADDRESS`` or ``--ray-address``) or start a private local Ray.
 
@@ -299,4 +313,4 @@ def run_main(main) -> None:
         raise SystemExit(1)
 
 
-__all__ = ["opt", "parse_config", "parse_interval", "in_interval", "init_ray", "check_connection", "check_ray_address", "new_run_id", "write_json", "write_parquet", "read_json", "config_dict", "fail", "run_main", "join", "parse_date", "open_output", "require_weights"]
+__all__ = ["opt", "parse_config", "parse_interval", "in_interval", "init_ray", "check_connection", "check_ray_address", "new_run_id", "write_json", "write_parquet", "read_json", "config_dict", "fail", "run_main", "join", "parse_date", "open_output", "require_weights", "StorageOptions", "RayOptions"]

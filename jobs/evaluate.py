@@ -43,7 +43,18 @@ from detector_core.metrics import summarize
 from detector_core.perturb import parse_perturbations
 from detector_core.storage import arrow_fs, open_fs, s3_storage_options
 from detector_core.training import predict_logits
-from jobs.common import config_dict, fail, join, opt, parse_config, run_main, write_json, write_parquet
+from jobs.common import (
+    RayOptions,
+    StorageOptions,
+    config_dict,
+    fail,
+    join,
+    opt,
+    parse_config,
+    run_main,
+    write_json,
+    write_parquet,
+)
 from jobs.embed import EmbedConfig, run_embedding
 from jobs.options import extractor_options
 from jobs.pipeline import trained_draft
@@ -55,7 +66,7 @@ METRIC_COLUMNS = [("auc", "AUC"), ("ap", "AP"), ("accuracy", "acc@thr"), ("accur
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(RayOptions, StorageOptions):
     detector: str = opt("", "detector bundle (local or s3://); not needed with --holdout-generator")
     manifest: str = opt("", "labelled manifest (uri, label[, generator, caption, split]) or a real/ + generated/<generator>/ tree")
     output: str = opt("", "folder for metrics.json, metrics.md, roc.png, scores.png and the feature caches (local or s3://)")
@@ -70,8 +81,6 @@ class EvaluateConfig:
     batch_size: int = opt(64, "images per embedding batch", within="[1, inf)")
     actors: int = opt(1, "feature-extractor actors (one GPU each with --gpu)", within="[1, inf)")
     gpu: bool = opt(False, "run the feature-extractor actors on GPUs")
-    s3_endpoint: str = opt("", "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
-    ray_address: str = opt("", "Ray cluster address (default: the job's cluster, or a local Ray)")
 
 
 def group_metrics(labels: np.ndarray, scores: np.ndarray, generators: np.ndarray, threshold: float) -> dict[str, dict]:

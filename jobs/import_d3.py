@@ -25,17 +25,16 @@ import pyarrow.parquet as pq
 from detector_core import schema as S
 from detector_core.manifest import read_manifest
 from detector_core.storage import arrow_fs, is_remote, open_fs, s3_storage_options
-from jobs.common import fail, join, opt, parse_config, run_main, write_json
+from jobs.common import StorageOptions, fail, join, opt, parse_config, run_main, write_json
 
 N_GEN = 4
 
 
 @dataclass
-class ImportConfig:
+class ImportConfig(StorageOptions):
     shards: str = opt("", "D3 Parquet shard(s): a file, a folder, or a glob")
     output: str = opt("", "folder for generated/ images, manifest.parquet and import.json")
     real_map: str = opt("", "Parquet/CSV with url,uri: where each real image's URL is mirrored")
-    s3_endpoint: str = opt("", "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
 
 
 def _image_bytes(value) -> bytes | None:

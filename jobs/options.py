@@ -15,23 +15,9 @@ from detector_core.dnf import DNF_VALUES
 from detector_core.dnf import TEST_TINY as UNET_TEST_TINY
 from detector_core.extractors import EXTRACTORS, FeatureSpec
 from detector_core.features import FEATURE_MODES
-from jobs.common import opt
+from jobs.common import RayOptions, StorageOptions, opt
 
 __all__ = ["ExtractorOptions", "RayOptions", "StorageOptions", "extractor_options"]
-
-
-@dataclass
-class StorageOptions:
-    """Object storage."""
-
-    s3_endpoint: str = opt("", "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
-
-
-@dataclass
-class RayOptions:
-    """The Ray cluster."""
-
-    ray_address: str = opt("", "Ray cluster address (default: the job's cluster, or a local Ray)")
 
 
 @dataclass

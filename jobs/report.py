@@ -32,13 +32,13 @@ import pyarrow as pa
 from detector_core.images import ImageDecodeError, decode_image
 from detector_core.storage import open_fs, s3_storage_options
 from detector_core.views import connect, read_runs, sql_quote
-from jobs.common import config_dict, fail, open_output, opt, parse_config, parse_date, run_main
+from jobs.common import StorageOptions, config_dict, fail, open_output, opt, parse_config, parse_date, run_main
 
 HIST_BINS = 50
 
 
 @dataclass
-class ReportConfig:
+class ReportConfig(StorageOptions):
     scan: str = opt("", "scan output prefix (the --output of jobs.scan), local or s3://")
     date: str = opt("last", "scan date to report, YYYY-MM-DD, or 'last' for the newest committed one")
     out: str = opt("report.html", "where to write the page (local or s3://)")
@@ -51,7 +51,6 @@ class ReportConfig:
     threads: int = opt(16, "concurrent object reads for the thumbnails", within="[1, inf)")
     catalog: str = opt("", "Iceberg catalog of the tables (default: the one OUT/_catalog.json records; see jobs.scan --catalog)")
     namespace: str = opt("", "catalog namespace of the output's tables (default: as recorded)")
-    s3_endpoint: str = opt("", "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
 
 
 def thumbnail(uri: str, size: int, storage_options: dict | None, max_pixels: int) -> str:

@@ -62,6 +62,8 @@ from detector_core.lease import Lease, LeaseHeldError, LeaseLostError
 from detector_core.storage import open_fs, s3_storage_options
 from jobs import planning
 from jobs.common import (
+    RayOptions,
+    StorageOptions,
     check_connection,
     config_dict,
     fail,
@@ -84,7 +86,7 @@ FILE_RECORD = pa.schema([("call", pa.string()), ("table", pa.string()), ("path",
 
 
 @dataclass
-class ScanConfig:
+class ScanConfig(RayOptions, StorageOptions):
     detector: str = opt("", "detector bundle folder (local or s3://), as written by jobs.train to OUT/detector; either kind (clip-mlp, dnf-resnet)")
     ensemble: str = opt("", "more detector bundles to run in the same pass, comma-separated (e.g. a DNF bundle next to a CLIP one): one row per object and detector")
     input: str = opt("", "what to scan: a prefix (s3://bucket/prefix, gs://…, a local folder), a .parquet/.csv manifest with a uri column (optional etag, size), or an S3 Inventory report: its manifest.json, that file's folder, or a glob of them (s3://inv/src/cfg/*/manifest.json: the newest of each)")
@@ -106,8 +108,6 @@ class ScanConfig:
     resource_timeout: float = opt(900.0, "seconds to wait for the first Scorer actor to be placed before failing with the missing resource", within="(0, inf)")
     lease_ttl: float = opt(300.0, "seconds a scan's lease on the output lasts without renewal (a dead scan blocks the output this long)", within="(0, inf)")
     wait: bool = opt(False, "if another scan holds the output's lease, wait for it instead of refusing")
-    s3_endpoint: str = opt("", "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
-    ray_address: str = opt("", "Ray cluster address (default: the job's cluster, or a local Ray)")
     crash_actor_once: str = opt("", "testing: the first Scorer batch kills its actor process if this marker file does not exist yet")
     kill_at: str = opt("", "testing: STEP:UNIT kills the driver with SIGKILL before commit step STEP (intent, errors, flagged, scores, runs, done) of unit UNIT")
 
