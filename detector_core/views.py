@@ -17,28 +17,29 @@ from detector_core import tables as T
 from detector_core.catalog import CatalogError, ScanOutput
 from detector_core.storage import is_remote, open_fs
 
-__all__ = ["RUNS_SCHEMA", "connect", "duckdb_connection", "open_scan_output", "pinned_snapshots", "read_runs", "sql_quote"]
+__all__ = ["FINISHED_RUNS_SCHEMA", "connect", "duckdb_connection", "open_scan_output", "pinned_snapshots", "read_runs", "sql_quote"]
 
 
 def sql_quote(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-RUNS_SCHEMA = pa.schema([
+# What audits read of the runs table: one row per finished scan and detector (tables.RUNS_SCHEMA is the table itself).
+FINISHED_RUNS_SCHEMA = pa.schema([
     ("scan_id", pa.string()), ("scan_date", pa.string()), ("detector_id", pa.string()), ("detector_kind", pa.string()),
     ("input", pa.string()), ("listed", pa.int64()), ("skipped", pa.int64()), ("scored", pa.int64()), ("flagged", pa.int64()),
     ("errors", pa.int64()), ("model_loads", pa.int64()), ("seconds", pa.float64()), ("started_at", pa.string()),
     ("finished_at", pa.string()),
 ])
-RUN_COLUMNS = RUNS_SCHEMA.names
+FINISHED_RUN_COLUMNS = FINISHED_RUNS_SCHEMA.names
 
 
 def read_runs(out: ScanOutput) -> pa.Table:
     """The finished scans, one row per scan and detector (an ensemble scan has several)."""
     rows = out.read("runs", "status = 'completed'").to_pylist()
-    return pa.Table.from_pylist([{**{k: r.get(k) for k in RUN_COLUMNS}, "scan_date": r["scan_date"].isoformat(),
+    return pa.Table.from_pylist([{**{k: r.get(k) for k in FINISHED_RUN_COLUMNS}, "scan_date": r["scan_date"].isoformat(),
                                   "started_at": r["started_at"].isoformat(), "finished_at": r["committed_at"].isoformat()}
-                                 for r in rows], schema=RUNS_SCHEMA)
+                                 for r in rows], schema=FINISHED_RUNS_SCHEMA)
 
 
 def duckdb_connection(out: ScanOutput) -> duckdb.DuckDBPyConnection:
