@@ -17,7 +17,6 @@ unchanged manifest finds its cache and embeds nothing.
 from __future__ import annotations
 
 import hashlib
-import json
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +24,7 @@ import pyarrow.dataset as pads
 
 from detector_core import schema as S
 from detector_core.extractors import FeatureSpec
-from detector_core.storage import arrow_fs, join, open_fs
+from detector_core.storage import arrow_fs, join, read_json
 
 __all__ = ["DATA", "ERRORS", "SUCCESS", "cache_key", "cache_spec", "features_matrix", "fixed_list", "read_features", "read_marker"]
 
@@ -51,10 +50,7 @@ def cache_key(table: pa.Table, spec: FeatureSpec, perturb: str = "", perturb_see
 
 def read_marker(cache: str, storage_options: dict | None = None) -> dict | None:
     """A finished cache's ``_SUCCESS.json``; None while the cache is absent or unfinished."""
-    fs, path = open_fs(join(cache, SUCCESS), storage_options)
-    if not fs.exists(path):
-        return None
-    return json.loads(fs.cat_file(path))
+    return read_json(join(cache, SUCCESS), storage_options)
 
 
 def cache_spec(marker: dict) -> FeatureSpec:

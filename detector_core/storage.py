@@ -9,12 +9,13 @@ files in this repository.
 
 from __future__ import annotations
 
+import json
 import os
 
 import fsspec
 from fsspec import AbstractFileSystem
 
-__all__ = ["is_remote", "is_local_fs", "protocols", "open_fs", "arrow_fs", "s3_storage_options", "join", "fetch_cached"]
+__all__ = ["is_remote", "is_local_fs", "protocols", "open_fs", "arrow_fs", "s3_storage_options", "join", "fetch_cached", "read_json"]
 
 
 def is_remote(uri: str) -> bool:
@@ -51,6 +52,14 @@ def join(base: str, *parts: str) -> str:
     for part in parts:
         out = f"{out}/{part.strip('/')}"
     return out
+
+
+def read_json(uri: str, storage_options: dict | None = None) -> dict | None:
+    """A JSON object at a local path or URI; None when there is none."""
+    fs, path = open_fs(uri, storage_options)
+    if not fs.exists(path):
+        return None
+    return json.loads(fs.cat_file(path))
 
 
 def arrow_fs(uri: str, storage_options: dict | None = None):

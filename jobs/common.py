@@ -216,13 +216,6 @@ def write_parquet(table, uri: str, storage_options: dict | None = None) -> None:
         pq.write_table(table, f)
 
 
-def read_json(uri: str, storage_options: dict | None = None) -> dict | None:
-    fs, path = open_fs(uri, storage_options)
-    if not fs.exists(path):
-        return None
-    return json.loads(fs.cat_file(path))
-
-
 def config_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -313,4 +306,4 @@ def run_main(main) -> None:
         raise SystemExit(1)
 
 
-__all__ = ["opt", "parse_config", "parse_interval", "in_interval", "init_ray", "check_connection", "check_ray_address", "new_run_id", "write_json", "write_parquet", "read_json", "config_dict", "fail", "run_main", "join", "parse_date", "open_output", "require_weights", "StorageOptions", "RayOptions"]
+__all__ = ["opt", "parse_config", "parse_interval", "in_interval", "init_ray", "check_connection", "check_ray_address", "new_run_id", "write_json", "write_parquet", "config_dict", "fail", "run_main", "join", "parse_date", "open_output", "require_weights", "StorageOptions", "RayOptions"]
