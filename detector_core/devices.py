@@ -15,6 +15,21 @@ import warnings
 
 import torch
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def resolve_precision(precision: str, device_type: str, bf16: bool = True) -> str:
+    """An extractor's compute precision: ``auto`` is bf16 autocast on CUDA (where ``bf16`` is allowed), fp32 elsewhere.
+
+    Extractors and ``extractors.feature_compute`` (what caches and bundles record) both call
+    this, so the precision recorded is the one used.
+    """
+    if precision == "auto":
+        return "bf16" if (device_type == "cuda" and bf16) else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    return precision
+
 
 class DeviceError(RuntimeError):
     """A GPU was asked for and CUDA cannot be used here."""

@@ -32,9 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from detector_core.devices import resolve_precision
 from detector_core.storage import fetch_cached, is_remote, join, open_fs
 
-__all__ = ["DNF_VALUES", "TEST_TINY", "DnfExtractor", "DnfPreprocess", "UnetNotFoundError", "load_unet", "quantize_noise", "unet_config"]
+__all__ = ["DNF_VALUES", "TEST_TINY", "DnfExtractor", "DnfPreprocess", "UnetNotFoundError", "bf16_allowed", "load_unet", "quantize_noise", "unet_config"]
 
 TEST_TINY = "test-tiny"
 DNF_VALUES = ("reference", "raw")
@@ -140,6 +141,11 @@ class DnfPreprocess:
         return (x / 255.0) * 2.0 - 1.0
 
 
+def bf16_allowed(values: str) -> bool:
+    """Whether ``auto`` precision may run the UNet in bf16: not for ``reference`` values, whose bits come from an fp32 UNet."""
+    return values == "raw"
+
+
 def quantize_noise(noise: torch.Tensor, jpeg: np.ndarray | None = None) -> torch.Tensor:
     """What the reference's classifier reads of a noise estimate ``(n, 3, S, S)``: float32 in [0, 1], on the CPU.
 
@@ -190,11 +196,7 @@ class DnfExtractor:
         if self.channels != 3:  # FeatureSpec.shape, bundles and the ResNet all take a 3-channel noise estimate
             raise ValueError(f"UNet {unet if isinstance(unet, str) else type(unet).__name__} predicts {self.channels} channels; "
                              f"DNF takes an RGB noise estimate (out_channels 3), e.g. the DDPM/DDIM pixel-space UNets")
-        if precision == "auto":  # the reference's bits come from an fp32 UNet
-            precision = "bf16" if (self.device.type == "cuda" and values == "raw") else "fp32"
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-        self.precision = precision
+        self.precision = resolve_precision(precision, self.device.type, bf16=bf16_allowed(values))
         self.prep = DnfPreprocess(self.image_size, values)
         self.values = values
 

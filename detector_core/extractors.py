@@ -22,7 +22,8 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from detector_core.dnf import DNF_VALUES, DnfExtractor, DnfPreprocess, unet_config
+from detector_core.devices import resolve_precision
+from detector_core.dnf import DNF_VALUES, DnfExtractor, DnfPreprocess, bf16_allowed, unet_config
 from detector_core.dnf import TEST_TINY as UNET_TEST_TINY
 from detector_core.features import FEATURE_MODES, ClipEncoder, SplitPreprocess, check_weights, feature_dim
 
@@ -33,6 +34,10 @@ class _Clip:
 
     keys = ("clip_model", "pretrained", "feature_mode")
     kind = "clip-mlp"  # the bundle kind of its detectors
+
+    @staticmethod
+    def bf16_allowed(spec: "FeatureSpec") -> bool:
+        return True
 
     @staticmethod
     def check(spec: "FeatureSpec") -> None:
@@ -73,6 +78,10 @@ class _Dnf:
 
     keys = ("unet", "timestep", "image_size", "dnf_values")
     kind = "dnf-resnet"
+
+    @staticmethod
+    def bf16_allowed(spec: "FeatureSpec") -> bool:
+        return bf16_allowed(spec.dnf_values)
 
     @staticmethod
     def check(spec: "FeatureSpec") -> None:
@@ -227,8 +236,8 @@ def feature_compute(spec: FeatureSpec, gpu: bool, draft: bool = True) -> dict:
     rather than the CPU (fp32).
     """
     prep = preprocess_for(spec)
-    bf16 = gpu and not (spec.extractor == "dnf" and spec.dnf_values == "reference")  # DnfExtractor's "auto"
-    return {"precision": "bf16" if bf16 else "fp32", "jpeg_draft_size": draft_size_for(prep, draft) or 0, "resize": prep.resize}
+    precision = resolve_precision("auto", "cuda" if gpu else "cpu", bf16=spec.family.bf16_allowed(spec))
+    return {"precision": precision, "jpeg_draft_size": draft_size_for(prep, draft) or 0, "resize": prep.resize}
 
 
 class ClipFeatures:

@@ -24,6 +24,7 @@ import open_clip
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 
+from detector_core.devices import resolve_precision
 from detector_core.storage import fetch_cached, is_remote
 
 __all__ = [
@@ -247,11 +248,7 @@ class ClipEncoder:
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.embed_dim = int(_model_config(model_name)["embed_dim"])
         self.image_size = preprocess_config(model_name, self.pretrained)["size"]
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-        self.precision = precision
+        self.precision = resolve_precision(precision, self.device.type)
 
     def _autocast(self):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
