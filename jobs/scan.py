@@ -295,7 +295,7 @@ def run_scan(cfg: ScanConfig) -> dict:
         bundles = [load_bundle(u, so) for u in uris]
     except BundleError as exc:
         fail(str(exc))
-    for spec in dict.fromkeys(b.features for b in bundles):  # a missing CLIP or UNet file: one line now, not a dead actor
+    for spec in feature_specs(bundles):  # a missing CLIP or UNet file: one line now, not a dead actor
         require_weights(spec, so)
     ids = [b.detector_id for b in bundles]
     if len(set(ids)) != len(ids):
