@@ -94,7 +94,8 @@ def scan_steady(device: str, photos: int, objects: int, batch: int, workers: int
     ctx = mp.get_context("spawn")
     with ctx.Pool(workers) as pool:
         paths = pool.map(_photo, [(str(tmp), i) for i in range(photos)])
-    scorer = Scorer([str(tmp / "detector")], scan_id="gpu-check")
+    # The device is passed, as the scan passes gpu=cfg.gpu: a Scorer picks none on its own (it would run on the CPU).
+    scorer = Scorer([str(tmp / "detector")], scan_id="gpu-check", device=device)
     uris = [paths[i % len(paths)] for i in range(objects)]
     batches = [uris[i:i + batch] for i in range(0, len(uris), batch)]
     warm = max(2, len(batches) // 5)
@@ -110,7 +111,7 @@ def scan_steady(device: str, photos: int, objects: int, batch: int, workers: int
         _sync()
         t1 = time.perf_counter()
     return {"images_per_s_steady": round((objects - n_warm) / (t1 - t_warm), 1), "images_per_s_all": round(objects / (t1 - t0), 1),
-            "objects": objects, "distinct_photos": photos, "batch": batch, "decode_processes": workers,
+            "scorer_device": str(scorer.device), "objects": objects, "distinct_photos": photos, "batch": batch, "decode_processes": workers,
             "note": "jobs.decoding.load_images in a process pool -> jobs.pipeline.Scorer in one process; no Ray (wheel too large to carry)"}
 
 
@@ -127,7 +128,8 @@ def dnf_features(device: str, batch: int, seconds: float) -> dict:
         ex.extract(x)
         n += batch
     _sync()
-    return {"features_per_s": round(n / (time.perf_counter() - t0), 1), "batch": batch, "input_px": ex.prep.size}
+    return {"features_per_s": round(n / (time.perf_counter() - t0), 1), "batch": batch, "input_px": ex.prep.size,
+            "precision": ex.precision, "values": ex.values}
 
 
 def sam_step(device: str) -> dict:
