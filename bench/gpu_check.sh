@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One-shot GPU check (bench/gpu_check.py): ViT-L-14 forward, the scan's stages, DNF, the SAM step.
 # Writes OUT_DIR/gpu_check.json (default: $OUT on the device machine, else .). No network: the
-# Python packages the GPU image lacks travel as wheels in .whl/ (see bench/README in docs/scaling.md).
+# Python packages the GPU image lacks travel as wheels in .whl/ (cp312, manylinux x86-64; the device
+# tool's README has the pip download line): open_clip_torch, ftfy, wcwidth, diffusers,
+# importlib_metadata, mmh3 (detector_core.state).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-.}}"
-if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import open_clip, diffusers" 2>/dev/null; then
+if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import open_clip, diffusers, mmh3" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
