@@ -232,11 +232,16 @@ def test_dnf_trains_scans_and_ensembles_with_clip(ray_local, demo_manifest, tmp_
     assert ref["best_epoch"] == int(np.argmax([h["val_accuracy"] for h in history]))
 
     # jobs.evaluate takes the DNF bundle as it takes a CLIP one: on the validation split it
-    # reproduces the AUC that training measured on the same images.
+    # reproduces the AUC that training measured on the same images -- up to the one-level
+    # differences above: evaluate embeds the 122 validation images in other batches than the
+    # cache did, a value one level apart moves a logit a little, and a logit that crosses
+    # another reorders one of the 55 x 67 real/generated pairs (1/3685 = 0.00027 of AUC each;
+    # seen: 0.79186 against 0.79159, one pair). A detector read wrongly (another model, other
+    # features) is off by far more than four pairs.
     result = evaluate.main(["--detector", str(out / "detector"), "--manifest", str(demo_manifest), "--output", str(tmp_path / "eval"),
                             "--split", "val"])
     assert result["detector_kind"] == "dnf-resnet"
-    assert result["conditions"]["clean"]["all"]["auc"] == pytest.approx(metrics["val_auc"], abs=1e-6)
+    assert result["conditions"]["clean"]["all"]["auc"] == pytest.approx(metrics["val_auc"], abs=4 / (55 * 67) + 1e-9)
 
     # Scan a folder with the DNF bundle, a CLIP bundle, and both at once.
     rng = np.random.default_rng(3)
