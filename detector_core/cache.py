@@ -17,16 +17,19 @@ unchanged manifest finds its cache and embeds nothing.
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 
 from detector_core import schema as S
-from detector_core.extractors import FeatureSpec
 from detector_core.storage import arrow_fs, join, read_json
 
-__all__ = ["DATA", "ERRORS", "SUCCESS", "cache_key", "cache_spec", "features_matrix", "fixed_list", "read_features", "read_marker"]
+if TYPE_CHECKING:  # not at run time: readers of a cache (Ray tasks) need no torch
+    from detector_core.extractors import FeatureSpec
+
+__all__ = ["DATA", "ERRORS", "SUCCESS", "cache_key", "cache_spec", "features_matrix", "fixed_list", "labelled_arrays", "read_features", "read_marker"]
 
 SUCCESS = "_SUCCESS.json"
 DATA = "data"
@@ -55,6 +58,8 @@ def read_marker(cache: str, storage_options: dict | None = None) -> dict | None:
 
 def cache_spec(marker: dict) -> FeatureSpec:
     """The extractor spec a finished cache was made with (caches older than DNF: CLIP)."""
+    from detector_core.extractors import FeatureSpec
+
     return FeatureSpec.from_dict(marker)
 
 
@@ -76,3 +81,12 @@ def features_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     d = arr.type.list_size
     return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32, copy=False)
+
+
+def labelled_arrays(batch: pa.Table) -> dict[str, np.ndarray]:
+    """An Arrow batch of a cache's rows -> ``{x: (n, d) float32, y: (n,) float32}``, what training reads.
+
+    Here, beside the format, and free of torch: Ray Data runs it in reader tasks, and a fresh
+    worker imports only numpy and pyarrow to do so.
+    """
+    return {"x": features_matrix(batch.column(S.FEATURES)), "y": batch.column(S.LABEL).to_numpy().astype(np.float32)}

@@ -15,14 +15,14 @@ unreachable weight file is an error that says what to pass; there is no fallback
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
 
-import open_clip
+import numpy as np
 import torch
-from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 
 from detector_core.devices import resolve_precision
 from detector_core.storage import fetch_cached, is_remote
@@ -43,7 +43,20 @@ FEATURE_MODES = ("image", "image+text")
 TEST_TINY = "test-tiny"
 NO_WEIGHTS = ("", "none", "random")
 _CONFIG_DIR = Path(__file__).with_name("model_configs")
-open_clip.add_model_config(_CONFIG_DIR)
+
+
+@functools.cache
+def _open_clip():
+    """open_clip, imported on first use with this package's model configs registered.
+
+    Not at module import: open_clip pulls in torchvision and torch._dynamo (~2 s of CPU), and
+    every fresh Ray worker that unpickles a function of a module importing this one (a
+    cache reader, a decode task) would pay it without building a model.
+    """
+    import open_clip
+
+    open_clip.add_model_config(_CONFIG_DIR)
+    return open_clip
 
 
 class WeightsNotFoundError(RuntimeError):
@@ -55,9 +68,9 @@ def _is_no_weights(pretrained: str | None) -> bool:
 
 
 def _model_config(model_name: str) -> dict:
-    cfg = open_clip.get_model_config(model_name)
+    cfg = _open_clip().get_model_config(model_name)
     if cfg is None:
-        raise ValueError(f"unknown CLIP model {model_name!r}; known: {', '.join(open_clip.list_models())}")
+        raise ValueError(f"unknown CLIP model {model_name!r}; known: {', '.join(_open_clip().list_models())}")
     return cfg
 
 
@@ -71,9 +84,12 @@ def feature_dim(model_name: str, mode: str) -> int:
 
 def preprocess_config(model_name: str, pretrained: str | None) -> dict:
     """open_clip's eval preprocessing settings for a model and weights, without building it."""
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    _open_clip()
     cfg = asdict(PreprocessCfg())
     if not _is_no_weights(pretrained):
-        tag_cfg = open_clip.get_pretrained_cfg(model_name, str(pretrained))
+        tag_cfg = _open_clip().get_pretrained_cfg(model_name, str(pretrained))
         if tag_cfg:
             cfg = merge_preprocess_dict(cfg, tag_cfg)
     cfg = merge_preprocess_dict(cfg, _model_config(model_name).get("preprocess_cfg", {}))
@@ -83,6 +99,8 @@ def preprocess_config(model_name: str, pretrained: str | None) -> dict:
 
 def build_preprocess(model_name: str, pretrained: str | None) -> Callable:
     """The PIL -> normalised tensor transform that CPU workers apply before embedding."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
     return image_transform_v2(PreprocessCfg(**preprocess_config(model_name, pretrained)), is_train=False)
 
 
@@ -112,9 +130,7 @@ class SplitPreprocess:
         self.mean = torch.tensor(cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg["std"], dtype=torch.float32).view(1, 3, 1, 1)
 
-    def to_input(self, image) -> "np.ndarray":
-        import numpy as np
-
+    def to_input(self, image) -> np.ndarray:
         for t in self.pil_transforms:
             image = t(image)
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
@@ -138,11 +154,11 @@ def _resolve_pretrained(model_name: str, pretrained: str | None, cache_dir: str 
     pretrained = str(pretrained)
     if is_remote(pretrained):
         return _fetch_remote(pretrained, cache_dir, storage_options)
-    if open_clip.get_pretrained_cfg(model_name, pretrained):
+    if _open_clip().get_pretrained_cfg(model_name, pretrained):
         return pretrained
     if os.path.isfile(pretrained):
         return pretrained
-    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    tags = _open_clip().list_pretrained_tags_by_model(model_name)
     raise WeightsNotFoundError(
         f"--pretrained {pretrained!r} is neither an existing checkpoint file nor an open_clip tag for {model_name} "
         f"(tags: {', '.join(tags) or 'none'}). Pass a local path or s3:// URI of the weights, a tag whose weights are "
@@ -152,7 +168,7 @@ def _resolve_pretrained(model_name: str, pretrained: str | None, cache_dir: str 
 
 def _cached_tag_weights(model_name: str, tag: str, cache_dir: str | None) -> str | None:
     """The local file of an open_clip tag's weights, or None when they are not in the cache (never downloads)."""
-    cfg = open_clip.get_pretrained_cfg(model_name, tag)
+    cfg = _open_clip().get_pretrained_cfg(model_name, tag)
     if cfg.get("file"):
         return cfg["file"] if os.path.isfile(cfg["file"]) else None
     if cfg.get("hf_hub"):
@@ -193,7 +209,7 @@ def check_weights(model_name: str, pretrained: str | None, cache_dir: str | None
         if not fs.exists(path):
             raise WeightsNotFoundError(f"--pretrained {pretrained} does not exist")
         return
-    if open_clip.get_pretrained_cfg(model_name, pretrained):
+    if _open_clip().get_pretrained_cfg(model_name, pretrained):
         if _cached_tag_weights(model_name, pretrained, cache_dir) is None:
             raise WeightsNotFoundError(f"the {pretrained!r} weights of {model_name} are not in the local open_clip cache and "
                                        f"nothing is downloaded at run time: {advice}")
@@ -233,7 +249,7 @@ class ClipEncoder:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             try:
-                model, _, preprocess = open_clip.create_model_and_transforms(
+                model, _, preprocess = _open_clip().create_model_and_transforms(
                     model_name, pretrained=checkpoint, device=self.device, cache_dir=cache_dir
                 )
             except RuntimeError as exc:
@@ -245,7 +261,7 @@ class ClipEncoder:
                 raise
         self.model = model.eval().requires_grad_(False)
         self.preprocess = preprocess
-        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.tokenizer = _open_clip().get_tokenizer(model_name)
         self.embed_dim = int(_model_config(model_name)["embed_dim"])
         self.image_size = preprocess_config(model_name, self.pretrained)["size"]
         self.precision = resolve_precision(precision, self.device.type)

@@ -65,7 +65,7 @@ import torch
 
 from detector_core import schema as S
 from detector_core.bundle import DetectorBundle, save_bundle
-from detector_core.cache import DATA, SUCCESS, cache_spec, read_marker
+from detector_core.cache import DATA, SUCCESS, cache_spec, labelled_arrays, read_marker
 from detector_core.extractors import FeatureSpec
 from detector_core.losses import LOSS_KINDS
 from detector_core.metrics import calibrate_threshold
@@ -75,7 +75,7 @@ from detector_core.storage import arrow_fs, s3_storage_options
 from detector_core.training import RECIPE_OPTIM, RECIPES, OptimConfig, predict_logits
 from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, require_weights, run_main, write_json
 from jobs.options import ExtractorOptions, RayOptions, StorageOptions, extractor_options
-from jobs.train_worker import load_state, train_loop_per_worker, xy
+from jobs.train_worker import load_state, train_loop_per_worker
 
 
 @dataclass
@@ -157,7 +157,7 @@ def _real_logits(model: torch.nn.Module, data_path: str, pa_fs, split: str) -> n
 
     ds = ray.data.read_parquet(data_path, filesystem=pa_fs).select_columns([S.FEATURES, S.LABEL, S.SPLIT, S.ERROR_STAGE])
     ds = ds.filter(expr=col(S.ERROR_STAGE).is_null() & (col(S.SPLIT) == split) & (col(S.LABEL) == 0))
-    ds = ds.map_batches(xy, batch_format="pyarrow").map_batches(score, fn_kwargs={"model": model}, batch_format="numpy")
+    ds = ds.map_batches(labelled_arrays, batch_format="pyarrow").map_batches(score, fn_kwargs={"model": model}, batch_format="numpy")
     logits = [b["logit"] for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
     return np.concatenate(logits) if logits else np.zeros(0)
 
@@ -249,7 +249,7 @@ def run_training(cfg: TrainConfig) -> dict:
         from ray.data.expressions import col
 
         ds = ray.data.read_parquet(data_path, filesystem=pa_fs).select_columns([S.FEATURES, S.LABEL, S.SPLIT, S.ERROR_STAGE])
-        ds = ds.filter(expr=col(S.ERROR_STAGE).is_null() & (col(S.SPLIT) == split)).map_batches(xy, batch_format="pyarrow")
+        ds = ds.filter(expr=col(S.ERROR_STAGE).is_null() & (col(S.SPLIT) == split)).map_batches(labelled_arrays, batch_format="pyarrow")
         # A dataset carries its own DataContext into the workers that iterate it: without
         # this, rank 0's per-epoch read of the validation shard floods the job log with bars.
         ds.context.enable_progress_bars = False

@@ -21,8 +21,6 @@ import uuid
 import numpy as np
 import torch
 
-from detector_core import schema as S
-from detector_core.cache import features_matrix
 from detector_core.devices import select_device
 from detector_core.metrics import calibrate_threshold, summarize
 from detector_core.model import build_classifier, load_backbone
@@ -37,12 +35,7 @@ from detector_core.training import (
     training_step,
 )
 
-__all__ = ["load_state", "train_loop_per_worker", "xy"]
-
-
-def xy(batch):
-    """Arrow batch of the cache -> {x: (n, d) float32, y: float32}."""
-    return {"x": features_matrix(batch.column(S.FEATURES)), "y": batch.column(S.LABEL).to_numpy().astype(np.float32)}
+__all__ = ["load_state", "train_loop_per_worker"]
 
 
 def _save_state(state: dict) -> "object":
