@@ -44,23 +44,16 @@ import os
 import signal
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-
-from detector_core import schema as S
 from detector_core import tables as T
 from detector_core.bundle import BundleError, DetectorBundle, load_bundle
-from detector_core.catalog import CatalogError, ScanOutput, data_file_path
+from detector_core.catalog import CatalogError, ScanOutput
 from detector_core.extractors import feature_compute
 from detector_core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from detector_core.lease import Lease, LeaseHeldError, LeaseLostError
-from detector_core.storage import open_fs, s3_storage_options
-from jobs import planning
+from detector_core.storage import s3_storage_options
+from jobs import planning, stream
 from jobs.common import (
     RayOptions,
     StorageOptions,
@@ -75,14 +68,9 @@ from jobs.common import (
     require_weights,
     run_main,
     write_json,
-    write_parquet,
 )
 from jobs.pipeline import feature_drafts, feature_specs, trained_draft
 from jobs.planning import PlanError, refresh_state, remove_plan
-
-# The only columns that reach the driver: one row per data file written by a worker.
-FILE_RECORD = pa.schema([("call", pa.string()), ("table", pa.string()), ("path", pa.string()), ("rows", pa.int64()),
-                         ("counts", pa.string())])
 
 
 @dataclass
@@ -112,26 +100,13 @@ class ScanConfig(RayOptions, StorageOptions):
     kill_at: str = opt("", "testing: STEP:UNIT kills the driver with SIGKILL before commit step STEP (intent, errors, flagged, scores, runs, done) of unit UNIT")
 
 
-def parse_actors(value: str) -> tuple[int, int]:
-    """``"4"`` -> (4, 4); ``"1-16"`` -> (1, 16); anything else raises ValueError."""
-    text = str(value).strip()
-    lo, sep, hi = text.partition("-")
-    try:
-        lo_n, hi_n = int(lo), int(hi) if sep else int(lo)
-    except ValueError:
-        raise ValueError(f"--actors {value!r} is not a number or a range MIN-MAX") from None
-    if lo_n < 1 or hi_n < lo_n:
-        raise ValueError(f"--actors {value!r}: need 1 <= MIN <= MAX")
-    return lo_n, hi_n
-
-
 def validate(cfg: ScanConfig) -> None:
     """Refuse bad settings before anything is listed, leased or started."""
     if not (cfg.detector and cfg.input and cfg.output):
         fail("--detector, --input and --output are required")
     # Numbers are checked against their fields' intervals by parse_config.
     try:
-        parse_actors(cfg.actors)
+        stream.parse_actors(cfg.actors)
     except ValueError as exc:
         fail(str(exc))
     if cfg.scan_date:
@@ -141,111 +116,6 @@ def validate(cfg: ScanConfig) -> None:
             fail(f"--scan-date {cfg.scan_date!r} is not a date (YYYY-MM-DD)")
     if cfg.kill_at and (cfg.kill_at.count(":") != 1 or not cfg.kill_at.split(":")[1].isdigit()):
         fail(f"--kill-at {cfg.kill_at!r}: STEP:UNIT")
-
-
-# -- the stream ------------------------------------------------------------------------------
-def write_results(batch: pa.Table, output: str, scan_id: str, scan_date: str, storage_options: dict | None) -> pa.Table:
-    """Ray Data task: Scorer rows -> Parquet data files of scores/flagged/errors (one per table and bucket).
-
-    Returns one ``FILE_RECORD`` row per file: what the driver commits. The files are
-    invisible until then; a retried task writes new files and the first attempt's are
-    never referenced.
-    """
-    failed = pc.is_valid(batch[S.ERROR_STAGE])
-    rows = batch.append_column(S.SCAN_DATE, pa.array([dt.date.fromisoformat(scan_date)] * batch.num_rows, pa.date32()))
-    rows = rows.append_column(S.BUCKET, T.bucket_column(rows[S.URI]))
-    scores = T.conform(rows.filter(pc.invert(failed)), "scores")
-    parts = {"scores": scores, "flagged": scores.filter(pc.fill_null(scores[S.FLAGGED], False)), "errors": T.conform(rows.filter(failed), "errors")}
-    records, call = [], uuid.uuid4().hex
-    for name, table in parts.items():
-        if table.num_rows == 0:
-            continue
-        for bucket in pc.unique(table[S.BUCKET]).to_pylist():
-            part = table.filter(pc.equal(table[S.BUCKET], bucket))
-            path = data_file_path(output, name, scan_date, bucket, scan_id)  # workers write; only the driver commits
-            write_parquet(part, path, storage_options)
-            counts = pc.value_counts(part[S.DETECTOR_ID]).to_pylist()
-            records.append({"call": call, "table": name, "path": path, "rows": part.num_rows,
-                            "counts": json.dumps({c["values"]: c["counts"] for c in counts})})
-    return pa.Table.from_pylist(records, schema=FILE_RECORD)
-
-
-def _actor_resources(cfg: ScanConfig) -> tuple[float, int]:
-    import ray
-
-    if cfg.cpus_per_actor > 0:
-        return cfg.cpus_per_actor, 1 if cfg.gpu else 0
-    if cfg.gpu:
-        return 1.0, 1
-    # A CPU scan uses the machine: the Scorers' torch threads get half the CPUs, decoding and
-    # writing the rest (actors holding every CPU would starve the tasks that feed them).
-    return max(1.0, float(int(ray.cluster_resources().get("CPU", 2)) // 2 // parse_actors(cfg.actors)[1])), 0
-
-
-def read_work(batch: pa.Table, storage_options: dict | None, rows: int) -> Iterator[pa.Table]:
-    """Ray task: a plan's work file -> blocks of ``rows`` work rows (streamed, however big the file)."""
-    for path in batch["path"].to_pylist():
-        fs, p = open_fs(path, storage_options)
-        with fs.open(p, "rb") as f:
-            for b in pq.ParquetFile(f).iter_batches(batch_size=rows):
-                yield pa.Table.from_batches([b])
-
-
-def build_stream(cfg: ScanConfig, work_files: list[str], n_work: int, uris: list[str], bundles: list[DetectorBundle], out: ScanOutput,
-                 scan_id: str, scan_date: str, so: dict | None, counter):
-    """One Ray Data pipeline over the whole plan: work files -> decode tasks -> Scorer actors -> file-writing tasks."""
-    import ray
-
-    from jobs.decoding import load_images
-    from jobs.pipeline import Scorer
-
-    rows = max(1, min(1024, -(-n_work // 64)))  # at least ~64 blocks, so that small scans still spread over the decoders
-    ds = ray.data.from_items([{"path": p} for p in work_files], override_num_blocks=len(work_files))
-    ds = ds.map_batches(read_work, fn_kwargs=dict(storage_options=so, rows=rows), batch_size=1, batch_format="pyarrow")
-    ds = ds.map_batches(load_images, fn_kwargs=dict(specs=feature_specs(bundles), draft=feature_drafts(bundles), storage_options=so,
-                                                    max_pixels=cfg.max_pixels, max_bytes=cfg.max_bytes),
-                        batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1)
-    lo, hi = parse_actors(cfg.actors)
-    cpus, gpus = _actor_resources(cfg)
-    ds = ds.map_batches(
-        Scorer, fn_constructor_kwargs=dict(bundle_uris=uris, scan_id=scan_id, storage_options=so, crash_marker=cfg.crash_actor_once,
-                                           load_counter=counter, gpu=cfg.gpu),
-        batch_size=cfg.batch_size, batch_format="numpy",
-        # Ray Data restarts a dead actor and retries its batch (tests/test_scan.py kills one);
-        # MIN < MAX is the autoscaling pool.
-        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), num_gpus=gpus, num_cpus=cpus,
-    )
-    return ds.map_batches(write_results, fn_kwargs=dict(output=out.uri, scan_id=scan_id, scan_date=scan_date, storage_options=so),
-                          batch_size=cfg.chunk_size, batch_format="pyarrow", num_cpus=0.5)
-
-
-def _load_counter():
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class LoadCounter:
-        """How many times a Scorer built its models in this scan (the summary's ``model_loads``)."""
-
-        def __init__(self):
-            self.n = 0
-
-        def add(self):
-            self.n += 1
-
-        def count(self) -> int:
-            return self.n
-
-    return LoadCounter.remote()
-
-
-def _resource_message(cfg: ScanConfig) -> str:
-    import ray
-
-    cpus, gpus = _actor_resources(cfg)
-    have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-    need = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-    return (f"no Scorer actor could be placed within --resource-timeout {cfg.resource_timeout:g} s: each needs {need}, the cluster "
-            f"has {have or 'nothing'} in total" + ("; no GPU is in the cluster (drop --gpu, or add GPU nodes)" if gpus and not have.get("GPU") else ""))
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -360,54 +230,27 @@ def _scan_under_lease(cfg, so, uris, bundles, scan_date, out: ScanOutput, scan_i
         ctx = ray.data.DataContext.get_current()
         saved_wait = ctx.wait_for_min_actors_s  # the driver's context outlives this scan (notebooks, tests): restore it
         ctx.wait_for_min_actors_s = int(max(1, cfg.resource_timeout))
-        counter = _load_counter()
-        stream = build_stream(cfg, work_files, plan_counts["work"], uris, bundles, out, scan_id, scan_date, so, counter)
-        pending_files: dict[str, list[str]] = {t: [] for t in T.TABLES}
-        pending_counts: dict[str, dict[str, int]] = {b.detector_id: {t: 0 for t in T.TABLES} for b in bundles}
-        pending_rows = 0
+        counter = stream.load_counter()
+        flow = stream.build_stream(cfg, work_files, plan_counts["work"], uris, bundles, out, scan_id, scan_date, so, counter)
 
-        def commit() -> None:
-            nonlocal units, pending_rows, pending_files, pending_counts
+        def commit(files_by_table: dict[str, list[str]], counts: dict[str, dict[str, int]]) -> None:
+            nonlocal units
             t0 = time.time()
-            rows = [_run_row(base, b, units, "unit", pending_counts[b.detector_id]) for b in bundles]
-            out.commit_unit({"scan_id": scan_id, "unit": units, "files": pending_files, "runs": rows}, before_each=before_each)
+            rows = [_run_row(base, b, units, "unit", counts[b.detector_id]) for b in bundles]
+            out.commit_unit({"scan_id": scan_id, "unit": units, "files": files_by_table, "runs": rows}, before_each=before_each)
             commit_seconds.append(time.time() - t0)
-            for d, c in pending_counts.items():
+            for d, c in counts.items():
                 for t in T.TABLES:
                     totals[d][t] += c[t]
             units += 1
             unit_state["unit"] = units
-            print(f"unit {units}: {sum(c['scores'] for c in pending_counts.values())} scored, "
-                  f"{sum(c['errors'] for c in pending_counts.values())} errors committed ({commit_seconds[-1]:.2f} s)", flush=True)
-            pending_files = {t: [] for t in T.TABLES}
-            pending_counts = {b.detector_id: {t: 0 for t in T.TABLES} for b in bundles}
-            pending_rows = 0
+            print(f"unit {units}: {sum(c['scores'] for c in counts.values())} scored, "
+                  f"{sum(c['errors'] for c in counts.values())} errors committed ({commit_seconds[-1]:.2f} s)", flush=True)
 
         try:
-            for batch in stream.iter_batches(batch_size=None, batch_format="pyarrow"):
-                # The guard: only file records cross to the driver, never result rows.
-                if batch.schema.names != FILE_RECORD.names:
-                    raise RuntimeError(f"result rows reached the scan driver (columns {batch.schema.names}); only file records may")
-                driver_rows += batch.num_rows
-                call = None
-                for rec in batch.to_pylist():
-                    # Units end between write_results calls, so one call's scores, flagged and errors
-                    # files (the same rows) always commit together.
-                    if rec["call"] != call and pending_rows >= cfg.chunk_size:
-                        commit()
-                    call = rec["call"]
-                    files += 1
-                    pending_files[rec["table"]].append(rec["path"])
-                    for d, n in json.loads(rec["counts"]).items():
-                        pending_counts[d][rec["table"]] += n
-                    if rec["table"] != "flagged":
-                        pending_rows += rec["rows"]
-                if pending_rows >= cfg.chunk_size:  # a block holds whole calls
-                    commit()
-            if pending_rows:
-                commit()
+            driver_rows, files = stream.commit_records(flow, cfg.chunk_size, ids, commit)
         except ray.exceptions.GetTimeoutError:
-            fail(_resource_message(cfg))
+            fail(stream.resource_message(cfg))
         finally:
             ctx.wait_for_min_actors_s = saved_wait
         model_loads = ray.get(counter.count.remote())
