@@ -30,7 +30,7 @@ from detector_core.cache import SUCCESS, features_matrix, read_features, read_ma
 from detector_core.storage import open_fs, s3_storage_options
 from detector_core.training import OptimConfig
 from jobs.common import RayOptions, StorageOptions, config_dict, fail, init_ray, join, opt, parse_config, run_main, write_json
-from jobs.embed import EmbedConfig, run_embedding
+from jobs.embedding import EmbedConfig, run_embedding
 
 # arm -> (loss, SAM, features); the order is the table's.
 ARMS = {

@@ -53,19 +53,17 @@ def main(argv=None) -> dict:
               "pass --clip-model ViT-L-14 --pretrained openai (cached) or --pretrained /path/to/weights.bin.")
     rows = write_dataset(out / "train_images", cfg.n_train, cfg.n_train, seed=cfg.seed)
     pq.write_table(pa.Table.from_pylist(rows), out / "manifest.parquet")
-    metrics = train.main([
-        "--manifest", str(out / "manifest.parquet"), "--output", str(out / "training"), "--clip-model", cfg.clip_model,
-        "--pretrained", cfg.pretrained, "--epochs", str(cfg.epochs), "--workers", str(cfg.workers),
-        "--batch-size", "64", "--lr", "3e-3", "--embed-batch-size", "128",
-    ])
-    ensemble = []
+    metrics = train.run_training(train.TrainConfig(
+        manifest=str(out / "manifest.parquet"), output=str(out / "training"), clip_model=cfg.clip_model, pretrained=cfg.pretrained,
+        epochs=cfg.epochs, workers=cfg.workers, batch_size=64, lr=3e-3, embed_batch_size=128,
+    ))
+    ensemble = ""
     if cfg.dnf:
-        dnf_metrics = train.main([
-            "--manifest", str(out / "manifest.parquet"), "--output", str(out / "training-dnf"), "--extractor", "dnf",
-            "--unet", "test-tiny", "--resnet", "resnet18", "--epochs", str(cfg.epochs), "--workers", str(cfg.workers),
-            "--batch-size", "32", "--lr", "1e-3", "--embed-batch-size", "128",
-        ])
-        ensemble = ["--ensemble", str(out / "training-dnf" / "detector")]
+        dnf_metrics = train.run_training(train.TrainConfig(
+            manifest=str(out / "manifest.parquet"), output=str(out / "training-dnf"), extractor="dnf", unet="test-tiny",
+            resnet="resnet18", epochs=cfg.epochs, workers=cfg.workers, batch_size=32, lr=1e-3, embed_batch_size=128,
+        ))
+        ensemble = str(out / "training-dnf" / "detector")
     rng = np.random.default_rng(cfg.seed + 1)
     bucket = out / "bucket"
     bucket.mkdir(parents=True, exist_ok=True)
@@ -73,8 +71,9 @@ def main(argv=None) -> dict:
     for i in range(cfg.n_scan):
         (bucket / f"upload_{i:04d}.png").write_bytes(encode(make_image(rng, kinds[i % len(kinds)])))
     (bucket / "broken_upload.jpg").write_bytes(b"<html>this was never an image</html>")
-    summary = scan.main(["--detector", str(out / "training" / "detector"), *ensemble, "--input", str(bucket), "--output", str(out / "scans")])
-    report.main(["--scan", str(out / "scans"), "--out", str(out / "report.html")])
+    summary = scan.run_scan(scan.ScanConfig(detector=str(out / "training" / "detector"), ensemble=ensemble, input=str(bucket),
+                                            output=str(out / "scans")))
+    report.run_report(report.ReportConfig(scan=str(out / "scans"), out=str(out / "report.html")))
     print("\n=== demo finished ===")
     print(f"detector:  {out / 'training' / 'detector'}  (val AUC {metrics['val_auc']:.3f}, threshold {metrics['threshold']:.3f})")
     if cfg.dnf:

@@ -55,7 +55,7 @@ from jobs.common import (
     write_json,
     write_parquet,
 )
-from jobs.embed import EmbedConfig, run_embedding
+from jobs.embedding import EmbedConfig, run_embedding
 from jobs.options import extractor_options
 from jobs.pipeline import trained_draft
 
@@ -197,9 +197,13 @@ def _holdout(cfg: EvaluateConfig, so) -> tuple[str, str]:
     write_parquet(eval_rows, join(root, "eval_manifest.parquet"), so)
     print(f"holdout {x}: training on {train_rows.num_rows} rows without it; evaluating on {eval_rows.num_rows} rows "
           f"({int(pc.sum(is_x).as_py() or 0)} of {x}, the rest real images outside the training split)")
-    train.main(["--manifest", join(root, "train_manifest.parquet"), "--output", join(root, "train"), "--clip-model", cfg.clip_model,
-                "--pretrained", cfg.pretrained, "--feature-mode", cfg.feature_mode, *shlex.split(cfg.train_args),
-                *(["--s3-endpoint", cfg.s3_endpoint] if cfg.s3_endpoint else [])])
+    # --train-args is the user's own flags for the training run: parsed as jobs.train parses them, then the
+    # run is a call with the config object.
+    tcfg = parse_config(train.TrainConfig, shlex.split(cfg.train_args), train.__doc__)
+    for name in ("clip_model", "pretrained", "feature_mode", "s3_endpoint"):
+        setattr(tcfg, name, getattr(cfg, name))
+    tcfg.manifest, tcfg.output = join(root, "train_manifest.parquet"), join(root, "train")
+    train.run_training(tcfg)
     return join(root, "train", "detector"), join(root, "eval_manifest.parquet")
 
 

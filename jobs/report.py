@@ -165,8 +165,8 @@ def build_report(cfg: ReportConfig) -> tuple[str, dict]:
     return page, counts
 
 
-def main(argv=None) -> dict:
-    cfg = parse_config(ReportConfig, argv, __doc__)
+def run_report(cfg: ReportConfig) -> dict:
+    """Write the review page for ``cfg``; returns what it shows (counts and the config)."""
     if not math.isfinite(cfg.band) or cfg.band < 0:
         fail("--band must be a score distance >= 0")
     page, counts = build_report(cfg)
@@ -180,6 +180,10 @@ def main(argv=None) -> dict:
     print(f"report for {counts['date']}: {counts['flagged_shown']}/{counts['flagged']} flagged shown, "
           f"{counts['band_shown']}/{counts['band']} near the threshold, {counts['errors']} errors -> {cfg.out}")
     return counts
+
+
+def main(argv=None) -> dict:
+    return run_report(parse_config(ReportConfig, argv, __doc__))
 
 
 if __name__ == "__main__":

@@ -205,7 +205,7 @@ def run_training(cfg: TrainConfig) -> dict:
     embed_summary = None
     cache = cfg.features
     if cfg.manifest:
-        from jobs.embed import EmbedConfig, run_embedding
+        from jobs.embedding import EmbedConfig, run_embedding
 
         cache = join(cfg.output, "features")
         embed_cfg = EmbedConfig(
