@@ -29,7 +29,7 @@ from detector_core import schema as S
 from detector_core.cache import SUCCESS, features_matrix, read_features, read_marker
 from detector_core.storage import open_fs, s3_storage_options
 from detector_core.training import OptimConfig
-from jobs.common import RayOptions, StorageOptions, config_dict, fail, init_ray, join, opt, parse_config, run_main, write_json
+from jobs.common import JobError, RayOptions, StorageOptions, config_dict, init_ray, join, opt, parse_config, run_main, write_json
 from jobs.embedding import EmbedConfig, run_embedding
 
 # arm -> (loss, SAM, features); the order is the table's.
@@ -96,11 +96,11 @@ def run_ablation(cfg: AblationConfig) -> dict:
 
     so = s3_storage_options(cfg.s3_endpoint or None)
     if not cfg.output or not (cfg.manifest or cfg.features):
-        fail("--output and --manifest (or --features) are required")
+        raise JobError("--output and --manifest (or --features) are required")
     arms = [a.strip() for a in cfg.arms.split(",") if a.strip()]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
-        fail(f"unknown arms {unknown}; choose from: {'; '.join(ARMS)}")
+        raise JobError(f"unknown arms {unknown}; choose from: {'; '.join(ARMS)}")
     cache = cfg.features
     if not cache:
         from detector_core.manifest import read_manifest
@@ -113,7 +113,7 @@ def run_ablation(cfg: AblationConfig) -> dict:
                                   ray_address=cfg.ray_address), so)
     marker = read_marker(cache, so)
     if marker is None:
-        fail(f"{cache} is not a finished feature cache (no {SUCCESS})")
+        raise JobError(f"{cache} is not a finished feature cache (no {SUCCESS})")
     mode, dim = marker["feature_mode"], marker["feature_dim"]
     image_dim = dim // 2 if mode == "image+text" else dim  # image+text features are [image | text], equal halves
     t = read_features(cache, [S.FEATURES, S.LABEL, S.SPLIT], so)
@@ -124,7 +124,7 @@ def run_ablation(cfg: AblationConfig) -> dict:
     is_eval = np.array([s == eval_split for s in t[S.SPLIT].to_pylist()])
     is_train = np.array([s == S.SPLIT_TRAIN for s in t[S.SPLIT].to_pylist()])
     if len(set(y[is_eval])) < 2 or len(set(y[is_train])) < 2:
-        fail(f"the {eval_split} and train splits of {cache} each need real and generated images")
+        raise JobError(f"the {eval_split} and train splits of {cache} each need real and generated images")
 
     skipped = [a for a in arms if ARMS[a][2] == "image+text" and mode != "image+text"]
     arms = [a for a in arms if a not in skipped]

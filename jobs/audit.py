@@ -40,7 +40,7 @@ from detector_core import tables as T
 from detector_core.catalog import CatalogError, ScanOutput
 from detector_core.storage import open_fs, s3_storage_options
 from detector_core.views import connect, read_runs, sql_quote
-from jobs.common import StorageOptions, fail, open_output, opt, parse_config, parse_date, run_main, write_parquet
+from jobs.common import JobError, StorageOptions, open_output, opt, parse_config, parse_date, run_main, write_parquet
 
 QUESTIONS = ("per-day", "per-prefix", "top", "detectors", "diff", "recut", "errors", "sql")
 FORMATS = ("table", "csv", "json", "parquet")
@@ -110,7 +110,7 @@ def question_sql(cfg: AuditConfig) -> str:
                   FROM scores GROUP BY detector_id ORDER BY last_scan_date DESC, detector_id"""
     if q == "diff":
         if not (cfg.detector_id and cfg.against_id):
-            fail("diff needs --detector-id OLD_ID --against-id NEW_ID (list them with: query detectors)")
+            raise JobError("diff needs --detector-id OLD_ID --against-id NEW_ID (list them with: query detectors)")
         latest = "SELECT uri, arg_max(score, scanned_at) AS score, arg_max(flagged, scanned_at) AS flagged FROM scores WHERE detector_id = {} GROUP BY uri"
         return f"""
             WITH a AS ({latest.format(sql_quote(cfg.detector_id))}), b AS ({latest.format(sql_quote(cfg.against_id))})
@@ -120,7 +120,7 @@ def question_sql(cfg: AuditConfig) -> str:
             ORDER BY change, abs(b.score - a.score) DESC, uri{_limit(cfg)}"""
     if q == "recut":
         if not (0.0 < cfg.threshold < 1.0):
-            fail("recut needs --threshold T with 0 < T < 1 (a score)")
+            raise JobError("recut needs --threshold T with 0 < T < 1 (a score)")
         logit = float(scipy_logit(cfg.threshold))  # decisions are made on the logit, as in the scan
         if cfg.rows:
             return f"""SELECT scan_date, bucket, uri, score, logit, flagged AS flagged_at_bundle, detector_id, scan_id FROM scores
@@ -136,34 +136,34 @@ def question_sql(cfg: AuditConfig) -> str:
                   FROM errors GROUP BY ALL ORDER BY scan_date, objects DESC, error_stage, error_type"""
     if q == "sql":
         if not cfg.sql:
-            fail("sql needs --sql 'SELECT … FROM scores|flagged|errors|runs'")
+            raise JobError("sql needs --sql 'SELECT … FROM scores|flagged|errors|runs'")
         return cfg.sql
-    fail(f"unknown question {q!r}; one of {', '.join(QUESTIONS)}")
+    raise JobError(f"unknown question {q!r}; one of {', '.join(QUESTIONS)}")
 
 
 def answer(cfg: AuditConfig) -> pa.Table:
     """The answer to ``cfg.question`` as an Arrow table."""
     if not cfg.scan:
-        fail("--scan (the scan output prefix) is required")
+        raise JobError("--scan (the scan output prefix) is required")
     so = s3_storage_options(cfg.s3_endpoint or None)
     out = open_output(cfg.scan, cfg.catalog, cfg.namespace, so)
     runs = read_runs(out)
     if cfg.date == "last":
         if runs.num_rows == 0:
-            fail(f"no finished scans in {cfg.scan}")
+            raise JobError(f"no finished scans in {cfg.scan}")
         cfg.date = max(runs["scan_date"].to_pylist())
     elif cfg.date:
         cfg.date = parse_date(cfg.date, "--date")
     since = cfg.date or (parse_date(cfg.since, "--since") if cfg.since else "")
     until = cfg.date or (parse_date(cfg.until, "--until") if cfg.until else "")
     if cfg.bucket and not _BUCKET_RE.match(cfg.bucket):
-        fail(f"--bucket {cfg.bucket!r} is not a bucket name")
+        raise JobError(f"--bucket {cfg.bucket!r} is not a bucket name")
     sql = question_sql(cfg)
     try:
         con = connect(out, _where(cfg), since, until, cfg.bucket, runs)
         return con.sql(sql).to_arrow_table()
     except duckdb.Error as exc:
-        fail(f"query failed: {str(exc).splitlines()[0]}")
+        raise JobError(f"query failed: {str(exc).splitlines()[0]}")
 
 
 def _emit(table: pa.Table, cfg: AuditConfig) -> None:
@@ -172,7 +172,7 @@ def _emit(table: pa.Table, cfg: AuditConfig) -> None:
     so = s3_storage_options(cfg.s3_endpoint or None)
     if cfg.format == "parquet":
         if not cfg.out:
-            fail("--format parquet needs --out FILE")
+            raise JobError("--format parquet needs --out FILE")
         write_parquet(table, cfg.out, so)
         print(f"{table.num_rows} rows -> {cfg.out}", file=sys.stderr)
         return
@@ -215,12 +215,12 @@ def migrate(cfg: MigrateConfig) -> dict:
     from detector_core.storage import arrow_fs
 
     if not cfg.output:
-        fail("--output (the scan output to migrate) is required")
+        raise JobError("--output (the scan output to migrate) is required")
     so = s3_storage_options(cfg.s3_endpoint or None)
     try:
         out = ScanOutput.open(cfg.output, cfg.catalog, cfg.namespace, so)
     except CatalogError as exc:
-        fail(str(exc))
+        raise JobError(str(exc))
     afs, aroot = arrow_fs(cfg.output, so)
     legacy = {name: T.legacy_dataset(afs, aroot, name) for name in T.TABLES}
     have = set(out.read("runs", selected_fields=("scan_id",))["scan_id"].to_pylist())
@@ -274,7 +274,7 @@ def main(argv=None) -> pa.Table | dict:
             argv = ["--question", argv[0], *argv[1:]]
     cfg = parse_config(AuditConfig, argv, __doc__)
     if not cfg.question:
-        fail("say what to ask: python -m jobs.audit query {" + ",".join(QUESTIONS) + "} --scan OUT …")
+        raise JobError("say what to ask: python -m jobs.audit query {" + ",".join(QUESTIONS) + "} --scan OUT …")
     table = answer(cfg)
     _emit(table, cfg)
     return table

@@ -87,13 +87,17 @@ def parse_config(cls: type[T], argv=None, description: str | None = None) -> T:
             base = args[0] if args else str
         shown = f"{help_text} (default: {f.default}" + (f"; in {within})" if within else ")")
         target.add_argument(flag, dest=f.name, type=base, default=f.default, help=shown, **meta)
-    cfg = cls(**vars(parser.parse_args(argv)))
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print the traceback (and the error it came from) before the ERROR line")
+    parsed = vars(parser.parse_args(argv))
+    parsed.pop("debug")  # read by run_main from the command line, not a setting of the job
+    cfg = cls(**parsed)
     for f in dataclasses.fields(cls):
         within = f.metadata.get("within")
         value = getattr(cfg, f.name)
         unset = isinstance(f.default, float) and math.isnan(f.default) and math.isnan(value)  # NaN default = "not given"
         if within and value is not None and not unset and not in_interval(value, within):
-            fail(f"--{f.name.replace('_', '-')} must be in {within}, got {value}")
+            raise JobError(f"--{f.name.replace('_', '-')} must be in {within}, got {value}")
     return cfg
 
 
@@ -159,12 +163,12 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
     if address.startswith("ray://"):
         return  # Ray Client: its own connection timeout applies
     if address.startswith(("http://", "https://")):
-        fail(f"{address} is a dashboard (job API) address: submit with `ray job submit --address {address} -- python -m jobs…`, "
+        raise JobError(f"{address} is a dashboard (job API) address: submit with `ray job submit --address {address} -- python -m jobs…`, "
              "or pass the cluster's GCS address (host:6379) to --ray-address")
     try:
         resolved = canonicalize_bootstrap_address(address)
     except (ConnectionError, ValueError) as e:  # "auto" with nothing running here, or no host:port
-        fail(f"no Ray cluster at --ray-address {address}: {e}; start one (`ray start --head`) or leave out --ray-address "
+        raise JobError(f"no Ray cluster at --ray-address {address}: {e}; start one (`ray start --head`) or leave out --ray-address "
              "for a private local Ray")
     if resolved is None:
         return
@@ -172,7 +176,7 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as e:
-        fail(f"no Ray cluster answers at {resolved} ({e.strerror or type(e).__name__}): the head is down, or its address file "
+        raise JobError(f"no Ray cluster answers at {resolved} ({e.strerror or type(e).__name__}): the head is down, or its address file "
              "is left from one that died; start it (`ray start --head`), fix --ray-address/RAY_ADDRESS, or leave both out "
              "for a private local Ray")
     try:
@@ -184,7 +188,7 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
         GcsClient(address=resolved)
     except AuthenticationError:
         mode = os.environ.get("RAY_AUTH_MODE", "disabled")
-        fail(f"the Ray cluster at {resolved} refused this job: it requires a token and "
+        raise JobError(f"the Ray cluster at {resolved} refused this job: it requires a token and "
              + ("RAY_AUTH_MODE is not set; set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or ~/.ray/auth_token)" if mode != "token"
                 else "the one given (RAY_AUTH_TOKEN or ~/.ray/auth_token) is not its token"))
 
@@ -220,10 +224,18 @@ def config_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def fail(message: str, code: int = 2) -> None:
-    """End a job with a one-line cause on the last line of its log."""
-    print(f"ERROR: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(code)
+class JobError(Exception):
+    """A job cannot go on, for a reason its user can act on: the message is the one line they read.
+
+    Raised anywhere in a job (and by functions that other jobs reuse); printed only by
+    ``run_main``, as the log's last line ``ERROR: <message>``, with exit status ``code`` (2 for
+    bad input or settings, 1 for a run that failed). ``--debug`` adds the traceback, with the
+    library error it was raised from.
+    """
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def require_weights(spec, storage_options: dict | None = None) -> None:
@@ -235,7 +247,7 @@ def require_weights(spec, storage_options: dict | None = None) -> None:
     try:
         check_available(spec, storage_options)
     except (WeightsNotFoundError, UnetNotFoundError, ValueError) as exc:
-        fail(str(exc))
+        raise JobError(str(exc)) from exc
 
 
 def parse_date(value: str, flag: str) -> str:
@@ -243,7 +255,7 @@ def parse_date(value: str, flag: str) -> str:
     try:
         return dt.date.fromisoformat(value).isoformat()
     except ValueError:
-        fail(f"{flag} {value!r} is not a date (YYYY-MM-DD)")
+        raise JobError(f"{flag} {value!r} is not a date (YYYY-MM-DD)") from None
 
 
 def open_output(scan: str, catalog: str, namespace: str, storage_options: dict | None):
@@ -254,7 +266,7 @@ def open_output(scan: str, catalog: str, namespace: str, storage_options: dict |
     try:
         return open_scan_output(scan, catalog, namespace, storage_options)
     except CatalogError as exc:
-        fail(str(exc))
+        raise JobError(str(exc))
 
 
 _RAY_WRAPPERS = ("ActorDiedError", "RayActorError", "RayTaskError", "ActorUnavailableError")
@@ -285,15 +297,23 @@ def _cause(exc: BaseException) -> str:
 
 
 def run_main(main) -> None:
-    """Run a job's ``main`` as a program: a crash keeps its traceback, then ends with one ``ERROR:`` line and exit 1.
+    """Run a job's ``main`` as a program; every way it ends badly ends with one ``ERROR:`` line.
 
-    Under ``ray job submit`` the log tail is what people read first; the last line says
-    the cause instead of leaving them to dig it out of a long traceback.
+    A ``JobError`` prints its message (and, with ``--debug``, its traceback first) and exits
+    with its code; any other exception is a crash: its traceback stays in the log, then the
+    one line says the cause, exit 1. Under ``ray job submit`` the log tail is what people read
+    first; the last line says the cause instead of leaving them to dig it out of a traceback.
     """
     import traceback
 
     try:
         main()
+    except JobError as exc:
+        if "--debug" in sys.argv[1:]:
+            traceback.print_exc()
+            sys.stdout.flush()
+        print(f"ERROR: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(exc.code) from None
     except SystemExit:
         raise
     except KeyboardInterrupt:
@@ -306,4 +326,4 @@ def run_main(main) -> None:
         raise SystemExit(1)
 
 
-__all__ = ["opt", "parse_config", "parse_interval", "in_interval", "init_ray", "check_connection", "check_ray_address", "new_run_id", "write_json", "write_parquet", "config_dict", "fail", "run_main", "join", "parse_date", "open_output", "require_weights", "StorageOptions", "RayOptions"]
+__all__ = ["opt", "parse_config", "parse_interval", "in_interval", "init_ray", "check_connection", "check_ray_address", "new_run_id", "write_json", "write_parquet", "config_dict", "JobError", "run_main", "join", "parse_date", "open_output", "require_weights", "StorageOptions", "RayOptions"]

@@ -18,14 +18,14 @@ key (manifest + extractor settings + decode) matches the finished cache embeds n
 
 from __future__ import annotations
 
-from jobs.common import fail, parse_config, run_main
+from jobs.common import JobError, parse_config, run_main
 from jobs.embedding import EmbedConfig, run_embedding
 
 
 def main(argv=None) -> dict:
     cfg = parse_config(EmbedConfig, argv, __doc__)
     if not cfg.manifest or not cfg.output:
-        fail("--manifest and --output are required")
+        raise JobError("--manifest and --output are required")
     return run_embedding(cfg)
 
 

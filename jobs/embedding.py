@@ -21,7 +21,7 @@ from detector_core.dnf import UnetNotFoundError
 from detector_core.extractors import FeatureSpec, feature_compute
 from detector_core.manifest import ManifestError, read_manifest, validate_manifest
 from detector_core.storage import arrow_fs, open_fs, s3_storage_options
-from jobs.common import config_dict, fail, init_ray, join, opt, require_weights, write_json
+from jobs.common import JobError, config_dict, init_ray, join, opt, require_weights, write_json
 from jobs.options import ExtractorOptions, RayOptions, StorageOptions
 
 
@@ -48,16 +48,16 @@ def run_embedding(cfg: EmbedConfig, storage_options: dict | None = None) -> dict
     try:
         vm = validate_manifest(read_manifest(cfg.manifest, so), val_fraction=cfg.val_fraction, calib_fraction=cfg.calib_fraction)
     except ManifestError as exc:
-        fail(str(exc))
+        raise JobError(str(exc))
     table = vm.table
     try:
         spec = cfg.spec(so)
     except UnetNotFoundError as exc:
-        fail(str(exc))
+        raise JobError(str(exc))
     if spec.needs_captions:
         missing = table.column(S.CAPTION).null_count
         if missing:
-            fail(f"--feature-mode image+text needs a caption for every image; {missing} of {table.num_rows} rows have none")
+            raise JobError(f"--feature-mode image+text needs a caption for every image; {missing} of {table.num_rows} rows have none")
     key = cache_key(table, spec, cfg.perturb, cfg.perturb_seed, cfg.jpeg_draft)
     marker = read_marker(cfg.output, so)
     if marker and marker.get("key") == key:

@@ -44,10 +44,10 @@ from detector_core.perturb import parse_perturbations
 from detector_core.storage import arrow_fs, open_fs, s3_storage_options
 from detector_core.training import predict_logits
 from jobs.common import (
+    JobError,
     RayOptions,
     StorageOptions,
     config_dict,
-    fail,
     join,
     opt,
     parse_config,
@@ -165,7 +165,7 @@ def score_cache(bundle: DetectorBundle, cache: str, so) -> tuple[np.ndarray, np.
     t = read_features(cache, [S.URI, S.LABEL, S.GENERATOR, S.FEATURES], so)
     feats = torch.tensor(features_matrix(t[S.FEATURES]))  # a copy: Arrow's buffers are read-only
     if feats.shape[1] != bundle.in_dim:
-        fail(f"features of {cache} are {feats.shape[1]}-d; detector {bundle.detector_id} takes {bundle.in_dim}-d")
+        raise JobError(f"features of {cache} are {feats.shape[1]}-d; detector {bundle.detector_id} takes {bundle.in_dim}-d")
     with torch.inference_mode():
         logits = predict_logits(bundle.model, feats).double().numpy()
     scores = expit(logits)
@@ -182,12 +182,12 @@ def _holdout(cfg: EvaluateConfig, so) -> tuple[str, str]:
     try:
         vm = validate_manifest(read_manifest(cfg.manifest, so))
     except ManifestError as exc:
-        fail(str(exc))
+        raise JobError(str(exc))
     t = vm.table
     gens = set(t[S.GENERATOR].to_pylist())
     x = cfg.holdout_generator
     if x not in gens or x == "real":
-        fail(f"--holdout-generator {x!r} is not a generator of {cfg.manifest} (generators: {', '.join(sorted(g for g in gens if g and g != 'real'))})")
+        raise JobError(f"--holdout-generator {x!r} is not a generator of {cfg.manifest} (generators: {', '.join(sorted(g for g in gens if g and g != 'real'))})")
     is_x = pc.fill_null(pc.equal(t[S.GENERATOR], x), False)
     train_rows = t.filter(pc.invert(is_x))
     held_real = pc.and_(pc.equal(t[S.LABEL], 0), pc.is_in(t[S.SPLIT], value_set=pa.array([S.SPLIT_VAL, S.SPLIT_TEST])))
@@ -223,18 +223,18 @@ def _shortcuts(cache: str, so: dict | None) -> dict:
 def run_evaluation(cfg: EvaluateConfig) -> dict:
     so = s3_storage_options(cfg.s3_endpoint or None)
     if not (cfg.manifest and cfg.output) or not (cfg.detector or cfg.holdout_generator):
-        fail("--manifest, --output and --detector (or --holdout-generator) are required")
+        raise JobError("--manifest, --output and --detector (or --holdout-generator) are required")
     try:
         perturbations = parse_perturbations(list(cfg.perturb))
     except ValueError as exc:
-        fail(str(exc))
+        raise JobError(str(exc))
     detector, manifest = cfg.detector, cfg.manifest
     if cfg.holdout_generator:
         detector, manifest = _holdout(cfg, so)
     try:
         bundle = load_bundle(detector, so)
     except BundleError as exc:
-        fail(str(exc))
+        raise JobError(str(exc))
     if cfg.split:
         try:
             # Rows without a split are assigned as the detector's training assigned them.
@@ -242,10 +242,10 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
             vm = validate_manifest(read_manifest(manifest, so), val_fraction=tc.get("val_fraction", 0.2),
                                    calib_fraction=tc.get("calib_fraction", 0.0))
         except ManifestError as exc:
-            fail(str(exc))
+            raise JobError(str(exc))
         rows = vm.table.filter(pc.is_in(vm.table[S.SPLIT], value_set=pa.array(cfg.split.split(","))))
         if rows.num_rows == 0:
-            fail(f"no rows of split {cfg.split} in {manifest}")
+            raise JobError(f"no rows of split {cfg.split} in {manifest}")
         manifest = join(cfg.output, "eval_manifest.parquet")
         write_parquet(rows, manifest, so)
 

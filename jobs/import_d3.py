@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from detector_core import schema as S
 from detector_core.manifest import read_manifest
 from detector_core.storage import arrow_fs, is_remote, open_fs, s3_storage_options
-from jobs.common import StorageOptions, fail, join, opt, parse_config, run_main, write_json
+from jobs.common import JobError, StorageOptions, join, opt, parse_config, run_main, write_json
 
 N_GEN = 4
 
@@ -61,12 +61,12 @@ def run_import(cfg: ImportConfig) -> dict:
     files = sorted(fs.glob(pattern)) if any(c in pattern for c in "*?[") else (
         sorted(f for f in fs.find(pattern) if f.endswith(".parquet")) if fs.isdir(pattern) else [pattern])
     if not files:
-        fail(f"no D3 shards at {cfg.shards}")
+        raise JobError(f"no D3 shards at {cfg.shards}")
     mirror = {}
     if cfg.real_map:
         m = read_manifest(cfg.real_map, so)
         if "url" not in m.column_names:
-            fail(f"--real-map {cfg.real_map} needs url and uri columns")
+            raise JobError(f"--real-map {cfg.real_map} needs url and uri columns")
         mirror = dict(zip(m.column("url").to_pylist(), m.column(S.URI).to_pylist()))
     out_fs, _ = open_fs(cfg.output, so)
     rows = {S.URI: [], S.LABEL: [], S.CAPTION: [], S.GENERATOR: []}
@@ -115,7 +115,7 @@ def run_import(cfg: ImportConfig) -> dict:
 def main(argv=None) -> dict:
     cfg = parse_config(ImportConfig, argv, __doc__)
     if not cfg.shards or not cfg.output:
-        fail("--shards and --output are required")
+        raise JobError("--shards and --output are required")
     return run_import(cfg)
 
 

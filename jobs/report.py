@@ -32,7 +32,7 @@ import pyarrow as pa
 from detector_core.images import ImageDecodeError, decode_image
 from detector_core.storage import open_fs, s3_storage_options
 from detector_core.views import connect, read_runs, sql_quote
-from jobs.common import StorageOptions, config_dict, fail, open_output, opt, parse_config, parse_date, run_main
+from jobs.common import JobError, StorageOptions, config_dict, open_output, opt, parse_config, parse_date, run_main
 
 HIST_BINS = 50
 
@@ -125,13 +125,13 @@ def build_report(cfg: ReportConfig) -> tuple[str, dict]:
     out = open_output(cfg.scan, cfg.catalog, cfg.namespace, so)
     runs = read_runs(out)
     if runs.num_rows == 0:
-        fail(f"no finished scans in {cfg.scan}: nothing to report")
+        raise JobError(f"no finished scans in {cfg.scan}: nothing to report")
     date = max(runs["scan_date"].to_pylist()) if cfg.date in ("", "last") else parse_date(cfg.date, "--date")
     where = f"detector_id = {sql_quote(cfg.detector_id)}" if cfg.detector_id else ""
     con = connect(out, where, date, date, runs=runs)
     run_rows = [r for r in runs.to_pylist() if r["scan_date"] == date and (not cfg.detector_id or r["detector_id"] == cfg.detector_id)]
     if not run_rows:
-        fail(f"no committed scan on {date} under {cfg.scan} (dates: {', '.join(sorted(set(runs['scan_date'].to_pylist())))})")
+        raise JobError(f"no committed scan on {date} under {cfg.scan} (dates: {', '.join(sorted(set(runs['scan_date'].to_pylist())))})")
 
     per_det = con.sql("SELECT detector_id, any_value(threshold) AS threshold, count(*) AS scored, "
                       "count(*) FILTER (WHERE flagged) AS flagged FROM scores GROUP BY ALL ORDER BY detector_id").to_arrow_table().to_pylist()
@@ -168,7 +168,7 @@ def build_report(cfg: ReportConfig) -> tuple[str, dict]:
 def run_report(cfg: ReportConfig) -> dict:
     """Write the review page for ``cfg``; returns what it shows (counts and the config)."""
     if not math.isfinite(cfg.band) or cfg.band < 0:
-        fail("--band must be a score distance >= 0")
+        raise JobError("--band must be a score distance >= 0")
     page, counts = build_report(cfg)
     fs, path = open_fs(cfg.out, s3_storage_options(cfg.s3_endpoint or None))
     parent = path.rsplit("/", 1)[0] if "/" in path else ""

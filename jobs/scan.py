@@ -55,11 +55,11 @@ from detector_core.lease import Lease, LeaseHeldError, LeaseLostError
 from detector_core.storage import s3_storage_options
 from jobs import planning, stream
 from jobs.common import (
+    JobError,
     RayOptions,
     StorageOptions,
     check_connection,
     config_dict,
-    fail,
     init_ray,
     join,
     new_run_id,
@@ -103,19 +103,19 @@ class ScanConfig(RayOptions, StorageOptions):
 def validate(cfg: ScanConfig) -> None:
     """Refuse bad settings before anything is listed, leased or started."""
     if not (cfg.detector and cfg.input and cfg.output):
-        fail("--detector, --input and --output are required")
+        raise JobError("--detector, --input and --output are required")
     # Numbers are checked against their fields' intervals by parse_config.
     try:
         stream.parse_actors(cfg.actors)
     except ValueError as exc:
-        fail(str(exc))
+        raise JobError(str(exc))
     if cfg.scan_date:
         try:
             dt.date.fromisoformat(cfg.scan_date)
         except ValueError:
-            fail(f"--scan-date {cfg.scan_date!r} is not a date (YYYY-MM-DD)")
+            raise JobError(f"--scan-date {cfg.scan_date!r} is not a date (YYYY-MM-DD)")
     if cfg.kill_at and (cfg.kill_at.count(":") != 1 or not cfg.kill_at.split(":")[1].isdigit()):
-        fail(f"--kill-at {cfg.kill_at!r}: STEP:UNIT")
+        raise JobError(f"--kill-at {cfg.kill_at!r}: STEP:UNIT")
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ def _check_feature_compute(bundles: list[DetectorBundle], gpu: bool) -> None:
         ours = feature_compute(b.features, gpu, draft=trained_draft(b))
         for key in ("jpeg_draft_size", "resize"):
             if key in trained and trained[key] != ours[key]:
-                fail(f"detector {b.detector_id} was trained on features computed with {key} {trained[key]!r}, and this scan "
+                raise JobError(f"detector {b.detector_id} was trained on features computed with {key} {trained[key]!r}, and this scan "
                      f"would compute them with {ours[key]!r}: its scores would not mean what its threshold says; retrain it "
                      "with this version, or scan with the version that trained it")
         if trained.get("precision") and trained["precision"] != ours["precision"]:
@@ -164,36 +164,36 @@ def run_scan(cfg: ScanConfig) -> dict:
     try:
         bundles = [load_bundle(u, so) for u in uris]
     except BundleError as exc:
-        fail(str(exc))
+        raise JobError(str(exc))
     for spec in feature_specs(bundles):  # a missing CLIP or UNet file: one line now, not a dead actor
         require_weights(spec, so)
     ids = [b.detector_id for b in bundles]
     if len(set(ids)) != len(ids):
-        fail(f"the same detector is given twice ({', '.join(ids)}); each bundle may appear once")
+        raise JobError(f"the same detector is given twice ({', '.join(ids)}); each bundle may appear once")
     needing = [b.detector_id for b in bundles if b.needs_captions]
     if needing and not cfg.captions:
-        fail(f"detector {', '.join(needing)} uses image+text features and needs captions; pass --captions with a uri,caption manifest")
+        raise JobError(f"detector {', '.join(needing)} uses image+text features and needs captions; pass --captions with a uri,caption manifest")
     _check_feature_compute(bundles, cfg.gpu)
     try:
         feature_drafts(bundles)
     except ValueError as exc:
-        fail(str(exc))
+        raise JobError(str(exc))
     scan_date = cfg.scan_date or dt.datetime.now(dt.timezone.utc).date().isoformat()
     try:
         out = ScanOutput.open(cfg.output, cfg.catalog, cfg.namespace, so)
     except CatalogError as exc:
-        fail(str(exc))
+        raise JobError(str(exc))
     scan_id = new_run_id("scan")
     lease = Lease(out.fs, out.root, scan_id, cfg.lease_ttl)
     try:
         lease.acquire(wait=cfg.wait)
     except LeaseHeldError as exc:
-        fail(str(exc))
+        raise JobError(str(exc))
     lease.start_renewing()
     try:
         return _scan_under_lease(cfg, so, uris, bundles, scan_date, out, scan_id, lease)
     except LeaseLostError as exc:
-        fail(f"{exc}; nothing of this scan's uncommitted work is visible, run it again")
+        raise JobError(f"{exc}; nothing of this scan's uncommitted work is visible, run it again")
     finally:
         lease.release()
 
@@ -216,7 +216,7 @@ def _scan_under_lease(cfg, so, uris, bundles, scan_date, out: ScanOutput, scan_i
     try:
         work_files, plan_counts = planning.plan(out, cfg.input, ids, scan_id, cfg.full, cfg.captions, so, cfg.list_fan_out)
     except PlanError as exc:
-        fail(str(exc))
+        raise JobError(str(exc))
     counts = {"listed": plan_counts["listed"], "skipped": plan_counts["listed"] - plan_counts["work"],
               "skipped_by_detector": plan_counts["skipped"]}
     print(f"plan: {plan_counts['listed']} listed ({plan_counts['input_kind']}), {plan_counts['work']} to score, "
@@ -250,7 +250,7 @@ def _scan_under_lease(cfg, so, uris, bundles, scan_date, out: ScanOutput, scan_i
         try:
             driver_rows, files = stream.commit_records(flow, cfg.chunk_size, ids, commit)
         except ray.exceptions.GetTimeoutError:
-            fail(stream.resource_message(cfg))
+            raise JobError(stream.resource_message(cfg))
         finally:
             ctx.wait_for_min_actors_s = saved_wait
         model_loads = ray.get(counter.count.remote())

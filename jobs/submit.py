@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from jobs.common import fail, opt, parse_config, run_main
+from jobs.common import JobError, opt, parse_config, run_main
 
 ENDED = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -118,30 +118,30 @@ def run(cfg: SubmitConfig, entrypoint: list[str]) -> int:
 
     address = cfg.address or os.environ.get("RAY_ADDRESS", "")
     if not cfg.submission_id:
-        fail("--submission-id is required (one per night, e.g. scan-$(date -u +%F))")
+        raise JobError("--submission-id is required (one per night, e.g. scan-$(date -u +%F))")
     if not entrypoint:
-        fail("no command after --: give the job's entrypoint, e.g. -- python -m jobs.scan …")
+        raise JobError("no command after --: give the job's entrypoint, e.g. -- python -m jobs.scan …")
     if not address.startswith(("http://", "https://")):
-        fail(f"--address (or RAY_ADDRESS) must be the cluster's job API, http://HOST:8265; got {address!r}")
+        raise JobError(f"--address (or RAY_ADDRESS) must be the cluster's job API, http://HOST:8265; got {address!r}")
     try:
         client = JobSubmissionClient(address)
     except Exception as e:  # noqa: BLE001 - connection refused, token refused: one line saying which
-        fail(f"cannot reach the job API at {address}: {' '.join(str(e).split())[:300]}")
+        raise JobError(f"cannot reach the job API at {address}: {' '.join(str(e).split())[:300]}")
     sid = cfg.submission_id
 
     def on_term(signum, frame):  # the pod's deadline: the Ray job must not outlive its submitter
         _stop(client, sid, f"the submitter got signal {signal.Signals(signum).name}")
-        fail(f"job {sid} stopped: the submitter was terminated (signal {signal.Signals(signum).name})", code=1)
+        raise JobError(f"job {sid} stopped: the submitter was terminated (signal {signal.Signals(signum).name})", code=1)
 
     signal.signal(signal.SIGTERM, on_term)
     _submit_or_attach(client, cfg, entrypoint)
     status = _follow(client, cfg)
     if status == "DEADLINE":
         _stop(client, sid, f"it ran past its deadline of {cfg.deadline:.0f} s")
-        fail(f"job {sid} ran past its deadline of {cfg.deadline:.0f} s and was stopped", code=1)
+        raise JobError(f"job {sid} ran past its deadline of {cfg.deadline:.0f} s and was stopped", code=1)
     if status != "SUCCEEDED":
         message = " ".join(str(client.get_job_info(sid).message or "").split())[:300]
-        fail(f"job {sid} ended {status}" + (f": {message}" if message else ""), code=1)
+        raise JobError(f"job {sid} ended {status}" + (f": {message}" if message else ""), code=1)
     print(f"job {sid} succeeded", flush=True)
     return 0
 

@@ -73,7 +73,7 @@ from detector_core.model import RESNETS, NoiseResNet, build_classifier, load_bac
 from detector_core.shortcuts import dataset_report
 from detector_core.storage import arrow_fs, s3_storage_options
 from detector_core.training import RECIPE_OPTIM, RECIPES, OptimConfig, predict_logits
-from jobs.common import config_dict, fail, init_ray, join, opt, parse_config, require_weights, run_main, write_json
+from jobs.common import JobError, config_dict, init_ray, join, opt, parse_config, require_weights, run_main, write_json
 from jobs.options import ExtractorOptions, RayOptions, StorageOptions, extractor_options
 from jobs.train_worker import load_state, train_loop_per_worker
 
@@ -191,14 +191,14 @@ def run_training(cfg: TrainConfig) -> dict:
 
     so = s3_storage_options(cfg.s3_endpoint or None)
     if not cfg.output:
-        fail("--output is required")
+        raise JobError("--output is required")
     if bool(cfg.manifest) == bool(cfg.features):
-        fail("pass exactly one of --manifest (embed, then train) or --features (train on an existing cache)")
+        raise JobError("pass exactly one of --manifest (embed, then train) or --features (train on an existing cache)")
     if cfg.resnet_init:  # a missing or mismatched file fails here, before embedding, not in every worker
         try:
             load_backbone(NoiseResNet(cfg.resnet, (3, 32, 32)), cfg.resnet_init, so)
         except (OSError, ValueError, RuntimeError) as exc:
-            fail(str(exc))
+            raise JobError(str(exc))
     if cfg.manifest:  # before Ray starts: the paper's ViT-L-14 is the default, and its weights may be absent
         require_weights(cfg.feature_spec(), so)
     init_ray(cfg.ray_address or None)
@@ -216,22 +216,22 @@ def run_training(cfg: TrainConfig) -> dict:
         embed_summary = run_embedding(embed_cfg, so)
     marker = read_marker(cache, so)
     if marker is None:
-        fail(f"{cache} is not a finished feature cache (no {SUCCESS}); run jobs.embed first")
+        raise JobError(f"{cache} is not a finished feature cache (no {SUCCESS}); run jobs.embed first")
     spec = cache_spec(marker)
     if cfg.features:  # the cache decides the extractor settings the bundle records
         for k, v in spec.to_dict().items():
             if hasattr(cfg, k) and k != "image_size":
                 setattr(cfg, k, v)
     elif spec != (wanted := cfg.feature_spec().resolved(so)):
-        fail(f"feature cache {cache} was made with {spec.id}, not {wanted.id}")
+        raise JobError(f"feature cache {cache} was made with {spec.id}, not {wanted.id}")
     model_config = cfg.model_config(spec)
     if cfg.recipe == "dnf-reference":
         if spec.extractor != "dnf":
-            fail("--recipe dnf-reference trains the DNF reference's classifier: it needs --extractor dnf")
+            raise JobError("--recipe dnf-reference trains the DNF reference's classifier: it needs --extractor dnf")
         if set_by_recipe := cfg.apply_recipe():
             print(f"--recipe dnf-reference: {', '.join(set_by_recipe)}")
     if cfg.resnet_init and spec.extractor != "dnf":
-        fail("--resnet-init is for --extractor dnf (a ResNet on the noise feature)")
+        raise JobError("--resnet-init is for --extractor dnf (a ResNet on the noise feature)")
 
     pa_fs, data_path = arrow_fs(join(cache, DATA), so)
     dataset = pads.dataset(data_path, filesystem=pa_fs, format="parquet")
@@ -240,9 +240,9 @@ def run_training(cfg: TrainConfig) -> dict:
     val_labels = dataset.to_table(columns=[S.LABEL], filter=good & (pads.field(S.SPLIT) == S.SPLIT_VAL)).column(S.LABEL)
     n_val, n_val_gen = len(val_labels), int(np.asarray(val_labels).sum()) if len(val_labels) else 0
     if n_train < 2 * cfg.workers:
-        fail(f"only {n_train} training rows in {cache}; need at least {2 * cfg.workers}")
+        raise JobError(f"only {n_train} training rows in {cache}; need at least {2 * cfg.workers}")
     if n_val == 0 or n_val_gen in (0, n_val):
-        fail(f"the validation split of {cache} needs real and generated images (has {n_val} rows, {n_val_gen} generated)")
+        raise JobError(f"the validation split of {cache} needs real and generated images (has {n_val} rows, {n_val_gen} generated)")
     shortcuts = _shortcuts(dataset, cfg.seed)
 
     def split_ds(split: str):
@@ -286,9 +286,10 @@ def run_training(cfg: TrainConfig) -> dict:
         result = trainer.fit()
     except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; surface the cause in one line
         cause = exc.__cause__ or exc
-        fail(f"training failed: {type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}")
+        raise JobError(f"training failed: {type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}",
+                       code=1) from exc
     if result.checkpoint is None:
-        fail("training produced no checkpoint")
+        raise JobError("training produced no checkpoint")
     state = load_state(result.checkpoint)
     best = state["best"]
     model = build_classifier(model_config)

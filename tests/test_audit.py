@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,14 +19,15 @@ import pytest
 import torch
 
 from detector_core.bundle import DetectorBundle, save_bundle
+from detector_core.catalog import ScanOutput, read_table
 from detector_core.demo import encode, make_image
 from detector_core.extractors import FeatureSpec
 from detector_core.features import ClipEncoder
 from detector_core.images import decode_image
 from detector_core.model import DetectorMLP
-from detector_core.catalog import ScanOutput, read_table
 from detector_core.views import duckdb_connection
 from jobs import audit, scan
+from jobs.common import JobError
 
 DAY1, DAY2 = "2026-11-20", "2026-11-21"
 
@@ -161,7 +161,7 @@ def test_date_and_bucket_filters_open_only_their_partitions(scans):
             open(p, "wb").write(b"not parquet")
         assert _ask("per-day", "--scan", str(out), "--date", DAY2)["scored"].sum() == 2 + 12
         assert _ask("per-day", "--scan", str(out), "--since", DAY2, "--bucket", "local")["scored"].sum() == 2 + 12
-        with pytest.raises(SystemExit):
+        with pytest.raises(JobError):
             _ask("per-day", "--scan", str(out))  # all days: the corrupt files are read and the query fails cleanly
         # DuckDB's iceberg_scan as an auditor types it prunes on the partition columns too.
         con = duckdb_connection(ScanOutput.open(str(out), create=False))
@@ -255,15 +255,12 @@ def test_migrate_what_the_previous_code_wrote(ray_local, scans, tmp_path):
 
 
 def test_bad_questions_fail_with_one_line(scans, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(JobError, match="needs --detector-id OLD_ID --against-id NEW_ID"):
         audit.main(["query", "diff", "--scan", str(scans["out"])])
-    assert "needs --detector-id OLD_ID --against-id NEW_ID" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(JobError, match="is not a date"):
         audit.main(["query", "per-day", "--scan", str(scans["out"]), "--since", "yesterday"])
-    assert "is not a date" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(JobError, match="query failed"):
         audit.main(["query", "sql", "--scan", str(scans["out"]), "--sql", "SELECT nope FROM scores"])
-    assert "query failed" in capsys.readouterr().err
 
 
 def test_readme_documents_every_column():

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import jobs
-from jobs.common import in_interval, parse_config, parse_interval
+from jobs.common import JobError, in_interval, parse_config, parse_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,11 +83,10 @@ def test_every_number_flag_refuses_a_value_outside_its_interval(capsys):
         for f in _numeric_fields(cls):
             flag = "--" + f.name.replace("_", "-")
             for v in _outside(f):
-                with pytest.raises(SystemExit) as e:
+                with pytest.raises(JobError) as e:
                     parse_config(cls, [flag, str(v)])
                 assert e.value.code == 2
-                last = capsys.readouterr().err.strip().splitlines()[-1]
-                assert last == f"ERROR: {flag} must be in {f.metadata['within']}, got {v}", last
+                assert str(e.value) == f"{flag} must be in {f.metadata['within']}, got {v}", e.value
                 refused += 1
             inside = f.default if not (isinstance(f.default, float) and math.isnan(f.default)) else 0.5
             assert getattr(parse_config(cls, [flag, str(inside)]), f.name) == inside
@@ -174,8 +173,7 @@ def test_a_scan_whose_bundle_weights_are_missing_is_refused_before_ray(tmp_path,
     save_bundle(DetectorBundle(model=DetectorMLP(64).eval(), features=FeatureSpec(clip_model="test-tiny", pretrained=str(missing))),
                 str(tmp_path / "det"))
     (tmp_path / "in").mkdir()
-    with pytest.raises(SystemExit):
+    with pytest.raises(JobError) as e:
         scan.main(["--detector", str(tmp_path / "det"), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("ERROR:") and str(missing) in last, last
+    assert str(missing) in str(e.value), e.value
     assert not (tmp_path / "out").exists()

@@ -34,6 +34,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from jobs.common import JobError
+
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 VENV_BIN = Path(sys.executable).parent
@@ -243,7 +245,7 @@ def test_every_job_command_in_the_configs_and_readme_parses():
         args = [re.sub(r"\$\{?\w+\}?", "X", a) for a in args]  # shell variables
         try:
             parse_config(configs[0], args)
-        except SystemExit:
+        except (SystemExit, JobError):
             pytest.fail(f"`python -m {module} {' '.join(args)}` does not parse")
 
 

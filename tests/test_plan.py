@@ -20,6 +20,7 @@ from detector_core import state as ST
 from detector_core.demo import encode, make_image
 from detector_core.listing import flat_listing, list_unit, split_prefix
 from jobs import scan
+from jobs.common import JobError
 
 
 # -- the library, without Ray ----------------------------------------------------------------
@@ -288,9 +289,9 @@ def test_unusable_inputs_are_refused_naming_what_is_wrong(ray_local, bundle_dir,
     (tmp_path / "notes.txt").write_text("hello")
     for source, words in ((tmp_path / "nouri.parquet", "no 'uri' column"), (tmp_path / "m", "is not JSON"),
                           (tmp_path / "notes.txt", "not a manifest"), (tmp_path / "missing", "does not exist")):
-        with pytest.raises(SystemExit):
+        with pytest.raises(JobError) as e:
             scan.main(["--detector", str(bundle_dir), "--input", str(source), "--output", str(tmp_path / "out")])
-        assert words in capsys.readouterr().err
+        assert words in str(e.value), e.value
     empty = tmp_path / "empty.csv"
     empty.write_text("uri,etag,size\n")
     assert scan.main(["--detector", str(bundle_dir), "--input", str(empty), "--output", str(tmp_path / "out")])["listed"] == 0

@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from detector_core.bundle import DetectorBundle, save_bundle
+from detector_core.catalog import read_table
 from detector_core.demo import encode, make_image
 from detector_core.extractors import FeatureSpec
 from detector_core.features import ClipEncoder
 from detector_core.images import decode_image
 from detector_core.model import DetectorMLP
-from detector_core.catalog import read_table
 from jobs import report, scan
 
 NAUGHTY = 'odd <script>alert(1) & "quote" <img src=x onerror=alert(2)>.png'  # no "/": it is one file name

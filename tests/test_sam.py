@@ -11,10 +11,10 @@ import copy
 import pytest
 import torch
 
+from detector_core.losses import detector_loss
 from detector_core.model import DetectorMLP
 from detector_core.sam import SAM, bn_stats_frozen
 from detector_core.training import OptimConfig, build_optimizer, build_scheduler, training_step
-from detector_core.losses import detector_loss
 
 ADAMW = dict(lr=1e-2, betas=(0.9, 0.999), weight_decay=0.01)
 

@@ -24,6 +24,7 @@ from detector_core.features import ClipEncoder
 from detector_core.images import decode_image
 from detector_core.model import DetectorMLP
 from jobs import scan
+from jobs.common import JobError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -222,7 +223,7 @@ def test_scan_on_s3(ray_local, bundle_dir, s3_bucket, tmp_path):
     fs.put(str(bundle_dir), f"{s3_bucket[5:]}/models/detector", recursive=True)
     out = f"{s3_bucket}/scans"
     args = ["--detector", f"{s3_bucket}/models/detector", "--input", f"{s3_bucket}/in", "--output", out]
-    with pytest.raises(SystemExit):  # an object-store output needs a catalog that every reader can reach
+    with pytest.raises(JobError, match="catalog"):  # an object-store output needs a catalog that every reader can reach
         scan.main(args)
     catalog = f"sqlite:///{tmp_path}/catalog.db"
     summary = scan.main([*args, "--catalog", catalog])
@@ -242,7 +243,7 @@ def test_image_text_detector_refuses_to_scan_without_captions(bundle_dir, tmp_pa
     path = tmp_path / "it"
     save_bundle(DetectorBundle(model=DetectorMLP(128), features=FeatureSpec(clip_model="test-tiny", feature_mode="image+text")), str(path))
     (tmp_path / "in").mkdir()
-    with pytest.raises(SystemExit):
+    with pytest.raises(JobError, match="needs captions"):
         scan.main(["--detector", str(path), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
 
 
@@ -275,9 +276,9 @@ def test_manifest_without_etag_or_size_is_incremental_too(ray_local, bundle_dir,
                                  ["--actors", "3-1"], ["--actors", "x"], ["--lease-ttl", "0"], ["--resource-timeout", "-5"]])
 def test_bug5_bad_numbers_are_refused_before_anything_starts(bundle_dir, tmp_path, capsys, bad):
     (tmp_path / "in").mkdir()
-    with pytest.raises(SystemExit):
+    with pytest.raises(JobError) as e:
         scan.main(["--detector", str(bundle_dir), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), *bad])
-    assert bad[0] in capsys.readouterr().err
+    assert bad[0] in str(e.value), e.value
     assert not (tmp_path / "out").exists()  # no catalog, no lease, no tables
 
 
@@ -344,9 +345,8 @@ def test_bug4_two_scans_at_once_one_refuses_naming_the_holder(ray_local, bundle_
     fs, root = open_fs(str(out))
     holder = Lease(fs, root, "scan-held-by-someone", ttl_s=3)
     holder.acquire()
-    with pytest.raises(SystemExit):
+    with pytest.raises(JobError, match="scan-held-by-someone"):
         scan.main([*args, "--full"])
-    assert "scan-held-by-someone" in capsys.readouterr().err
     # --wait: the holder died without releasing; its lease expires and the waiting scan goes ahead.
     waited = scan.main([*args, "--full", "--wait"])
     assert waited["scored"] == 6
@@ -409,10 +409,10 @@ def test_elastic_pool_and_a_missing_gpu_fails_fast_naming_it(ray_local, bundle_d
     assert summary["scored"] == 8 and 1 <= summary["model_loads"] <= 2
     _exactly_once(tmp_path / "out", uris)
     started = time.time()
-    with pytest.raises(SystemExit):
+    with pytest.raises(JobError) as e:
         scan.main(["--detector", str(bundle_dir), "--input", str(tmp_path / "bucket"), "--output", str(tmp_path / "out-gpu"),
                    "--gpu", "--resource-timeout", "5"])
-    err = capsys.readouterr().err
+    err = str(e.value)
     assert "no Scorer actor could be placed" in err and "GPU" in err, err
     assert time.time() - started < 120
 
@@ -458,10 +458,9 @@ def test_a_detector_trained_with_another_decode_is_refused_and_another_precision
     bucket = tmp_path / "bucket"
     _images(bucket, 2, 7)
     for name, key in (("draft", "jpeg_draft_size 448"), ("resize", "resize 'bilinear'")):
-        with pytest.raises(SystemExit):
+        with pytest.raises(JobError) as e:
             scan.main(["--detector", str(tmp_path / name), "--input", str(bucket), "--output", str(tmp_path / f"out-{name}")])
-        last = capsys.readouterr().err.strip().splitlines()[-1]
-        assert last.startswith("ERROR: detector") and key in last, last
+        assert str(e.value).startswith("detector") and key in str(e.value), e.value
         assert not (tmp_path / f"out-{name}").exists()  # refused before anything was written
     summary = scan.main(["--detector", str(tmp_path / "bf16"), "--input", str(bucket), "--output", str(tmp_path / "out")])
     assert "trained on bf16 features and this scan computes fp32" in capsys.readouterr().err
@@ -511,7 +510,6 @@ def test_no_jpeg_draft_makes_png_and_jpeg_the_same_function_and_scans_follow_the
 
     # Two detectors of one extractor trained with different decodes cannot share a pass.
     save_bundle(DetectorBundle(model=DetectorMLP(64).eval(), features=spec, feature_compute=feature_compute(spec, gpu=False)), str(tmp_path / "draft"))
-    with pytest.raises(SystemExit):
+    with pytest.raises(JobError, match="decoded JPEGs differently"):
         scan.main(["--detector", str(tmp_path / "full"), "--ensemble", str(tmp_path / "draft"), "--input", str(bucket),
                    "--output", str(tmp_path / "out2")])
-    assert "decoded JPEGs differently" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from detector_core.images import decode_image
 from detector_core.manifest import ManifestError, validate_manifest
 from detector_core.metrics import calibrate_threshold, roc_auc
 from jobs import train
+from jobs.common import JobError
 
 TINY = ["--clip-model", "test-tiny", "--pretrained", "none"]  # the random test CLIP (the jobs default to the paper's ViT-L-14)
 FAST = ["--batch-size", "64", "--lr", "3e-3", "--embed-batch-size", "128", *TINY]
@@ -77,8 +78,9 @@ def test_two_workers_learn_and_recover_from_a_worker_failure(ray_local, demo_man
 def test_interrupted_run_resumes_where_it_stopped(ray_local, demo_features, tmp_path):
     out = tmp_path / "run"
     args = ["--features", str(demo_features), "--output", str(out), "--epochs", "4", *FAST]
-    with pytest.raises(SystemExit):
+    with pytest.raises(JobError, match="training failed: .*simulated worker failure after epoch 1") as e:
         train.main([*args, "--fail-after-epoch", "1", "--max-failures", "0"])
+    assert e.value.code == 1 and e.value.__cause__ is not None  # the Ray error it came from, for --debug
     first = _history(out)
     assert [h["epoch"] for h in first] == [0, 1]
     metrics = train.main(args)
@@ -139,5 +141,5 @@ def test_bad_rows_are_counted_and_one_class_manifests_refused(ray_local, demo_ma
     pq.write_table(pa.Table.from_pylist(only_real), tmp_path / "real.parquet")
     with pytest.raises(ManifestError, match="no generated"):
         validate_manifest(pq.read_table(tmp_path / "real.parquet"))
-    with pytest.raises(SystemExit):
+    with pytest.raises(JobError, match="generated"):
         train.main(["--manifest", str(tmp_path / "real.parquet"), "--output", str(tmp_path / "x"), *TINY])
