@@ -34,10 +34,12 @@ Distributed semantics (docs/method.md section 5):
 
 The worker loop is ``jobs/train_worker.py``. Every epoch rank 0 evaluates on the validation split (AUC, AP, accuracy, TPR at 1 %
 FPR), reports through Ray Train, rewrites ``OUT/history.jsonl`` and checkpoints model,
-SAM/AdamW state, scheduler, epoch and the best model so far to ``--storage-path``
-(local or S3). ``FailureConfig(max_failures)`` restarts failed workers from the last
+SAM/AdamW state, scheduler and epoch to ``--storage-path`` (local or S3). Ray Train keeps
+two: the best by the selection metric (``CheckpointConfig(checkpoint_score_attribute)``;
+validation AUC, accuracy for ``dnf-reference``; of equal scores, the later epoch) and the
+latest. ``FailureConfig(max_failures)`` restarts failed workers from the latest
 checkpoint; re-submitting the same ``--run-name`` and storage resumes. At the end the
-best epoch (validation AUC; accuracy for ``dnf-reference``) becomes the bundle, its threshold calibrated to ``--target-fpr``
+best checkpoint's model becomes the bundle, its threshold calibrated to ``--target-fpr``
 on the real images of the ``calib`` split (``--calib-fraction``: rows that neither trained
 nor picked the epoch, so the achieved rate in ``metrics.json`` is not optimistic; scored in
 Ray tasks, only logits reach the driver); ``OUT/detector/``, ``OUT/metrics.json`` (with the
@@ -271,7 +273,9 @@ def run_training(cfg: TrainConfig) -> dict:
         run_config=ray.train.RunConfig(
             name=_run_name(cfg), storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # The best epoch's checkpoint (and, whatever its score, the latest, which resuming needs).
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=cfg.select_metric,
+                                                         checkpoint_score_order="max"),
         ),
         # Validation is read every epoch by rank 0: materialise it once (it is the small split).
         # One global shuffle before the split: caches keep manifest order (often one class
@@ -290,11 +294,14 @@ def run_training(cfg: TrainConfig) -> dict:
                        code=1) from exc
     if result.checkpoint is None:
         raise JobError("training produced no checkpoint")
-    state = load_state(result.checkpoint)
-    best = state["best"]
+    state = load_state(result.checkpoint)  # the latest: the whole history
+    # What Ray Train kept: the best by the selection metric, and the latest. Of equal scores the
+    # later epoch, as Ray Train's own ranking does.
+    kept = [(m[cfg.select_metric], m["epoch"], c) for c, m in (result.best_checkpoints or []) if cfg.select_metric in m]
+    best = load_state(max(kept, key=lambda k: k[:2])[2]) if kept else state
     model = build_classifier(model_config)
     model.load_state_dict(best["model"])
-    bm = best["metrics"]
+    bm = best["history"][-1]
     calib_real = _real_logits(model.eval(), data_path, pa_fs, S.SPLIT_CALIB)
     if calib_real.size:
         threshold_logit = calibrate_threshold(calib_real, cfg.target_fpr)

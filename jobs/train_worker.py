@@ -136,14 +136,14 @@ def train_loop_per_worker(config: dict) -> None:
     # dnf-reference: the lr is cut by validation accuracy (PlateauStop, decided on rank 0), not a fixed schedule.
     scheduler = PlateauStop(cfg.patience) if reference else build_scheduler(optimizer, optim_cfg)
     flip_shape = tuple(config["model_config"]["in_shape"]) if reference else None
-    start_epoch, history, best = 0, [], None
+    start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         state = load_state(checkpoint)
         raw.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
+        start_epoch, history = state["epoch"] + 1, state["history"]
         if rank == 0:
             print(f"resuming from the checkpoint of epoch {state['epoch']}")
     gather = all_gather_batch if world > 1 else (lambda z, y: (z, y))
@@ -187,13 +187,11 @@ def train_loop_per_worker(config: dict) -> None:
                 decision = torch.tensor([next_lr, float(stop)], dtype=torch.float64, device=device)
                 for group in optimizer.param_groups:
                     group["lr"] = next_lr
-            key = cfg.select_metric
-            if best is None or val_metrics[key] > best["metrics"][key]:
-                best = {"epoch": epoch, "metrics": metrics, "threshold_logit": threshold,
-                        "model": {k: v.detach().cpu().clone() for k, v in raw.state_dict().items()}}
+            # Every epoch's checkpoint carries its own weights and threshold; Ray Train keeps the best
+            # one by --select metric (CheckpointConfig in jobs.train) and the latest, for resuming.
             ckpt = _save_state({
                 "model": raw.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "epoch": epoch, "history": history, "best": best,
+                "epoch": epoch, "history": history, "threshold_logit": threshold,
             })
             _write_history(config["output"], history, so)
             print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
@@ -204,8 +202,8 @@ def train_loop_per_worker(config: dict) -> None:
             for group in optimizer.param_groups:
                 group["lr"] = float(decision[0])
             scheduler.done = bool(decision[1])
-        # The local copy goes once it is in storage: a ResNet-50 checkpoint (weights, AdamW
-        # moments, best weights) is ~380 MB, and one per epoch would fill the worker's /tmp.
+        # The local copy goes once it is in storage: a ResNet-50 checkpoint (weights and AdamW
+        # moments) is ~280 MB, and one per epoch would fill the worker's /tmp.
         ray.train.report(metrics, checkpoint=ckpt, delete_local_checkpoint_after_upload=ckpt is not None)
         if epoch == cfg.fail_after_epoch and checkpoint is None and rank == 0:
             raise RuntimeError(f"simulated worker failure after epoch {epoch} (--fail-after-epoch)")

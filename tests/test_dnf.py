@@ -230,7 +230,9 @@ def test_dnf_trains_scans_and_ensembles_with_clip(ray_local, demo_manifest, tmp_
             lr, best, margin = lr / 10, None, 0.002
             stopped = lr < 1e-6
     assert len(history) == 5 or stopped, history
-    assert ref["best_epoch"] == int(np.argmax([h["val_accuracy"] for h in history]))
+    # Ray Train's CheckpointConfig kept the best epoch by validation accuracy; of equal ones, the later.
+    acc = [h["val_accuracy"] for h in history]
+    assert ref["best_epoch"] == max(i for i, a in enumerate(acc) if a == max(acc))
 
     # jobs.evaluate takes the DNF bundle as it takes a CLIP one: on the validation split it
     # reproduces the AUC that training measured on the same images -- up to the one-level
