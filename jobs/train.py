@@ -299,6 +299,9 @@ def run_training(cfg: TrainConfig) -> dict:
     # later epoch, as Ray Train's own ranking does.
     kept = [(m[cfg.select_metric], m["epoch"], c) for c, m in (result.best_checkpoints or []) if cfg.select_metric in m]
     best = load_state(max(kept, key=lambda k: k[:2])[2]) if kept else state
+    if "threshold_logit" not in best and "best" in best:  # a run resumed from checkpoints that carried their own best copy
+        old = best["best"]
+        best = {"model": old["model"], "epoch": old["epoch"], "history": [old["metrics"]], "threshold_logit": old["threshold_logit"]}
     model = build_classifier(model_config)
     model.load_state_dict(best["model"])
     bm = best["history"][-1]
