@@ -34,6 +34,7 @@ from detector_core.training import (
     random_hflip,
     training_step,
 )
+from jobs.train_config import TrainConfig
 
 __all__ = ["load_state", "train_loop_per_worker"]
 
@@ -106,7 +107,6 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from jobs.train import TrainConfig  # the job's config; imported here, where Ray runs this module
 
     cfg = TrainConfig(**config["cfg"])
     # Per-batch progress bars from inside the workers drown the epoch lines in the job log.
