@@ -81,8 +81,9 @@ def refresh_strategies(n: int, nights: int, per_night: int) -> list[dict]:
     import statistics
 
     from detector_core.catalog import ScanOutput, data_file_path
+    from detector_core.state_table import open_state
     from jobs.common import write_parquet
-    from jobs.planning import refresh_state
+    from jobs.refresh import refresh_state
 
     rows = []
     for name, compact_at in (("append+compact(8)", 8), ("upsert (rewrite touched partitions)", 1)):
@@ -104,7 +105,7 @@ def refresh_strategies(n: int, nights: int, per_night: int) -> list[dict]:
             r = refresh_state(out, compact_at=compact_at)
             seconds.append(r["seconds"])
             written.append(r["state_rows_written"])
-        files = sum(len(v) for v in out.open_state()[1].values())
+        files = sum(len(v) for v in open_state(out)[1].values())
         rows.append({"strategy": name, "state_rows": n + nights * per_night, "first_build_seconds": first["seconds"],
                      "nightly_refresh_seconds_median": statistics.median(seconds), "rows_written_per_night_median": statistics.median(written),
                      "state_files_after": files})

@@ -170,18 +170,24 @@ class ScanOutput:
             try:
                 table = self.catalog.load_table(self.identifier(name))
             except NoSuchTableError:
-                self._create(name)
+                self.create(name)
                 continue
             except OSError as exc:
                 if name != STATE:  # history is never recreated behind the user's back
                     raise
-                self._reset_state(exc)
+                self.reset_state(exc)
                 continue
             if table.location().rstrip("/") != self.location(name).rstrip("/"):
                 raise CatalogError(f"table {self.identifier(name)} in this catalog belongs to {table.location()}, not to "
                                    f"{self.location(name)}: give this output its own --namespace")
 
-    def _create(self, name: str) -> None:
+    def reset_state(self, exc: Exception) -> None:
+        """Drop an unreadable ``state`` table and create it empty: it is rebuilt from the history tables."""
+        print(f"state table {self.identifier(STATE)} is unreadable ({type(exc).__name__}: {exc}); it is rebuilt from the history tables")
+        self.catalog.drop_table(self.identifier(STATE))
+        self.create(STATE)
+
+    def create(self, name: str) -> None:
         from pyiceberg.exceptions import TableAlreadyExistsError
 
         props = {"format-version": "2", "detector.schema-version": T.SCHEMA_VERSION}
@@ -200,77 +206,6 @@ class ScanOutput:
 
     def table(self, name: str):
         return self.catalog.load_table(self.identifier(name))
-
-    # -- the incremental state (detector_core.state) -----------------------------------------
-    def open_state(self) -> tuple[object, dict[int, list]]:
-        """The ``state`` table and its files by partition (``state_files``), read once.
-
-        Recreated empty (to be rebuilt from history) when it was dropped or its files deleted.
-        """
-        from pyiceberg.exceptions import NoSuchTableError
-
-        try:
-            table = self.table(STATE)
-            return table, self.state_files(table)  # its metadata and manifests are readable
-        except NoSuchTableError:
-            self._create(STATE)
-        except OSError as exc:
-            self._reset_state(exc)
-        return self.table(STATE), {}
-
-    def _reset_state(self, exc: Exception) -> None:
-        print(f"state table {self.identifier(STATE)} is unreadable ({type(exc).__name__}: {exc}); it is rebuilt from the history tables")
-        self.catalog.drop_table(self.identifier(STATE))
-        self._create(STATE)
-
-    @staticmethod
-    def state_mark(table) -> dict[str, int]:
-        """The history the state covers: the last sequence number of ``scores`` and ``errors`` folded into it."""
-        return json.loads(table.properties.get(PROP_MARK, "{}")) or {name: 0 for name in HISTORY}
-
-    def history_files_since(self, name: str, sequence_number: int) -> tuple[list[str], int]:
-        """Data files committed to ``name`` after ``sequence_number`` (walking only the newer snapshots), and the newest number."""
-        from pyiceberg.manifest import ManifestEntryStatus
-
-        table = self.table(name)
-        paths, top = [], sequence_number
-        for snap in table.metadata.snapshots:
-            if (snap.sequence_number or 0) <= sequence_number:
-                continue
-            top = max(top, snap.sequence_number)
-            for manifest in snap.manifests(table.io):
-                if manifest.added_snapshot_id != snap.snapshot_id:
-                    continue
-                for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True):
-                    if entry.status == ManifestEntryStatus.ADDED and entry.snapshot_id == snap.snapshot_id:
-                        paths.append(entry.data_file.file_path)
-        return paths, top
-
-    @staticmethod
-    def state_files(table) -> dict[int, list]:
-        """uri_bucket -> the state's data files (pyiceberg ``DataFile``) in that partition: O(files), never rows."""
-        out: dict[int, list] = {}
-        if table.current_snapshot() is None:
-            return out
-        for task in table.scan().plan_files():
-            out.setdefault(int(task.file.partition[0]), []).append(task.file)
-        return out
-
-    def commit_state(self, added: list[str], removed: list, mark: dict[str, int]) -> None:
-        """One commit: the new state files, the files they replace (compaction), and the history mark they reach."""
-        from pyiceberg.io.pyarrow import parquet_file_to_data_file
-
-        table = self.table(STATE)
-        with table.transaction() as tx:
-            if removed:
-                with tx.update_snapshot().overwrite() as ow:
-                    for df in removed:
-                        ow.delete_data_file(df)
-                    for p in added:
-                        ow.append_data_file(parquet_file_to_data_file(table.io, table.metadata, p))
-            elif added:
-                tx.add_files(added, check_duplicate_files=False)
-            tx.set_properties({PROP_MARK: json.dumps(mark, sort_keys=True)})
 
     # -- commits ---------------------------------------------------------------------------
     @staticmethod

@@ -1,6 +1,6 @@
-"""A scan's plan on the cluster: list (or read an inventory), anti-join against the state, keep the state current.
+"""A scan's plan on the cluster: list (or read an inventory), anti-join against the state.
 
-The scan job (``jobs.scan``) calls two things here, both Ray Data executions whose
+The scan job (``jobs.scan``) calls ``plan`` (and ``jobs.refresh.refresh_state``), Ray Data executions whose
 per-object work runs in tasks; the driver handles listing units, file paths and counts, never
 object rows, so its memory does not grow with the number of objects (``bench/bench_plan.py``):
 
@@ -11,11 +11,8 @@ object rows, so its memory does not grow with the number of objects (``bench/ben
   duplicates, anti-joins (``detector_core.state.anti_join``), joins captions, writes the work
   rows to ``OUT/_plan/<scan_id>/`` and returns one row of counts. The scan then streams those
   work files into decoding and scoring.
-- ``refresh_state``: folds the history files committed since the state's mark (``scores`` rows;
-  ``errors`` rows that settle) into the ``state`` table: grouped by ``uri_bucket``, one new file
-  per touched partition, or one merged file where a partition has ``compact_at`` files already
-  (compaction); one Iceberg commit with the new mark. Run before planning (it catches up after a
-  killed scan, and rebuilds a deleted state from the whole history) and after each scan.
+- ``refresh_state`` (``jobs/refresh.py``) keeps the state current: run before planning
+  (catching up after a killed scan) and after each scan.
 """
 
 from __future__ import annotations
@@ -33,7 +30,7 @@ import pyarrow.parquet as pq
 
 from detector_core import schema as S
 from detector_core import state as ST
-from detector_core.catalog import HISTORY, PROP_PARTITIONS, STATE, ScanOutput
+from detector_core.catalog import PROP_PARTITIONS, ScanOutput
 from detector_core.listing import (
     ListingUnit,
     inventory_files,
@@ -45,15 +42,14 @@ from detector_core.listing import (
     split_prefix,
 )
 from detector_core.manifest import qualify_uri
+from detector_core.state_table import open_state
 from detector_core.storage import join, open_fs
 
-__all__ = ["PlanError", "listing", "plan", "refresh_state", "remove_plan"]
+__all__ = ["PlanError", "listing", "plan", "read_state", "remove_plan", "shuffle_partitions", "typed_udf"]
 
 CAPTION_ROW = "_caption_row"
 CAPTIONS_SCHEMA = pa.schema([(S.URI, pa.string()), (S.CAPTION, pa.string())])
 PLAN_ROW = pa.schema([(ST.URI_BUCKET, pa.int32()), ("path", pa.string()), ("counts", pa.string())])
-STATE_FILE_ROW = pa.schema([(ST.URI_BUCKET, pa.int32()), ("path", pa.string()), ("rows", pa.int64()), ("replaced", pa.string())])
-HISTORY_COLUMNS = (S.DETECTOR_ID, S.URI, S.ETAG, S.SIZE, S.SCAN_ID, S.SCANNED_AT)
 
 
 class PlanError(ValueError):
@@ -61,7 +57,7 @@ class PlanError(ValueError):
 
 
 # -- reading inputs (Ray tasks) --------------------------------------------------------------
-def _typed(fn, schema: pa.Schema, transform=None):
+def typed_udf(fn, schema: pa.Schema, transform=None):
     """A Ray Data generator UDF: ``fn``'s non-empty tables (through ``transform``), or one empty table of ``schema``.
 
     Ray Data turns a task output without rows into a block without columns, and the shuffle
@@ -82,8 +78,8 @@ def _typed(fn, schema: pa.Schema, transform=None):
 
 
 def _bucketed(fn, n: int, caption: bool = False):
-    """``_typed`` for listing (or caption) rows, with their ``uri_bucket`` added in the same task, not by a later map."""
-    return _typed(fn, CAPTIONS_SCHEMA if caption else ST.LIST_SCHEMA, functools.partial(_with_bucket, n=n, caption=caption))
+    """``typed_udf`` for listing (or caption) rows, with their ``uri_bucket`` added in the same task, not by a later map."""
+    return typed_udf(fn, CAPTIONS_SCHEMA if caption else ST.LIST_SCHEMA, functools.partial(_with_bucket, n=n, caption=caption))
 
 
 def _list_units(batch: pa.Table, storage_options: dict | None) -> Iterator[pa.Table]:
@@ -190,7 +186,7 @@ def _with_bucket(batch: pa.Table, n: int, caption: bool) -> pa.Table:
 
 
 # -- the plan --------------------------------------------------------------------------------
-def _read_state(paths: list[str], detector_ids: list[str] | None, storage_options: dict | None) -> pa.Table:
+def read_state(paths: list[str], detector_ids: list[str] | None, storage_options: dict | None) -> pa.Table:
     """State files of one partition (rows of ``detector_ids`` only, or all)."""
     tables = []
     for p in paths:
@@ -210,7 +206,7 @@ def _plan_partition(group: pa.Table, state_files: dict, detector_ids: list[str],
     is_caption = group[CAPTION_ROW]
     listed = group.filter(pc.invert(is_caption))
     captions = group.filter(is_caption).select([S.URI, S.CAPTION]) if with_captions else None
-    state = None if full else _read_state(state_files.get(bucket, state_files.get(str(bucket), [])), detector_ids, storage_options)
+    state = None if full else read_state(state_files.get(bucket, state_files.get(str(bucket), [])), detector_ids, storage_options)
     work, counts = ST.anti_join(listed, state, detector_ids, full, captions)
     path = ""
     if work.num_rows:
@@ -228,14 +224,14 @@ def plan(out: ScanOutput, source: str, detector_ids: list[str], scan_id: str, fu
     did not grow (2-core machine, ``bench/bench_plan.py``).
     """
     t0 = time.time()
-    table, files = out.open_state()
+    table, files = open_state(out)
     n = int(table.properties.get(PROP_PARTITIONS, ST.DEFAULT_PARTITIONS))
     state_files = {b: [df.file_path for df in fs] for b, fs in files.items()}
     ds, info = listing(source, storage_options, fan_out, n)
     if captions:
         ds = ds.union(_caption_dataset(captions, storage_options, n))
     plan_dir = join(out.uri, "_plan", scan_id)
-    parts = ds.groupby(ST.URI_BUCKET, num_partitions=_shuffle_partitions(n)).map_groups(
+    parts = ds.groupby(ST.URI_BUCKET, num_partitions=shuffle_partitions(n)).map_groups(
         _plan_partition, batch_format="pyarrow",
         fn_kwargs=dict(state_files=state_files, detector_ids=detector_ids, full=full, plan_dir=plan_dir, with_captions=bool(captions),
                        storage_options=storage_options))
@@ -253,7 +249,7 @@ def plan(out: ScanOutput, source: str, detector_ids: list[str], scan_id: str, fu
     return sorted(paths), {**totals, **info, "state_partitions": n, "plan_seconds": round(time.time() - t0, 2)}
 
 
-def _shuffle_partitions(n: int) -> int:
+def shuffle_partitions(n: int) -> int:
     """Reduce tasks of the shuffle by uri_bucket: one per CPU of the cluster (each handles several state partitions), at most n."""
     import ray
 
@@ -292,70 +288,3 @@ def remove_plan(out: ScanOutput, keep: str = "") -> None:
                 out.fs.rm(p, recursive=True)
     except FileNotFoundError:
         pass
-
-
-# -- keeping the state current -------------------------------------------------------------
-def _history_rows(batch: pa.Table, n: int, storage_options: dict | None) -> Iterator[pa.Table]:
-    """Ray task: committed ``scores``/``errors`` data files -> state rows."""
-    for path, name in zip(batch["path"].to_pylist(), batch["table"].to_pylist()):
-        fs, p = open_fs(path, storage_options)
-        cols = list(HISTORY_COLUMNS) + ([S.ERROR_STAGE] if name == "errors" else [])
-        with fs.open(p, "rb") as f:
-            rows = pq.read_table(f, columns=cols)
-        yield ST.history_to_state(rows, name, n)
-
-
-def _write_state_partition(group: pa.Table, location: str, existing: dict, compact_at: int, storage_options: dict | None) -> pa.Table:
-    """Ray task: one partition's new state rows -> one new state file (merged with the old ones when compacting)."""
-    from jobs.common import write_parquet
-
-    bucket = int(group[ST.URI_BUCKET][0].as_py())
-    old = existing.get(bucket, [])
-    replaced = []
-    rows = group.select(ST.STATE_SCHEMA.names).cast(ST.STATE_SCHEMA)
-    if old and len(old) + 1 >= compact_at:
-        rows = ST.latest(pa.concat_tables([_read_state(old, None, storage_options), rows]))
-        replaced = old
-    else:
-        rows = ST.latest(rows)
-    path = join(location, "data", f"{ST.URI_BUCKET}={bucket}", f"{uuid.uuid4().hex}.parquet")
-    write_parquet(rows.sort_by([(S.DETECTOR_ID, "ascending"), (S.URI, "ascending")]), path, storage_options)
-    return pa.Table.from_pylist([{ST.URI_BUCKET: bucket, "path": path, "rows": rows.num_rows, "replaced": json.dumps(replaced)}],
-                                schema=STATE_FILE_ROW)
-
-
-def refresh_state(out: ScanOutput, storage_options: dict | None = None, compact_at: int = 8) -> dict:
-    """Fold the history committed since the state's mark into ``state``; returns what it did."""
-    import ray
-
-    t0 = time.time()
-    table, existing_files = out.open_state()
-    n = int(table.properties.get(PROP_PARTITIONS, ST.DEFAULT_PARTITIONS))
-    mark = out.state_mark(table)
-    new, top = {}, {}
-    for name in HISTORY:
-        new[name], top[name] = out.history_files_since(name, int(mark.get(name, 0)))
-    items = [{"path": p, "table": name} for name in HISTORY for p in new[name]]
-    if not items:
-        if top != mark:
-            out.commit_state([], [], top)
-        return {"history_files": 0, "state_files_written": 0, "state_files_replaced": 0, "seconds": round(time.time() - t0, 2)}
-    existing = {b: [df.file_path for df in files] for b, files in existing_files.items()}
-    by_path = {df.file_path: df for files in existing_files.values() for df in files}
-    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 256))
-    ds = ds.map_batches(_typed(_history_rows, ST.STATE_SCHEMA), fn_kwargs=dict(n=n, storage_options=storage_options), batch_size=8,
-                        batch_format="pyarrow")
-    written = ds.groupby(ST.URI_BUCKET, num_partitions=_shuffle_partitions(n)).map_groups(
-        _write_state_partition, batch_format="pyarrow",
-        fn_kwargs=dict(location=out.location(STATE), existing=existing, compact_at=compact_at, storage_options=storage_options))
-    added, removed, rows = [], [], 0
-    for batch in written.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for r in batch.to_pylist():
-            added.append(r["path"])
-            rows += r["rows"]
-            removed.extend(by_path[p] for p in json.loads(r["replaced"]))
-    out.commit_state(added, removed, top)
-    return {"history_files": len(items), "state_rows_written": rows, "state_files_written": len(added),
-            "state_files_replaced": len(removed), "seconds": round(time.time() - t0, 2)}
-
-

@@ -70,7 +70,8 @@ from jobs.common import (
     write_json,
 )
 from jobs.pipeline import feature_drafts, feature_specs, trained_draft
-from jobs.planning import PlanError, refresh_state, remove_plan
+from jobs.planning import PlanError, remove_plan
+from jobs.refresh import refresh_state
 
 
 @dataclass

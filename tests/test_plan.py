@@ -165,7 +165,8 @@ def test_s3_inventory_input_every_object_exactly_once(ray_local, bundle_dir, s3_
 
 def test_state_deleted_is_rebuilt_from_history_and_compacts(ray_local, bundle_dir, tmp_path):
     from detector_core.catalog import STATE, ScanOutput
-    from jobs.planning import refresh_state
+    from detector_core.state_table import open_state
+    from jobs.refresh import refresh_state
 
     bucket = tmp_path / "bucket"
     uris = _images(bucket, 10, 1)
@@ -195,7 +196,7 @@ def test_state_deleted_is_rebuilt_from_history_and_compacts(ray_local, bundle_di
         s = scan.main([*args, "--state-compact-at", "2"])
         assert s["scored"] == 1
         replaced += s["state_refresh"]["after"]["state_files_replaced"]
-    _, files = o.open_state()
+    _, files = open_state(o)
     assert replaced >= 2 and max(len(v) for v in files.values()) == 1
     state = o.read(STATE)
     rows = [r for r in state.to_pylist() if r["uri"] == uris[0]]
