@@ -14,38 +14,28 @@ for a row that cannot be used, ``error_type, error_message``):
   ``size``): ``manifest_rows`` normalises one block of it. Relative uris are taken relative to
   the manifest's folder, ``file://`` uris are local paths, and a row without a usable uri or
   with a ``size`` that is no whole number becomes an error row that names the column and file.
-- **An S3 Inventory report** (``manifest.json``, its folder, or a glob of them):
-  ``inventory_files`` reads the manifest(s) and returns the data files (CSV.gz, Parquet, ORC) and
-  their column names; ``inventory_rows`` maps one block of them to uris (CSV keys are
-  URL-encoded by S3 and decoded here; delete markers and non-current versions are dropped).
+- **An S3 Inventory report**: ``detector_core.inventory``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 import stat
-import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from detector_core import schema as S
 from detector_core.manifest import qualify_uri
 from detector_core.state import LIST_SCHEMA
 from detector_core.storage import is_local_fs, is_remote, open_fs, protocols
 
-__all__ = ["ListingUnit", "split_prefix", "list_unit", "flat_listing", "manifest_rows", "InventoryFiles", "inventory_files",
-           "inventory_rows", "is_inventory", "is_manifest", "local_path"]
+__all__ = ["ListingUnit", "split_prefix", "list_unit", "flat_listing", "manifest_rows", "is_manifest", "list_rows", "local_path",
+           "uri_scheme"]
 
 ROWS_PER_TABLE = 50_000
-INVENTORY_COLUMNS = {"bucket": "bucket", "key": "key", "size": "size", "etag": "e_tag", "e_tag": "e_tag",
-                     "lastmodifieddate": "last_modified_date", "last_modified_date": "last_modified_date",
-                     "islatest": "is_latest", "is_latest": "is_latest", "isdeletemarker": "is_delete_marker",
-                     "is_delete_marker": "is_delete_marker", "versionid": "version_id", "version_id": "version_id"}
 
 
 def local_path(uri: str) -> str:
@@ -53,11 +43,13 @@ def local_path(uri: str) -> str:
     return uri.removeprefix("file://")
 
 
-def _scheme(uri: str) -> str:
+def uri_scheme(uri: str) -> str:
+    """``s3://``, ``gs://`` ... for an object-store uri, ``""`` for a local one."""
     return uri.split("://", 1)[0] + "://" if is_remote(uri) else ""
 
 
-def _table(uris: list, etags: list, sizes: list, kinds: list | None = None, messages: list | None = None) -> pa.Table:
+def list_rows(uris: list, etags: list, sizes: list, kinds: list | None = None, messages: list | None = None) -> pa.Table:
+    """Columns of listing rows -> a ``LIST_SCHEMA`` table (``kinds``/``messages``: the error of each unusable row)."""
     n = len(uris)
     return pa.table({S.URI: pa.array(uris, pa.string()), S.ETAG: pa.array(etags, pa.string()), S.SIZE: pa.array(sizes, pa.int64()),
                      S.ERROR_TYPE: pa.array(kinds or [None] * n, pa.string()),
@@ -121,7 +113,7 @@ def split_prefix(source: str, storage_options: dict | None = None, target: int =
         if not frontier:
             break
     units.extend(ListingUnit(f, recursive=True) for f in frontier)
-    scheme = _scheme(source)
+    scheme = uri_scheme(source)
     return [ListingUnit(scheme + u.prefix, u.recursive) for u in units]
 
 
@@ -141,7 +133,7 @@ def _local_rows(root: str, recursive: bool, rows: int) -> Iterator[pa.Table]:
             col.append(value)
 
     def flush() -> pa.Table:
-        t = _table(*cols)
+        t = list_rows(*cols)
         for col in cols:
             col.clear()
         return t
@@ -184,7 +176,7 @@ def list_unit(unit: ListingUnit, storage_options: dict | None = None, rows: int 
     if is_local_fs(fs):
         yield from _local_rows(local_path(path), unit.recursive, rows)
         return
-    scheme = _scheme(unit.prefix)
+    scheme = uri_scheme(unit.prefix)
     uris, etags, sizes = [], [], []
     if _is_s3(fs):
         bucket = path.split("/", 1)[0]
@@ -196,7 +188,7 @@ def list_unit(unit: ListingUnit, storage_options: dict | None = None, rows: int 
                 etags.append(str(obj.get("ETag", "")).strip('"') or None)
                 sizes.append(int(obj.get("Size") or 0))
             if len(uris) >= rows:
-                yield _table(uris, etags, sizes)
+                yield list_rows(uris, etags, sizes)
                 uris, etags, sizes = [], [], []
     else:
         infos = fs.find(path, detail=True) if unit.recursive else {i["name"]: i for i in fs.ls(path, detail=True)}
@@ -206,16 +198,16 @@ def list_unit(unit: ListingUnit, storage_options: dict | None = None, rows: int 
             etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
             uris.append(scheme + p), etags.append(None if etag is None else str(etag).strip('"')), sizes.append(int(info.get("size") or 0))
             if len(uris) >= rows:
-                yield _table(uris, etags, sizes)
+                yield list_rows(uris, etags, sizes)
                 uris, etags, sizes = [], [], []
     if uris:
-        yield _table(uris, etags, sizes)
+        yield list_rows(uris, etags, sizes)
 
 
 def flat_listing(source: str, storage_options: dict | None = None) -> pa.Table:
     """The whole prefix in one ``fs.find`` (the reference the fan-out is tested against; small prefixes only)."""
     fs, path = open_fs(source, storage_options)
-    scheme = _scheme(source)
+    scheme = uri_scheme(source)
     rows = [(scheme + p, int(i.get("size") or 0)) for p, i in sorted(fs.find(path, detail=True).items())
             if i.get("type") != "directory" and not p.endswith("/")]
     return pa.table({S.URI: [r[0] for r in rows], S.SIZE: pa.array([r[1] for r in rows], pa.int64())})
@@ -252,100 +244,4 @@ def manifest_rows(block: pa.Table, manifest: str) -> pa.Table:
             except (TypeError, ValueError):
                 kind, msg, size = "bad_size", f"manifest {manifest}, column '{S.SIZE}': {s!r} is not a whole number of bytes", None
         uris.append(u), etags.append(None if e is None else str(e).strip('"')), sizes.append(size), kinds.append(kind), messages.append(msg)
-    return _table(uris, etags, sizes, kinds, messages)
-
-
-# -- S3 Inventory ----------------------------------------------------------------------------
-@dataclass
-class InventoryFiles:
-    """The data files of one or more Inventory reports, grouped by format, with their column names (CSV only)."""
-
-    csv: list[str]
-    parquet: list[str]
-    orc: list[str]
-    csv_columns: list[str]
-    manifests: list[str]
-
-
-def is_inventory(source: str, storage_options: dict | None = None) -> bool:
-    """``manifest.json``, a glob ending in it, or a folder holding one."""
-    if source.rstrip("/").endswith("manifest.json"):
-        return True
-    fs, path = open_fs(source, storage_options)
-    return fs.isfile(f"{path.rstrip('/')}/manifest.json")
-
-
-def _manifest_paths(source: str, fs, path: str) -> list[str]:
-    if any(c in path for c in "*?["):
-        found = sorted(fs.glob(path))
-        # A glob over a report's dated folders: only the newest report of each configuration.
-        newest: dict[str, str] = {}
-        for p in found:
-            parent = posixpath.dirname(p)
-            newest[posixpath.dirname(parent)] = max(newest.get(posixpath.dirname(parent), ""), p)
-        return sorted(newest.values())
-    if path.rstrip("/").endswith("manifest.json"):
-        return [path]
-    return [f"{path.rstrip('/')}/manifest.json"]
-
-
-def inventory_files(source: str, storage_options: dict | None = None) -> InventoryFiles:
-    """Read the Inventory manifest(s) at ``source``: their data files (uris) and CSV column names."""
-    fs, path = open_fs(source, storage_options)
-    scheme = _scheme(source)
-    out = InventoryFiles([], [], [], [], [])
-    paths = _manifest_paths(source, fs, path)
-    if not paths:
-        raise ValueError(f"no S3 Inventory manifest.json matches {source}")
-    for p in paths:
-        try:
-            m = json.loads(fs.cat_file(p))
-        except FileNotFoundError:
-            raise ValueError(f"S3 Inventory manifest {scheme}{p} does not exist") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"S3 Inventory manifest {scheme}{p} is not JSON: {exc}") from None
-        fmt = str(m.get("fileFormat", "")).lower()
-        if fmt not in ("csv", "parquet", "orc") or not m.get("files"):
-            raise ValueError(f"S3 Inventory manifest {scheme}{p}: expected fileFormat CSV, Parquet or ORC and a files list")
-        dest = str(m.get("destinationBucket", "")).removeprefix("arn:aws:s3:::")
-        for f in m["files"]:
-            key = f["key"]
-            if scheme:
-                uri = f"{scheme}{dest}/{key}"
-            else:  # a local copy of a report: data files beside the manifest's folder, as S3 lays them out
-                uri = posixpath.normpath(posixpath.join(posixpath.dirname(p), "..", "data", posixpath.basename(key)))
-            getattr(out, fmt).append(uri)
-        if fmt == "csv":
-            cols = [INVENTORY_COLUMNS.get(c.strip().lower(), c.strip().lower()) for c in str(m.get("fileSchema", "")).split(",")]
-            if out.csv_columns and cols != out.csv_columns:
-                raise ValueError(f"S3 Inventory manifests under {source} disagree on the CSV columns: {out.csv_columns} vs {cols}")
-            out.csv_columns = cols
-        out.manifests.append(scheme + p)
-    if out.csv and not {"bucket", "key"} <= set(out.csv_columns):
-        raise ValueError(f"S3 Inventory fileSchema {out.csv_columns} has no Bucket and Key")
-    return out
-
-
-def inventory_rows(block: pa.Table, scheme: str = "s3://", url_encoded: bool = False) -> pa.Table:
-    """One block of Inventory data -> ``LIST_SCHEMA`` (``url_encoded``: CSV reports, whose keys S3 URL-encodes)."""
-    names = {INVENTORY_COLUMNS.get(c.lower(), c.lower()): c for c in block.column_names}
-    if "is_delete_marker" in names:
-        block = block.filter(pc.invert(pc.fill_null(_bool(block[names["is_delete_marker"]]), False)))
-    if "is_latest" in names:
-        block = block.filter(pc.fill_null(_bool(block[names["is_latest"]]), True))
-    keys = block[names["key"]].to_pylist()
-    buckets = block[names["bucket"]].to_pylist()
-    if url_encoded:
-        keys = [None if k is None else urllib.parse.unquote_plus(k) for k in keys]
-    uris = [None if (k is None or b is None) else f"{scheme}{b}/{k}" for b, k in zip(buckets, keys)]
-    etags = block[names["e_tag"]].cast(pa.string()).to_pylist() if "e_tag" in names else [None] * len(uris)
-    sizes = block[names["size"]].cast(pa.int64()).to_pylist() if "size" in names else [None] * len(uris)
-    kinds = ["missing_uri" if u is None else None for u in uris]
-    msgs = ["an S3 Inventory row has no bucket or key" if k else None for k in kinds]
-    return _table(uris, [None if e is None else e.strip('"') for e in etags], sizes, kinds, msgs)
-
-
-def _bool(col: pa.ChunkedArray) -> pa.ChunkedArray:
-    if pa.types.is_boolean(col.type):
-        return col
-    return pc.equal(pc.utf8_lower(col.cast(pa.string())), "true")
+    return list_rows(uris, etags, sizes, kinds, messages)

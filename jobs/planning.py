@@ -31,16 +31,8 @@ import pyarrow.parquet as pq
 from detector_core import schema as S
 from detector_core import state as ST
 from detector_core.catalog import PROP_PARTITIONS, ScanOutput
-from detector_core.listing import (
-    ListingUnit,
-    inventory_files,
-    inventory_rows,
-    is_inventory,
-    is_manifest,
-    list_unit,
-    manifest_rows,
-    split_prefix,
-)
+from detector_core.inventory import inventory_files, inventory_rows, is_inventory
+from detector_core.listing import ListingUnit, is_manifest, list_unit, manifest_rows, split_prefix
 from detector_core.manifest import qualify_uri
 from detector_core.state_table import open_state
 from detector_core.storage import join, open_fs
