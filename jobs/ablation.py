@@ -29,8 +29,9 @@ from detector_core import schema as S
 from detector_core.cache import SUCCESS, features_matrix, read_features, read_marker
 from detector_core.storage import open_fs, s3_storage_options
 from detector_core.training import OptimConfig
-from jobs.common import JobError, RayOptions, StorageOptions, config_dict, init_ray, join, opt, parse_config, run_main, write_json
+from jobs.common import JobError, config_dict, init_ray, join, run_main, write_json
 from jobs.embedding import EmbedConfig, run_embedding
+from jobs.flags import RayOptions, StorageOptions, opt, parse_config
 
 # arm -> (loss, SAM, features); the order is the table's.
 ARMS = {

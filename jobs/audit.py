@@ -40,7 +40,8 @@ from detector_core import tables as T
 from detector_core.catalog import CatalogError, ScanOutput
 from detector_core.storage import open_fs, s3_storage_options
 from detector_core.views import connect, read_runs, sql_quote
-from jobs.common import JobError, StorageOptions, open_output, opt, parse_config, parse_date, run_main, write_parquet
+from jobs.common import JobError, open_output, parse_date, run_main, write_parquet
+from jobs.flags import StorageOptions, opt, parse_config
 
 QUESTIONS = ("per-day", "per-prefix", "top", "detectors", "diff", "recut", "errors", "sql")
 FORMATS = ("table", "csv", "json", "parquet")

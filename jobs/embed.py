@@ -18,8 +18,9 @@ key (manifest + extractor settings + decode) matches the finished cache embeds n
 
 from __future__ import annotations
 
-from jobs.common import JobError, parse_config, run_main
+from jobs.common import JobError, run_main
 from jobs.embedding import EmbedConfig, run_embedding
+from jobs.flags import parse_config
 
 
 def main(argv=None) -> dict:

@@ -21,7 +21,8 @@ from detector_core.dnf import UnetNotFoundError
 from detector_core.extractors import FeatureSpec, feature_compute
 from detector_core.manifest import ManifestError, read_manifest, validate_manifest
 from detector_core.storage import arrow_fs, open_fs, s3_storage_options
-from jobs.common import JobError, config_dict, init_ray, join, opt, require_weights, write_json
+from jobs.common import JobError, config_dict, init_ray, join, require_weights, write_json
+from jobs.flags import opt
 from jobs.options import ExtractorOptions, RayOptions, StorageOptions
 
 

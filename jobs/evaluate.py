@@ -43,19 +43,9 @@ from detector_core.metrics import summarize
 from detector_core.perturb import parse_perturbations
 from detector_core.storage import arrow_fs, open_fs, s3_storage_options
 from detector_core.training import predict_logits
-from jobs.common import (
-    JobError,
-    RayOptions,
-    StorageOptions,
-    config_dict,
-    join,
-    opt,
-    parse_config,
-    run_main,
-    write_json,
-    write_parquet,
-)
+from jobs.common import JobError, config_dict, join, run_main, write_json, write_parquet
 from jobs.embedding import EmbedConfig, run_embedding
+from jobs.flags import RayOptions, StorageOptions, opt, parse_config
 from jobs.options import extractor_options
 from jobs.pipeline import trained_draft
 

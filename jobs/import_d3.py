@@ -25,7 +25,8 @@ import pyarrow.parquet as pq
 from detector_core import schema as S
 from detector_core.manifest import read_manifest
 from detector_core.storage import arrow_fs, is_remote, open_fs, s3_storage_options
-from jobs.common import JobError, StorageOptions, join, opt, parse_config, run_main, write_json
+from jobs.common import JobError, join, run_main, write_json
+from jobs.flags import StorageOptions, opt, parse_config
 
 N_GEN = 4
 

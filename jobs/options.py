@@ -2,7 +2,7 @@
 
 A job's config inherits the pieces it needs (``class TrainConfig(ExtractorOptions,
 StorageOptions, RayOptions)``), so a shared flag is declared once, with one help text and
-one default; ``jobs.common.parse_config`` shows each piece as its own group in ``--help``,
+one default; ``jobs.flags.parse_config`` shows each piece as its own group in ``--help``,
 after the job's own flags. Jobs that call another job build that job's config from the
 pieces they hold (``EmbedConfig(**extractor_options(cfg), ...)``).
 """
@@ -15,7 +15,7 @@ from detector_core.dnf import DNF_VALUES
 from detector_core.dnf import TEST_TINY as UNET_TEST_TINY
 from detector_core.extractors import EXTRACTORS, FeatureSpec
 from detector_core.features import FEATURE_MODES
-from jobs.common import RayOptions, StorageOptions, opt
+from jobs.flags import RayOptions, StorageOptions, opt
 
 __all__ = ["ExtractorOptions", "RayOptions", "StorageOptions", "extractor_options"]
 

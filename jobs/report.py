@@ -32,7 +32,8 @@ import pyarrow as pa
 from detector_core.images import ImageDecodeError, decode_image
 from detector_core.storage import open_fs, s3_storage_options
 from detector_core.views import connect, read_runs, sql_quote
-from jobs.common import JobError, StorageOptions, config_dict, open_output, opt, parse_config, parse_date, run_main
+from jobs.common import JobError, config_dict, open_output, parse_date, run_main
+from jobs.flags import StorageOptions, opt, parse_config
 
 HIST_BINS = 50
 

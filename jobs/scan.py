@@ -54,21 +54,8 @@ from detector_core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from detector_core.lease import Lease, LeaseHeldError, LeaseLostError
 from detector_core.storage import s3_storage_options
 from jobs import planning, stream
-from jobs.common import (
-    JobError,
-    RayOptions,
-    StorageOptions,
-    check_connection,
-    config_dict,
-    init_ray,
-    join,
-    new_run_id,
-    opt,
-    parse_config,
-    require_weights,
-    run_main,
-    write_json,
-)
+from jobs.common import JobError, check_connection, config_dict, init_ray, join, new_run_id, require_weights, run_main, write_json
+from jobs.flags import RayOptions, StorageOptions, opt, parse_config
 from jobs.pipeline import feature_drafts, feature_specs, trained_draft
 from jobs.planning import PlanError, remove_plan
 from jobs.refresh import refresh_state

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import yaml
 
-from jobs.common import JobError, opt, parse_config, run_main
+from jobs.common import JobError, run_main
+from jobs.flags import opt, parse_config
 
 ENDED = ("SUCCEEDED", "FAILED", "STOPPED")
 

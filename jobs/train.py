@@ -72,7 +72,8 @@ from detector_core.model import NoiseResNet, build_classifier, load_backbone
 from detector_core.shortcuts import dataset_report
 from detector_core.storage import arrow_fs, s3_storage_options
 from detector_core.training import predict_logits
-from jobs.common import JobError, config_dict, init_ray, join, parse_config, require_weights, run_main, write_json
+from jobs.common import JobError, config_dict, init_ray, join, require_weights, run_main, write_json
+from jobs.flags import parse_config
 from jobs.options import extractor_options
 from jobs.train_config import TrainConfig
 from jobs.train_worker import load_state, train_loop_per_worker

@@ -13,7 +13,7 @@ from detector_core.extractors import FeatureSpec
 from detector_core.losses import LOSS_KINDS
 from detector_core.model import RESNETS
 from detector_core.training import RECIPE_OPTIM, RECIPES, OptimConfig
-from jobs.common import opt
+from jobs.flags import opt
 from jobs.options import ExtractorOptions, RayOptions, StorageOptions
 
 __all__ = ["TrainConfig"]

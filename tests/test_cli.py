@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 import jobs
-from jobs.common import JobError, in_interval, parse_config, parse_interval
+from jobs.common import JobError
+from jobs.flags import in_interval, parse_config, parse_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 

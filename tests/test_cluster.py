@@ -230,7 +230,7 @@ def _job_commands() -> list[list[str]]:
 
 
 def test_every_job_command_in_the_configs_and_readme_parses():
-    from jobs.common import parse_config
+    from jobs.flags import parse_config
 
     cmds = _job_commands()
     assert len(cmds) > 10
