@@ -226,7 +226,11 @@ def migrate(cfg: MigrateConfig) -> dict:
     legacy = {name: T.legacy_dataset(afs, aroot, name) for name in T.TABLES}
     have = set(out.read("runs", selected_fields=("scan_id",))["scan_id"].to_pylist())
     summaries = []
-    for p in sorted(out.fs.glob(f"{out.root}/runs/*.json")):
+    try:  # ls, not glob: an output path may hold glob characters ("out[1]")
+        listed = sorted(p for p in out.fs.ls(f"{out.root}/runs", detail=False) if p.endswith(".json"))
+    except FileNotFoundError:
+        listed = []
+    for p in listed:
         r = json.loads(out.fs.cat_file(p))
         if int(r.get("schema_version", "1")) < 3 and r["scan_id"] not in have:
             summaries.append(r)

@@ -55,7 +55,10 @@ def scans(ray_local, tmp_path_factory):
         b = DetectorBundle(model=model, features=FeatureSpec(clip_model="test-tiny", feature_mode="image"), threshold_logit=thr)
         save_bundle(b, str(root / name))
         ids.append(b.detector_id)
-    bucket, out = root / "bucket", root / "out"
+    # Glob characters in the output path are the path's own: every audit below reads "out[1]",
+    # never the decoy "out1" that a glob would match.
+    bucket, out = root / "bucket", root / "out[1]"
+    (root / "out1").mkdir()
     for name, data in {**first, "broken.jpg": b"<html>no</html>"}.items():
         (bucket / name).parent.mkdir(parents=True, exist_ok=True)
         (bucket / name).write_bytes(data)
