@@ -102,6 +102,30 @@ def _split_for(uri: str, val_fraction: float, calib_fraction: float = 0.0) -> st
     return S.SPLIT_VAL if h < val_fraction else S.SPLIT_CALIB if h < val_fraction + calib_fraction else S.SPLIT_TRAIN
 
 
+def _labels(column: pa.Array) -> pa.Array:
+    """A label column of any type -> int8 0/1, null where the value is not 0 or 1 (``"1"``, ``1.0`` and ``True`` are 1)."""
+    if pa.types.is_boolean(column.type):
+        return column.cast(pa.int8())
+    if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
+        x = column.cast(pa.float64())
+    else:
+        text = pc.utf8_trim_whitespace(column.cast(pa.string()))
+        numeric = pc.fill_null(pc.match_substring_regex(text, r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"), False)
+        x = pc.if_else(numeric, text, pa.scalar(None, pa.string())).cast(pa.float64())
+    ok = pc.fill_null(pc.or_(pc.equal(x, 0.0), pc.equal(x, 1.0)), False)
+    return pc.if_else(ok, x, pa.scalar(None, pa.float64())).cast(pa.int8())
+
+
+def _repr_strings(table: pa.Table, name: str, as_text: pa.Array) -> pa.Array:
+    """How a Python ``repr`` shows each value of column ``name`` (the bad-label message quotes it)."""
+    c = table.column(name).combine_chunks()
+    if pa.types.is_string(c.type) or pa.types.is_large_string(c.type):
+        return pc.binary_join_element_wise("'", c, "'", "")
+    if pa.types.is_boolean(c.type):
+        return pc.if_else(c, "True", "False")
+    return as_text
+
+
 def validate_manifest(table: pa.Table, val_fraction: float = 0.2, require_labels: bool = True,
                       calib_fraction: float = 0.0) -> ValidatedManifest:
     """Split good rows from bad ones; normalise columns and types; assign missing splits.
@@ -112,49 +136,49 @@ def validate_manifest(table: pa.Table, val_fraction: float = 0.2, require_labels
     """
     if not (0.0 <= val_fraction and 0.0 <= calib_fraction and val_fraction + calib_fraction < 1.0):
         raise ManifestError(f"validation ({val_fraction}) and calibration ({calib_fraction}) fractions must leave rows to train on")
-    n = table.num_rows
-    col = lambda name: table.column(name).to_pylist() if name in table.column_names else [None] * n  # noqa: E731
-    uris, labels, captions, gens, splits = col(S.URI), col(S.LABEL), col(S.CAPTION), col(S.GENERATOR), col(S.SPLIT)
     if require_labels and S.LABEL not in table.column_names:
         raise ManifestError(f"manifest has no '{S.LABEL}' column (1 = generated, 0 = real)")
-    good = {S.URI: [], S.LABEL: [], S.CAPTION: [], S.GENERATOR: [], S.SPLIT: []}
-    bad = {S.URI: [], S.ERROR_TYPE: [], S.ERROR_MESSAGE: []}
-    seen = set()
-    for u, lab, cap, gen, split in zip(uris, labels, captions, gens, splits):
-        reason = None
-        if u is None or str(u).strip() == "":
-            reason = ("missing_uri", "row has no uri")
-        elif u in seen:
-            reason = ("duplicate_uri", "uri appears more than once; the first row is kept")
-        elif require_labels:
-            try:
-                lab_i = int(float(lab))
-                if lab_i != float(lab) or lab_i not in (0, 1):
-                    raise ValueError
-            except (TypeError, ValueError):
-                reason = ("bad_label", f"label {lab!r} is not 0 (real) or 1 (generated)")
-        if reason:
-            bad[S.URI].append(None if u is None else str(u))
-            bad[S.ERROR_TYPE].append(reason[0])
-            bad[S.ERROR_MESSAGE].append(reason[1])
-            continue
-        seen.add(u)
-        lab_i = int(float(lab)) if require_labels else -1
-        good[S.URI].append(str(u))
-        good[S.LABEL].append(lab_i)
-        good[S.CAPTION].append(None if cap is None else str(cap))
-        good[S.GENERATOR].append(str(gen) if gen is not None else ("real" if lab_i == 0 else "unknown"))
-        good[S.SPLIT].append(str(split).lower() if split not in (None, "") else _split_for(str(u), val_fraction, calib_fraction))
-    out = pa.table(
-        {
-            S.URI: pa.array(good[S.URI], pa.string()),
-            S.LABEL: pa.array(good[S.LABEL], pa.int8()),
-            S.CAPTION: pa.array(good[S.CAPTION], pa.string()),
-            S.GENERATOR: pa.array(good[S.GENERATOR], pa.string()),
-            S.SPLIT: pa.array(good[S.SPLIT], pa.string()),
-        }
-    )
-    bad_t = pa.table({k: pa.array(v, pa.string()) for k, v in bad.items()})
+    n = table.num_rows
+
+    def col(name: str) -> pa.Array:
+        if name not in table.column_names:
+            return pa.nulls(n, pa.string())
+        c = table.column(name).combine_chunks()
+        return c if pa.types.is_string(c.type) or pa.types.is_large_string(c.type) else c.cast(pa.string())
+
+    # Column operations (pyarrow.compute), not a Python loop: training manifests run to 10^7 rows.
+    uri = col(S.URI)
+    idx = pa.array(range(n), pa.int64())
+    missing = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(uri), ""), True)
+    label = _labels(table.column(S.LABEL).combine_chunks()) if require_labels else pa.array([-1] * n, pa.int8())
+    label_ok = pc.is_valid(label) if require_labels else pa.array([True] * n)
+    # A uri's first row that is otherwise good is kept; every later row of that uri is a duplicate
+    # (a row with a bad label before it does not count: it is reported as a bad label).
+    keep_candidate = pc.and_(pc.invert(missing), label_ok)
+    cand = pa.table({"u": uri, "i": idx}).filter(keep_candidate)
+    first = cand.group_by("u").aggregate([("i", "min")])
+    first_of = pa.table({"u": uri, "i": idx}).join(first, "u", join_type="left outer").sort_by("i")["i_min"].combine_chunks()
+    duplicate = pc.and_(pc.invert(missing), pc.fill_null(pc.greater(idx, first_of), False))
+    good_mask = pc.and_(keep_candidate, pc.fill_null(pc.equal(idx, first_of), False))
+    bad_type = pc.if_else(missing, "missing_uri", pc.if_else(duplicate, "duplicate_uri", "bad_label"))
+    bad_mask = pc.invert(good_mask)
+    shown = _repr_strings(table, S.LABEL, col(S.LABEL)) if S.LABEL in table.column_names else pa.nulls(n, pa.string())
+    bad_msg = pc.if_else(missing, "row has no uri", pc.if_else(
+        duplicate, "uri appears more than once; the first row is kept",
+        pc.binary_join_element_wise("label ", pc.fill_null(shown, "None"), " is not 0 (real) or 1 (generated)", "")))
+    bad_t = pa.table({S.URI: uri.filter(bad_mask), S.ERROR_TYPE: bad_type.filter(bad_mask), S.ERROR_MESSAGE: bad_msg.filter(bad_mask)})
+    good_uri = uri.filter(good_mask)
+    lab = label.filter(good_mask).cast(pa.int8())
+    gen = col(S.GENERATOR).filter(good_mask)
+    gen = pc.if_else(pc.is_valid(gen), gen, pc.if_else(pc.equal(lab, 0), "real", "unknown"))
+    given = col(S.SPLIT).filter(good_mask)
+    given = pc.if_else(pc.equal(given, ""), pa.scalar(None, pa.string()), given)
+    split = pc.utf8_lower(given)
+    need = pc.is_null(given)
+    if pc.any(need).as_py():  # the hash is per row (sha1 of the uri: the splits of existing manifests stay where they are)
+        hashed = [_split_for(u, val_fraction, calib_fraction) for u in good_uri.filter(need).to_pylist()]
+        split = pc.replace_with_mask(split, need, pa.array(hashed, pa.string()))
+    out = pa.table({S.URI: good_uri, S.LABEL: lab, S.CAPTION: col(S.CAPTION).filter(good_mask), S.GENERATOR: gen, S.SPLIT: split})
     if require_labels:
         n_gen = int(pc.sum(out.column(S.LABEL)).as_py() or 0)
         if n_gen == 0 or n_gen == out.num_rows:
