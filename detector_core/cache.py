@@ -4,7 +4,7 @@ A cache is a folder (local or object store)::
 
     CACHE/data/*.parquet     one row per manifest row: uri, label, split, generator, caption,
                              image metadata, ``features`` (FixedSizeList<float32, d>, null
-                             on error rows), ``clip_id`` (the extractor's id), error columns
+                             on error rows), ``feature_id`` (the extractor's id; ``clip_id`` in caches written before it was renamed), error columns
     CACHE/errors.parquet     rows that could not be used (manifest, read or decode stage)
     CACHE/_SUCCESS.json      written last: the cache key, counts, ``FeatureSpec`` fields,
                              ``feature_compute``, the resolved config

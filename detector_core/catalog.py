@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from detector_core import schema as S
 from detector_core import tables as T
 from detector_core.state import DEFAULT_PARTITIONS, STATE_SCHEMA, URI_BUCKET
 from detector_core.storage import is_remote, join, open_fs
@@ -177,9 +178,24 @@ class ScanOutput:
                     raise
                 self.reset_state(exc)
                 continue
+            self._rename_old_columns(table)
             if table.location().rstrip("/") != self.location(name).rstrip("/"):
                 raise CatalogError(f"table {self.identifier(name)} in this catalog belongs to {table.location()}, not to "
                                    f"{self.location(name)}: give this output its own --namespace")
+
+    @staticmethod
+    def _rename_old_columns(table) -> None:
+        """Schema evolution to this version's names (``S.RENAMED``): a metadata-only commit; the field
+        keeps its id, and files written under the old name are read through the table's name mapping."""
+        names = {f.name for f in table.schema().fields}
+        todo = {old: new for old, new in S.RENAMED.items() if old in names and new not in names}
+        if not todo:
+            return
+        with table.transaction() as tx:
+            with tx.update_schema() as update:
+                for old, new in todo.items():
+                    update.rename_column(old, new)
+            tx.set_properties({"detector.schema-version": T.SCHEMA_VERSION})
 
     def reset_state(self, exc: Exception) -> None:
         """Drop an unreadable ``state`` table and create it empty: it is rebuilt from the history tables."""
@@ -292,7 +308,7 @@ class ScanOutput:
 
         scan = self.table(name).scan(row_filter=row_filter if row_filter is not None else AlwaysTrue(),
                                      selected_fields=selected_fields, snapshot_id=snapshot_id)
-        return scan.to_arrow()
+        return T.current_names(scan.to_arrow())  # a snapshot from before a rename has the old names
 
 
 def _runs_table(rows: list[dict]) -> pa.Table:

@@ -28,7 +28,11 @@ EXIF = "exif"
 
 # Feature cache.
 FEATURES = "features"
-CLIP_ID = "clip_id"
+FEATURE_ID = "feature_id"
+# Columns renamed since: old name -> current. Tables written before schema version 4 say clip_id
+# (it held DNF ids too); catalog.ScanOutput renames it in place (Iceberg schema evolution: the
+# field keeps its id, old files are read through the name mapping), readers rename what they get.
+RENAMED = {"clip_id": FEATURE_ID}
 
 # Errors (any stage).
 ERROR_STAGE = "error_stage"
@@ -58,7 +62,7 @@ SPLIT_CALIB = "calib"  # held out of model selection: the threshold is calibrate
 TYPES = {
     URI: pa.string(), LABEL: pa.int8(), CAPTION: pa.string(), GENERATOR: pa.string(), SPLIT: pa.string(),
     SIZE: pa.int64(), ETAG: pa.string(), WIDTH: pa.int32(), HEIGHT: pa.int32(), FORMAT: pa.string(),
-    JPEG_QUALITY: pa.int16(), EXIF: pa.bool_(), CLIP_ID: pa.string(),
+    JPEG_QUALITY: pa.int16(), EXIF: pa.bool_(), FEATURE_ID: pa.string(),
     ERROR_STAGE: pa.string(), ERROR_TYPE: pa.string(), ERROR_MESSAGE: pa.string(),
     SCORE: pa.float64(), LOGIT: pa.float64(), THRESHOLD: pa.float64(), FLAGGED: pa.bool_(),
     DETECTOR_ID: pa.string(), DETECTOR_KIND: pa.string(), SCAN_ID: pa.string(), SCANNED_AT: pa.timestamp("us", tz="UTC"),
@@ -79,7 +83,7 @@ COLUMN_DOCS = {
     JPEG_QUALITY: "JPEG quality estimated from the file's luminance quantisation table (1-100; null for other formats)",
     EXIF: "the file carries an EXIF block",
     FEATURES: "feature vector (float32): CLIP image or image+text embedding, or the flattened DNF noise estimate",
-    CLIP_ID: "feature extractor that made the features: 'model/pretrained/mode' for CLIP, 'dnf/<unet>/t<step>/<size>[/q8]' for DNF (q8: the reference's 8-bit values)",
+    FEATURE_ID: "feature extractor that made the features (before schema version 4: clip_id): 'model/pretrained/mode' for CLIP, 'dnf/<unet>/t<step>/<size>[/q8]' for DNF (q8: the reference's 8-bit values)",
     ERROR_STAGE: "where the object failed: list (no usable uri or size in the input, not a regular file), read (I/O, over --max-bytes), decode (bytes are no usable image), embed",
     ERROR_TYPE: "error kind, e.g. not_an_image, truncated, too_large, or the exception name",
     ERROR_MESSAGE: "human-readable cause",

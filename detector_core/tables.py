@@ -26,7 +26,8 @@ import pyarrow.dataset as pads
 from detector_core import schema as S
 
 # 2: + detector_kind (files of version 1 read with it null). 3: Iceberg tables, scan_date/bucket stored.
-SCHEMA_VERSION = "3"
+# 4: clip_id renamed feature_id (S.RENAMED).
+SCHEMA_VERSION = "4"
 METADATA_KEY = b"diffusion_detector.schema_version"
 TABLES = ("scores", "flagged", "errors")
 ALL_TABLES = (*TABLES, "runs")
@@ -35,7 +36,7 @@ PARTITION_COLUMNS = (S.SCAN_DATE, S.BUCKET)
 
 _TS = S.TYPES[S.SCANNED_AT]
 SCORES_COLUMNS = (S.URI, S.ETAG, S.SIZE, S.WIDTH, S.HEIGHT, S.FORMAT, S.SCORE, S.LOGIT, S.THRESHOLD, S.FLAGGED, S.DETECTOR_ID,
-                  S.DETECTOR_KIND, S.CLIP_ID, S.SCAN_ID, S.SCANNED_AT, *PARTITION_COLUMNS)
+                  S.DETECTOR_KIND, S.FEATURE_ID, S.SCAN_ID, S.SCANNED_AT, *PARTITION_COLUMNS)
 ERRORS_COLUMNS = (S.URI, S.ETAG, S.SIZE, S.ERROR_STAGE, S.ERROR_TYPE, S.ERROR_MESSAGE, S.DETECTOR_ID, S.DETECTOR_KIND, S.SCAN_ID,
                   S.SCANNED_AT, *PARTITION_COLUMNS)
 SCORES_SCHEMA = pa.schema([(c, S.TYPES[c]) for c in SCORES_COLUMNS], metadata={METADATA_KEY: SCHEMA_VERSION.encode()})
@@ -70,15 +71,23 @@ def bucket_column(uris: pa.Array | pa.ChunkedArray) -> pa.Array:
     return pc.if_else(pc.fill_null(remote, False), bucket, pa.scalar(LOCAL_BUCKET))
 
 
+def current_names(table: pa.Table) -> pa.Table:
+    """``table`` with columns of their old names (``S.RENAMED``: rows of older versions) under today's names."""
+    if not any(old in table.column_names for old in S.RENAMED):
+        return table
+    return table.rename_columns([S.RENAMED.get(c, c) if S.RENAMED.get(c, c) not in table.column_names else c for c in table.column_names])
+
+
 def conform(table: pa.Table, name: str) -> pa.Table:
-    """``table`` with exactly the columns, order, types and metadata of table ``name``."""
+    """``table`` with exactly the columns, order, types and metadata of table ``name`` (old column names renamed)."""
     schema = TABLE_SCHEMAS[name]
-    return table.select(schema.names).cast(schema)
+    return current_names(table).select(schema.names).cast(schema)
 
 
 def legacy_dataset(fs, root: str, name: str) -> pads.Dataset | None:
     """A version 1-2 hive-partitioned table ``name`` under ``root`` (pyarrow filesystem), or None."""
-    legacy = pa.schema([f for f in TABLE_SCHEMAS[name] if f.name not in PARTITION_COLUMNS])
+    old_name = {new: old for old, new in S.RENAMED.items()}  # versions 1-2 wrote the old names
+    legacy = pa.schema([f.with_name(old_name.get(f.name, f.name)) for f in TABLE_SCHEMAS[name] if f.name not in PARTITION_COLUMNS])
     try:
         files = [i.path for i in fs.get_file_info(pa.fs.FileSelector(f"{root.rstrip('/')}/{name}", recursive=True))
                  if i.type == pa.fs.FileType.File and i.path.endswith(".parquet") and "/data/" not in i.path

@@ -13,6 +13,7 @@ from __future__ import annotations
 import duckdb
 import pyarrow as pa
 
+from detector_core import schema as S
 from detector_core import tables as T
 from detector_core.catalog import CatalogError, ScanOutput
 from detector_core.storage import is_remote, open_fs
@@ -103,7 +104,11 @@ def connect(out: ScanOutput, where: str = "", since: str = "", until: str = "", 
         else:
             con.register(f"_empty_{name}", T.TABLE_SCHEMAS[name].empty_table())
             src = f"_empty_{name}"
-        con.execute(f"CREATE VIEW {name} AS SELECT * FROM {src} WHERE {cond}")
+        # A snapshot from before a column rename (S.RENAMED) has the old name: the view shows today's.
+        cols = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {src}").fetchall()}
+        renames = ", ".join(f"{old} AS {new}" for old, new in S.RENAMED.items() if old in cols and new not in cols)
+        star = f"* RENAME ({renames})" if renames else "*"
+        con.execute(f"CREATE VIEW {name} AS SELECT {star} FROM {src} WHERE {cond}")
     return con
 
 

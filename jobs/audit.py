@@ -104,7 +104,7 @@ def question_sql(cfg: AuditConfig) -> str:
         return f"""SELECT scan_date, bucket, uri, score, threshold, detector_id, scan_id FROM flagged
                    ORDER BY score DESC, uri{_limit(cfg)}"""
     if q == "detectors":
-        return """SELECT detector_id, any_value(detector_kind) AS detector_kind, any_value(clip_id) AS clip_id,
+        return """SELECT detector_id, any_value(detector_kind) AS detector_kind, any_value(feature_id) AS feature_id,
                          any_value(threshold) AS threshold,
                          count(DISTINCT scan_id) AS scans, count(*) AS scored, count(*) FILTER (WHERE flagged) AS flagged,
                          min(scan_date) AS first_scan_date, max(scan_date) AS last_scan_date

@@ -37,7 +37,7 @@ class Embedder:
     """Ray Data actor: resized images (+ captions) -> features of one extractor, one model per actor.
 
     Output rows drop the pixels and gain ``features`` (fixed-size float32 list; null for
-    rows that failed before) and ``clip_id`` (the extractor's id, ``FeatureSpec.id``).
+    rows that failed before) and ``feature_id`` (the extractor's id, ``FeatureSpec.id``).
     """
 
     def __init__(self, spec: FeatureSpec, storage_options: dict | None = None, precision: str = "auto", pixels: str = PIXELS,
@@ -67,7 +67,7 @@ class Embedder:
         feats, ok = self.extract(batch)
         matrix = np.zeros((len(ok), self.dim), dtype=np.float32)
         matrix[ok] = feats.cpu().numpy()
-        return to_table(batch, {S.FEATURES: fixed_list(matrix, ok), S.CLIP_ID: pa.array([self.spec.id] * len(ok), pa.string())})
+        return to_table(batch, {S.FEATURES: fixed_list(matrix, ok), S.FEATURE_ID: pa.array([self.spec.id] * len(ok), pa.string())})
 
 
 # Fixed types, so that every block (and every Parquet file) has the same schema even
@@ -168,7 +168,7 @@ class Scorer:
                 S.FLAGGED: pa.array(logits >= b.threshold_logit, mask=~ok),
                 S.DETECTOR_ID: pa.array([b.detector_id] * n, pa.string()),
                 S.DETECTOR_KIND: pa.array([b.kind] * n, pa.string()),
-                S.CLIP_ID: pa.array([b.features.id] * n, pa.string()),
+                S.FEATURE_ID: pa.array([b.features.id] * n, pa.string()),
                 S.SCAN_ID: pa.array([self.scan_id] * n, pa.string()),
                 S.SCANNED_AT: pa.array([now] * n, pa.timestamp("us", tz="UTC")),
             })

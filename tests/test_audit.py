@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from bench.legacy import legacy_tree, scan_process
 from detector_core.bundle import DetectorBundle, save_bundle
 from detector_core.catalog import ScanOutput, read_table
 from detector_core.demo import encode, make_image
@@ -25,11 +26,13 @@ from detector_core.extractors import FeatureSpec
 from detector_core.features import ClipEncoder
 from detector_core.images import decode_image
 from detector_core.model import DetectorMLP
+from detector_core.tables import current_names
 from detector_core.views import duckdb_connection
 from jobs import audit, scan
 from jobs.common import JobError
 
 DAY1, DAY2 = "2026-11-20", "2026-11-21"
+SCHEMA_3_REF = "45e2a4a"  # the last commit whose tables said clip_id (schema version 3)
 
 
 def _median_threshold(model, files, enc):
@@ -63,19 +66,49 @@ def scans(ray_local, tmp_path_factory):
         (bucket / name).parent.mkdir(parents=True, exist_ok=True)
         (bucket / name).write_bytes(data)
     common = ["--input", str(bucket), "--output", str(out)]
-    scan.main(["--detector", str(root / "old"), *common, "--scan-date", DAY1])
+    # The first night by the code of schema version 3 (Iceberg tables whose feature column was
+    # still clip_id), in its own process; the nights after by this code, which renames the column
+    # in place: every audit below reads an output that both versions wrote.
+    try:
+        old_code = legacy_tree(SCHEMA_3_REF)
+    except RuntimeError:  # no git history here: this code writes every night
+        old_code = None
+    if old_code is not None:
+        scan_process(["--detector", str(root / "old"), *common, "--scan-date", DAY1], old_code)
+    else:
+        scan.main(["--detector", str(root / "old"), *common, "--scan-date", DAY1])
     for name, data in later.items():
         (bucket / name).write_bytes(data)
     second = scan.main(["--detector", str(root / "old"), *common, "--scan-date", DAY2])
     third = scan.main(["--detector", str(root / "new"), *common, "--scan-date", DAY2])
     assert second["scored"] == 2 and third["scored"] == 12
-    return {"out": out, "old": ids[0], "new": ids[1], "root": root}
+    return {"out": out, "old": ids[0], "new": ids[1], "root": root, "schema_3": old_code is not None}
 
 
 def _rows(out, name):
     df = read_table(str(out), name).to_pandas()
     df["scan_date"] = df["scan_date"].astype(str)
     return df
+
+
+def test_a_schema_3_output_is_renamed_in_place_and_read_whole(scans):
+    """clip_id -> feature_id by Iceberg schema evolution: same field id, old files read by the name mapping."""
+    if not scans["schema_3"]:
+        pytest.skip("no git history to run the schema-3 code from")
+    out = ScanOutput.open(str(scans["out"]), create=False)
+    want = FeatureSpec(clip_model="test-tiny", feature_mode="image").id
+    for name in ("scores", "flagged"):
+        table = out.table(name)
+        assert "feature_id" in table.schema().column_names and "clip_id" not in table.schema().column_names
+        assert table.properties["detector.schema-version"] == "4"
+        rows = out.read(name)
+        assert set(rows["feature_id"].to_pylist()) == {want}, name  # no nulls: the night-1 files too
+        first = min(table.metadata.snapshots, key=lambda s: s.sequence_number)
+        assert set(out.read(name, snapshot_id=first.snapshot_id)["feature_id"].to_pylist()) == {want}  # a snapshot of the old schema
+    day1 = _rows(scans["out"], "scores").query(f"scan_date == '{DAY1}'")
+    assert len(day1) == 10 and set(day1["feature_id"]) == {want}
+    got = _ask("detectors", "--scan", str(scans["out"]))  # DuckDB's iceberg_scan over both kinds of files
+    assert set(got["feature_id"]) == {want} and got["scored"].sum() == 10 + 2 + 12
 
 
 def _ask(*argv):
@@ -237,7 +270,9 @@ def test_migrate_what_the_previous_code_wrote(ray_local, scans, tmp_path):
         files = sorted(str(p) for p in (old / name).glob("scan_date=*/bucket=*/*.parquet"))  # the old layout only
         parts = [pq.read_table(f) for f in files]
         parts = [t.drop_columns([c for c in ("detector_kind",) if c in t.column_names]).replace_schema_metadata(None) for t in parts]
-        return pa.concat_tables(parts, promote_options="default").sort_by([("uri", "ascending"), ("detector_id", "ascending")])
+        rows = pa.concat_tables(parts, promote_options="default").sort_by([("uri", "ascending"), ("detector_id", "ascending")])
+        assert "clip_id" in rows.column_names or name == "errors"  # what the old code called it
+        return current_names(rows)  # migrated rows carry it as feature_id
 
     first = audit.main(["migrate", "--output", str(old)])
     n_images = sum(1 for p in (scans["root"] / "bucket").rglob("*.png"))

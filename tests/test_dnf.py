@@ -270,7 +270,7 @@ def test_dnf_trains_scans_and_ensembles_with_clip(ray_local, demo_manifest, tmp_
     assert pq.read_schema(files[0]) == pq.read_schema(files[1])  # one file schema for both kinds
     assert "detector_kind" in pq.read_schema(files[0]).names
     assert set(dnf_rows["detector_kind"].to_pylist()) == {"dnf-resnet"} and set(clip_rows["detector_kind"].to_pylist()) == {"clip-mlp"}
-    assert set(dnf_rows["clip_id"].to_pylist()) == {"dnf/test-tiny/t0/32/q8"}
+    assert set(dnf_rows["feature_id"].to_pylist()) == {"dnf/test-tiny/t0/32/q8"}
 
     # DNF scan scores = the reference's DNF + the ResNet, computed directly (up to the one-level
     # differences of a different batch size, above).
