@@ -69,12 +69,12 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
         return  # Ray Client: its own connection timeout applies
     if address.startswith(("http://", "https://")):
         raise JobError(f"{address} is a dashboard (job API) address: submit with `ray job submit --address {address} -- python -m jobs…`, "
-             "or pass the cluster's GCS address (host:6379) to --ray-address")
+                       "or pass the cluster's GCS address (host:6379) to --ray-address")
     try:
         resolved = canonicalize_bootstrap_address(address)
     except (ConnectionError, ValueError) as e:  # "auto" with nothing running here, or no host:port
         raise JobError(f"no Ray cluster at --ray-address {address}: {e}; start one (`ray start --head`) or leave out --ray-address "
-             "for a private local Ray")
+                       "for a private local Ray")
     if resolved is None:
         return
     host, _, port = resolved.rpartition(":")
@@ -82,8 +82,8 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as e:
         raise JobError(f"no Ray cluster answers at {resolved} ({e.strerror or type(e).__name__}): the head is down, or its address file "
-             "is left from one that died; start it (`ray start --head`), fix --ray-address/RAY_ADDRESS, or leave both out "
-             "for a private local Ray")
+                       "is left from one that died; start it (`ray start --head`), fix --ray-address/RAY_ADDRESS, or leave both out "
+                       "for a private local Ray")
     try:
         from ray._raylet import GcsClient
         from ray.exceptions import AuthenticationError
@@ -94,7 +94,7 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
     except AuthenticationError:
         mode = os.environ.get("RAY_AUTH_MODE", "disabled")
         raise JobError(f"the Ray cluster at {resolved} refused this job: it requires a token and "
-             + ("RAY_AUTH_MODE is not set; set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or ~/.ray/auth_token)" if mode != "token"
+                       + ("RAY_AUTH_MODE is not set; set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or ~/.ray/auth_token)" if mode != "token"
                 else "the one given (RAY_AUTH_TOKEN or ~/.ray/auth_token) is not its token"))
 
 

@@ -136,8 +136,8 @@ def _check_feature_compute(bundles: list[DetectorBundle], gpu: bool) -> None:
         for key in ("jpeg_draft_size", "resize"):
             if key in trained and trained[key] != ours[key]:
                 raise JobError(f"detector {b.detector_id} was trained on features computed with {key} {trained[key]!r}, and this scan "
-                     f"would compute them with {ours[key]!r}: its scores would not mean what its threshold says; retrain it "
-                     "with this version, or scan with the version that trained it")
+                               f"would compute them with {ours[key]!r}: its scores would not mean what its threshold says; retrain it "
+                               "with this version, or scan with the version that trained it")
         if trained.get("precision") and trained["precision"] != ours["precision"]:
             print(f"WARNING: detector {b.detector_id} was trained on {trained['precision']} features and this scan computes "
                   f"{ours['precision']} ({'--gpu' if gpu else 'no --gpu'}): scores may shift slightly near the threshold "
