@@ -101,6 +101,8 @@ def _follow(client, cfg: SubmitConfig) -> str:
             asyncio.run(asyncio.wait_for(_follow_logs(client, sid), timeout=left))
         except (asyncio.TimeoutError, TimeoutError):
             return "DEADLINE"
+        except JobError:  # SIGTERM's handler (run): the submitter is ending, not the log stream
+            raise
         except Exception as e:  # noqa: BLE001 - a dropped log stream: poll the status instead
             print(f"log stream of {sid} dropped ({type(e).__name__}); checking its status every {cfg.poll:.0f} s", flush=True)
             time.sleep(min(cfg.poll, max(left, 0.1)))
