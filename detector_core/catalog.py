@@ -45,6 +45,7 @@ PROP_MARK = "detector.state-history-mark"
 PROP_PARTITIONS = "detector.state-partitions"
 PROP_SCAN = "detector.scan-id"
 PROP_UNIT = "detector.unit"
+PROP_SCHEMA_VERSION = "detector.schema-version"  # detector_core.tables.SCHEMA_VERSION of the table's columns
 POINTER = "_catalog.json"
 DEFAULT_NAMESPACE = "detector"
 _SECRET_IN_URI = re.compile(r"://[^/@:]+:[^/@]+@")
@@ -195,7 +196,7 @@ class ScanOutput:
             with tx.update_schema() as update:
                 for old, new in todo.items():
                     update.rename_column(old, new)
-            tx.set_properties({"detector.schema-version": T.SCHEMA_VERSION})
+            tx.set_properties({PROP_SCHEMA_VERSION: T.SCHEMA_VERSION})
 
     def reset_state(self, exc: Exception) -> None:
         """Drop an unreadable ``state`` table and create it empty: it is rebuilt from the history tables."""
@@ -206,7 +207,7 @@ class ScanOutput:
     def create(self, name: str) -> None:
         from pyiceberg.exceptions import TableAlreadyExistsError
 
-        props = {"format-version": "2", "detector.schema-version": T.SCHEMA_VERSION}
+        props = {"format-version": "2", PROP_SCHEMA_VERSION: T.SCHEMA_VERSION}
         if name == STATE:
             props[PROP_PARTITIONS] = str(DEFAULT_PARTITIONS)
         try:

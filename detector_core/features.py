@@ -86,7 +86,6 @@ def preprocess_config(model_name: str, pretrained: str | None) -> dict:
     """open_clip's eval preprocessing settings for a model and weights, without building it."""
     from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
-    _open_clip()
     cfg = asdict(PreprocessCfg())
     if not _is_no_weights(pretrained):
         tag_cfg = _open_clip().get_pretrained_cfg(model_name, str(pretrained))

@@ -15,6 +15,7 @@ import hashlib
 import posixpath
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -148,10 +149,10 @@ def validate_manifest(table: pa.Table, val_fraction: float = 0.2, require_labels
 
     # Column operations (pyarrow.compute), not a Python loop: training manifests run to 10^7 rows.
     uri = col(S.URI)
-    idx = pa.array(range(n), pa.int64())
+    idx = pa.array(np.arange(n, dtype=np.int64))
     missing = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(uri), ""), True)
-    label = _labels(table.column(S.LABEL).combine_chunks()) if require_labels else pa.array([-1] * n, pa.int8())
-    label_ok = pc.is_valid(label) if require_labels else pa.array([True] * n)
+    label = _labels(table.column(S.LABEL).combine_chunks()) if require_labels else pa.repeat(pa.scalar(-1, pa.int8()), n)
+    label_ok = pc.is_valid(label) if require_labels else pa.repeat(True, n)
     # A uri's first row that is otherwise good is kept; every later row of that uri is a duplicate
     # (a row with a bad label before it does not count: it is reported as a bad label).
     keep_candidate = pc.and_(pc.invert(missing), label_ok)

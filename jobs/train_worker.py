@@ -188,7 +188,7 @@ def train_loop_per_worker(config: dict) -> None:
                 for group in optimizer.param_groups:
                     group["lr"] = next_lr
             # Every epoch's checkpoint carries its own weights and threshold; Ray Train keeps the best
-            # one by --select metric (CheckpointConfig in jobs.train) and the latest, for resuming.
+            # one by the selection metric (TrainConfig.select_metric, CheckpointConfig in jobs.train) and the latest, for resuming.
             ckpt = _save_state({
                 "model": raw.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "epoch": epoch, "history": history, "threshold_logit": threshold,
