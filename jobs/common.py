@@ -19,6 +19,13 @@ import uuid
 
 from detector_core.storage import join, open_fs
 
+# Ray kills an idle worker beyond one per CPU after 1 s. A job's stages (plan, stream, state
+# refresh) each need workers with pyarrow, pyiceberg or torch imported, and on a small machine
+# a fresh worker's imports cost 1-2 s of CPU: a 40-image scan on 2 cores spent ~2/3 of its
+# 17-20 s re-importing in new workers. A private Ray lives as long as its job, so its idle
+# workers are kept (6-7 s; bench note in docs/scaling.md). Clusters keep Ray's default.
+LOCAL_RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 300_000}
+
 
 def init_ray(address: str | None = None) -> None:
     """Connect to the cluster (under ``ray job submit``, ``RAY_ADDRESS`` or ``--ray-address``) or start a private local Ray.
@@ -42,7 +49,7 @@ def init_ray(address: str | None = None) -> None:
         cpus = max(os.cpu_count() or 1, 4)
         print(f"starting a private local Ray ({cpus} CPUs); pass --ray-address auto (or set RAY_ADDRESS) to use a running cluster",
               file=sys.stderr, flush=True)
-        ray.init(address="local", num_cpus=cpus, log_to_driver=True)
+        ray.init(address="local", num_cpus=cpus, log_to_driver=True, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
         return
     check_connection(address)
     ray.init(address=address, log_to_driver=True)

@@ -87,8 +87,11 @@ def ray_local(s3_server):
     """One local Ray for the session; workers inherit the S3 test-server variables."""
     import ray
 
+    from jobs.common import LOCAL_RAY_SYSTEM_CONFIG
+
     env = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False,
+             _system_config=LOCAL_RAY_SYSTEM_CONFIG)
     try:
         yield
     finally:

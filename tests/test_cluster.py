@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import io
+import json
 import os
 import re
 import shlex
@@ -34,7 +35,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from jobs.common import JobError
+from jobs.common import LOCAL_RAY_SYSTEM_CONFIG, JobError
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -396,7 +397,11 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_head(s3_server, tmp_path_factory):
-    """A Ray head from `ray start --head --block` with token auth on; stopped (process tree killed) at the end."""
+    """A Ray head from `ray start --head --block` with token auth on; stopped (process tree killed) at the end.
+
+    It keeps idle workers as a private Ray does (``LOCAL_RAY_SYSTEM_CONFIG``): on 2 cores each
+    job's stages would otherwise re-import torch and pyarrow in fresh workers.
+    """
     import psutil
 
     token = uuid.uuid4().hex
@@ -413,7 +418,7 @@ def ray_head(s3_server, tmp_path_factory):
          f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
          f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
          f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
-         "--include-dashboard=true", "--disable-usage-stats"],
+         "--include-dashboard=true", "--disable-usage-stats", f"--system-config={json.dumps(LOCAL_RAY_SYSTEM_CONFIG)}"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
