@@ -13,19 +13,15 @@ unit already exists. Each table on its own therefore only ever shows whole units
 engine; ``runs`` rows, committed last, carry the three tables' snapshot ids for readers
 that want all tables as of one unit.
 
-Catalogs (``--catalog``): empty = a SQLite catalog file ``OUT/catalog.db`` beside a
-local output (no service; one machine); ``sqlite:///…``, ``postgresql://user@host/db``,
-``mysql://…`` = pyiceberg's SQL catalog; ``http(s)://…`` = a REST catalog; ``glue`` =
-AWS Glue; any other word = a catalog of that name in pyiceberg's own configuration
-(``~/.pyiceberg.yaml`` or ``PYICEBERG_CATALOG__<NAME>__<KEY>`` variables): the place for
-passwords and tokens, which ``--catalog`` refuses to carry.
+The catalog that ``--catalog`` names is opened by ``detector_core.iceberg``. The
+``verdicts`` table (reviewers' verdicts) lives beside the others but is no part of a unit:
+``append_verdicts`` commits it on its own.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -34,6 +30,7 @@ import pyarrow as pa
 
 from detector_core import schema as S
 from detector_core import tables as T
+from detector_core.iceberg import CatalogError, load_catalog, retrying
 from detector_core.state import DEFAULT_PARTITIONS, STATE_SCHEMA, URI_BUCKET
 from detector_core.storage import is_remote, join, open_fs
 
@@ -48,62 +45,6 @@ PROP_UNIT = "detector.unit"
 PROP_SCHEMA_VERSION = "detector.schema-version"  # detector_core.tables.SCHEMA_VERSION of the table's columns
 POINTER = "_catalog.json"
 DEFAULT_NAMESPACE = "detector"
-_SECRET_IN_URI = re.compile(r"://[^/@:]+:[^/@]+@")
-
-
-class CatalogError(ValueError):
-    """The catalog setting is unusable (missing for a remote output, a secret in it, a table elsewhere)."""
-
-
-def _io_properties(output: str, storage_options: dict | None) -> dict:
-    props: dict[str, str] = {}
-    if is_remote(output):
-        # The tables' files are read and written through fsspec, the same filesystem as the jobs.
-        props["py-io-impl"] = "pyiceberg.io.fsspec.FsspecFileIO"
-        endpoint = ((storage_options or {}).get("client_kwargs") or {}).get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            props["s3.endpoint"] = endpoint
-    return props
-
-
-def _retrying(fn, attempts: int = 5):
-    """``fn()``, tried again after a short sleep when a concurrent creator made it fail (never for a CatalogError)."""
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except CatalogError:
-            raise
-        except Exception:  # noqa: BLE001 - a concurrent creator won: the next look finds what it made
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.2 * (attempt + 1))
-
-
-def load_catalog(spec: str, output: str, storage_options: dict | None = None):
-    """The pyiceberg catalog that ``spec`` names for ``output`` (see the module docstring)."""
-    from pyiceberg.catalog import load_catalog as _load
-
-    if _SECRET_IN_URI.search(spec or ""):
-        raise CatalogError("--catalog must not carry a password (it is logged and saved with the run): use a catalog named in "
-                           "~/.pyiceberg.yaml or PYICEBERG_CATALOG__<NAME>__URI / __PASSWORD variables, and pass --catalog NAME")
-    props = _io_properties(output, storage_options)
-    if not spec:
-        if is_remote(output):
-            raise CatalogError(f"--output {output} is in an object store: name the catalog that tracks its tables with --catalog "
-                               "(postgresql://user@host/db, https://rest-catalog, glue, a pyiceberg catalog name, or "
-                               "sqlite:////path/catalog.db for a single machine)")
-        os.makedirs(os.path.abspath(output), exist_ok=True)
-        spec = f"sqlite:///{os.path.abspath(join(output, 'catalog.db'))}"
-    if spec.startswith(("sqlite:", "postgresql", "mysql")):
-        kw = {"type": "sql", "uri": spec}
-    elif spec.startswith(("http://", "https://")):
-        kw = {"type": "rest", "uri": spec}
-    elif spec == "glue":
-        kw = {"type": "glue"}
-    else:
-        return _load(spec, **props)
-    # Openers of a fresh SQL catalog race to create its own tables.
-    return _retrying(lambda: _load("detector", **kw, **props))
 
 
 def table_location(output: str, name: str) -> str:
@@ -162,13 +103,13 @@ class ScanOutput:
         Two scans opening a fresh output at once race to create them (before either holds the
         lease); the loser's create fails in catalog-specific ways, so it looks again.
         """
-        _retrying(self._ensure_tables, attempts)
+        retrying(self._ensure_tables, attempts)
 
     def _ensure_tables(self) -> None:
         from pyiceberg.exceptions import NoSuchTableError
 
         self.catalog.create_namespace_if_not_exists(self.namespace)
-        for name in (*T.ALL_TABLES, STATE):
+        for name in (*T.ALL_TABLES, T.VERDICTS, STATE):
             try:
                 table = self.catalog.load_table(self.identifier(name))
             except NoSuchTableError:
@@ -223,6 +164,32 @@ class ScanOutput:
 
     def table(self, name: str):
         return self.catalog.load_table(self.identifier(name))
+
+    def has_table(self, name: str) -> bool:
+        return self.catalog.table_exists(self.identifier(name))
+
+    def append_new(self, name: str, rows: pa.Table, key: tuple[str, ...], retries: int = 8) -> int:
+        """Append the rows of ``rows`` whose ``key`` columns the table does not hold yet; returns how many.
+
+        Idempotent, and exact under concurrency: the append asserts the snapshot whose keys it
+        compared against, so when another writer commits first the commit fails, and the
+        rows are compared again with what that writer added.
+        """
+        from pyiceberg.exceptions import CommitFailedException
+
+        for attempt in range(retries):
+            table = self.table(name)
+            have = table.scan(selected_fields=key).to_arrow() if table.current_snapshot() else None
+            new = rows if have is None or have.num_rows == 0 else _anti_join(rows, have, key)
+            if new.num_rows == 0:
+                return 0
+            try:
+                table.append(new.cast(T.TABLE_SCHEMAS[name]))
+            except CommitFailedException:
+                time.sleep(0.2 * 2**attempt)
+                continue
+            return new.num_rows
+        raise RuntimeError(f"could not append to {self.identifier(name)} after {retries} tries (other writers kept winning)")
 
     # -- commits ---------------------------------------------------------------------------
     @staticmethod
@@ -312,6 +279,18 @@ class ScanOutput:
         return T.current_names(scan.to_arrow())  # a snapshot from before a rename has the old names
 
 
+def _anti_join(rows: pa.Table, have: pa.Table, key: tuple[str, ...]) -> pa.Table:
+    """The rows of ``rows`` whose ``key`` is not in ``have``, in their order (nulls in a key compare equal)."""
+    import pyarrow.compute as pc
+
+    def keyed(t: pa.Table) -> pa.Table:
+        return pa.table({c: pc.fill_null(t[c].cast(pa.string()), "\x00") for c in key})
+
+    left = keyed(rows).append_column("_i", pa.array(range(rows.num_rows), pa.int64()))
+    kept = left.join(keyed(have).group_by(list(key)).aggregate([]), list(key), join_type="left anti")
+    return rows.take(kept["_i"].take(pc.sort_indices(kept["_i"])))
+
+
 def _runs_table(rows: list[dict]) -> pa.Table:
     import datetime as dt
 
@@ -331,12 +310,13 @@ def read_table(output: str, name: str, row_filter=None, catalog: str = "", names
                storage_options: dict | None = None) -> pa.Table:
     """A committed scan table as a ``pyarrow.Table``, for scripts and notebooks.
 
-    ``name``: scores, flagged, errors, runs, or state (what each detector has settled).
+    ``name``: scores, flagged, errors, runs, verdicts (reviewers'), or state (what each detector has settled).
     ``row_filter``: a pyiceberg expression or string
     (``"scan_date = '2026-11-23' AND bucket = 'uploads'"``), pushed down to the
     partitions and files. ``catalog``/``namespace``: as the scan was given (default: what
     the output's ``_catalog.json`` recorded).
     """
-    if name not in (*T.ALL_TABLES, STATE):
-        raise ValueError(f"no table {name!r}; one of {', '.join((*T.ALL_TABLES, STATE))}")
+    names = (*T.ALL_TABLES, T.VERDICTS, STATE)
+    if name not in names:
+        raise ValueError(f"no table {name!r}; one of {', '.join(names)}")
     return ScanOutput.open(output, catalog, namespace, storage_options, create=False).read(name, row_filter)

@@ -49,6 +49,16 @@ DETECTOR_KIND = "detector_kind"
 SCAN_ID = "scan_id"
 SCANNED_AT = "scanned_at"
 
+# Reviewers' verdicts (the verdicts table; jobs.audit verdicts import).
+VERDICT = "verdict"
+NOTE = "note"
+REVIEWER = "reviewer"
+REVIEWED_AT = "reviewed_at"
+REVIEW_DATE = "review_date"
+IMPORTED_AT = "imported_at"
+VERDICT_GENERATED, VERDICT_REAL, VERDICT_UNSURE = "generated", "real", "unsure"
+VERDICTS = (VERDICT_GENERATED, VERDICT_REAL, VERDICT_UNSURE)
+
 # Partition columns of the scan tables (stored columns of the Iceberg tables; identity partitions).
 SCAN_DATE = "scan_date"
 BUCKET = "bucket"
@@ -67,6 +77,8 @@ TYPES = {
     SCORE: pa.float64(), LOGIT: pa.float64(), THRESHOLD: pa.float64(), FLAGGED: pa.bool_(),
     DETECTOR_ID: pa.string(), DETECTOR_KIND: pa.string(), SCAN_ID: pa.string(), SCANNED_AT: pa.timestamp("us", tz="UTC"),
     SCAN_DATE: pa.date32(), BUCKET: pa.string(),
+    VERDICT: pa.string(), NOTE: pa.string(), REVIEWER: pa.string(), REVIEWED_AT: pa.timestamp("us", tz="UTC"),
+    REVIEW_DATE: pa.date32(), IMPORTED_AT: pa.timestamp("us", tz="UTC"),
 }
 
 COLUMN_DOCS = {
@@ -97,4 +109,10 @@ COLUMN_DOCS = {
     SCANNED_AT: "when the row was written (UTC)",
     SCAN_DATE: "partition: the UTC date the scan started (a DATE)",
     BUCKET: "partition: the object's bucket (s3://BUCKET/…, gs://BUCKET/…), 'local' for local paths",
+    VERDICT: "a reviewer's verdict on the image: generated, real or unsure",
+    NOTE: "the reviewer's free-text note (may be empty)",
+    REVIEWER: "who gave the verdict",
+    REVIEWED_AT: "when the reviewer gave it (UTC, from the review page)",
+    REVIEW_DATE: "partition of the verdicts table: the UTC date of reviewed_at",
+    IMPORTED_AT: "when jobs.audit verdicts import added the row (UTC)",
 }

@@ -7,7 +7,8 @@ or the one named with ``--catalog``) points at the current metadata. ``scores``,
 ``flagged`` and ``errors`` are partitioned by identity on ``scan_date`` (a DATE) and
 ``bucket``, which are stored columns, so "flagged last night" and "flagged in bucket X
 this month" prune to those partitions in pyiceberg, DuckDB, Spark, Trino and Athena alike.
-``runs`` holds one row per commit unit and detector (``status = 'unit'``) and one per
+``verdicts`` (reviewers' verdicts, ``jobs.audit verdicts import``) is partitioned by
+``review_date``; it is not part of a scan's commit units. ``runs`` holds one row per commit unit and detector (``status = 'unit'``) and one per
 finished scan and detector (``status = 'completed'``), with the snapshot ids of the three
 result tables as of that row, so a reader can pin all tables to one consistent point.
 
@@ -31,6 +32,7 @@ SCHEMA_VERSION = "4"
 METADATA_KEY = b"diffusion_detector.schema_version"
 TABLES = ("scores", "flagged", "errors")
 ALL_TABLES = (*TABLES, "runs")
+VERDICTS = "verdicts"
 LOCAL_BUCKET = "local"  # the bucket partition of local-path objects
 PARTITION_COLUMNS = (S.SCAN_DATE, S.BUCKET)
 
@@ -49,8 +51,12 @@ RUNS_SCHEMA = pa.schema([
     ("scores_snapshot_id", pa.int64()), ("flagged_snapshot_id", pa.int64()), ("errors_snapshot_id", pa.int64()),
     ("config", pa.string()), ("schema_version", pa.string()),
 ], metadata={METADATA_KEY: SCHEMA_VERSION.encode()})
-TABLE_SCHEMAS = {"scores": SCORES_SCHEMA, "flagged": SCORES_SCHEMA, "errors": ERRORS_SCHEMA, "runs": RUNS_SCHEMA}
-PARTITIONED = {"scores": PARTITION_COLUMNS, "flagged": PARTITION_COLUMNS, "errors": PARTITION_COLUMNS, "runs": ()}
+VERDICTS_COLUMNS = (S.URI, S.DETECTOR_ID, S.SCAN_ID, S.VERDICT, S.NOTE, S.REVIEWER, S.REVIEWED_AT, S.IMPORTED_AT, S.REVIEW_DATE)
+VERDICTS_SCHEMA = pa.schema([(c, S.TYPES[c]) for c in VERDICTS_COLUMNS], metadata={METADATA_KEY: SCHEMA_VERSION.encode()})
+TABLE_SCHEMAS = {"scores": SCORES_SCHEMA, "flagged": SCORES_SCHEMA, "errors": ERRORS_SCHEMA, "runs": RUNS_SCHEMA,
+                 VERDICTS: VERDICTS_SCHEMA}
+PARTITIONED = {"scores": PARTITION_COLUMNS, "flagged": PARTITION_COLUMNS, "errors": PARTITION_COLUMNS, "runs": (),
+               VERDICTS: (S.REVIEW_DATE,)}
 
 # Versions 1-2: hive folders, partition columns only in the paths.
 LEGACY_PARTITION_SCHEMA = pa.schema([(S.SCAN_DATE, pa.string()), (S.BUCKET, pa.string())])

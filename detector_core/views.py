@@ -3,9 +3,10 @@
 ``connect(out)`` gives a DuckDB connection with the views ``scores``, ``flagged``, ``errors``
 (``iceberg_scan`` over the Iceberg tables, loaded from the ``duckdb-extension-iceberg`` pip
 package, never downloaded) pinned to the snapshots the newest ``runs`` row records, so the
-three agree even while a scan commits its next unit; and ``runs`` (one row per finished
-scan and detector, ``read_runs``). Filters on the partition columns (``scan_date``,
-``bucket``) prune manifests and files.
+three agree even while a scan commits its next unit; ``runs`` (one row per finished
+scan and detector, ``read_runs``); and ``verdicts`` (every reviewer's verdict, the table's
+latest snapshot, unfiltered). Filters on the partition columns (``scan_date``, ``bucket``)
+prune manifests and files.
 """
 
 from __future__ import annotations
@@ -109,6 +110,14 @@ def connect(out: ScanOutput, where: str = "", since: str = "", until: str = "", 
         renames = ", ".join(f"{old} AS {new}" for old, new in S.RENAMED.items() if old in cols and new not in cols)
         star = f"* RENAME ({renames})" if renames else "*"
         con.execute(f"CREATE VIEW {name} AS SELECT {star} FROM {src} WHERE {cond}")
+    # Verdicts are about images, not one scan: every verdict, whatever the filters (an output
+    # older than the table has none).
+    verdicts = out.table(T.VERDICTS) if out.has_table(T.VERDICTS) else None
+    if verdicts is not None and verdicts.current_snapshot() is not None:
+        con.execute(f"CREATE VIEW verdicts AS SELECT * FROM iceberg_scan({sql_quote(verdicts.metadata_location)})")
+    else:
+        con.register("_empty_verdicts", T.VERDICTS_SCHEMA.empty_table())
+        con.execute("CREATE VIEW verdicts AS SELECT * FROM _empty_verdicts")
     return con
 
 

@@ -8,6 +8,10 @@
     python -m jobs.audit query recut      --scan s3://audit/scans --threshold 0.9 [--rows --out flagged_0.9.parquet]
     python -m jobs.audit query errors     --scan s3://audit/scans --date 2026-11-23
     python -m jobs.audit query sql        --scan OUT --sql "SELECT bucket, count(*) FROM flagged GROUP BY ALL"
+    python -m jobs.audit query precision  --scan s3://audit/scans --since 2026-11-01      # reviewers' verdicts vs flags
+    python -m jobs.audit query drift      --scan s3://audit/scans --nights 28
+    python -m jobs.audit query threshold  --scan s3://audit/scans --target-daily-flags 200
+    python -m jobs.audit verdicts import verdicts-2026-11-23.csv --scan s3://audit/scans --reviewer alice
     python -m jobs.audit migrate --output s3://audit/scans --catalog detector     # hive Parquet (schema 1-2) -> Iceberg
     ray job submit --address http://127.0.0.1:8265 --runtime-env cluster/runtime_env.yaml -- \
         python -m jobs.audit query per-day --scan s3://audit/scans
@@ -16,7 +20,9 @@ The views ``scores``, ``flagged``, ``errors`` (with the partition columns ``scan
 DATE, and ``bucket``) are DuckDB ``iceberg_scan`` over the Iceberg tables (the extension is
 loaded from the ``duckdb-extension-iceberg`` pip package, never downloaded), pinned to the
 snapshots that the newest ``runs`` row records, so the three agree even while a scan commits
-its next unit; ``runs`` has one row per finished scan and detector. ``--date``,
+its next unit; ``runs`` has one row per finished scan and detector; ``verdicts`` holds the
+reviewers' verdicts that ``verdicts import`` added from the review page's exports
+(``detector_core.verdicts``; the questions' SQL is ``detector_core.questions``). ``--date``,
 ``--since``/``--until`` and ``--bucket`` are filters on the partition columns, which the
 extension uses to skip manifests and files. The catalog is the one the scan recorded in
 ``OUT/_catalog.json`` unless ``--catalog`` names it. Object stores are read through the same
@@ -33,17 +39,17 @@ from dataclasses import dataclass
 
 import duckdb
 import pyarrow as pa
-from scipy.special import logit as scipy_logit
+import pyarrow.compute as pc
 
 from detector_core import schema as S
 from detector_core import tables as T
 from detector_core.catalog import CatalogError, ScanOutput
+from detector_core.questions import QUESTIONS, QuestionError, question_sql, where_clause
 from detector_core.storage import open_fs, s3_storage_options
-from detector_core.views import connect, read_runs, sql_quote
+from detector_core.views import connect, read_runs
 from jobs.common import JobError, open_output, parse_date, run_main, write_parquet
 from jobs.flags import StorageOptions, opt, parse_config
 
-QUESTIONS = ("per-day", "per-prefix", "top", "detectors", "diff", "recut", "errors", "sql")
 FORMATS = ("table", "csv", "json", "parquet")
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -62,84 +68,13 @@ class AuditConfig(StorageOptions):
     rows: bool = opt(False, "recut: list the rows flagged at --threshold instead of counts per day")
     depth: int = opt(1, "per-prefix: how many folder levels below the bucket make a prefix", within="[1, inf)")
     limit: int = opt(100, "rows to list for top / diff / recut --rows (0 = all)", within="[0, inf)")
-    sql: str = opt("", "sql: a query over the views scores, flagged, errors, runs")
+    nights: int = opt(28, "drift: the trailing calendar days a night is compared with; threshold: the days of scans it looks at", within="[1, inf)")
+    target_daily_flags: int = opt(0, "threshold: the objects a night the threshold should flag (about)", within="[0, inf)")
+    sql: str = opt("", "sql: a query over the views scores, flagged, errors, runs, verdicts")
     format: str = opt("table", "output format: " + ", ".join(FORMATS), choices=FORMATS)
     out: str = opt("", "write the answer to this file (local or s3://) instead of stdout; required for parquet")
     catalog: str = opt("", "Iceberg catalog of the tables (default: the one OUT/_catalog.json records; see jobs.scan --catalog)")
     namespace: str = opt("", "catalog namespace of the output's tables (default: as recorded)")
-
-
-def _where(cfg: AuditConfig) -> str:
-    parts = []
-    if cfg.detector_id and cfg.question != "diff":
-        parts.append(f"detector_id = {sql_quote(cfg.detector_id)}")
-    return " AND ".join(parts)
-
-
-def _limit(cfg: AuditConfig) -> str:
-    return f" LIMIT {int(cfg.limit)}" if cfg.limit > 0 else ""
-
-
-def question_sql(cfg: AuditConfig) -> str:
-    """The SQL that answers ``cfg.question`` over the views (shown by the README as examples)."""
-    q = cfg.question
-    if q == "per-day":
-        return """
-            WITH s AS (SELECT scan_date, detector_id, count(*) AS scored, count(*) FILTER (WHERE flagged) AS flagged
-                       FROM scores GROUP BY ALL),
-                 e AS (SELECT scan_date, detector_id, count(*) AS errors FROM errors GROUP BY ALL)
-            SELECT scan_date, detector_id, coalesce(scored, 0) AS scored, coalesce(flagged, 0) AS flagged,
-                   coalesce(errors, 0) AS errors, round(coalesce(flagged, 0) / nullif(scored, 0), 4) AS flagged_rate
-            FROM s FULL OUTER JOIN e USING (scan_date, detector_id) ORDER BY scan_date, detector_id"""
-    if q == "per-prefix":
-        depth = max(0, int(cfg.depth))
-        return f"""
-            WITH k AS (SELECT bucket, flagged,
-                              string_split(regexp_replace(uri, '^([a-z0-9]+://[^/]*/|/)', ''), '/') AS parts FROM scores)
-            SELECT bucket, array_to_string(list_slice(parts, 1, least(len(parts) - 1, {depth})), '/') AS prefix,
-                   count(*) AS scored, count(*) FILTER (WHERE flagged) AS flagged,
-                   round(count(*) FILTER (WHERE flagged) / count(*), 4) AS flagged_rate
-            FROM k GROUP BY ALL ORDER BY flagged DESC, scored DESC, bucket, prefix"""
-    if q == "top":
-        return f"""SELECT scan_date, bucket, uri, score, threshold, detector_id, scan_id FROM flagged
-                   ORDER BY score DESC, uri{_limit(cfg)}"""
-    if q == "detectors":
-        return """SELECT detector_id, any_value(detector_kind) AS detector_kind, any_value(feature_id) AS feature_id,
-                         any_value(threshold) AS threshold,
-                         count(DISTINCT scan_id) AS scans, count(*) AS scored, count(*) FILTER (WHERE flagged) AS flagged,
-                         min(scan_date) AS first_scan_date, max(scan_date) AS last_scan_date
-                  FROM scores GROUP BY detector_id ORDER BY last_scan_date DESC, detector_id"""
-    if q == "diff":
-        if not (cfg.detector_id and cfg.against_id):
-            raise JobError("diff needs --detector-id OLD_ID --against-id NEW_ID (list them with: query detectors)")
-        latest = "SELECT uri, arg_max(score, scanned_at) AS score, arg_max(flagged, scanned_at) AS flagged FROM scores WHERE detector_id = {} GROUP BY uri"
-        return f"""
-            WITH a AS ({latest.format(sql_quote(cfg.detector_id))}), b AS ({latest.format(sql_quote(cfg.against_id))})
-            SELECT CASE WHEN b.flagged THEN 'newly flagged' ELSE 'no longer flagged' END AS change,
-                   uri, a.score AS score_old, b.score AS score_new
-            FROM a JOIN b USING (uri) WHERE a.flagged <> b.flagged
-            ORDER BY change, abs(b.score - a.score) DESC, uri{_limit(cfg)}"""
-    if q == "recut":
-        if not (0.0 < cfg.threshold < 1.0):
-            raise JobError("recut needs --threshold T with 0 < T < 1 (a score)")
-        logit = float(scipy_logit(cfg.threshold))  # decisions are made on the logit, as in the scan
-        if cfg.rows:
-            return f"""SELECT scan_date, bucket, uri, score, logit, flagged AS flagged_at_bundle, detector_id, scan_id FROM scores
-                       WHERE logit >= {logit!r} ORDER BY score DESC, uri{_limit(cfg)}"""
-        return f"""SELECT scan_date, detector_id, count(*) AS scored, count(*) FILTER (WHERE flagged) AS flagged_at_bundle,
-                          count(*) FILTER (WHERE logit >= {logit!r}) AS flagged_at_threshold,
-                          count(*) FILTER (WHERE logit >= {logit!r} AND NOT flagged) AS newly_flagged,
-                          count(*) FILTER (WHERE logit < {logit!r} AND flagged) AS no_longer_flagged
-                   FROM scores GROUP BY ALL ORDER BY scan_date, detector_id"""
-    if q == "errors":
-        return """SELECT scan_date, error_stage, error_type, count(*) AS objects, any_value(uri) AS example_uri,
-                         any_value(error_message) AS example_message
-                  FROM errors GROUP BY ALL ORDER BY scan_date, objects DESC, error_stage, error_type"""
-    if q == "sql":
-        if not cfg.sql:
-            raise JobError("sql needs --sql 'SELECT … FROM scores|flagged|errors|runs'")
-        return cfg.sql
-    raise JobError(f"unknown question {q!r}; one of {', '.join(QUESTIONS)}")
 
 
 def answer(cfg: AuditConfig) -> pa.Table:
@@ -159,9 +94,12 @@ def answer(cfg: AuditConfig) -> pa.Table:
     until = cfg.date or (parse_date(cfg.until, "--until") if cfg.until else "")
     if cfg.bucket and not _BUCKET_RE.match(cfg.bucket):
         raise JobError(f"--bucket {cfg.bucket!r} is not a bucket name")
-    sql = question_sql(cfg)
     try:
-        con = connect(out, _where(cfg), since, until, cfg.bucket, runs)
+        sql = question_sql(cfg)
+    except QuestionError as exc:
+        raise JobError(str(exc))
+    try:
+        con = connect(out, where_clause(cfg), since, until, cfg.bucket, runs)
         return con.sql(sql).to_arrow_table()
     except duckdb.Error as exc:
         raise JobError(f"query failed: {str(exc).splitlines()[0]}")
@@ -195,6 +133,58 @@ def _emit(table: pa.Table, cfg: AuditConfig) -> None:
 
 
 @dataclass
+class VerdictsConfig(StorageOptions):
+    file: str = opt("", "the verdicts file the review page exported (CSV or JSON), local or s3://")
+    scan: str = opt("", "the scan output the verdicts are about (the --output of jobs.scan, that the review page was built from)")
+    reviewer: str = opt("", "reviewer name for the verdicts that carry none")
+    catalog: str = opt("", "Iceberg catalog of the tables (default: the one OUT/_catalog.json records)")
+    namespace: str = opt("", "catalog namespace of the output's tables (default: as recorded)")
+
+
+def import_verdicts(cfg: VerdictsConfig) -> dict:
+    """Append a review page's export to the output's ``verdicts`` table; verdicts already there are not added again.
+
+    Every verdict must be about an object this output scored (its uri, detector_id and
+    scan_id are a row of ``scores``); the others are refused and counted, the rest imported.
+    A file with an unusable row (an unknown verdict, no time, no reviewer) imports nothing.
+    """
+    from pyiceberg.expressions import And, In
+
+    from detector_core.verdicts import KEY, VerdictError, known, parse_verdicts
+
+    if not (cfg.file and cfg.scan):
+        raise JobError("usage: python -m jobs.audit verdicts import FILE --scan OUT [--reviewer NAME]")
+    so = s3_storage_options(cfg.s3_endpoint or None)
+    fs, path = open_fs(cfg.file, so)
+    try:
+        data = fs.cat_file(path)
+    except (FileNotFoundError, IsADirectoryError) as exc:
+        raise JobError(f"no verdicts file {cfg.file} ({type(exc).__name__})")
+    try:
+        rows = parse_verdicts(data, cfg.file, cfg.reviewer)
+    except VerdictError as exc:
+        raise JobError(str(exc))
+    out = open_output(cfg.scan, cfg.catalog, cfg.namespace, so)
+    if not out.has_table(T.VERDICTS):  # an output written before verdicts existed
+        out.create(T.VERDICTS)
+    ids = sorted(set(rows[S.SCAN_ID].to_pylist()))
+    dates = sorted({r["scan_date"] for r in read_runs(out).to_pylist() if r["scan_id"] in ids})
+    scored = (out.read("scores", And(And(In(S.SCAN_ID, ids), In(S.SCAN_DATE, dates)), In(S.URI, set(rows[S.URI].to_pylist()))),
+                       selected_fields=(S.URI, S.DETECTOR_ID, S.SCAN_ID)) if dates else T.SCORES_SCHEMA.empty_table())
+    ok = known(rows, scored)
+    unknown = rows.filter(pc.invert(ok))
+    if unknown.num_rows == rows.num_rows:
+        raise JobError(f"none of the {rows.num_rows} verdicts in {cfg.file} is about an object {cfg.scan} scored (uri, detector_id "
+                       f"and scan_id of a scores row; e.g. {unknown[S.URI][0]}): is --scan the output the review page was built from?")
+    added = out.append_new(T.VERDICTS, rows.filter(ok), KEY)
+    result = {"verdicts": rows.num_rows, "added": added, "already_there": rows.num_rows - unknown.num_rows - added,
+              "refused_unknown": unknown.num_rows, "table": out.identifier(T.VERDICTS)}
+    print(f"{added} verdicts added to {result['table']}, {result['already_there']} already there"
+          + (f"; {unknown.num_rows} refused: about objects this output never scored (e.g. {unknown[S.URI][0]})" if unknown.num_rows else ""))
+    return result
+
+
+@dataclass
 class MigrateConfig(StorageOptions):
     output: str = opt("", "scan output written before schema 3 (hive-partitioned Parquet + runs/*.json), local or s3://")
     catalog: str = opt("", "Iceberg catalog for its tables (as jobs.scan --catalog; empty = SQLite OUT/catalog.db for local outputs)")
@@ -209,7 +199,6 @@ def migrate(cfg: MigrateConfig) -> dict:
     run summary exists are copied: the old protocol never showed the others to readers.
     The old files are left where they are (delete ``OUT/<table>/scan_date=*`` afterwards).
     """
-    import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
     from detector_core.catalog import data_file_path
@@ -272,6 +261,11 @@ def main(argv=None) -> pa.Table | dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["migrate"]:
         return migrate(parse_config(MigrateConfig, argv[1:], migrate.__doc__))
+    if argv[:2] == ["verdicts", "import"]:
+        rest = argv[2:]
+        if rest and not rest[0].startswith("-"):
+            rest = ["--file", rest[0], *rest[1:]]
+        return import_verdicts(parse_config(VerdictsConfig, rest, import_verdicts.__doc__))
     # `query QUESTION` is the documented form; `--question QUESTION` works too.
     if argv[:1] == ["query"]:
         argv = argv[1:]

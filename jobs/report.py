@@ -8,7 +8,11 @@
 The page holds the run summaries of the date, a histogram of scores per detector with the
 threshold and the near-threshold band marked, a grid of flagged images as small embedded
 thumbnails (made from the objects themselves) sorted by score with uri, score and detector,
-the near-threshold band worth a human look, and the error counts by stage and type. It
+the near-threshold band worth a human look, and the error counts by stage and type. Each card
+has generated / real / unsure buttons and a note; the page keeps the choices in the browser
+(localStorage) and exports them as one CSV or JSON file for ``jobs.audit verdicts import``
+(no server); cards of images already reviewed say so, and a plot shows the precision per
+night that the imported verdicts give (``query precision``). It
 reads that date's partitions of the Iceberg tables as of the newest committed unit (``detector_core.views.connect``); the grid
 and the band are capped (``--max-thumbnails``, ``--max-band``) and the page says how many
 rows were left out and the command that lists them all. The page is rendered from the Jinja2
@@ -25,11 +29,13 @@ import io
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
 
 from detector_core.images import ImageDecodeError, decode_image
+from detector_core.questions import question_sql
 from detector_core.storage import open_fs, s3_storage_options
 from detector_core.views import connect, read_runs, sql_quote
 from jobs.common import JobError, config_dict, open_output, parse_date, run_main
@@ -99,11 +105,43 @@ def histogram(scores: np.ndarray, threshold: float, band: float, width: int = 64
             "ticks": [{"x": x(v), "label": f"{v:g}"} for v in (0.0, 0.25, 0.5, 0.75, 1.0)]}
 
 
-def _cards(rows: list[dict], thumbs: dict, threshold_of: dict) -> list[dict]:
+def precision_plot(rows: list[dict], nights: int = 28, width: int = 640, height: int = 180) -> dict:
+    """The geometry of the inline SVG of precision per night (Wilson interval bars) over the last ``nights`` nights with verdicts."""
+    rows = [r for r in rows if r["reviewed"]]
+    dates = sorted({r["scan_date"] for r in rows})[-nights:]
+    rows = [r for r in rows if r["scan_date"] in dates]
+    pad_l, pad_b = 40, 22
+    w, h = width - pad_l - 16, height - pad_b - 8
+    step = w / max(1, len(dates) - 1) if len(dates) > 1 else 0
+    x_of = {d: pad_l + 8 + i * step for i, d in enumerate(dates)}
+
+    def y(v):
+        return 8 + h - h * v
+
+    points = [{"x": x_of[r["scan_date"]], "y": y(r["precision"]), "y_low": y(r["precision_low"]), "y_high": y(r["precision_high"]),
+               "scan_date": r["scan_date"], "detector_id": r["detector_id"], "confirmed": r["confirmed_generated"],
+               "reviewed": r["reviewed"], "low": r["precision_low"], "high": r["precision_high"]} for r in rows]
+    every = max(1, len(dates) // 6)
+    return {"width": width, "height": height, "pad_l": pad_l, "nights": len(dates), "points": points,
+            "yticks": [{"y": y(v), "label": f"{v:g}"} for v in (0.0, 0.5, 1.0)],
+            "xticks": [{"x": x_of[d], "label": str(d)[5:]} for d in dates[::every]]}
+
+
+def _reviewed(con, uris: list[str]) -> dict[str, dict]:
+    """The latest imported verdict on each of ``uris``."""
+    if not uris:
+        return {}
+    con.register("_shown", pa.table({"uri": uris}))
+    rows = con.sql("SELECT uri, arg_max(verdict, reviewed_at) AS verdict, arg_max(reviewer, reviewed_at) AS reviewer, "
+                   "max(reviewed_at)::DATE::VARCHAR AS reviewed_at FROM verdicts JOIN _shown USING (uri) GROUP BY uri").to_arrow_table()
+    return {r["uri"]: r for r in rows.to_pylist()}
+
+
+def _cards(rows: list[dict], thumbs: dict, threshold_of: dict, reviewed: dict) -> list[dict]:
     out = []
     for r in rows:
         t = thumbs.get(r["uri"])
-        out.append({**r, "thumb": t, "thumb_error": getattr(t, "message", None) or t,
+        out.append({**r, "thumb": t, "thumb_error": getattr(t, "message", None) or t, "reviewed": reviewed.get(r["uri"]),
                     "threshold": threshold_of.get(r["detector_id"], r.get("threshold"))})
     return out
 
@@ -142,27 +180,33 @@ def build_report(cfg: ReportConfig) -> tuple[str, dict]:
         s = con.sql("SELECT score FROM scores WHERE detector_id = ?", params=[d["detector_id"]]).to_arrow_table()["score"].to_numpy()
         hists.append({**histogram(s, d["threshold"], cfg.band), **d})
     n_flagged = sum(d["flagged"] for d in per_det)
-    flagged = con.sql("SELECT uri, score, threshold, detector_id FROM flagged ORDER BY score DESC, uri LIMIT ?",
+    flagged = con.sql("SELECT uri, score, threshold, detector_id, scan_id FROM flagged ORDER BY score DESC, uri LIMIT ?",
                       params=[max(0, cfg.max_thumbnails)]).to_arrow_table().to_pylist()
     n_band = con.execute("SELECT count(*) FROM scores WHERE abs(score - threshold) <= ?", [cfg.band]).fetchall()[0][0]
-    band = con.sql("SELECT uri, score, threshold, detector_id FROM scores WHERE abs(score - threshold) <= ? "
+    band = con.sql("SELECT uri, score, threshold, detector_id, scan_id FROM scores WHERE abs(score - threshold) <= ? "
                    "ORDER BY abs(score - threshold), uri LIMIT ?", params=[cfg.band, max(0, cfg.max_band)]).to_arrow_table().to_pylist()
     errors = con.sql("SELECT error_stage, error_type, count(*) AS objects, any_value(uri) AS example_uri, "
                      "any_value(error_message) AS example_message FROM errors GROUP BY ALL ORDER BY objects DESC, error_stage, error_type"
                      ).to_arrow_table()
-    thumbs = _thumbnails(sorted({r["uri"] for r in flagged + band}), cfg, so)
+    shown = sorted({r["uri"] for r in flagged + band})
+    thumbs = _thumbnails(shown, cfg, so)
+    reviewed = _reviewed(con, shown)
+    every_night = connect(out, where, runs=runs)  # precision over the nights before this one too
+    precision = every_night.sql(question_sql(SimpleNamespace(question="precision"))).to_arrow_table().to_pylist()
 
     summary_cols = ["scan_id", "detector_id", "detector_kind", "input", "listed", "skipped", "scored", "flagged", "errors", "seconds", "finished_at"]
     summary = pa.Table.from_pylist([{k: r[k] for k in summary_cols} for r in run_rows])
     page = _template().render(
         title=f"Scan review {date}", scan=cfg.scan, date=date, band=f"{cfg.band:g}",
         generated_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        summary=_table(summary), histograms=hists, n_flagged=n_flagged, flagged=_cards(flagged, thumbs, threshold_of),
-        n_band=n_band, near=_cards(band, thumbs, threshold_of), errors=_table(errors), n_errors=int(sum(errors["objects"].to_pylist())),
+        summary=_table(summary), histograms=hists, n_flagged=n_flagged, flagged=_cards(flagged, thumbs, threshold_of, reviewed),
+        n_band=n_band, near=_cards(band, thumbs, threshold_of, reviewed), errors=_table(errors),
+        n_errors=int(sum(errors["objects"].to_pylist())), precision=precision_plot(precision),
     )
     counts = {"date": date, "flagged": n_flagged, "flagged_shown": len(flagged), "band": n_band, "band_shown": len(band),
               "errors": int(sum(errors["objects"].to_pylist())),
-              "thumbnail_failures": sum(1 for v in thumbs.values() if not isinstance(v, str))}
+              "thumbnail_failures": sum(1 for v in thumbs.values() if not isinstance(v, str)), "reviewed_shown": len(reviewed),
+              "precision_nights": len({r["scan_date"] for r in precision if r["reviewed"]})}
     return page, counts
 
 

@@ -72,7 +72,7 @@ from detector_core.model import NoiseResNet, build_classifier, load_backbone
 from detector_core.shortcuts import dataset_report
 from detector_core.storage import arrow_fs, s3_storage_options
 from detector_core.training import predict_logits
-from jobs.common import JobError, config_dict, init_ray, join, require_weights, run_main, write_json
+from jobs.common import JobError, config_dict, init_ray, join, open_output, require_weights, run_main, write_json, write_parquet
 from jobs.flags import parse_config
 from jobs.options import extractor_options
 from jobs.train_config import TrainConfig
@@ -131,8 +131,11 @@ def run_training(cfg: TrainConfig) -> dict:
             load_backbone(NoiseResNet(cfg.resnet, (3, 32, 32)), cfg.resnet_init, so)
         except (OSError, ValueError, RuntimeError) as exc:
             raise JobError(str(exc))
+    if cfg.verdicts and not cfg.manifest:
+        raise JobError("--verdicts adds reviewed images to a manifest's rows: pass --manifest too (a cache has no images to add)")
     if cfg.manifest:  # before Ray starts: the paper's ViT-L-14 is the default, and its weights may be absent
         require_weights(cfg.feature_spec(), so)
+    manifest, verdict_counts = (_with_verdicts(cfg, so) if cfg.verdicts else (cfg.manifest, None))
     init_ray(cfg.ray_address or None)
     embed_summary = None
     cache = cfg.features
@@ -141,7 +144,7 @@ def run_training(cfg: TrainConfig) -> dict:
 
         cache = join(cfg.output, "features")
         embed_cfg = EmbedConfig(
-            manifest=cfg.manifest, output=cache, **extractor_options(cfg), batch_size=cfg.embed_batch_size,
+            manifest=manifest, output=cache, **extractor_options(cfg), batch_size=cfg.embed_batch_size,
             actors=cfg.embed_actors, gpu=cfg.gpu,
             val_fraction=cfg.val_fraction, calib_fraction=cfg.calib_fraction, s3_endpoint=cfg.s3_endpoint, ray_address=cfg.ray_address,
         )
@@ -250,7 +253,8 @@ def run_training(cfg: TrainConfig) -> dict:
     bundle = DetectorBundle(
         model=model.eval(), features=spec, threshold_logit=threshold_logit, calibration=calibration,
         feature_compute=marker.get("feature_compute", {}),
-        training_config=config_dict(cfg), metrics={k: v for k, v in bm.items()},
+        training_config={**config_dict(cfg), **({"verdict_rows": verdict_counts} if verdict_counts else {})},
+        metrics={k: v for k, v in bm.items()},
     )
     save_bundle(bundle, join(cfg.output, "detector"), so)
     metrics = {
@@ -259,12 +263,34 @@ def run_training(cfg: TrainConfig) -> dict:
         "best_epoch": best["epoch"], "epochs_run": len(state["history"]), "epochs": cfg.epochs,
         "train_rows": n_train, "detector_id": bundle.detector_id, "history": state["history"],
         "embedding": embed_summary, "train_seconds": round(time.time() - started, 2), "shortcuts": shortcuts,
+        "verdict_rows": verdict_counts,
     }
     write_json(join(cfg.output, "metrics.json"), metrics, so)
     write_json(join(cfg.output, "config.json"), config_dict(cfg), so)
     print(f"detector {bundle.detector_id}: best epoch {best['epoch']}, val AUC {bm['val_auc']:.4f}, "
           f"threshold {bundle.threshold:.4f} (FPR target {cfg.target_fpr}) -> {join(cfg.output, 'detector')}")
     return metrics
+
+
+def _with_verdicts(cfg: TrainConfig, so: dict | None) -> tuple[str, dict]:
+    """The manifest plus the reviewed images of ``--verdicts``, written to OUT/manifest_with_verdicts.parquet; (its path, counts)."""
+    from detector_core import tables as T
+    from detector_core.manifest import ManifestError, read_manifest
+    from detector_core.verdicts import with_verdicts
+
+    out = open_output(cfg.verdicts, "", "", so)
+    if not out.has_table(T.VERDICTS) or out.table(T.VERDICTS).current_snapshot() is None:
+        raise JobError(f"no verdicts imported into {cfg.verdicts} (python -m jobs.audit verdicts import FILE --scan {cfg.verdicts})")
+    try:
+        manifest = read_manifest(cfg.manifest, so)
+    except ManifestError as exc:
+        raise JobError(str(exc))
+    merged, counts = with_verdicts(manifest, out.read(T.VERDICTS), cfg.verdicts_in_validation)
+    path = join(cfg.output, "manifest_with_verdicts.parquet")
+    write_parquet(merged, path, so)
+    print(f"--verdicts {cfg.verdicts}: {counts['verdict_rows']} reviewed images added ({counts['generated']} generated, "
+          f"{counts['real']} real; {counts['relabelled']} relabelled, {counts['unsure_dropped']} unsure left out) -> {path}")
+    return path, counts
 
 
 def main(argv=None) -> dict:

@@ -23,6 +23,8 @@ __all__ = ["TrainConfig"]
 class TrainConfig(RayOptions, StorageOptions, ExtractorOptions):
     manifest: str = opt("", "labelled manifest (.parquet/.csv or a real/ + generated/ tree); embeds it first")
     features: str = opt("", "existing feature cache from jobs.embed (replaces --manifest)")
+    verdicts: str = opt("", "a scan output whose reviewers' verdicts (jobs.audit verdicts import) add labelled rows to --manifest: the latest verdict on each image, generated = 1, real = 0 (a confirmed false positive becomes a real example), unsure dropped")
+    verdicts_in_validation: bool = opt(False, "with --verdicts: reviewed rows may fall into the validation and calibration splits by uri hash, as unsplit rows do (default: all to train)")
     output: str = opt("", "output folder: detector/, metrics.json, config.json, history.jsonl (local or s3://)")
     resnet: str = opt("resnet50", "--extractor dnf: classifier on the noise feature", choices=RESNETS)
     resnet_init: str = opt("", "--extractor dnf: torchvision state dict (.pth, local or s3://) to start the ResNet from, e.g. ImageNet weights; default random, as the DNF reference (from scratch since its commit 139c073)")

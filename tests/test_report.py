@@ -132,3 +132,61 @@ def test_page_in_headless_chromium(scanned, tmp_path):
     keep = os.environ.get("REPORT_SCREENSHOT_DIR")
     if keep:  # CI or a person can keep the picture
         shutil.copy(shot, os.path.join(keep, "report.png"))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (apt-get install chromium; .ci/run does it)")
+def test_verdicts_clicked_on_the_page_persist_export_and_import_once(scanned, tmp_path):
+    """Click verdicts in Chromium, reload (they persist), export CSV and JSON, import: the table holds exactly those rows."""
+    from playwright.sync_api import sync_playwright
+
+    from jobs import audit
+
+    out = tmp_path / "report.html"
+    report.main(["--scan", str(scanned["out"]), "--out", str(out), "--band", "0.0"])
+    flagged = scanned["flagged"].sort_by([("score", "descending"), ("uri", "ascending")]).to_pylist()
+    chosen = {flagged[0]["uri"]: ("generated", ""), flagged[1]["uri"]: ("real", 'a "known" camera, not AI'),
+              flagged[2]["uri"]: ("unsure", "")}
+    files = {}
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+        try:
+            ctx = browser.new_context(accept_downloads=True)
+            page = ctx.new_page()
+            page.goto(out.as_uri())
+            page.fill("#reviewer", "rita")
+            page.press("#reviewer", "Tab")  # change event: the name is kept
+            cards = page.locator("#flagged .card")
+            for i in range(3):
+                verdict, note = chosen[flagged[i]["uri"]]
+                if note:
+                    cards.nth(i).locator(".vnote").fill(note)
+                cards.nth(i).locator(f"button[data-verdict={verdict}]").click()
+            page.reload()
+            page.wait_for_load_state("load")
+            cards = page.locator("#flagged .card")
+            for i in range(cards.count()):
+                pressed = [b.get_attribute("data-verdict") for b in cards.nth(i).locator("button[aria-pressed=true]").all()]
+                want = chosen.get(cards.nth(i).get_attribute("data-uri"))
+                assert pressed == ([want[0]] if want else []), (i, pressed)
+            assert cards.nth(1).locator(".vnote").input_value() == chosen[flagged[1]["uri"]][1]
+            assert page.locator("#reviewer").input_value() == "rita" and page.locator("#vcount").text_content() == "3 verdicts in this browser"
+            for kind in ("csv", "json"):
+                with page.expect_download() as d:
+                    page.click(f"#export-{kind}")
+                files[kind] = tmp_path / d.value.suggested_filename
+                d.value.save_as(files[kind])
+        finally:
+            browser.close()
+    assert files["csv"].name.startswith("verdicts-") and files["csv"].suffix == ".csv"
+    first = audit.main(["verdicts", "import", str(files["csv"]), "--scan", str(scanned["out"])])
+    assert (first["added"], first["refused_unknown"]) == (3, 0)
+    table = read_table(str(scanned["out"]), "verdicts").to_pylist()
+    assert {r["uri"]: (r["verdict"], r["note"] or "") for r in table} == chosen
+    assert {(r["reviewer"], r["detector_id"], r["scan_id"]) for r in table} == {("rita", flagged[0]["detector_id"], scanned["summary"]["scan_id"])}
+    for again in (files["json"], files["csv"]):  # the same verdicts in the other format, and the same file: nothing added
+        assert audit.main(["verdicts", "import", str(again), "--scan", str(scanned["out"])])["added"] == 0
+    assert read_table(str(scanned["out"]), "verdicts").num_rows == 3
+    counts = report.main(["--scan", str(scanned["out"]), "--out", str(tmp_path / "next.html"), "--band", "0.0"])
+    page = (tmp_path / "next.html").read_text()
+    assert counts["reviewed_shown"] == 3 and page.count('class="reviewed"') == 3 and counts["precision_nights"] == 1
+    assert 'class="prec"' in page

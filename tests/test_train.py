@@ -93,10 +93,16 @@ def test_interrupted_run_resumes_where_it_stopped(ray_local, demo_features, tmp_
     assert hist[2]["session"] != first[0]["session"]
 
 
-def test_everything_on_s3(ray_local, s3_bucket, tmp_path):
-    import s3fs
+def test_everything_on_s3_with_reviewers_verdicts(ray_local, s3_bucket, tmp_path):
+    """Manifest, images, cache, checkpoints and bundle on S3; reviewed images of a scan output join the training rows."""
+    import datetime as dt
 
+    import s3fs
+    from test_verdicts import commit_night, verdict
+
+    from detector_core.catalog import ScanOutput
     from detector_core.demo import write_dataset
+    from jobs import audit
 
     rows = write_dataset(tmp_path / "images", 60, 60, seed=4)
     fs = s3fs.S3FileSystem()
@@ -106,15 +112,36 @@ def test_everything_on_s3(ray_local, s3_bucket, tmp_path):
     )
     with fs.open(f"{s3_bucket[5:]}/manifest.parquet", "wb") as f:
         pq.write_table(manifest, f)
+    # A night's scan flagged two uploads and a manifest image; reviewers said: upload 1 is real (a
+    # false positive: a label-0 example), upload 2 generated, the manifest's generated image real, one unsure.
+    extra = write_dataset(tmp_path / "uploads", 2, 1, seed=9)
+    fs.put(str(tmp_path / "uploads"), f"{s3_bucket[5:]}/uploads", recursive=True)
+    up = [f"{s3_bucket}/uploads/" + r["uri"].split("/uploads/", 1)[1] for r in extra]
+    gen_in_manifest = f"{s3_bucket}/" + next(r["uri"] for r in manifest.to_pylist() if r["label"] == 1)
+    scans = ScanOutput.open(str(tmp_path / "scans"))
+    sid = commit_night(scans, dt.date(2026, 11, 20), {up[0]: 0.9, up[1]: 0.95, up[2]: 0.8, gen_in_manifest: 0.7})
+    reviewed = [verdict(up[0], sid, "real", "2026-11-21T08:00:00Z"), verdict(up[1], sid, "generated", "2026-11-21T08:00:00Z"),
+                verdict(gen_in_manifest, sid, "real", "2026-11-21T08:00:00Z"), verdict(up[2], sid, "unsure", "2026-11-21T08:00:00Z")]
+    (tmp_path / "v.json").write_text(json.dumps(reviewed))
+    audit.main(["verdicts", "import", str(tmp_path / "v.json"), "--scan", str(tmp_path / "scans")])
+
     out = f"{s3_bucket}/runs/r1"
-    metrics = train.main(["--manifest", f"{s3_bucket}/manifest.parquet", "--output", out, "--epochs", "2", *FAST])
-    assert metrics["embedding"]["embedded"] == 120
+    metrics = train.main(["--manifest", f"{s3_bucket}/manifest.parquet", "--output", out, "--epochs", "2",
+                          "--verdicts", str(tmp_path / "scans"), *FAST])
+    assert metrics["embedding"]["embedded"] == 122  # 120 + the two decided uploads; the unsure one left out
+    assert metrics["verdict_rows"] == {"verdict_rows": 3, "generated": 1, "real": 2, "unsure_dropped": 1, "already_in_manifest": 1,
+                                       "relabelled": 1, "in_validation": False}
+    cached = pq.read_table(f"{out[5:]}/features/data", filesystem=fs, columns=["uri", "label", "split"]).to_pylist()
+    got = {r["uri"]: (r["label"], r["split"]) for r in cached if r["uri"] in (*up, gen_in_manifest)}
+    assert got == {up[0]: (0, "train"), up[1]: (1, "train"), gen_in_manifest: (0, "train")}
+    assert load_bundle(f"{out}/detector").training_config["verdicts"] == str(tmp_path / "scans")
     for key in ("detector/detector.json", "detector/weights.safetensors", "metrics.json", "config.json",
                 "history.jsonl", "features/_SUCCESS.json", "features/errors.parquet"):
         assert fs.exists(f"{out[5:]}/{key}"), key
     assert fs.glob(f"{out[5:]}/features/data/*.parquet")
     assert fs.glob(f"{out[5:]}/ray/**/state.pt"), "no Ray Train checkpoint on S3"
-    assert load_bundle(f"{out}/detector").detector_id == metrics["detector_id"]
+    bundle = load_bundle(f"{out}/detector")
+    assert bundle.detector_id == metrics["detector_id"] and bundle.training_config["verdict_rows"] == metrics["verdict_rows"]
 
 
 def test_bad_rows_are_counted_and_one_class_manifests_refused(ray_local, demo_manifest, tmp_path):

@@ -1,0 +1,161 @@
+"""The SQL of the audit questions (``jobs.audit query QUESTION``) over the views of ``detector_core.views``.
+
+Each question is one DuckDB query over the views ``scores``, ``flagged``, ``errors``,
+``runs`` and ``verdicts``; ``question_sql(cfg)`` builds it from the answering job's config
+(any object with the question's fields). The reviewers' questions: ``precision`` (per night
+and detector: flagged, reviewed, confirmed generated, precision with a 95 % Wilson interval;
+the latest verdict on an image counts, unsure ones are not in the denominator), ``drift``
+(each night's flagged rate and score quantiles per bucket and detector against the trailing
+``--nights`` calendar days; a night outside the band is marked high or low), and
+``threshold`` (the threshold that would have flagged about ``--target-daily-flags`` objects a
+night over the last ``--nights`` days, next to the bundle's own).
+"""
+
+from __future__ import annotations
+
+from scipy.special import logit as scipy_logit
+
+from detector_core.views import sql_quote
+
+QUESTIONS = ("per-day", "per-prefix", "top", "detectors", "diff", "recut", "errors", "precision", "drift", "threshold", "sql")
+WILSON_Z = 1.959963984540054  # two-sided 95 %
+DRIFT_MIN_NIGHTS = 7  # nights in the trailing window before a night is judged
+DRIFT_BAND = 3.0  # standard deviations
+
+
+class QuestionError(ValueError):
+    """The question cannot be asked as given (a missing or wrong parameter)."""
+
+
+def where_clause(cfg) -> str:
+    parts = []
+    if cfg.detector_id and cfg.question != "diff":
+        parts.append(f"detector_id = {sql_quote(cfg.detector_id)}")
+    return " AND ".join(parts)
+
+
+def _limit(cfg) -> str:
+    return f" LIMIT {int(cfg.limit)}" if cfg.limit > 0 else ""
+
+
+def question_sql(cfg) -> str:
+    """The SQL that answers ``cfg.question`` over the views (shown by the README as examples)."""
+    q = cfg.question
+    if q == "per-day":
+        return """
+            WITH s AS (SELECT scan_date, detector_id, count(*) AS scored, count(*) FILTER (WHERE flagged) AS flagged
+                       FROM scores GROUP BY ALL),
+                 e AS (SELECT scan_date, detector_id, count(*) AS errors FROM errors GROUP BY ALL)
+            SELECT scan_date, detector_id, coalesce(scored, 0) AS scored, coalesce(flagged, 0) AS flagged,
+                   coalesce(errors, 0) AS errors, round(coalesce(flagged, 0) / nullif(scored, 0), 4) AS flagged_rate
+            FROM s FULL OUTER JOIN e USING (scan_date, detector_id) ORDER BY scan_date, detector_id"""
+    if q == "per-prefix":
+        depth = max(0, int(cfg.depth))
+        return f"""
+            WITH k AS (SELECT bucket, flagged,
+                              string_split(regexp_replace(uri, '^([a-z0-9]+://[^/]*/|/)', ''), '/') AS parts FROM scores)
+            SELECT bucket, array_to_string(list_slice(parts, 1, least(len(parts) - 1, {depth})), '/') AS prefix,
+                   count(*) AS scored, count(*) FILTER (WHERE flagged) AS flagged,
+                   round(count(*) FILTER (WHERE flagged) / count(*), 4) AS flagged_rate
+            FROM k GROUP BY ALL ORDER BY flagged DESC, scored DESC, bucket, prefix"""
+    if q == "top":
+        return f"""SELECT scan_date, bucket, uri, score, threshold, detector_id, scan_id FROM flagged
+                   ORDER BY score DESC, uri{_limit(cfg)}"""
+    if q == "detectors":
+        return """SELECT detector_id, any_value(detector_kind) AS detector_kind, any_value(feature_id) AS feature_id,
+                         any_value(threshold) AS threshold,
+                         count(DISTINCT scan_id) AS scans, count(*) AS scored, count(*) FILTER (WHERE flagged) AS flagged,
+                         min(scan_date) AS first_scan_date, max(scan_date) AS last_scan_date
+                  FROM scores GROUP BY detector_id ORDER BY last_scan_date DESC, detector_id"""
+    if q == "diff":
+        if not (cfg.detector_id and cfg.against_id):
+            raise QuestionError("diff needs --detector-id OLD_ID --against-id NEW_ID (list them with: query detectors)")
+        latest = "SELECT uri, arg_max(score, scanned_at) AS score, arg_max(flagged, scanned_at) AS flagged FROM scores WHERE detector_id = {} GROUP BY uri"
+        return f"""
+            WITH a AS ({latest.format(sql_quote(cfg.detector_id))}), b AS ({latest.format(sql_quote(cfg.against_id))})
+            SELECT CASE WHEN b.flagged THEN 'newly flagged' ELSE 'no longer flagged' END AS change,
+                   uri, a.score AS score_old, b.score AS score_new
+            FROM a JOIN b USING (uri) WHERE a.flagged <> b.flagged
+            ORDER BY change, abs(b.score - a.score) DESC, uri{_limit(cfg)}"""
+    if q == "recut":
+        if not (0.0 < cfg.threshold < 1.0):
+            raise QuestionError("recut needs --threshold T with 0 < T < 1 (a score)")
+        logit = float(scipy_logit(cfg.threshold))  # decisions are made on the logit, as in the scan
+        if cfg.rows:
+            return f"""SELECT scan_date, bucket, uri, score, logit, flagged AS flagged_at_bundle, detector_id, scan_id FROM scores
+                       WHERE logit >= {logit!r} ORDER BY score DESC, uri{_limit(cfg)}"""
+        return f"""SELECT scan_date, detector_id, count(*) AS scored, count(*) FILTER (WHERE flagged) AS flagged_at_bundle,
+                          count(*) FILTER (WHERE logit >= {logit!r}) AS flagged_at_threshold,
+                          count(*) FILTER (WHERE logit >= {logit!r} AND NOT flagged) AS newly_flagged,
+                          count(*) FILTER (WHERE logit < {logit!r} AND flagged) AS no_longer_flagged
+                   FROM scores GROUP BY ALL ORDER BY scan_date, detector_id"""
+    if q == "errors":
+        return """SELECT scan_date, error_stage, error_type, count(*) AS objects, any_value(uri) AS example_uri,
+                         any_value(error_message) AS example_message
+                  FROM errors GROUP BY ALL ORDER BY scan_date, objects DESC, error_stage, error_type"""
+    if q == "precision":
+        z2 = WILSON_Z * WILSON_Z
+        return f"""
+            WITH v AS (SELECT uri, arg_max(verdict, reviewed_at) AS verdict FROM verdicts GROUP BY uri),
+                 c AS (SELECT f.scan_date, f.detector_id, count(*) AS flagged,
+                              count(*) FILTER (WHERE v.verdict IN ('generated', 'real')) AS reviewed,
+                              count(*) FILTER (WHERE v.verdict = 'generated') AS confirmed_generated,
+                              count(*) FILTER (WHERE v.verdict = 'real') AS confirmed_real,
+                              count(*) FILTER (WHERE v.verdict = 'unsure') AS unsure
+                       FROM flagged f LEFT JOIN v USING (uri) GROUP BY ALL),
+                 p AS (SELECT *, confirmed_generated / nullif(reviewed, 0) AS precision FROM c)
+            SELECT *, (precision + {z2!r} / (2 * reviewed)
+                       - {WILSON_Z!r} * sqrt(precision * (1 - precision) / reviewed + {z2!r} / (4 * reviewed * reviewed)))
+                      / (1 + {z2!r} / reviewed) AS precision_low,
+                      (precision + {z2!r} / (2 * reviewed)
+                       + {WILSON_Z!r} * sqrt(precision * (1 - precision) / reviewed + {z2!r} / (4 * reviewed * reviewed)))
+                      / (1 + {z2!r} / reviewed) AS precision_high
+            FROM p ORDER BY scan_date, detector_id"""
+    if q == "drift":
+        nights, k = int(cfg.nights), DRIFT_BAND
+        # The band: the trailing nights' spread, but never narrower than this night's own
+        # binomial noise around the baseline rate (a steady rate has no spread to learn).
+        sd = "greatest(coalesce(sd_rate, 0), sqrt(baseline_rate * (1 - baseline_rate) / scored), 0.5 / scored)"
+        return f"""
+            WITH n AS (SELECT scan_date, bucket, detector_id, count(*) AS scored, count(*) FILTER (WHERE flagged) AS flagged,
+                              quantile_cont(score, 0.5) AS median_score, quantile_cont(score, 0.9) AS p90_score
+                       FROM scores GROUP BY ALL),
+                 w AS (SELECT *, flagged / scored AS flagged_rate, count(*) OVER win AS baseline_nights,
+                              avg(flagged / scored) OVER win AS baseline_rate, stddev_samp(flagged / scored) OVER win AS sd_rate,
+                              avg(p90_score) OVER win AS baseline_p90, stddev_samp(p90_score) OVER win AS sd_p90
+                       FROM n WINDOW win AS (PARTITION BY bucket, detector_id ORDER BY scan_date
+                                             RANGE BETWEEN INTERVAL {nights} DAYS PRECEDING AND INTERVAL 1 DAYS PRECEDING))
+            SELECT scan_date, bucket, detector_id, scored, flagged, flagged_rate, baseline_nights, baseline_rate,
+                   greatest(baseline_rate - {k!r} * {sd}, 0) AS band_low, baseline_rate + {k!r} * {sd} AS band_high,
+                   median_score, p90_score, baseline_p90,
+                   CASE WHEN baseline_nights < {DRIFT_MIN_NIGHTS} THEN 'no baseline'
+                        WHEN flagged_rate > baseline_rate + {k!r} * {sd} THEN 'high'
+                        WHEN flagged_rate < baseline_rate - {k!r} * {sd} THEN 'low'
+                        WHEN abs(p90_score - baseline_p90) > {k!r} * greatest(coalesce(sd_p90, 0), 0.01) THEN 'scores shifted'
+                        ELSE 'ok' END AS drift
+            FROM w ORDER BY scan_date, bucket, detector_id"""
+    if q == "threshold":
+        n, nights = int(cfg.target_daily_flags), int(cfg.nights)
+        if n < 1:
+            raise QuestionError("threshold needs --target-daily-flags N (objects a night, N >= 1)")
+        return f"""
+            WITH last AS (SELECT detector_id, max(scan_date) AS last_date FROM scores GROUP BY ALL),
+                 s AS (SELECT detector_id, scan_date, logit, flagged, threshold FROM scores JOIN last USING (detector_id)
+                       WHERE scan_date > last_date - INTERVAL {nights} DAYS),
+                 a AS (SELECT detector_id, count(DISTINCT scan_date) AS nights, count(*) AS scored,
+                              any_value(threshold) AS bundle_threshold, count(*) FILTER (WHERE flagged) AS flagged_at_bundle
+                       FROM s GROUP BY ALL),
+                 r AS (SELECT detector_id, logit, row_number() OVER (PARTITION BY detector_id ORDER BY logit DESC) AS rank FROM s),
+                 t AS (SELECT a.*, r.logit AS threshold_logit FROM a JOIN r USING (detector_id)
+                       WHERE r.rank = least({n} * a.nights, a.scored))
+            SELECT t.detector_id, t.nights, t.scored, {n} AS target_daily_flags, 1 / (1 + exp(-t.threshold_logit)) AS threshold,
+                   t.threshold_logit, count(*) FILTER (WHERE s.logit >= t.threshold_logit) / t.nights AS flags_per_night,
+                   t.bundle_threshold, t.flagged_at_bundle / t.nights AS flags_per_night_at_bundle
+            FROM t JOIN s USING (detector_id)
+            GROUP BY t.detector_id, t.nights, t.scored, t.threshold_logit, t.bundle_threshold, t.flagged_at_bundle
+            ORDER BY t.detector_id"""
+    if q == "sql":
+        if not cfg.sql:
+            raise QuestionError("sql needs --sql 'SELECT … FROM scores|flagged|errors|runs|verdicts'")
+        return cfg.sql
+    raise QuestionError(f"unknown question {q!r}; one of {', '.join(QUESTIONS)}")

@@ -1,0 +1,203 @@
+"""Reviewers' verdicts: import into the verdicts table, precision, drift, the threshold for N flags a night.
+
+The scan outputs here are committed directly (``ScanOutput.commit_unit`` of hand-made
+Parquet files, as a scan's driver commits them), so 40 nights cost no Ray. Expected values
+are counted by hand from the fixture or computed independently (``scipy.stats`` for the
+Wilson interval).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+from scipy.special import logit
+from scipy.stats import binomtest
+
+from detector_core import schema as S
+from detector_core import tables as T
+from detector_core.catalog import ScanOutput, data_file_path, read_table
+from detector_core.storage import open_fs
+from detector_core.verdicts import VerdictError, parse_verdicts, with_verdicts
+from jobs import audit
+from jobs.common import JobError
+
+DET = "clip-mlp-0123456789ab"
+THR = 0.5
+
+
+def commit_night(out: ScanOutput, day: dt.date, scores: dict[str, float], detector: str = DET) -> str:
+    """One finished scan of ``scores`` (uri -> score) on ``day``; returns its scan id."""
+    scan_id = f"scan-{day.isoformat()}-{detector[-4:]}"
+    at = dt.datetime.combine(day, dt.time(2), dt.timezone.utc)
+    rows = [{S.URI: u, S.ETAG: "e", S.SIZE: 10, S.WIDTH: 8, S.HEIGHT: 8, S.FORMAT: "PNG", S.SCORE: s, S.LOGIT: float(logit(s)),
+             S.THRESHOLD: THR, S.FLAGGED: s >= THR, S.DETECTOR_ID: detector, S.DETECTOR_KIND: "clip-mlp", S.FEATURE_ID: "f",
+             S.SCAN_ID: scan_id, S.SCANNED_AT: at, S.SCAN_DATE: day, S.BUCKET: T.bucket_of(u)} for u, s in scores.items()]
+    table = pa.Table.from_pylist(rows, schema=T.SCORES_SCHEMA)
+    files = {"errors": []}
+    for name, part in (("scores", table), ("flagged", table.filter(table[S.FLAGGED]))):
+        files[name] = []
+        for bucket in sorted(set(part[S.BUCKET].to_pylist())):
+            path = data_file_path(out.uri, name, day.isoformat(), bucket, scan_id)
+            local = open_fs(path)[1]
+            out.fs.makedirs(local.rsplit("/", 1)[0], exist_ok=True)
+            pq.write_table(part.filter(pc.equal(part[S.BUCKET], bucket)), local)
+            files[name].append(path)
+    run = {"scan_id": scan_id, "unit": 0, "status": "completed", "scan_date": day.isoformat(), "detector_id": detector,
+           "detector_kind": "clip-mlp", "feature_id": "f", "input": "fixture", "listed": len(rows), "skipped": 0, "scored": len(rows),
+           "flagged": sum(r[S.FLAGGED] for r in rows), "errors": 0, "started_at": at.isoformat(), "committed_at": at.isoformat(),
+           "config": "{}", "schema_version": T.SCHEMA_VERSION}
+    out.commit_unit({"scan_id": scan_id, "unit": 0, "files": files, "runs": [run]})
+    return scan_id
+
+
+def verdict(uri: str, scan_id: str, v: str, at: str, reviewer: str = "ana", note: str = "") -> dict:
+    return {"uri": uri, "detector_id": DET, "scan_id": scan_id, "verdict": v, "note": note, "reviewer": reviewer, "reviewed_at": at}
+
+
+@pytest.fixture
+def two_nights(tmp_path):
+    out = ScanOutput.open(str(tmp_path / "out"))
+    d1, d2 = dt.date(2026, 11, 20), dt.date(2026, 11, 21)
+    s1 = commit_night(out, d1, {f"s3://up/a/{i}.jpg": 0.9 if i < 6 else 0.2 for i in range(10)})
+    s2 = commit_night(out, d2, {f"s3://up/b/{i}.jpg": 0.8 if i < 4 else 0.1 for i in range(10)})
+    return {"out": out, "dir": tmp_path / "out", "scans": (s1, s2), "days": (d1, d2)}
+
+
+def _csv(path, rows: list[dict]) -> str:
+    pacsv.write_csv(pa.Table.from_pylist(rows), str(path))
+    return str(path)
+
+
+def test_import_is_exact_idempotent_and_refuses_unknown_objects(two_nights, tmp_path):
+    s1, s2 = two_nights["scans"]
+    scan = str(two_nights["dir"])
+    rows = [verdict("s3://up/a/0.jpg", s1, "generated", "2026-11-21T09:00:00.000Z", note='commas, "quotes"'),
+            verdict("s3://up/a/1.jpg", s1, "real", "2026-11-21T09:01:00.000Z", reviewer=""),
+            verdict("s3://up/b/7.jpg", s2, "unsure", "2026-11-22T10:00:00+01:00")]
+    first = _csv(tmp_path / "v1.csv", rows)
+    r = audit.main(["verdicts", "import", first, "--scan", scan, "--reviewer", "bo"])
+    assert (r["added"], r["already_there"], r["refused_unknown"]) == (3, 0, 0)
+    got = read_table(scan, "verdicts").sort_by("reviewed_at").to_pylist()
+    assert [(g["uri"], g["verdict"], g["reviewer"], g["note"]) for g in got] == [
+        ("s3://up/a/0.jpg", "generated", "ana", 'commas, "quotes"'), ("s3://up/a/1.jpg", "real", "bo", None),
+        ("s3://up/b/7.jpg", "unsure", "ana", None)]
+    assert got[2]["reviewed_at"] == dt.datetime(2026, 11, 22, 9, 0, tzinfo=dt.timezone.utc)  # +01:00 -> UTC
+    assert [g["review_date"] for g in got] == [dt.date(2026, 11, 21)] * 2 + [dt.date(2026, 11, 22)]
+
+    # The same file again, and the page's next export (old verdicts + new ones) as JSON: only new rows.
+    again = audit.main(["verdicts", "import", first, "--scan", scan, "--reviewer", "bo"])
+    assert (again["added"], again["already_there"]) == (0, 3)
+    later = [{**rows[0], "reviewer": "ana"}, {**rows[1], "reviewer": "bo"}, rows[2],
+             verdict("s3://up/a/0.jpg", s1, "real", "2026-11-23T08:00:00Z"),  # a changed mind: a later verdict
+             verdict("s3://up/a/9.jpg", s2, "real", "2026-11-23T08:00:00Z"),  # right uri, wrong scan: never scored by s2
+             verdict("s3://elsewhere/x.jpg", s1, "generated", "2026-11-23T08:00:00Z")]
+    (tmp_path / "v2.json").write_text(json.dumps({"verdicts": later}))
+    r2 = audit.main(["verdicts", "import", str(tmp_path / "v2.json"), "--scan", scan])
+    assert (r2["added"], r2["already_there"], r2["refused_unknown"]) == (1, 3, 2)
+    assert read_table(scan, "verdicts").num_rows == 4
+
+    # Nothing known: refused whole, with the count; an unusable row: the file imports nothing.
+    _csv(tmp_path / "v3.csv", [verdict("s3://elsewhere/y.jpg", s1, "real", "2026-11-23T08:00:00Z")])
+    with pytest.raises(JobError, match="none of the 1 verdicts"):
+        audit.main(["verdicts", "import", str(tmp_path / "v3.csv"), "--scan", scan])
+    _csv(tmp_path / "v4.csv", [verdict("s3://up/a/2.jpg", s1, "fake", "2026-11-23T08:00:00Z"),
+                               verdict("s3://up/a/3.jpg", s1, "real", "yesterday"),
+                               verdict("s3://up/a/4.jpg", s1, "real", "2026-11-23T08:00:00Z", reviewer="")])
+    with pytest.raises(JobError) as e:
+        audit.main(["verdicts", "import", str(tmp_path / "v4.csv"), "--scan", scan])
+    assert "nothing imported, 3 of 3" in str(e.value) and "'fake'" in str(e.value) and "'yesterday'" in str(e.value)
+    assert "no reviewer" in str(e.value)
+    assert read_table(scan, "verdicts").num_rows == 4
+
+
+def test_parse_refuses_files_without_the_columns():
+    with pytest.raises(VerdictError, match="no scan_id, reviewed_at column"):
+        parse_verdicts(b"uri,detector_id,verdict\ns3://a/b.jpg,d,real\n", "x.csv")
+    with pytest.raises(VerdictError, match="not valid JSON"):
+        parse_verdicts(b"[{", "x.json")
+    dup = json.dumps([verdict("s3://a/1.jpg", "s", "real", "2026-11-23T08:00:00Z")] * 2).encode()
+    assert parse_verdicts(dup, "x.json").num_rows == 1  # a row repeated inside the file counts once
+
+
+def test_precision_per_night_equals_a_hand_count_with_wilson_intervals(two_nights, tmp_path):
+    s1, s2 = two_nights["scans"]
+    scan = str(two_nights["dir"])
+    # Night 1 flags a/0..a/5: verdicts on a/0..a/4 (a/0 first real, then generated: the later counts),
+    # a/5 unreviewed, a/9 (not flagged) reviewed too. Night 2 flags b/0..b/3: b/0 generated, b/1 unsure.
+    rows = [verdict("s3://up/a/0.jpg", s1, "real", "2026-11-21T09:00:00Z"),
+            verdict("s3://up/a/0.jpg", s1, "generated", "2026-11-21T10:00:00Z", reviewer="cy"),
+            verdict("s3://up/a/1.jpg", s1, "generated", "2026-11-21T09:00:00Z"),
+            verdict("s3://up/a/2.jpg", s1, "generated", "2026-11-21T09:00:00Z"),
+            verdict("s3://up/a/3.jpg", s1, "real", "2026-11-21T09:00:00Z"),
+            verdict("s3://up/a/4.jpg", s1, "unsure", "2026-11-21T09:00:00Z"),
+            verdict("s3://up/a/9.jpg", s1, "real", "2026-11-21T09:00:00Z"),
+            verdict("s3://up/b/0.jpg", s2, "generated", "2026-11-22T09:00:00Z"),
+            verdict("s3://up/b/1.jpg", s2, "unsure", "2026-11-22T09:00:00Z")]
+    path = tmp_path / "v.json"
+    path.write_text(json.dumps(rows))
+    audit.main(["verdicts", "import", str(path), "--scan", scan])
+    got = audit.main(["query", "precision", "--scan", scan, "--format", "csv"]).to_pylist()
+    # hand count: night 1: flagged 6, reviewed (generated/real) 4 = a/0 (gen), a/1, a/2, a/3 (real); unsure a/4
+    want = [(two_nights["days"][0], 6, 4, 3, 1, 1), (two_nights["days"][1], 4, 1, 1, 0, 1)]
+    assert [(g["scan_date"], g["flagged"], g["reviewed"], g["confirmed_generated"], g["confirmed_real"], g["unsure"]) for g in got] == want
+    for g in got:
+        ci = binomtest(g["confirmed_generated"], g["reviewed"]).proportion_ci(confidence_level=0.95, method="wilson")
+        assert g["precision"] == pytest.approx(g["confirmed_generated"] / g["reviewed"])
+        assert (g["precision_low"], g["precision_high"]) == pytest.approx((ci.low, ci.high), abs=1e-9)
+
+
+def test_drift_flags_a_night_with_five_times_the_usual_flagged_rate(tmp_path):
+    out = ScanOutput.open(str(tmp_path / "out"))
+    start = dt.date(2026, 10, 1)
+    for d in range(40):  # 7-9 of 200 flagged a night in bucket "up" (~4 %); night 35: 40 (5x); "other" stays at 8
+        day = start + dt.timedelta(days=d)
+        n_flag = 40 if d == 35 else 7 + d % 3
+        scores = {f"s3://up/{d}/{i}.jpg": (0.9 if i < n_flag else 0.1) for i in range(200)}
+        scores.update({f"s3://other/{d}/{i}.jpg": (0.9 if i < 8 else 0.1) for i in range(200)})
+        commit_night(out, day, scores)
+    got = audit.main(["query", "drift", "--scan", str(tmp_path / "out"), "--format", "csv"]).to_pylist()
+    judged = {(g["scan_date"], g["bucket"]): g["drift"] for g in got}
+    assert all(v == "no baseline" for (day, _), v in judged.items() if day < start + dt.timedelta(days=7))
+    high = [k for k, v in judged.items() if v != "ok" and v != "no baseline"]
+    assert high == [(start + dt.timedelta(days=35), "up")] and judged[high[0]] == "high"
+    night = next(g for g in got if (g["scan_date"], g["bucket"]) == high[0])
+    # the baseline is the 28 calendar days before, independently averaged
+    rates = {(g["scan_date"], g["bucket"]): g["flagged_rate"] for g in got}
+    base = [rates[(start + dt.timedelta(days=d), "up")] for d in range(35 - 28, 35)]
+    assert night["baseline_nights"] == 28 and night["baseline_rate"] == pytest.approx(np.mean(base))
+
+
+def test_threshold_for_about_n_flags_a_night(two_nights):
+    scan = str(two_nights["dir"])
+    got = audit.main(["query", "threshold", "--scan", scan, "--target-daily-flags", "3", "--format", "csv"]).to_pylist()
+    # Two nights, 20 scores: 0.9 x6, 0.8 x4, 0.2 x4, 0.1 x6. Six flags in two nights: the 6th highest is 0.9.
+    assert len(got) == 1 and got[0]["threshold"] == pytest.approx(0.9) and got[0]["flags_per_night"] == 3.0
+    assert got[0]["bundle_threshold"] == THR and got[0]["flags_per_night_at_bundle"] == 5.0
+    with pytest.raises(JobError, match="--target-daily-flags"):
+        audit.main(["query", "threshold", "--scan", scan])
+
+
+def test_reviewed_images_become_labelled_training_rows():
+    manifest = pa.table({"uri": ["/d/r1.png", "/d/g1.png", "/d/fp.png"], "label": [0, 1, 1], "split": [None, None, "val"]})
+    at = [f"2026-11-2{i}T08:00:00Z" for i in range(1, 6)]
+    rows = [verdict("/d/fp.png", "s", "real", at[0]),             # the manifest said generated: a confirmed false positive
+            verdict("/scan/new_gen.png", "s", "real", at[0]),     # first real ...
+            verdict("/scan/new_gen.png", "s", "generated", at[1]),  # ... then generated: the later counts
+            verdict("/scan/new_real.png", "s", "real", at[2]),
+            verdict("/scan/unsure.png", "s", "unsure", at[3])]
+    v = parse_verdicts(json.dumps(rows).encode(), "v.json")
+    merged, counts = with_verdicts(manifest, v)
+    got = {r["uri"]: (r["label"], r["split"]) for r in merged.to_pylist()}
+    assert got == {"/d/r1.png": (0, None), "/d/g1.png": (1, None), "/d/fp.png": (0, "train"),
+                   "/scan/new_gen.png": (1, "train"), "/scan/new_real.png": (0, "train")}
+    assert counts == {"verdict_rows": 3, "generated": 1, "real": 2, "unsure_dropped": 1, "already_in_manifest": 1,
+                      "relabelled": 1, "in_validation": False}
+    merged, _ = with_verdicts(manifest, v, in_validation=True)
+    assert {r["split"] for r in merged.to_pylist() if r["uri"].startswith("/scan/")} == {None}
