@@ -180,7 +180,7 @@ class ScanOutput:
         for attempt in range(retries):
             table = self.table(name)
             have = table.scan(selected_fields=key).to_arrow() if table.current_snapshot() else None
-            new = rows if have is None or have.num_rows == 0 else _anti_join(rows, have, key)
+            new = rows if have is None or have.num_rows == 0 else T.new_rows(rows, have, key)
             if new.num_rows == 0:
                 return 0
             try:
@@ -249,7 +249,7 @@ class ScanOutput:
             snapshots[name] = self._commit(name, scan_id, unit, paths=intent["files"].get(name, []), check_first=check_first)
         before_each("runs")
         rows = [{**r, **{f"{n}_snapshot_id": snapshots[n] for n in T.TABLES}} for r in intent["runs"]]
-        self._commit("runs", scan_id, unit, rows=_runs_table(rows), check_first=check_first)
+        self._commit("runs", scan_id, unit, rows=T.runs_table(rows), check_first=check_first)
         before_each("done")
         self.fs.rm_file(path)
         return snapshots
@@ -277,33 +277,6 @@ class ScanOutput:
         scan = self.table(name).scan(row_filter=row_filter if row_filter is not None else AlwaysTrue(),
                                      selected_fields=selected_fields, snapshot_id=snapshot_id)
         return T.current_names(scan.to_arrow())  # a snapshot from before a rename has the old names
-
-
-def _anti_join(rows: pa.Table, have: pa.Table, key: tuple[str, ...]) -> pa.Table:
-    """The rows of ``rows`` whose ``key`` is not in ``have``, in their order (nulls in a key compare equal)."""
-    import pyarrow.compute as pc
-
-    def keyed(t: pa.Table) -> pa.Table:
-        return pa.table({c: pc.fill_null(t[c].cast(pa.string()), "\x00") for c in key})
-
-    left = keyed(rows).append_column("_i", pa.array(range(rows.num_rows), pa.int64()))
-    kept = left.join(keyed(have).group_by(list(key)).aggregate([]), list(key), join_type="left anti")
-    return rows.take(kept["_i"].take(pc.sort_indices(kept["_i"])))
-
-
-def _runs_table(rows: list[dict]) -> pa.Table:
-    import datetime as dt
-
-    conv = []
-    for r in rows:
-        r = dict(r)
-        for k in ("started_at", "committed_at"):
-            if isinstance(r.get(k), str):
-                r[k] = dt.datetime.fromisoformat(r[k])
-        if isinstance(r.get("scan_date"), str):
-            r["scan_date"] = dt.date.fromisoformat(r["scan_date"])
-        conv.append(r)
-    return pa.Table.from_pylist(conv, schema=T.RUNS_SCHEMA)
 
 
 def read_table(output: str, name: str, row_filter=None, catalog: str = "", namespace: str = "",

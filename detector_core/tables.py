@@ -20,6 +20,8 @@ columns only in the directory names); ``legacy_dataset`` still reads them for
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -106,3 +108,28 @@ def legacy_dataset(fs, root: str, name: str) -> pads.Dataset | None:
                         filesystem=fs, format="parquet",
                         partitioning=pads.partitioning(LEGACY_PARTITION_SCHEMA, flavor="hive"),
                         partition_base_dir=f"{root.rstrip('/')}/{name}")
+
+
+def runs_table(rows: list[dict]) -> pa.Table:
+    """Rows of the ``runs`` table (dicts; times and dates may be ISO strings) as a table of ``RUNS_SCHEMA``."""
+    conv = []
+    for r in rows:
+        r = dict(r)
+        for k in ("started_at", "committed_at"):
+            if isinstance(r.get(k), str):
+                r[k] = dt.datetime.fromisoformat(r[k])
+        if isinstance(r.get("scan_date"), str):
+            r["scan_date"] = dt.date.fromisoformat(r["scan_date"])
+        conv.append(r)
+    return pa.Table.from_pylist(conv, schema=RUNS_SCHEMA)
+
+
+def new_rows(rows: pa.Table, have: pa.Table, key: tuple[str, ...]) -> pa.Table:
+    """The rows of ``rows`` whose ``key`` is not in ``have``, in their order (nulls in a key compare equal)."""
+
+    def keyed(t: pa.Table) -> pa.Table:
+        return pa.table({c: pc.fill_null(t[c].cast(pa.string()), "\x00") for c in key})
+
+    left = keyed(rows).append_column("_i", pa.array(range(rows.num_rows), pa.int64()))
+    kept = left.join(keyed(have).group_by(list(key)).aggregate([]), list(key), join_type="left anti")
+    return rows.take(kept["_i"].take(pc.sort_indices(kept["_i"])))

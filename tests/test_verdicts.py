@@ -201,3 +201,25 @@ def test_reviewed_images_become_labelled_training_rows():
                       "relabelled": 1, "in_validation": False}
     merged, _ = with_verdicts(manifest, v, in_validation=True)
     assert {r["split"] for r in merged.to_pylist() if r["uri"].startswith("/scan/")} == {None}
+
+
+def test_two_imports_at_once_add_each_verdict_once(two_nights, tmp_path):
+    """Two `jobs.audit verdicts import` processes of overlapping files race on one table: every verdict lands once."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    s1, s2 = two_nights["scans"]
+    a = [verdict(f"s3://up/a/{i}.jpg", s1, "generated", f"2026-11-21T09:0{i}:00Z") for i in range(6)]
+    b = a[3:] + [verdict(f"s3://up/b/{i}.jpg", s2, "real", f"2026-11-22T09:0{i}:00Z") for i in range(4)]
+    paths = []
+    for name, rows in (("a.json", a), ("b.json", b)):
+        (tmp_path / name).write_text(json.dumps(rows))
+        paths.append(str(tmp_path / name))
+    root = Path(__file__).resolve().parents[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "jobs.audit", "verdicts", "import", p, "--scan", str(two_nights["dir"])],
+                              cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for p in paths]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    table = read_table(str(two_nights["dir"]), "verdicts")
+    assert table.num_rows == 10 and len(set(table["uri"].to_pylist())) == 10
