@@ -126,7 +126,7 @@ def question_sql(cfg) -> str:
                        FROM n WINDOW win AS (PARTITION BY bucket, detector_id ORDER BY scan_date
                                              RANGE BETWEEN INTERVAL {nights} DAYS PRECEDING AND INTERVAL 1 DAYS PRECEDING))
             SELECT scan_date, bucket, detector_id, scored, flagged, flagged_rate, baseline_nights, baseline_rate,
-                   greatest(baseline_rate - {k!r} * {sd}, 0) AS band_low, baseline_rate + {k!r} * {sd} AS band_high,
+                   greatest(baseline_rate - {k!r} * {sd}, 0) AS band_low, least(baseline_rate + {k!r} * {sd}, 1) AS band_high,
                    median_score, p90_score, baseline_p90,
                    CASE WHEN baseline_nights < {DRIFT_MIN_NIGHTS} THEN 'no baseline'
                         WHEN flagged_rate > baseline_rate + {k!r} * {sd} THEN 'high'

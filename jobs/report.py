@@ -111,7 +111,7 @@ def precision_plot(rows: list[dict], nights: int = 28, width: int = 640, height:
     dates = sorted({r["scan_date"] for r in rows})[-nights:]
     rows = [r for r in rows if r["scan_date"] in dates]
     pad_l, pad_b = 40, 22
-    w, h = width - pad_l - 16, height - pad_b - 8
+    w, h = width - pad_l - 40, height - pad_b - 8  # room right of the last night for its date label
     step = w / max(1, len(dates) - 1) if len(dates) > 1 else 0
     x_of = {d: pad_l + 8 + i * step for i, d in enumerate(dates)}
 
