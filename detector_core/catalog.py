@@ -44,6 +44,7 @@ PROP_SCAN = "detector.scan-id"
 PROP_UNIT = "detector.unit"
 PROP_SCHEMA_VERSION = "detector.schema-version"  # detector_core.tables.SCHEMA_VERSION of the table's columns
 POINTER = "_catalog.json"
+NO_REBASE = {"commit.retry.num-retries": "0"}  # tables appended to only after a key comparison (append_new)
 DEFAULT_NAMESPACE = "detector"
 
 
@@ -151,6 +152,8 @@ class ScanOutput:
         props = {"format-version": "2", PROP_SCHEMA_VERSION: T.SCHEMA_VERSION}
         if name == STATE:
             props[PROP_PARTITIONS] = str(DEFAULT_PARTITIONS)
+        if name == T.VERDICTS:
+            props.update(NO_REBASE)
         try:
             with self.catalog.create_table_transaction(self.identifier(name), schema=T.TABLE_SCHEMAS.get(name, STATE_SCHEMA),
                                                        location=self.location(name), properties=props) as tx:
@@ -173,12 +176,18 @@ class ScanOutput:
 
         Idempotent, and exact under concurrency: the append asserts the snapshot whose keys it
         compared against, so when another writer commits first the commit fails, and the
-        rows are compared again with what that writer added.
+        rows are compared again with what that writer added. pyiceberg would otherwise rebase a
+        failed append onto the new snapshot by itself (``commit.retry.num-retries``, 4 by
+        default), appending rows that the other writer just added: the table says 0 retries.
         """
         from pyiceberg.exceptions import CommitFailedException
 
         for attempt in range(retries):
             table = self.table(name)
+            if any(table.properties.get(k) != v for k, v in NO_REBASE.items()):
+                with table.transaction() as tx:
+                    tx.set_properties(NO_REBASE)
+                table = self.table(name)
             have = table.scan(selected_fields=key).to_arrow() if table.current_snapshot() else None
             new = rows if have is None or have.num_rows == 0 else T.new_rows(rows, have, key)
             if new.num_rows == 0:
