@@ -15,7 +15,7 @@ that want all tables as of one unit.
 
 The catalog that ``--catalog`` names is opened by ``detector_core.iceberg``. The
 ``verdicts`` table (reviewers' verdicts) lives beside the others but is no part of a unit:
-``append_verdicts`` commits it on its own.
+``append_new`` appends to it on its own, comparing keys first.
 """
 
 from __future__ import annotations

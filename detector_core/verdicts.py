@@ -54,8 +54,9 @@ def _records(data: bytes, name: str) -> list[dict]:
     import pyarrow.csv as pacsv
 
     try:
-        table = pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(
-            column_types={c: pa.string() for c in FILE_COLUMNS}, strings_can_be_null=False))
+        table = pacsv.read_csv(io.BytesIO(data), parse_options=pacsv.ParseOptions(newlines_in_values=True),
+                               convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in FILE_COLUMNS},
+                                                                    strings_can_be_null=False))
     except pa.ArrowInvalid as exc:
         raise VerdictError(f"{name} is not a readable CSV: {str(exc).splitlines()[0]}")
     return table.to_pylist()
@@ -79,9 +80,9 @@ def parse_verdicts(data: bytes, name: str, reviewer: str = "", imported_at: dt.d
         v = {c: ("" if r.get(c) is None else str(r.get(c)).strip()) for c in FILE_COLUMNS}
         v[S.VERDICT] = v[S.VERDICT].lower()
         v[S.REVIEWER] = v[S.REVIEWER] or reviewer
-        problem = next((f"no {c}" for c in (S.URI, S.DETECTOR_ID, S.SCAN_ID) if not v[c]), None)
+        problem, shown = next((f"no {c}" for c in (S.URI, S.DETECTOR_ID, S.SCAN_ID) if not v[c]), None), None
         if problem is None and v[S.VERDICT] not in S.VERDICTS:
-            problem = f"verdict {r.get(S.VERDICT)!r} is not one of {', '.join(S.VERDICTS)}"
+            problem, shown = f"a verdict that is not {', '.join(S.VERDICTS)}", r.get(S.VERDICT)
         if problem is None and not v[S.REVIEWER]:
             problem = "no reviewer (pass --reviewer NAME)"
         if problem is None:
@@ -89,17 +90,22 @@ def parse_verdicts(data: bytes, name: str, reviewer: str = "", imported_at: dt.d
                 at = dt.datetime.fromisoformat(v[S.REVIEWED_AT])
                 v[S.REVIEWED_AT] = (at if at.tzinfo else at.replace(tzinfo=dt.timezone.utc)).astimezone(dt.timezone.utc)
             except ValueError:
-                problem = f"reviewed_at {r.get(S.REVIEWED_AT)!r} is not an ISO 8601 time"
+                problem, shown = "reviewed_at is not an ISO 8601 time", r.get(S.REVIEWED_AT)
         if problem:
-            bad.setdefault(problem.split(" (")[0] if problem.startswith("no reviewer") else problem, []).append(i)
+            rows_of, values = bad.setdefault(problem, ([], []))
+            rows_of.append(i)
+            if shown is not None and len(values) < 3:
+                values.append(shown)
             continue
         v[S.REVIEW_DATE] = v[S.REVIEWED_AT].date()
         v[S.IMPORTED_AT] = imported_at
         v[S.NOTE] = v[S.NOTE] or None
         rows.append(v)
     if bad:
-        lines = "; ".join(f"{problem}: {len(idx)} row(s) (rows {_examples(idx)})" for problem, idx in bad.items())
-        raise VerdictError(f"{name}: nothing imported, {sum(map(len, bad.values()))} of {len(records)} verdicts are unusable: {lines}")
+        lines = "; ".join(f"{problem}: {len(idx)} row(s) (rows {_examples(idx)}{'; e.g. ' + _examples(vals) if vals else ''})"
+                          for problem, (idx, vals) in bad.items())
+        n_bad = sum(len(idx) for idx, _ in bad.values())
+        raise VerdictError(f"{name}: nothing imported, {n_bad} of {len(records)} verdicts are unusable: {lines}")
     table = pa.Table.from_pylist(rows, schema=T.VERDICTS_SCHEMA)
     keys = pa.table({c: table[c].cast(pa.string()) for c in KEY}).append_column("_i", pa.array(range(table.num_rows)))
     first = keys.group_by(list(KEY)).aggregate([("_i", "min")])["_i_min"]

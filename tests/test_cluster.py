@@ -241,9 +241,13 @@ def test_every_job_command_in_the_configs_and_readme_parses():
         # The job's own config, or the one it parses from shared wiring (jobs.embed: jobs.embedding's EmbedConfig).
         configs = [v for v in found if v.__module__ == module] or found
         args = [a for a in args if a not in ("…", "...")]
-        if module == "jobs.audit":  # two verbs, a config each
-            configs = [mod.MigrateConfig] if args[:1] == ["migrate"] else [mod.AuditConfig]
-            args = args[1:] if args[:1] == ["migrate"] else ["--question", args[1], *args[2:]]
+        if module == "jobs.audit":  # three verbs, a config each
+            if args[:1] == ["migrate"]:
+                configs, args = [mod.MigrateConfig], args[1:]
+            elif args[:2] == ["verdicts", "import"]:
+                configs, args = [mod.VerdictsConfig], ["--file", args[2], *args[3:]]
+            else:
+                configs, args = [mod.AuditConfig], ["--question", args[1], *args[2:]]
         assert len(configs) == 1, module
         args = [re.sub(r"\$\{?\w+\}?", "X", a) for a in args]  # shell variables
         try:
