@@ -48,14 +48,14 @@ from detector_core.questions import QUESTIONS, QuestionError, question_sql, wher
 from detector_core.storage import open_fs, s3_storage_options
 from detector_core.views import connect, read_runs
 from jobs.common import JobError, open_output, parse_date, run_main, write_parquet
-from jobs.flags import StorageOptions, opt, parse_config
+from jobs.flags import CatalogOptions, StorageOptions, opt, parse_config
 
 FORMATS = ("table", "csv", "json", "parquet")
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
 @dataclass
-class AuditConfig(StorageOptions):
+class AuditConfig(CatalogOptions, StorageOptions):
     question: str = opt("", "what to ask: " + ", ".join(QUESTIONS), choices=QUESTIONS)
     scan: str = opt("", "scan output prefix (the --output of jobs.scan), local or s3://")
     date: str = opt("", "only this scan date, YYYY-MM-DD ('last' = the newest date in the tables)")
@@ -73,8 +73,6 @@ class AuditConfig(StorageOptions):
     sql: str = opt("", "sql: a query over the views scores, flagged, errors, runs, verdicts")
     format: str = opt("table", "output format: " + ", ".join(FORMATS), choices=FORMATS)
     out: str = opt("", "write the answer to this file (local or s3://) instead of stdout; required for parquet")
-    catalog: str = opt("", "Iceberg catalog of the tables (default: the one OUT/_catalog.json records; see jobs.scan --catalog)")
-    namespace: str = opt("", "catalog namespace of the output's tables (default: as recorded)")
 
 
 def answer(cfg: AuditConfig) -> pa.Table:
@@ -133,12 +131,10 @@ def _emit(table: pa.Table, cfg: AuditConfig) -> None:
 
 
 @dataclass
-class VerdictsConfig(StorageOptions):
+class VerdictsConfig(CatalogOptions, StorageOptions):
     file: str = opt("", "the verdicts file the review page exported (CSV or JSON), local or s3://")
     scan: str = opt("", "the scan output the verdicts are about (the --output of jobs.scan, that the review page was built from)")
     reviewer: str = opt("", "reviewer name for the verdicts that carry none")
-    catalog: str = opt("", "Iceberg catalog of the tables (default: the one OUT/_catalog.json records)")
-    namespace: str = opt("", "catalog namespace of the output's tables (default: as recorded)")
 
 
 def import_verdicts(cfg: VerdictsConfig) -> dict:

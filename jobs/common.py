@@ -23,7 +23,7 @@ from detector_core.storage import join, open_fs
 # refresh) each need workers with pyarrow, pyiceberg or torch imported, and on a small machine
 # a fresh worker's imports cost 1-2 s of CPU: a 40-image scan on 2 cores spent ~2/3 of its
 # 17-20 s re-importing in new workers. A private Ray lives as long as its job, so its idle
-# workers are kept (6-7 s; bench note in docs/scaling.md). Clusters keep Ray's default.
+# workers are kept (6-7 s; docs/scaling.md). Clusters keep Ray's default.
 LOCAL_RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 300_000}
 
 

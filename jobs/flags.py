@@ -2,7 +2,7 @@
 
 A job's config is a dataclass whose fields are ``opt(default, help, within=...)``;
 ``parse_config`` turns argv into it (one ``--flag`` per field, ``--no-flag`` for booleans,
-each shared piece -- ``StorageOptions``, ``RayOptions`` here, ``jobs.options.ExtractorOptions``
+each shared piece -- ``StorageOptions``, ``CatalogOptions``, ``RayOptions`` here, ``jobs.options.ExtractorOptions``
 -- as its own ``--help`` group after the job's own flags) and refuses a number outside its
 field's interval with a ``JobError``. Light on purpose: importing it costs no torch.
 """
@@ -16,7 +16,7 @@ from typing import Any, TypeVar, get_type_hints
 
 from jobs.common import JobError
 
-__all__ = ["RayOptions", "StorageOptions", "in_interval", "opt", "parse_config", "parse_interval"]
+__all__ = ["CatalogOptions", "RayOptions", "StorageOptions", "in_interval", "opt", "parse_config", "parse_interval"]
 
 T = TypeVar("T")
 
@@ -101,6 +101,14 @@ class StorageOptions:
     """Object storage."""
 
     s3_endpoint: str = opt("", "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
+
+
+@dataclasses.dataclass
+class CatalogOptions:
+    """Where a scan output's tables are catalogued, for the jobs that read them (as the scan recorded)."""
+
+    catalog: str = opt("", "Iceberg catalog of the tables (default: the one OUT/_catalog.json records; see jobs.scan --catalog)")
+    namespace: str = opt("", "catalog namespace of the output's tables (default: as recorded)")
 
 
 @dataclasses.dataclass

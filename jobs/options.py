@@ -15,9 +15,9 @@ from detector_core.dnf import DNF_VALUES
 from detector_core.dnf import TEST_TINY as UNET_TEST_TINY
 from detector_core.extractors import EXTRACTORS, FeatureSpec
 from detector_core.features import FEATURE_MODES
-from jobs.flags import RayOptions, StorageOptions, opt
+from jobs.flags import CatalogOptions, RayOptions, StorageOptions, opt
 
-__all__ = ["ExtractorOptions", "RayOptions", "StorageOptions", "extractor_options"]
+__all__ = ["CatalogOptions", "ExtractorOptions", "RayOptions", "StorageOptions", "extractor_options"]
 
 
 @dataclass

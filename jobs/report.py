@@ -39,13 +39,13 @@ from detector_core.questions import question_sql
 from detector_core.storage import open_fs, s3_storage_options
 from detector_core.views import connect, read_runs, sql_quote
 from jobs.common import JobError, config_dict, open_output, parse_date, run_main
-from jobs.flags import StorageOptions, opt, parse_config
+from jobs.flags import CatalogOptions, StorageOptions, opt, parse_config
 
 HIST_BINS = 50
 
 
 @dataclass
-class ReportConfig(StorageOptions):
+class ReportConfig(CatalogOptions, StorageOptions):
     scan: str = opt("", "scan output prefix (the --output of jobs.scan), local or s3://")
     date: str = opt("last", "scan date to report, YYYY-MM-DD, or 'last' for the newest committed one")
     out: str = opt("report.html", "where to write the page (local or s3://)")
@@ -56,8 +56,6 @@ class ReportConfig(StorageOptions):
     thumb_size: int = opt(160, "thumbnail edge in pixels", within="[1, inf)")
     max_pixels: int = opt(64_000_000, "objects with more pixels than this get no thumbnail (decompression bombs)", within="[1, inf)")
     threads: int = opt(16, "concurrent object reads for the thumbnails", within="[1, inf)")
-    catalog: str = opt("", "Iceberg catalog of the tables (default: the one OUT/_catalog.json records; see jobs.scan --catalog)")
-    namespace: str = opt("", "catalog namespace of the output's tables (default: as recorded)")
 
 
 def thumbnail(uri: str, size: int, storage_options: dict | None, max_pixels: int) -> str:

@@ -2,7 +2,9 @@
 
 Stage 1 (``--manifest``): embed the manifest once into a feature cache with
 ``jobs.embed`` (reused when the manifest and extractor settings are unchanged); or pass
-``--features CACHE`` to train on an existing cache. Stage 2: a ``TorchTrainer`` with
+``--features CACHE`` to train on an existing cache. ``--verdicts SCAN_OUT`` adds the images
+reviewers judged on that scan output's review pages (``jobs.audit verdicts import``) to the
+manifest as train-split rows: generated = 1, real = 0, unsure left out. Stage 2: a ``TorchTrainer`` with
 ``--workers`` workers (GPUs with ``--gpu``) trains the classifier on Ray Data shards of
 the cache. ``--extractor clip`` (default): the paper's MLP on CLIP features, bundle kind
 ``clip-mlp``. ``--extractor dnf``: a ResNet (``--resnet``, ResNet-50 as in the DNF paper) on
