@@ -2,8 +2,9 @@
 
 The browser test drives Debian's Chromium (``/usr/bin/chromium``, installed by ``.ci/run``)
 through Playwright: the page loads with no console errors, shows the expected number of
-thumbnails, runs no script from an object's name, and a screenshot is written. Without
-a Chromium it skips and says why.
+thumbnails, runs no script from an object's name, and a screenshot is written; verdicts
+clicked on the page survive a reload, export as CSV and JSON, and import into the verdicts
+table exactly once. Without a Chromium these skip and say why.
 """
 
 from __future__ import annotations
