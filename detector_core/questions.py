@@ -28,6 +28,7 @@ class QuestionError(ValueError):
 
 
 def where_clause(cfg) -> str:
+    """The SQL condition every table view gets (``views.connect(where=…)``): the ``--detector-id`` filter, except for diff."""
     parts = []
     if cfg.detector_id and cfg.question != "diff":
         parts.append(f"detector_id = {sql_quote(cfg.detector_id)}")
