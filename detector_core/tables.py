@@ -124,12 +124,25 @@ def runs_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(conv, schema=RUNS_SCHEMA)
 
 
+def _keyed(t: pa.Table, key: tuple[str, ...]) -> pa.Table:
+    """``t``'s key columns as strings (pyiceberg reads large_string), nulls as one value so they compare equal."""
+    return pa.table({c: pc.fill_null(t[c].cast(pa.string()), "\x00") for c in key})
+
+
+def in_keys(rows: pa.Table, have: pa.Table, key: tuple[str, ...]) -> pa.Array:
+    """Per row of ``rows``, whether ``have`` holds a row with the same ``key`` columns."""
+    left = _keyed(rows, key).append_column("_i", pa.array(range(rows.num_rows), pa.int64()))
+    hits = left.join(_keyed(have, key).group_by(list(key)).aggregate([]), list(key), join_type="left semi")["_i"]
+    return pc.is_in(pa.array(range(rows.num_rows), pa.int64()), value_set=hits.combine_chunks())
+
+
 def new_rows(rows: pa.Table, have: pa.Table, key: tuple[str, ...]) -> pa.Table:
-    """The rows of ``rows`` whose ``key`` is not in ``have``, in their order (nulls in a key compare equal)."""
+    """The rows of ``rows`` whose ``key`` is not in ``have``, in their order."""
+    return rows.filter(pc.invert(in_keys(rows, have, key)))
 
-    def keyed(t: pa.Table) -> pa.Table:
-        return pa.table({c: pc.fill_null(t[c].cast(pa.string()), "\x00") for c in key})
 
-    left = keyed(rows).append_column("_i", pa.array(range(rows.num_rows), pa.int64()))
-    kept = left.join(keyed(have).group_by(list(key)).aggregate([]), list(key), join_type="left anti")
-    return rows.take(kept["_i"].take(pc.sort_indices(kept["_i"])))
+def first_of_keys(rows: pa.Table, key: tuple[str, ...]) -> pa.Table:
+    """``rows`` without the later repeats of a ``key``, in their order."""
+    keyed = _keyed(rows, key).append_column("_i", pa.array(range(rows.num_rows), pa.int64()))
+    first = keyed.group_by(list(key)).aggregate([("_i", "min")])["_i_min"]
+    return rows.take(first.take(pc.sort_indices(first)))

@@ -106,22 +106,12 @@ def parse_verdicts(data: bytes, name: str, reviewer: str = "", imported_at: dt.d
                           for problem, (idx, vals) in bad.items())
         n_bad = sum(len(idx) for idx, _ in bad.values())
         raise VerdictError(f"{name}: nothing imported, {n_bad} of {len(records)} verdicts are unusable: {lines}")
-    table = pa.Table.from_pylist(rows, schema=T.VERDICTS_SCHEMA)
-    keys = pa.table({c: table[c].cast(pa.string()) for c in KEY}).append_column("_i", pa.array(range(table.num_rows)))
-    first = keys.group_by(list(KEY)).aggregate([("_i", "min")])["_i_min"]
-    return table.take(first.take(pc.sort_indices(first)))
+    return T.first_of_keys(pa.Table.from_pylist(rows, schema=T.VERDICTS_SCHEMA), KEY)
 
 
 def known(verdicts: pa.Table, scored: pa.Table) -> pa.Array:
     """Per verdict, whether ``scored`` (uri, detector_id, scan_id rows of the scores table) holds its object."""
-    cols = [S.URI, S.DETECTOR_ID, S.SCAN_ID]
-
-    def keys(t: pa.Table) -> pa.Table:  # pyiceberg reads large_string
-        return pa.table({c: t[c].cast(pa.string()) for c in cols})
-
-    marked = keys(verdicts).append_column("_i", pa.array(range(verdicts.num_rows), pa.int64()))
-    hits = marked.join(keys(scored).group_by(cols).aggregate([]), cols, join_type="left semi")["_i"]
-    return pc.is_in(pa.array(range(verdicts.num_rows), pa.int64()), value_set=hits.combine_chunks())
+    return T.in_keys(verdicts, scored, (S.URI, S.DETECTOR_ID, S.SCAN_ID))
 
 
 def latest(verdicts: pa.Table) -> pa.Table:
