@@ -97,13 +97,12 @@ def question_sql(cfg) -> str:
     if q == "precision":
         z2 = WILSON_Z * WILSON_Z
         return f"""
-            WITH v AS (SELECT uri, arg_max(verdict, reviewed_at) AS verdict FROM verdicts GROUP BY uri),
-                 c AS (SELECT f.scan_date, f.detector_id, count(*) AS flagged,
+            WITH c AS (SELECT f.scan_date, f.detector_id, count(*) AS flagged,
                               count(*) FILTER (WHERE v.verdict IN ('generated', 'real')) AS reviewed,
                               count(*) FILTER (WHERE v.verdict = 'generated') AS confirmed_generated,
                               count(*) FILTER (WHERE v.verdict = 'real') AS confirmed_real,
                               count(*) FILTER (WHERE v.verdict = 'unsure') AS unsure
-                       FROM flagged f LEFT JOIN v USING (uri) GROUP BY ALL),
+                       FROM flagged f LEFT JOIN latest_verdicts v USING (uri) GROUP BY ALL),
                  p AS (SELECT *, confirmed_generated / nullif(reviewed, 0) AS precision FROM c)
             SELECT *, (precision + {z2!r} / (2 * reviewed)
                        - {WILSON_Z!r} * sqrt(precision * (1 - precision) / reviewed + {z2!r} / (4 * reviewed * reviewed)))

@@ -4,9 +4,9 @@
 (``iceberg_scan`` over the Iceberg tables, loaded from the ``duckdb-extension-iceberg`` pip
 package, never downloaded) pinned to the snapshots the newest ``runs`` row records, so the
 three agree even while a scan commits its next unit; ``runs`` (one row per finished
-scan and detector, ``read_runs``); and ``verdicts`` (every reviewer's verdict, the table's
-latest snapshot, unfiltered). Filters on the partition columns (``scan_date``, ``bucket``)
-prune manifests and files.
+scan and detector, ``read_runs``); ``verdicts`` (every reviewer's verdict, the table's
+latest snapshot, unfiltered) and ``latest_verdicts`` (the latest one on each image). Filters
+on the partition columns (``scan_date``, ``bucket``) prune manifests and files.
 """
 
 from __future__ import annotations
@@ -118,6 +118,11 @@ def connect(out: ScanOutput, where: str = "", since: str = "", until: str = "", 
     else:
         con.register("_empty_verdicts", T.VERDICTS_SCHEMA.empty_table())
         con.execute("CREATE VIEW verdicts AS SELECT * FROM _empty_verdicts")
+    # The latest verdict on each image counts (one row's verdict, reviewer and time together).
+    con.execute("""CREATE VIEW latest_verdicts AS
+                   SELECT uri, v.verdict AS verdict, v.reviewer AS reviewer, v.reviewed_at AS reviewed_at
+                   FROM (SELECT uri, arg_max({'verdict': verdict, 'reviewer': reviewer, 'reviewed_at': reviewed_at}, reviewed_at) AS v
+                         FROM verdicts GROUP BY uri)""")
     return con
 
 

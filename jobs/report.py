@@ -130,8 +130,8 @@ def _reviewed(con, uris: list[str]) -> dict[str, dict]:
     if not uris:
         return {}
     con.register("_shown", pa.table({"uri": uris}))
-    rows = con.sql("SELECT uri, arg_max(verdict, reviewed_at) AS verdict, arg_max(reviewer, reviewed_at) AS reviewer, "
-                   "max(reviewed_at)::DATE::VARCHAR AS reviewed_at FROM verdicts JOIN _shown USING (uri) GROUP BY uri").to_arrow_table()
+    rows = con.sql("SELECT uri, verdict, reviewer, reviewed_at::DATE::VARCHAR AS reviewed_at "
+                   "FROM latest_verdicts JOIN _shown USING (uri)").to_arrow_table()
     return {r["uri"]: r for r in rows.to_pylist()}
 
 
