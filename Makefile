@@ -17,8 +17,12 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m jobs.demo
 
+# Two pytest workers, whole files each (module fixtures built once), heaviest files first
+# (tests/conftest.py orders them): on 2 cores one worker computes while the other waits on Ray.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 bench: $(STAMP)
 	$(PY) -m bench.bench_step

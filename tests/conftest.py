@@ -3,7 +3,8 @@
 The S3 server is moto's standalone server in its own process on 127.0.0.1 (a free
 port), reached through s3fs exactly as production reaches AWS; the AWS variables
 point every client (and every Ray worker started later) at it. Ray, for the few tests
-that need it, is one session-scoped local instance.
+that need it, is one session-scoped local instance (one per pytest-xdist worker under
+``make test``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,15 @@ from pathlib import Path
 import pytest
 
 VENV_BIN = Path(sys.executable).parent
+
+# Files by how long they run, longest first (2 cores, `make test`): pytest-xdist's workers take
+# whole files in collection order, so the long ones start at once and short files fill the end.
+LONGEST_FIRST = ("test_dnf.py", "test_cluster.py", "test_scan.py", "test_train.py", "test_audit.py", "test_plan.py", "test_evaluate.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
 
 
 def _free_port() -> int:
