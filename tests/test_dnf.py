@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -196,15 +195,8 @@ def _scores(out) -> dict:
 
 
 def test_dnf_trains_scans_and_ensembles_with_clip(ray_local, demo_manifest, tmp_path):
-    # Every second demo image of each generator (150 real, 75 + 75 generated): a ResNet-18 on CPU
-    # trains on what it must, no more.
-    by_generator: dict[str, list] = {}
-    for row in pq.read_table(demo_manifest).to_pylist():
-        by_generator.setdefault(row["generator"], []).append(row)
-    manifest = tmp_path / "half.parquet"
-    pq.write_table(pa.Table.from_pylist([r for rows in by_generator.values() for r in rows[::2]]), manifest)
     out = tmp_path / "dnf"
-    metrics = train.main(["--manifest", str(manifest), "--output", str(out), "--extractor", "dnf", "--unet", "test-tiny",
+    metrics = train.main(["--manifest", str(demo_manifest), "--output", str(out), "--extractor", "dnf", "--unet", "test-tiny",
                           "--resnet", "resnet18", "--epochs", "6", "--batch-size", "32", "--lr", "1e-3", "--embed-batch-size", "128"])
     assert metrics["val_auc"] > 0.6, metrics["history"]  # the tiny random UNet's noise still carries the checkerboards
     bundle = load_bundle(str(out / "detector"))
@@ -244,12 +236,12 @@ def test_dnf_trains_scans_and_ensembles_with_clip(ray_local, demo_manifest, tmp_
 
     # jobs.evaluate takes the DNF bundle as it takes a CLIP one: on the validation split it
     # reproduces the AUC that training measured on the same images -- up to the one-level
-    # differences above: evaluate embeds the ~60 validation images in other batches than the
+    # differences above: evaluate embeds the ~120 validation images in other batches than the
     # cache did, a value one level apart moves a logit a little, and a logit that crosses
-    # another reorders one of the ~30 x 30 real/generated pairs (on all 600 demo images,
-    # 0.79186 against 0.79159 was seen: one pair of 3,685). A detector read wrongly (another
-    # model, other features) is off by far more than four pairs.
-    result = evaluate.main(["--detector", str(out / "detector"), "--manifest", str(manifest), "--output", str(tmp_path / "eval"),
+    # another reorders one of the ~60 x 60 real/generated pairs (seen: 0.79186 against 0.79159,
+    # one pair of 3,685). A detector read wrongly (another model, other features) is off by far
+    # more than four pairs.
+    result = evaluate.main(["--detector", str(out / "detector"), "--manifest", str(demo_manifest), "--output", str(tmp_path / "eval"),
                             "--split", "val"])
     assert result["detector_kind"] == "dnf-resnet"
     clean = result["conditions"]["clean"]["all"]
