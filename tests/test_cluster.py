@@ -641,7 +641,7 @@ def test_ray_connections_fail_fast_with_one_line(ray_head, tmp_path):
     A dead address, a token cluster without the token, a wrong token and the dashboard's
     address each end the job within the subprocess timeout (ray.init would wait minutes on a
     dead head) with one ``ERROR:`` line saying what to set. (No address at all: a private local
-    Ray beside the head, in the test below.)
+    Ray beside the head, in ``test_no_secret_reaches_any_file_a_local_run_leaves``.)
     """
     from detector_core.demo import encode, make_image
 

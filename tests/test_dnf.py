@@ -272,7 +272,7 @@ def test_dnf_trains_scans_and_ensembles_with_clip(ray_local, demo_manifest, tmp_
     rows = read_table(str(tmp_path / "scan-both"), "scores")
     dnf_rows = rows.filter(pc.equal(rows["detector_id"], bundle.detector_id))
     clip_rows = rows.filter(pc.equal(rows["detector_id"], clip_id))
-    assert dnf_rows.num_rows == clip_rows.num_rows == 8
+    assert rows.num_rows == 16 and dnf_rows.num_rows == clip_rows.num_rows == 8
     files = sorted((tmp_path / "scan-both" / "scores").rglob("*.parquet"))
     assert len(files) == 2 and pq.read_schema(files[0]) == pq.read_schema(files[1])  # one file schema for both kinds
     assert "detector_kind" in pq.read_schema(files[0]).names
