@@ -37,6 +37,7 @@ from detector_core.storage import is_remote, join, open_fs
 __all__ = ["CatalogError", "ScanOutput", "read_table", "table_location", "data_file_path"]
 
 STATE = "state"
+OUTPUT_TABLES = (*T.ALL_TABLES, T.VERDICTS, STATE)  # every table a scan output holds
 HISTORY = ("scores", "errors")  # the tables the state is derived from
 PROP_MARK = "detector.state-history-mark"
 PROP_PARTITIONS = "detector.state-partitions"
@@ -110,7 +111,7 @@ class ScanOutput:
         from pyiceberg.exceptions import NoSuchTableError
 
         self.catalog.create_namespace_if_not_exists(self.namespace)
-        for name in (*T.ALL_TABLES, T.VERDICTS, STATE):
+        for name in OUTPUT_TABLES:
             try:
                 table = self.catalog.load_table(self.identifier(name))
             except NoSuchTableError:
@@ -168,8 +169,14 @@ class ScanOutput:
     def table(self, name: str):
         return self.catalog.load_table(self.identifier(name))
 
-    def has_table(self, name: str) -> bool:
-        return self.catalog.table_exists(self.identifier(name))
+    def find_table(self, name: str):
+        """The table ``name``, or None where this output has none (one written before the table existed)."""
+        from pyiceberg.exceptions import NoSuchTableError
+
+        try:
+            return self.table(name)
+        except NoSuchTableError:
+            return None
 
     def append_new(self, name: str, rows: pa.Table, key: tuple[str, ...], retries: int = 8) -> int:
         """Append the rows of ``rows`` whose ``key`` columns the table does not hold yet; returns how many.
@@ -298,7 +305,6 @@ def read_table(output: str, name: str, row_filter=None, catalog: str = "", names
     partitions and files. ``catalog``/``namespace``: as the scan was given (default: what
     the output's ``_catalog.json`` recorded).
     """
-    names = (*T.ALL_TABLES, T.VERDICTS, STATE)
-    if name not in names:
-        raise ValueError(f"no table {name!r}; one of {', '.join(names)}")
+    if name not in OUTPUT_TABLES:
+        raise ValueError(f"no table {name!r}; one of {', '.join(OUTPUT_TABLES)}")
     return ScanOutput.open(output, catalog, namespace, storage_options, create=False).read(name, row_filter)

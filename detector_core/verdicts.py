@@ -152,8 +152,8 @@ def with_verdicts(manifest: pa.Table, verdicts: pa.Table, in_validation: bool = 
     for name, arr in added.items():
         if name not in cols:
             cols[name] = pa.concat_arrays([pa.nulls(kept.num_rows, arr.type), arr])
-    counts = {"verdict_rows": decided.num_rows, "generated": int(pc.sum(labels).as_py() or 0),
-              "real": decided.num_rows - int(pc.sum(labels).as_py() or 0),
+    n_generated = int(pc.sum(labels).as_py() or 0)
+    counts = {"verdict_rows": decided.num_rows, "generated": n_generated, "real": decided.num_rows - n_generated,
               "unsure_dropped": last.num_rows - decided.num_rows, "already_in_manifest": int(pc.sum(listed).as_py() or 0),
               "relabelled": relabelled, "in_validation": in_validation}
     return pa.table(cols), counts

@@ -112,7 +112,7 @@ def connect(out: ScanOutput, where: str = "", since: str = "", until: str = "", 
         con.execute(f"CREATE VIEW {name} AS SELECT {star} FROM {src} WHERE {cond}")
     # Verdicts are about images, not one scan: every verdict, whatever the filters (an output
     # older than the table has none).
-    verdicts = out.table(T.VERDICTS) if out.has_table(T.VERDICTS) else None
+    verdicts = out.find_table(T.VERDICTS)
     if verdicts is not None and verdicts.current_snapshot() is not None:
         con.execute(f"CREATE VIEW verdicts AS SELECT * FROM iceberg_scan({sql_quote(verdicts.metadata_location)})")
     else:

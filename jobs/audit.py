@@ -161,7 +161,7 @@ def import_verdicts(cfg: VerdictsConfig) -> dict:
     except VerdictError as exc:
         raise JobError(str(exc))
     out = open_output(cfg.scan, cfg.catalog, cfg.namespace, so)
-    if not out.has_table(T.VERDICTS):  # an output written before verdicts existed
+    if out.find_table(T.VERDICTS) is None:  # an output written before verdicts existed
         out.create(T.VERDICTS)
     ids = sorted(set(rows[S.SCAN_ID].to_pylist()))
     dates = sorted({r["scan_date"] for r in read_runs(out).to_pylist() if r["scan_id"] in ids})

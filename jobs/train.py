@@ -281,7 +281,8 @@ def _with_verdicts(cfg: TrainConfig, so: dict | None) -> tuple[str, dict]:
     from detector_core.verdicts import with_verdicts
 
     out = open_output(cfg.verdicts, "", "", so)
-    if not out.has_table(T.VERDICTS) or out.table(T.VERDICTS).current_snapshot() is None:
+    table = out.find_table(T.VERDICTS)
+    if table is None or table.current_snapshot() is None:
         raise JobError(f"no verdicts imported into {cfg.verdicts} (python -m jobs.audit verdicts import FILE --scan {cfg.verdicts})")
     try:
         manifest = read_manifest(cfg.manifest, so)
