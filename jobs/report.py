@@ -34,9 +34,11 @@ from types import SimpleNamespace
 import numpy as np
 import pyarrow as pa
 
+from detector_core import schema as S
 from detector_core.images import ImageDecodeError, decode_image
 from detector_core.questions import question_sql
 from detector_core.storage import open_fs, s3_storage_options
+from detector_core.verdicts import FILE_COLUMNS
 from detector_core.views import connect, read_runs, sql_quote
 from jobs.common import JobError, config_dict, open_output, parse_date, run_main
 from jobs.flags import CatalogOptions, StorageOptions, opt, parse_config
@@ -200,6 +202,7 @@ def build_report(cfg: ReportConfig) -> tuple[str, dict]:
         summary=_table(summary), histograms=hists, n_flagged=n_flagged, flagged=_cards(flagged, thumbs, threshold_of, reviewed),
         n_band=n_band, near=_cards(band, thumbs, threshold_of, reviewed), errors=_table(errors),
         n_errors=int(sum(errors["objects"].to_pylist())), precision=precision_plot(precision),
+        file_columns=list(FILE_COLUMNS), verdict_choices=S.VERDICTS,
     )
     counts = {"date": date, "flagged": n_flagged, "flagged_shown": len(flagged), "band": n_band, "band_shown": len(band),
               "errors": int(sum(errors["objects"].to_pylist())),
