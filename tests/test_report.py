@@ -138,7 +138,7 @@ def test_page_in_headless_chromium(scanned, tmp_path):
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (apt-get install chromium; .ci/run does it)")
 def test_verdicts_clicked_on_the_page_persist_export_and_import_once(scanned, tmp_path):
     """Click verdicts in Chromium, reload (they persist), export CSV and JSON, import: the table holds exactly those rows."""
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     from jobs import audit
 
@@ -161,7 +161,9 @@ def test_verdicts_clicked_on_the_page_persist_export_and_import_once(scanned, tm
                 verdict, note = chosen[flagged[i]["uri"]]
                 if note:
                     cards.nth(i).locator(".vnote").fill(note)
-                cards.nth(i).locator(f"button[data-verdict={verdict}]").click()
+                button = cards.nth(i).locator(f"button[data-verdict={verdict}]")
+                button.click()
+                expect(button).to_have_attribute("aria-pressed", "true")  # the page took it before the next click and the reload
             page.reload()
             page.wait_for_load_state("load")
             cards = page.locator("#flagged .card")
