@@ -25,6 +25,12 @@ from detector_core.storage import join, open_fs
 # 17-20 s re-importing in new workers. A private Ray lives as long as its job, so its idle
 # workers are kept (6-7 s; docs/scaling.md). Clusters keep Ray's default.
 LOCAL_RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 300_000}
+# Ray Data's Parquet reader lists a dataset's files by starting 32 ``FooterReader`` actors --
+# 32 fresh processes -- for every read, and training reads its feature cache three times
+# (train, validation, calibration). A cache has tens of files: on one machine one reader lists
+# them all (a 2-worker, 2-epoch fit on 2 cores: 43-50 -> 30-35 CPU-s; docs/scaling.md). Workers
+# inherit it from the process that starts Ray; a cluster sets it in its own environment.
+LOCAL_RAY_ENV = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"}
 
 
 def init_ray(address: str | None = None) -> None:
@@ -49,6 +55,8 @@ def init_ray(address: str | None = None) -> None:
         cpus = max(os.cpu_count() or 1, 4)
         print(f"starting a private local Ray ({cpus} CPUs); pass --ray-address auto (or set RAY_ADDRESS) to use a running cluster",
               file=sys.stderr, flush=True)
+        for k, v in LOCAL_RAY_ENV.items():  # the user's own setting wins
+            os.environ.setdefault(k, v)
         ray.init(address="local", num_cpus=cpus, log_to_driver=True, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
         return
     check_connection(address)

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from jobs.common import LOCAL_RAY_SYSTEM_CONFIG, JobError
+from jobs.common import LOCAL_RAY_ENV, LOCAL_RAY_SYSTEM_CONFIG, JobError
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -403,16 +403,17 @@ def _free_port() -> int:
 def ray_head(s3_server, tmp_path_factory):
     """A Ray head from `ray start --head --block` with token auth on; stopped (process tree killed) at the end.
 
-    It keeps idle workers as a private Ray does (``LOCAL_RAY_SYSTEM_CONFIG``): on 2 cores each
-    job's stages would otherwise re-import torch and pyarrow in fresh workers.
+    It keeps idle workers and lists Parquet with one footer reader, as a private Ray does
+    (``LOCAL_RAY_SYSTEM_CONFIG``, ``LOCAL_RAY_ENV``): on 2 cores each job's stages would otherwise
+    re-import torch and pyarrow in fresh workers.
     """
     import psutil
 
     token = uuid.uuid4().hex
     dash, gcs = _free_port(), _free_port()
     temp = Path(f"/tmp/rh-{uuid.uuid4().hex[:8]}")  # short: Ray's socket paths have a length limit
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
-           "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**LOCAL_RAY_ENV, **os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     log = open(tmp_path_factory.mktemp("head") / "head.log", "wb")
     proc = subprocess.Popen(
