@@ -138,7 +138,7 @@ class Scorer:
         self.scan_id = scan_id
         if load_counter is not None:
             # Models are built once per actor and scan: the scan's summary reports how often that happened.
-            load_counter.add.remote()
+            load_counter.add.remote(scan_id)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         if self.crash_marker and not os.path.exists(self.crash_marker):

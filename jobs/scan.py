@@ -241,8 +241,7 @@ def _scan_under_lease(cfg, so, uris, bundles, scan_date, out: ScanOutput, scan_i
             raise JobError(stream.resource_message(cfg))
         finally:
             ctx.wait_for_min_actors_s = saved_wait
-        model_loads = ray.get(counter.count.remote())
-        ray.kill(counter)
+        model_loads = ray.get(counter.pop.remote(scan_id))
     lease.check()
     state_after = refresh_state(out, so, cfg.state_compact_at) if units else {"history_files": 0}
     remove_plan(out)

@@ -133,22 +133,25 @@ def build_stream(cfg: ScanConfig, work_files: list[str], n_work: int, uris: list
 
 
 def load_counter():
+    """The driver's model-load counter: how many times a Scorer built its models, per scan (the summary's ``model_loads``).
+
+    One named actor per driver (Ray job), found again by every scan that driver runs: a notebook
+    or a test process running many scans starts one process, not one per scan.
+    """
     import ray
 
     @ray.remote(num_cpus=0)
     class LoadCounter:
-        """How many times a Scorer built its models in this scan (the summary's ``model_loads``)."""
-
         def __init__(self):
-            self.n = 0
+            self.n: dict[str, int] = {}
 
-        def add(self):
-            self.n += 1
+        def add(self, scan_id: str):
+            self.n[scan_id] = self.n.get(scan_id, 0) + 1
 
-        def count(self) -> int:
-            return self.n
+        def pop(self, scan_id: str) -> int:
+            return self.n.pop(scan_id, 0)
 
-    return LoadCounter.remote()
+    return LoadCounter.options(name=f"scan-model-loads-{ray.get_runtime_context().get_job_id()}", get_if_exists=True).remote()
 
 
 def resource_message(cfg: ScanConfig) -> str:
