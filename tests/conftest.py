@@ -1,4 +1,4 @@
-"""Shared test fixtures: a real S3 API on loopback, the tiny CLIP, and one local Ray.
+"""Shared test fixtures: a real S3 API on loopback, the tiny CLIP and a detector bundle on it, the demo set, one local Ray.
 
 The S3 server is moto's standalone server in its own process on 127.0.0.1 (a free
 port), reached through s3fs exactly as production reaches AWS; the AWS variables
@@ -90,6 +90,22 @@ def tiny_encoder():
     from detector_core.features import ClipEncoder
 
     return ClipEncoder("test-tiny", "none", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory):
+    """A detector bundle of a random MLP (seed 0) on the tiny CLIP's image features, threshold logit 0: what scans need."""
+    import torch
+
+    from detector_core.bundle import DetectorBundle, save_bundle
+    from detector_core.extractors import FeatureSpec
+    from detector_core.model import DetectorMLP
+
+    torch.manual_seed(0)
+    model = DetectorMLP(64).eval()
+    path = tmp_path_factory.mktemp("bundle") / "detector"
+    save_bundle(DetectorBundle(model=model, features=FeatureSpec(clip_model="test-tiny", feature_mode="image"), threshold_logit=0.0), str(path))
+    return path
 
 
 @pytest.fixture(scope="session")

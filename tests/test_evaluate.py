@@ -45,7 +45,7 @@ def small_manifest(demo_manifest, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory):
+def eval_bundle(tmp_path_factory):
     torch.manual_seed(5)
     path = tmp_path_factory.mktemp("evb") / "detector"
     save_bundle(DetectorBundle(model=DetectorMLP(64).eval(), features=FeatureSpec(clip_model="test-tiny", feature_mode="image"),
@@ -53,16 +53,16 @@ def bundle_dir(tmp_path_factory):
     return path
 
 
-def test_metrics_per_generator_and_perturbed(ray_local, small_manifest, bundle_dir, tmp_path):
+def test_metrics_per_generator_and_perturbed(ray_local, small_manifest, eval_bundle, tmp_path):
     out = tmp_path / "eval"
-    res = evaluate.main(["--detector", str(bundle_dir), "--manifest", str(small_manifest), "--output", str(out),
+    res = evaluate.main(["--detector", str(eval_bundle), "--manifest", str(small_manifest), "--output", str(out),
                          "--perturb", "jpeg:50", "blur:2"])
     assert list(res["conditions"]) == ["clean", "jpeg:50", "blur:2"]
     assert set(res["conditions"]["clean"]) == {"all", "gen_checker8", "gen_checker16"}
     assert res["shortcuts"]["rows"] == 80 and set(res["shortcuts"]["per_generator"]) == {"gen_checker8", "gen_checker16"}
 
     # Independent: the cached features scored by the bundle, metrics by scikit-learn.
-    bundle = load_bundle(str(bundle_dir))
+    bundle = load_bundle(str(eval_bundle))
     labels, scores, gens, n = evaluate.score_cache(bundle, str(out / "features" / "clean"), None)
     assert n == 80
     for g, m in res["conditions"]["clean"].items():

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_scan import _exactly_once, _images, _tables, _write, bundle_dir  # noqa: F401 - bundle_dir is a fixture
+from test_scan import _exactly_once, _images, _tables, _write
 
 from detector_core import schema as S
 from detector_core import state as ST

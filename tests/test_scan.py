@@ -29,15 +29,6 @@ from jobs.common import JobError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = DetectorMLP(64).eval()
-    path = tmp_path_factory.mktemp("bundle") / "detector"
-    save_bundle(DetectorBundle(model=model, features=FeatureSpec(clip_model="test-tiny", feature_mode="image"), threshold_logit=0.0), str(path))
-    return path
-
-
 def _save(im, fmt, **kw):
     buf = io.BytesIO()
     im.save(buf, format=fmt, **kw)
