@@ -132,26 +132,34 @@ def build_stream(cfg: ScanConfig, work_files: list[str], n_work: int, uris: list
                           batch_size=cfg.chunk_size, batch_format="pyarrow", num_cpus=0.5)
 
 
+_COUNTERS: dict = {}
+
+
 def load_counter():
     """The driver's model-load counter: how many times a Scorer built its models, per scan (the summary's ``model_loads``).
 
-    One named actor per driver (Ray job), found again by every scan that driver runs: a notebook
-    or a test process running many scans starts one process, not one per scan.
+    One actor per driver (Ray job), kept here for every scan that driver runs: a notebook or a
+    test process running many scans starts one process, not one per scan. The handle held here
+    keeps it alive (an actor with no handle left is destroyed, and a name would not keep it).
     """
     import ray
 
-    @ray.remote(num_cpus=0)
-    class LoadCounter:
-        def __init__(self):
-            self.n: dict[str, int] = {}
+    job = ray.get_runtime_context().get_job_id()
+    if job not in _COUNTERS:
+        @ray.remote(num_cpus=0)
+        class LoadCounter:
+            def __init__(self):
+                self.n: dict[str, int] = {}
 
-        def add(self, scan_id: str):
-            self.n[scan_id] = self.n.get(scan_id, 0) + 1
+            def add(self, scan_id: str):
+                self.n[scan_id] = self.n.get(scan_id, 0) + 1
 
-        def pop(self, scan_id: str) -> int:
-            return self.n.pop(scan_id, 0)
+            def pop(self, scan_id: str) -> int:
+                return self.n.pop(scan_id, 0)
 
-    return LoadCounter.options(name=f"scan-model-loads-{ray.get_runtime_context().get_job_id()}", get_if_exists=True).remote()
+        _COUNTERS.clear()  # a driver joins one Ray at a time: handles of an earlier one are dead
+        _COUNTERS[job] = LoadCounter.remote()
+    return _COUNTERS[job]
 
 
 def resource_message(cfg: ScanConfig) -> str:
