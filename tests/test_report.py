@@ -166,9 +166,9 @@ def test_verdicts_clicked_on_the_page_persist_export_and_import_once(scanned, tm
                 expect(button).to_have_attribute("aria-pressed", "true")  # the page took it before the next click
             expect(page.locator("#vcount")).to_have_text("3 verdicts in this browser")  # and kept all three
             # localStorage reaches the browser's own store asynchronously: a reload right after the
-            # last click could load the page before it got there (once in ~5 two-worker runs the
-            # reloaded page showed no verdict). A second tab of the file sees them once they are
-            # stored, as a reviewer's next visit would; then reload.
+            # last click could load the page before it got there (twice in ~6 two-worker runs the
+            # reloaded page had lost the first card's verdict, pressed before). A second tab of the
+            # file sees them once they are stored, as a reviewer's next visit would; then reload.
             other = ctx.new_page()
             other.goto(out.as_uri())
             other.wait_for_function("() => Object.keys(JSON.parse(localStorage.getItem("
