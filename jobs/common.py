@@ -33,6 +33,12 @@ LOCAL_RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 300_000}
 LOCAL_RAY_ENV = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"}
 
 
+def use_local_ray_env() -> None:
+    """Put ``LOCAL_RAY_ENV`` into this process's environment (a user's own setting wins), for the local Ray started next."""
+    for k, v in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(k, v)
+
+
 def init_ray(address: str | None = None) -> None:
     """Connect to the cluster (under ``ray job submit``, ``RAY_ADDRESS`` or ``--ray-address``) or start a private local Ray.
 
@@ -55,8 +61,7 @@ def init_ray(address: str | None = None) -> None:
         cpus = max(os.cpu_count() or 1, 4)
         print(f"starting a private local Ray ({cpus} CPUs); pass --ray-address auto (or set RAY_ADDRESS) to use a running cluster",
               file=sys.stderr, flush=True)
-        for k, v in LOCAL_RAY_ENV.items():  # the user's own setting wins
-            os.environ.setdefault(k, v)
+        use_local_ray_env()
         ray.init(address="local", num_cpus=cpus, log_to_driver=True, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
         return
     check_connection(address)

@@ -120,11 +120,10 @@ def ray_local(s3_server):
     """One local Ray for the session; workers inherit the S3 test-server variables."""
     import ray
 
-    from jobs.common import LOCAL_RAY_ENV, LOCAL_RAY_SYSTEM_CONFIG
+    from jobs.common import LOCAL_RAY_SYSTEM_CONFIG, use_local_ray_env
 
     env = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
-    for k, v in LOCAL_RAY_ENV.items():  # as a job's private Ray is started (jobs.common.init_ray)
-        os.environ.setdefault(k, v)
+    use_local_ray_env()  # as a job's private Ray is started (jobs.common.init_ray)
     ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False,
              _system_config=LOCAL_RAY_SYSTEM_CONFIG)
     try:
