@@ -108,19 +108,17 @@ class ScanOutput:
         retrying(self._ensure_tables, attempts)
 
     def _ensure_tables(self) -> None:
-        from pyiceberg.exceptions import NoSuchTableError
-
         self.catalog.create_namespace_if_not_exists(self.namespace)
         for name in OUTPUT_TABLES:
             try:
-                table = self.catalog.load_table(self.identifier(name))
-            except NoSuchTableError:
-                self.create(name)
-                continue
+                table = self.find_table(name)
             except OSError as exc:
                 if name != STATE:  # history is never recreated behind the user's back
                     raise
                 self.reset_state(exc)
+                continue
+            if table is None:
+                self.create(name)
                 continue
             self._rename_old_columns(table)
             if table.location().rstrip("/") != self.location(name).rstrip("/"):
