@@ -42,7 +42,7 @@ def main(argv=None) -> dict:
 
     from detector_core.demo import write_dataset
     from jobs import embed, train
-    from jobs.common import LOCAL_RAY_ENV, LOCAL_RAY_SYSTEM_CONFIG
+    from jobs.common import LOCAL_RAY_ENV, LOCAL_RAY_SYSTEM_CONFIG, write_json
 
     env = dict(LOCAL_RAY_ENV)
     if args.footer_actors is not None:
@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
     shutil.rmtree(root, ignore_errors=True)
     print(json.dumps(result, indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.out, result)
     return result
 
 

@@ -31,6 +31,7 @@ from bench.legacy import legacy_tree, scan_process
 from detector_core.bundle import DetectorBundle, save_bundle
 from detector_core.extractors import FeatureSpec
 from detector_core.model import DetectorMLP
+from jobs.common import write_json
 
 PREVIOUS_REF = "d595109"
 
@@ -128,7 +129,7 @@ def main(argv=None) -> dict:
         n, nights, per_night = (int(x) for x in args.refresh.split(","))
         report = {"cpus": os.cpu_count(), "refresh": refresh_strategies(n, nights, per_night)}
         if args.out:
-            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+            write_json(args.out, report)
         return report
     work = Path(tempfile.mkdtemp(prefix="bench-plan-"))
     bundle = work / "detector"
@@ -159,7 +160,7 @@ def main(argv=None) -> dict:
                                            for p in ("first", "noop")}
     print(json.dumps(report, indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.out, report)
     return report
 
 
