@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
 
     cache = str(root / "features")
     result = {"footer_actors": env["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"], "train_poll_s": env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"],
-              "epochs": args.epochs, "cores": os.cpu_count(),
+              "epochs": args.epochs, "ray_env": env, "cores": os.cpu_count(),
               "embed": measured(lambda: embed.main(["--manifest", str(root / "manifest.parquet"), "--output", cache, "--batch-size", "128",
                                                      "--clip-model", "test-tiny", "--pretrained", "none"]))}
     result["fits"] = [measured(lambda i=i: train.main(["--features", cache, "--output", str(root / f"fit{i}"), "--workers", "2",
