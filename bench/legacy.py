@@ -4,8 +4,9 @@
 chunk, collected result rows in the driver and wrote hive-partitioned Parquet (schema 2).
 ``legacy_tree()`` extracts that commit's ``detector_core`` and ``jobs`` once into a cache
 folder; ``legacy_scan(args)`` runs its ``python -m jobs.scan`` in a subprocess with its
-own local Ray (so that its workers import the old modules, not these), returning the run
-summary and the process's peak RSS. ``bench_scan`` and ``bench_plan`` put the old and the
+own local Ray, or as a job of a running one (``ray_address``: Ray puts the job's working
+folder, the old tree, on its workers' path, so they import the old modules, not these),
+returning the run summary and the process's peak RSS. ``bench_scan`` and ``bench_plan`` put the old and the
 new scan side by side on one machine in one run; ``tests/test_audit.py`` migrates what the
 old code wrote.
 """
@@ -44,20 +45,24 @@ def legacy_tree(ref: str = LEGACY_REF) -> Path:
     return dest
 
 
-def legacy_scan(args: list[str], timeout: float = 1800) -> dict:
+def legacy_scan(args: list[str], timeout: float = 1800, ray_address: str | None = None) -> dict:
     """Run the old ``jobs.scan`` with ``args``; returns its run summary plus ``driver_peak_rss_mb``."""
-    return scan_process(args, legacy_tree(), timeout)
+    return scan_process(args, legacy_tree(), timeout, ray_address)
 
 
-def scan_process(args: list[str], tree: Path | None = None, timeout: float = 1800) -> dict:
-    """``jobs.scan`` of ``tree`` (default: this checkout) in a fresh process with its own local Ray.
+def scan_process(args: list[str], tree: Path | None = None, timeout: float = 1800, ray_address: str | None = None) -> dict:
+    """``jobs.scan`` of ``tree`` (default: this checkout) in a fresh process with its own local Ray, or on ``ray_address``.
 
     Returns the run summary plus ``driver_peak_rss_mb``, the driver process's peak RSS. The local
     Ray is started before the job runs, so the job's ``seconds`` (listing to commit) exclude it.
+    The benchmarks measure with a Ray of its own; the tests join theirs (a Ray start and its
+    processes fewer on 2 cores).
     """
     tree = tree or ROOT
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
     env["PYTHONPATH"] = str(tree)
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
     # Ray is started before the job's clock starts (as on a cluster, where it is already up);
     # both codes' init_ray() then find it running.
     code = ("import json, resource, sys; from jobs import scan; from jobs.common import init_ray; init_ray(); "
