@@ -32,7 +32,7 @@ LOCAL_RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 300_000}
 # inherit it from the process that starts Ray; a cluster sets it in its own environment.
 # Ray Train's controller collects a worker's report every 2 s and a worker's next report waits
 # for it (a queue of one): every epoch of a fit lasts at least 2 s. A private Ray runs small
-# fits whose epochs take a fraction of that (12 epochs of the demo set: 45 -> 22 s); a poll
+# fits whose epochs take a fraction of that (12 epochs of the demo set: 48 -> 22-26 s); a poll
 # every 0.25 s costs the controller a few remote calls a second. One machine is not preempted
 # by a cloud provider: no PreemptionWatcher actor (one more fresh process per fit).
 LOCAL_RAY_ENV = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
