@@ -5,10 +5,10 @@ chunk, collected result rows in the driver and wrote hive-partitioned Parquet (s
 ``legacy_tree()`` extracts that commit's ``detector_core`` and ``jobs`` once into a cache
 folder; ``legacy_scan(args)`` runs its ``python -m jobs.scan`` in a subprocess with its
 own local Ray, or as a job of a running one (``ray_address``: Ray puts the job's working
-folder, the old tree, on its workers' path, so they import the old modules, not these),
-returning the run summary and the process's peak RSS. ``bench_scan`` and ``bench_plan`` put the old and the
-new scan side by side on one machine in one run; ``tests/test_audit.py`` migrates what the
-old code wrote.
+folder, the old tree, on its workers' path), so that its workers import the old modules,
+not these; it returns the run summary and the process's peak RSS. ``bench_scan`` and
+``bench_plan`` put the old and the new scan side by side on one machine in one run;
+``tests/test_audit.py`` migrates what the old code wrote.
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ def scan_process(args: list[str], tree: Path | None = None, timeout: float = 180
 
     Returns the run summary plus ``driver_peak_rss_mb``, the driver process's peak RSS. The local
     Ray is started before the job runs, so the job's ``seconds`` (listing to commit) exclude it.
-    The benchmarks measure with a Ray of its own; the tests join theirs (a Ray start and its
-    processes fewer on 2 cores).
+    The benchmarks measure with a Ray of the job's own; the tests join their session Ray, which
+    spares a Ray start and its processes on 2 cores.
     """
     tree = tree or ROOT
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
