@@ -117,7 +117,7 @@ def bundle_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_local(s3_server):
-    """One local Ray for the session; workers inherit the S3 test-server variables."""
+    """One local Ray for the session, yielding its address (for the tests' own driver processes); workers inherit the S3 test-server variables."""
     import ray
 
     from jobs.common import LOCAL_RAY_SYSTEM_CONFIG, use_local_ray_env
@@ -127,7 +127,7 @@ def ray_local(s3_server):
     ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False,
              _system_config=LOCAL_RAY_SYSTEM_CONFIG)
     try:
-        yield
+        yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
 

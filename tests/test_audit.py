@@ -42,13 +42,6 @@ def _median_threshold(model, files, enc):
     return float(np.median(logits))
 
 
-def _session_ray() -> str:
-    """The session Ray's address: the old code's scans run as jobs of it (its workers import the old tree, their job's folder)."""
-    import ray
-
-    return ray.get_runtime_context().gcs_address
-
-
 @pytest.fixture(scope="module")
 def scans(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("audit")
@@ -81,7 +74,8 @@ def scans(ray_local, tmp_path_factory):
     except RuntimeError:  # no git history here: this code writes every night
         old_code = None
     if old_code is not None:
-        scan_process(["--detector", str(root / "old"), *common, "--scan-date", DAY1], old_code, ray_address=_session_ray())
+        # As a job of the session Ray: its workers import the old tree, their job's folder.
+        scan_process(["--detector", str(root / "old"), *common, "--scan-date", DAY1], old_code, ray_address=ray_local)
     else:
         scan.main(["--detector", str(root / "old"), *common, "--scan-date", DAY1])
     for name, data in later.items():
@@ -266,7 +260,7 @@ def test_migrate_what_the_previous_code_wrote(ray_local, scans, tmp_path):
     try:
         legacy = legacy_scan(["--detector", str(scans["root"] / "old"), "--ensemble", str(scans["root"] / "new"),
                               "--input", str(scans["root"] / "bucket"), "--output", str(tmp_path / "old"), "--scan-date", DAY1],
-                             ray_address=_session_ray())
+                             ray_address=ray_local)
     except RuntimeError as exc:
         pytest.skip(str(exc))
     old = tmp_path / "old"

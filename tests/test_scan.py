@@ -128,11 +128,9 @@ def test_hostile_mix_every_object_accounted_for_and_scores_exact(ray_local, bund
     assert np.array_equal(scores["flagged"].to_numpy(zero_copy_only=False), scores["logit"].to_numpy() >= 0.0)
 
 
-def _driver(args: list[str], kill_after: float | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    """``python -m jobs.scan ARGS`` as its own driver process on the session's Ray; ``kill_after``: SIGKILL it then."""
-    import ray
-
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+def _driver(address: str, args: list[str], kill_after: float | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``python -m jobs.scan ARGS`` as its own driver process on the Ray at ``address``; ``kill_after``: SIGKILL it then."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": address}
     proc = subprocess.Popen([sys.executable, "-m", "jobs.scan", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
@@ -279,7 +277,7 @@ def test_bug1_bug2_a_killed_scan_never_captures_another_input(ray_local, bundle_
     common = ["--detector", str(bundle_dir), "--output", str(out), "--chunk-size", "4", "--lease-ttl", "3", "--wait"]
     # Bug 2: a scan that dies at the same point on every attempt (each commits a unit, then dies in the next) ...
     for _ in range(2):
-        died = _driver([*common, "--input", str(tmp_path / "a"), "--kill-at", "scores:1"])
+        died = _driver(ray_local, [*common, "--input", str(tmp_path / "a"), "--kill-at", "scores:1"])
         assert died.returncode == -9, died.stdout[-2000:]
     # ... does not block the output, and (bug 1) a scan of another input does only its own work.
     other = scan.main([*common, "--input", str(tmp_path / "b"), "--scan-date", "2026-11-20"])
@@ -299,7 +297,7 @@ def test_kill_9_at_random_moments_then_rerun_is_exactly_once(ray_local, bundle_d
             "--batch-size", "3", "--lease-ttl", "2", "--wait"]
     rng = np.random.default_rng(11)
     for delay in rng.uniform(8, 16, size=1):
-        _driver(args, kill_after=float(delay))
+        _driver(ray_local, args, kill_after=float(delay))
     scan.main(args)
     _exactly_once(out, uris)
 
@@ -319,7 +317,7 @@ def test_bug3_kill_9_between_table_commits_on_s3(ray_local, bundle_dir, s3_bucke
     out = f"{s3_bucket}/scans"
     args = ["--detector", str(bundle_dir), "--input", f"{s3_bucket}/in", "--output", out, "--chunk-size", "3",
             "--catalog", f"sqlite:///{tmp_path}/catalog.db", "--lease-ttl", "2", "--wait"]
-    died = _driver([*args, "--kill-at", "flagged:1"])
+    died = _driver(ray_local, [*args, "--kill-at", "flagged:1"])
     assert died.returncode == -9, died.stdout[-2000:]
     assert fs.ls(f"{s3_bucket[5:]}/scans/_intents")  # the half-committed unit's intent is there
     scan.main(args)
@@ -347,7 +345,7 @@ def test_bug4_two_scans_at_once_one_refuses_naming_the_holder(ray_local, bundle_
     out2 = tmp_path / "out2"
     procs = [subprocess.Popen([sys.executable, "-m", "jobs.scan", *args[:-1], str(out2)], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "RAY_ADDRESS": __import__("ray").get_runtime_context().gcs_address})
+                              env={**os.environ, "RAY_ADDRESS": ray_local})
              for _ in range(2)]
     logs = [p.communicate(timeout=240)[0] for p in procs]
     codes = sorted(p.returncode for p in procs)
