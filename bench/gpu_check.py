@@ -13,7 +13,9 @@ minutes on one H100:
    CPU processes feeding ``jobs.pipeline.Scorer`` (features + MLP + decision), timed after
    a warm-up; the same functions Ray Data runs as tasks and actors. Ray itself is not used
    here: its wheel (79 MB) is larger than what may travel to the GPU machine, so this is
-   the pipeline's rate without Ray's scheduling, and the JSON says so.
+   the pipeline's rate without Ray's scheduling, and the JSON says so. It also records the
+   steady phase's share inside the ``Scorer``, the pool's decode rate with nobody scoring,
+   and the ``Scorer`` alone on one decoded batch: which side bounds the rate.
 3. ``dnf_features``: the DNF extractor with the DDPM-256 UNet architecture, bf16.
 4. ``sam_step``: one cvar_auc + SAM step at batch 2048 x 1536 with the exact on-device
    loss, and the loss alone against the reference's per-batch CPU scalar search.
@@ -101,16 +103,34 @@ def scan_steady(device: str, photos: int, objects: int, batch: int, workers: int
     warm = max(2, len(batches) // 5)
     with ctx.Pool(workers, initializer=_init_worker, initargs=(feature_specs(scorer.bundles),)) as pool:
         t0 = t_warm = time.perf_counter()
-        n_warm = 0
+        n_warm, score_s = 0, 0.0
         for i, loaded in enumerate(pool.imap(_load, batches)):
-            out = scorer(loaded)
+            one = dict(loaded)  # kept for the Scorer-alone figure below
+            ts = time.perf_counter()
+            out = scorer(loaded)  # returns host arrays, so the GPU work is done when it returns
             assert out.num_rows == len(loaded["uri"])
+            if i + 1 > warm:
+                score_s += time.perf_counter() - ts
             if i + 1 == warm:
                 _sync()
                 t_warm, n_warm = time.perf_counter(), sum(len(b) for b in batches[:warm])
         _sync()
         t1 = time.perf_counter()
-    return {"images_per_s_steady": round((objects - n_warm) / (t1 - t_warm), 1), "images_per_s_all": round(objects / (t1 - t0), 1),
+        # Which side bounds the steady rate: the same pool decoding with nobody scoring, and
+        # the Scorer alone on one decoded batch again and again.
+        some = batches[warm:warm + max(4, 2 * workers)]
+        td = time.perf_counter()
+        n_dec = sum(len(d["uri"]) for d in pool.imap(_load, some))
+        decode_only = n_dec / (time.perf_counter() - td)
+    ts, reps = time.perf_counter(), 8
+    for _ in range(reps):
+        scorer(one)
+    _sync()
+    score_only = reps * len(one["uri"]) / (time.perf_counter() - ts)
+    steady_s = t1 - t_warm
+    return {"images_per_s_steady": round((objects - n_warm) / steady_s, 1), "images_per_s_all": round(objects / (t1 - t0), 1),
+            "steady_share_in_scorer": round(score_s / steady_s, 3), "decode_only_images_per_s": round(decode_only, 1),
+            "scorer_only_images_per_s": round(score_only, 1),
             "scorer_device": str(scorer.device), "objects": objects, "distinct_photos": photos, "batch": batch, "decode_processes": workers,
             "note": "jobs.decoding.load_images in a process pool -> jobs.pipeline.Scorer in one process; no Ray (wheel too large to carry)"}
 
