@@ -105,7 +105,8 @@ def scan_steady(device: str, photos: int, objects: int, batch: int, workers: int
         t0 = t_warm = time.perf_counter()
         n_warm, score_s = 0, 0.0
         for i, loaded in enumerate(pool.imap(_load, batches)):
-            one = dict(loaded)  # kept for the Scorer-alone figure below
+            if len(loaded["uri"]) == batch:
+                one = loaded  # a full batch for the Scorer-alone figure below (a Scorer does not change its input)
             ts = time.perf_counter()
             out = scorer(loaded)  # returns host arrays, so the GPU work is done when it returns
             assert out.num_rows == len(loaded["uri"])
