@@ -128,11 +128,16 @@ def test_hostile_mix_every_object_accounted_for_and_scores_exact(ray_local, bund
     assert np.array_equal(scores["flagged"].to_numpy(zero_copy_only=False), scores["logit"].to_numpy() >= 0.0)
 
 
-def _driver(address: str, args: list[str], kill_after: float | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    """``python -m jobs.scan ARGS`` as its own driver process on the Ray at ``address``; ``kill_after``: SIGKILL it then."""
+def _start_driver(address: str, args: list[str]) -> subprocess.Popen:
+    """``python -m jobs.scan ARGS`` started as its own driver process on the Ray at ``address`` (output in ``stdout``)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": address}
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.scan", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "jobs.scan", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+
+
+def _driver(address: str, args: list[str], kill_after: float | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``_start_driver``, waited for; ``kill_after``: SIGKILL it then."""
+    proc = _start_driver(address, args)
     try:
         out, _ = proc.communicate(timeout=kill_after if kill_after is not None else timeout)
     except subprocess.TimeoutExpired:
@@ -343,10 +348,7 @@ def test_bug4_two_scans_at_once_one_refuses_naming_the_holder(ray_local, bundle_
     # Two real drivers started together on a fresh output: one scans, the other refuses (or, had it
     # started later, would find nothing left): every object once.
     out2 = tmp_path / "out2"
-    procs = [subprocess.Popen([sys.executable, "-m", "jobs.scan", *args[:-1], str(out2)], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "RAY_ADDRESS": ray_local})
-             for _ in range(2)]
+    procs = [_start_driver(ray_local, [*args[:-1], str(out2)]) for _ in range(2)]
     logs = [p.communicate(timeout=240)[0] for p in procs]
     codes = sorted(p.returncode for p in procs)
     assert codes[0] == 0, logs
