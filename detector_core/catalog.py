@@ -7,11 +7,20 @@ return only their paths; the driver commits a *unit* of files per table as one I
 snapshot each (``commit_unit``), tagged with the snapshot properties
 ``detector.scan-id`` / ``detector.unit``. A unit spans four tables, and Iceberg commits
 one table at a time, so before the first of its four commits the driver writes the
-unit's file list as an intent (``OUT/_intents/<scan>-<unit>.json``); ``recover``
-finishes every intent a killed driver left, skipping the tables whose snapshot for that
-unit already exists. Each table on its own therefore only ever shows whole units to any
-engine; ``runs`` rows, committed last, carry the three tables' snapshot ids for readers
-that want all tables as of one unit.
+unit's file list as an intent (``OUT/_intents/<scan>-<unit>.json``, written whole or not
+at all); ``recover`` finishes every intent a killed driver left, skipping the tables whose
+snapshot for that unit already exists. Each table on its own therefore only ever shows
+whole units to any engine. The order is errors, scores, flagged, runs: ``flagged`` is a
+subset of ``scores``, and committing it after ``scores`` means that an engine reading the
+tables' *current* snapshots, unpinned, never finds a flagged row without its scores row,
+whenever the driver dies. ``runs`` rows, committed last, carry the three tables' snapshot
+ids for readers that want all tables as of one unit (README: reading whole units).
+
+Every table carries ``TABLE_PROPERTIES``: merged manifests and a bounded metadata log, so a
+commit costs the same on the 365th night as on the first once ``detector_core.maintenance``
+expires old snapshots. A catalog that lost its tables while their metadata is still on disk
+is refused (``LostCatalogError``; ``jobs.maintain repair`` registers them again), and a
+folder that is not a scan output is refused before anything is created in it.
 
 The catalog that ``--catalog`` names is opened by ``detector_core.iceberg``. The
 ``verdicts`` table (reviewers' verdicts) lives beside the others but is no part of a unit:
@@ -22,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -32,9 +42,9 @@ from detector_core import schema as S
 from detector_core import tables as T
 from detector_core.iceberg import CatalogError, load_catalog, retrying
 from detector_core.state import DEFAULT_PARTITIONS, STATE_SCHEMA, URI_BUCKET
-from detector_core.storage import is_remote, join, open_fs
+from detector_core.storage import is_local_fs, is_remote, join, open_fs
 
-__all__ = ["CatalogError", "ScanOutput", "read_table", "table_location", "data_file_path"]
+__all__ = ["CatalogError", "LostCatalogError", "NotAScanOutputError", "ScanOutput", "read_table", "table_location", "data_file_path"]
 
 STATE = "state"
 OUTPUT_TABLES = (*T.ALL_TABLES, T.VERDICTS, STATE)  # every table a scan output holds
@@ -45,8 +55,30 @@ PROP_SCAN = "detector.scan-id"
 PROP_UNIT = "detector.unit"
 PROP_SCHEMA_VERSION = "detector.schema-version"  # detector_core.tables.SCHEMA_VERSION of the table's columns
 POINTER = "_catalog.json"
+PROP_COMPACTION = "detector.compaction"  # snapshots that only rewrite files (maintenance): no new history
 NO_REBASE = {"commit.retry.num-retries": "0"}  # tables appended to only after a key comparison (append_new)
 DEFAULT_NAMESPACE = "detector"
+COMMIT_ORDER = ("errors", "scores", "flagged")  # flagged after scores: an unpinned reader never sees flagged without scores
+# Every table's properties (set at creation, and on older tables when a scan opens them):
+# - manifests merged on append, so a query opens a bounded number of manifests, not one per commit;
+# - the metadata log bounded, older metadata.json files deleted after each commit.
+TABLE_PROPERTIES = {
+    "commit.manifest-merge.enabled": "true",
+    "commit.manifest.min-count-to-merge": "16",
+    "write.metadata.delete-after-commit.enabled": "true",
+    "write.metadata.previous-versions-max": "20",
+}
+# Clock skew allowed between the driver that wrote an intent and the one that recovers it.
+INTENT_SKEW_MS = 15 * 60 * 1000
+_METADATA_FILE = re.compile(r"^(\d+)-[0-9a-f-]+\.metadata\.json$")
+
+
+class LostCatalogError(CatalogError):
+    """The catalog has none of an output's tables, but their metadata is on disk: it was lost or emptied."""
+
+
+class NotAScanOutputError(CatalogError):
+    """The folder holds no scan output (no catalog pointer, no table metadata)."""
 
 
 def table_location(output: str, name: str) -> str:
@@ -73,24 +105,60 @@ class ScanOutput:
 
     @classmethod
     def open(cls, output: str, catalog: str = "", namespace: str = "", storage_options: dict | None = None,
-             create: bool = True) -> ScanOutput:
-        """Open ``output``; ``catalog``/``namespace`` default to what the output's ``_catalog.json`` recorded."""
+             create: bool = True, lost_ok: bool = False) -> ScanOutput:
+        """Open ``output``; ``catalog``/``namespace`` default to what the output's ``_catalog.json`` recorded.
+
+        ``create``: make the tables (a scan); otherwise the folder must already be a scan
+        output, and nothing is created in it (``NotAScanOutputError``). A catalog that lost
+        the tables whose metadata is on disk raises ``LostCatalogError`` unless ``lost_ok``
+        (``jobs.maintain repair``, which registers them again).
+        """
         fs, root = open_fs(output, storage_options)
+        root = root.rstrip("/")
         pointer = {}
         try:
-            pointer = json.loads(fs.cat_file(f"{root.rstrip('/')}/{POINTER}"))
+            pointer = json.loads(fs.cat_file(f"{root}/{POINTER}"))
         except FileNotFoundError:
             pass
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CatalogError(f"{output}/{POINTER} is unreadable ({type(exc).__name__}): write it again as "
+                               '{"catalog": "<what --catalog was>", "namespace": "detector"}') from None
         catalog = catalog or pointer.get("catalog", "")
         namespace = namespace or pointer.get("namespace", DEFAULT_NAMESPACE)
-        out = cls(output.rstrip("/"), fs, root.rstrip("/"), load_catalog(catalog, output, storage_options), catalog, namespace,
+        if not create:
+            _refuse_non_output(fs, root, output)
+        if not lost_ok and not catalog and not is_remote(output):
+            _refuse_lost_sqlite(fs, root, output)
+        out = cls(output.rstrip("/"), fs, root, load_catalog(catalog, output, storage_options), catalog, namespace,
                   storage_options)
         if create:
-            out.ensure_tables()
+            out.ensure_tables(lost_ok=lost_ok)
             if pointer.get("catalog", "") != catalog or pointer.get("namespace") != namespace:
                 fs.makedirs(out.root, exist_ok=True)
-                fs.pipe_file(f"{out.root}/{POINTER}", json.dumps({"catalog": catalog, "namespace": namespace}).encode())
+                write_atomic(fs, f"{out.root}/{POINTER}", json.dumps({"catalog": catalog, "namespace": namespace}).encode())
+        elif not lost_ok:
+            out.refuse_lost()
         return out
+
+    def metadata_files(self, name: str) -> list[str]:
+        """Table ``name``'s ``*.metadata.json`` files on storage, oldest version first (whatever the catalog says)."""
+        return _metadata_files(self.fs, f"{self.root}/{name}/metadata")
+
+    def refuse_lost(self, missing: list[str] | None = None) -> None:
+        """``LostCatalogError`` when the catalog lacks a history table whose metadata is on disk (a lost or emptied catalog).
+
+        ``missing``: the tables known to be missing from the catalog (default: looked up).
+        The state is not history (it is rebuilt), so its leftovers never count.
+        """
+        history = (*T.ALL_TABLES, T.VERDICTS)
+        missing = [n for n in history if self.find_table(n) is None] if missing is None else [n for n in missing if n in history]
+        lost = [n for n in missing if self.metadata_files(n)]
+        if lost:
+            where = self.catalog_spec or f"sqlite {self.root}/catalog.db"
+            raise LostCatalogError(
+                f"the catalog ({where}, namespace {self.namespace}) has no table {', '.join(lost)}, but {self.uri} holds their "
+                f"metadata: the catalog was lost or emptied; nothing was written. Register them again with "
+                f"'python -m jobs.maintain repair --output {self.uri}" + (f" --catalog {self.catalog_spec}'" if self.catalog_spec else "'"))
 
     # -- tables ----------------------------------------------------------------------------
     def identifier(self, name: str) -> str:
@@ -99,31 +167,53 @@ class ScanOutput:
     def location(self, name: str) -> str:
         return table_location(self.uri, name)
 
-    def ensure_tables(self, attempts: int = 5) -> None:
-        """Create the namespace and the four tables if missing; refuse tables of another output.
+    def ensure_tables(self, attempts: int = 5, lost_ok: bool = False) -> None:
+        """Create the namespace and the tables if missing; refuse tables of another output, and a lost catalog.
 
         Two scans opening a fresh output at once race to create them (before either holds the
         lease); the loser's create fails in catalog-specific ways, so it looks again.
         """
-        retrying(self._ensure_tables, attempts)
+        retrying(lambda: self._ensure_tables(lost_ok), attempts)
 
-    def _ensure_tables(self) -> None:
+    def _ensure_tables(self, lost_ok: bool = False) -> None:
         self.catalog.create_namespace_if_not_exists(self.namespace)
+        found = {}
         for name in OUTPUT_TABLES:
             try:
-                table = self.find_table(name)
+                found[name] = self.find_table(name)
             except OSError as exc:
                 if name != STATE:  # history is never recreated behind the user's back
                     raise
                 self.reset_state(exc)
-                continue
+                found[name] = self.table(name)
+        if not lost_ok:  # never start new tables beside the metadata of lost ones: history would vanish silently
+            self.refuse_lost([n for n, t in found.items() if t is None])
+        for name, table in found.items():
             if table is None:
                 self.create(name)
                 continue
-            self._rename_old_columns(table)
             if table.location().rstrip("/") != self.location(name).rstrip("/"):
                 raise CatalogError(f"table {self.identifier(name)} in this catalog belongs to {table.location()}, not to "
                                    f"{self.location(name)}: give this output its own --namespace")
+            self._rename_old_columns(table)
+            self._upgrade(self.table(name), name)
+
+    @staticmethod
+    def _upgrade(table, name: str) -> None:
+        """Give a table written by an older version today's properties and documentation (one metadata-only commit)."""
+        props = _properties(name)
+        docs = T.column_docs(name)
+        stale = {k: v for k, v in props.items() if table.properties.get(k) != v}
+        undocumented = [f for f in table.schema().fields if docs.get(f.name) and f.doc != docs[f.name]]
+        if not stale and not undocumented:
+            return
+        with table.transaction() as tx:
+            if stale:
+                tx.set_properties(stale)
+            if undocumented:
+                with tx.update_schema() as update:
+                    for f in undocumented:
+                        update.update_column(f.name, doc=docs[f.name])
 
     @staticmethod
     def _rename_old_columns(table) -> None:
@@ -139,22 +229,24 @@ class ScanOutput:
                     update.rename_column(old, new)
             tx.set_properties({PROP_SCHEMA_VERSION: T.SCHEMA_VERSION})
 
-    def reset_state(self, exc: Exception) -> None:
+    def reset_state(self, exc: Exception | None = None, reason: str = "") -> None:
         """Drop an unreadable ``state`` table and create it empty: it is rebuilt from the history tables."""
-        print(f"state table {self.identifier(STATE)} is unreadable ({type(exc).__name__}: {exc}); it is rebuilt from the history tables")
+        why = reason or f"is unreadable ({type(exc).__name__}: {exc})"
+        print(f"state table {self.identifier(STATE)} {why}; it is rebuilt from the history tables")
         self.catalog.drop_table(self.identifier(STATE))
         self.create(STATE)
 
     def create(self, name: str) -> None:
         from pyiceberg.exceptions import TableAlreadyExistsError
 
-        props = {"format-version": "2", PROP_SCHEMA_VERSION: T.SCHEMA_VERSION}
+        props = {"format-version": "2", PROP_SCHEMA_VERSION: T.SCHEMA_VERSION, **_properties(name)}
         if name == STATE:
             props[PROP_PARTITIONS] = str(DEFAULT_PARTITIONS)
-        if name == T.VERDICTS:
-            props.update(NO_REBASE)
+        docs = T.column_docs(name)
+        schema = T.TABLE_SCHEMAS.get(name, STATE_SCHEMA)
+        schema = pa.schema([f.with_metadata({b"doc": docs[f.name].encode()}) if f.name in docs else f for f in schema])
         try:
-            with self.catalog.create_table_transaction(self.identifier(name), schema=T.TABLE_SCHEMAS.get(name, STATE_SCHEMA),
+            with self.catalog.create_table_transaction(self.identifier(name), schema=schema,
                                                        location=self.location(name), properties=props) as tx:
                 cols = (URI_BUCKET,) if name == STATE else T.PARTITIONED[name]
                 if cols:
@@ -207,16 +299,23 @@ class ScanOutput:
 
     # -- commits ---------------------------------------------------------------------------
     @staticmethod
-    def find_commit(table, scan_id: str, unit: int) -> int | None:
-        """The snapshot id that committed (scan_id, unit) to ``table``, if any."""
+    def find_commit(table, scan_id: str, unit: int, since_ms: int | None = None) -> int | None:
+        """The snapshot id that committed (scan_id, unit) to ``table``, if any.
+
+        Walks the snapshots newest first and stops at the first older than ``since_ms`` (the
+        unit's intent was written after it, so no older snapshot can be the unit's): a commit
+        looks at the few snapshots since its intent, not at every snapshot of the table.
+        """
         for snap in reversed(table.metadata.snapshots):
+            if since_ms is not None and snap.timestamp_ms < since_ms:
+                return None
             props = snap.summary.additional_properties if snap.summary else {}
             if props.get(PROP_SCAN) == scan_id and props.get(PROP_UNIT) == str(unit):
                 return snap.snapshot_id
         return None
 
     def _commit(self, name: str, scan_id: str, unit: int, paths: list[str] | None = None, rows: pa.Table | None = None,
-                check_first: bool = False, retries: int = 5) -> int | None:
+                check_first: bool = False, retries: int = 5, since_ms: int | None = None) -> int | None:
         """Commit one table's share of a unit (files or rows) as one snapshot; idempotent when ``check_first``."""
         from pyiceberg.exceptions import CommitFailedException
 
@@ -224,7 +323,7 @@ class ScanOutput:
         for attempt in range(retries):
             table = self.table(name)
             if check_first or attempt:
-                done = self.find_commit(table, scan_id, unit)
+                done = self.find_commit(table, scan_id, unit, since_ms)
                 if done is not None:
                     return done
             if not paths and rows is None:
@@ -237,14 +336,14 @@ class ScanOutput:
             except CommitFailedException:
                 time.sleep(0.2 * 2**attempt)  # another commit won the race: reload and try again
                 continue
-            return self.find_commit(self.table(name), scan_id, unit)
+            return self.find_commit(self.table(name), scan_id, unit, since_ms)
         raise RuntimeError(f"could not commit unit {unit} of scan {scan_id} to {self.identifier(name)} after {retries} tries")
 
     def intent_path(self, scan_id: str, unit: int) -> str:
         return f"{self.root}/_intents/{scan_id}-{unit:06d}.json"
 
     def commit_unit(self, intent: dict, check_first: bool = False, before_each=None) -> dict:
-        """Commit a unit: intent first, then errors, flagged, scores, then its ``runs`` rows; returns snapshot ids.
+        """Commit a unit: intent first, then errors, scores, flagged (``COMMIT_ORDER``), then its ``runs`` rows; returns snapshot ids.
 
         ``intent``: ``scan_id``, ``unit``, ``files`` ({table: [paths]}) and ``runs`` (rows, as
         dicts without the snapshot ids). ``before_each(step)`` runs before every commit (the
@@ -255,31 +354,59 @@ class ScanOutput:
         before_each = before_each or (lambda step: None)
         if not check_first:
             before_each("intent")
+            intent = {**intent, "written_ms": int(time.time() * 1000)}
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            self.fs.pipe_file(path, json.dumps(intent).encode())
+            write_atomic(self.fs, path, json.dumps(intent).encode())
+        since = intent["written_ms"] - INTENT_SKEW_MS if intent.get("written_ms") else None
         snapshots = {}
-        for name in ("errors", "flagged", "scores"):
+        for name in COMMIT_ORDER:
             before_each(name)
-            snapshots[name] = self._commit(name, scan_id, unit, paths=intent["files"].get(name, []), check_first=check_first)
+            snapshots[name] = self._commit(name, scan_id, unit, paths=intent["files"].get(name, []), check_first=check_first,
+                                           since_ms=since)
         before_each("runs")
         rows = [{**r, **{f"{n}_snapshot_id": snapshots[n] for n in T.TABLES}} for r in intent["runs"]]
-        self._commit("runs", scan_id, unit, rows=T.runs_table(rows), check_first=check_first)
+        self._commit("runs", scan_id, unit, rows=T.runs_table(rows), check_first=check_first, since_ms=since)
         before_each("done")
         self.fs.rm_file(path)
         return snapshots
 
-    def recover(self, before_each=None) -> list[str]:
-        """Finish the commits a killed driver left half done; returns the intents completed."""
+    def pending_intents(self) -> list[tuple[str, dict | None]]:
+        """The intents a killed driver left: (path, the intent, or None where it cannot be read)."""
         root = f"{self.root}/_intents"
         try:
-            paths = sorted(self.fs.ls(root, detail=False))
+            paths = sorted(p for p in self.fs.ls(root, detail=False) if p.endswith(".json"))
         except FileNotFoundError:
             return []
-        done = []
+        found = []
         for p in paths:
-            if not p.endswith(".json"):
+            try:
+                intent = json.loads(self.fs.cat_file(p))
+                if not (isinstance(intent, dict) and {"scan_id", "unit", "files", "runs"} <= intent.keys()):
+                    raise ValueError("not an intent")
+            except FileNotFoundError:
+                continue  # finished by another process meanwhile
+            except (ValueError, UnicodeDecodeError):
+                intent = None
+            found.append((p, intent))
+        return found
+
+    def recover(self, before_each=None) -> list[str]:
+        """Finish the commits a killed driver left half done; returns the intents completed.
+
+        An intent that cannot be read was cut short while it was written (a full disk; a
+        store that is not atomic), so no commit of its unit had started: it is set aside in
+        ``_intents/unreadable/`` with a message naming it, and the unit's objects are scored
+        again by the next scan. It never blocks the scans after it.
+        """
+        done = []
+        for p, intent in self.pending_intents():
+            if intent is None:
+                aside = f"{self.root}/_intents/unreadable/{p.rsplit('/', 1)[-1]}"
+                self.fs.makedirs(aside.rsplit("/", 1)[0], exist_ok=True)
+                self.fs.mv(p, aside)
+                print(f"warning: commit intent {p} is unreadable (cut short while it was written, before any commit of its "
+                      f"unit): set aside as {aside}; its objects are scored again", flush=True)
                 continue
-            intent = json.loads(self.fs.cat_file(p))
             self.commit_unit(intent, check_first=True, before_each=before_each)
             done.append(p)
         return done
@@ -306,3 +433,64 @@ def read_table(output: str, name: str, row_filter=None, catalog: str = "", names
     if name not in OUTPUT_TABLES:
         raise ValueError(f"no table {name!r}; one of {', '.join(OUTPUT_TABLES)}")
     return ScanOutput.open(output, catalog, namespace, storage_options, create=False).read(name, row_filter)
+
+
+def _properties(name: str) -> dict[str, str]:
+    """The table properties of table ``name`` (``TABLE_PROPERTIES``, its comment, and verdicts' no-rebase)."""
+    props = {**TABLE_PROPERTIES, "comment": T.TABLE_DOCS[name]}
+    if name == T.VERDICTS:
+        props.update(NO_REBASE)
+    return props
+
+
+def _metadata_files(fs, folder: str) -> list[str]:
+    try:
+        names = fs.ls(folder, detail=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = [(int(m.group(1)), n) for n in names if (m := _METADATA_FILE.match(n.rstrip("/").rsplit("/", 1)[-1]))]
+    return [n for _, n in sorted(found)]
+
+
+def _refuse_non_output(fs, root: str, output: str) -> None:
+    """Before a reader opens ``output``: refuse a folder that is no scan output, without creating anything in it.
+
+    Every catalog keeps the tables' metadata files under the output (``OUT/<table>/metadata``),
+    so a folder without them holds no scan tables, whatever the catalog says.
+    """
+    on_disk = [n for n in T.ALL_TABLES if _metadata_files(fs, f"{root}/{n}/metadata")]
+    if not on_disk:
+        legacy = fs.exists(f"{root}/scores") or fs.exists(f"{root}/runs")
+        raise NotAScanOutputError(f"{output} is not a scan output (no table metadata under it): give the --output of jobs.scan"
+                                  + (f"; one written before schema 3 needs 'python -m jobs.audit migrate --output {output}'" if legacy else ""))
+
+
+def _refuse_lost_sqlite(fs, root: str, output: str) -> None:
+    """The default SQLite catalog beside a local output is missing or empty while its tables' metadata is there:
+    refused before opening it (which would create it, empty)."""
+    db = f"{root}/catalog.db"
+    if fs.exists(db) and fs.size(db) > 0:
+        return
+    on_disk = [n for n in T.ALL_TABLES if _metadata_files(fs, f"{root}/{n}/metadata")]
+    if on_disk:
+        raise LostCatalogError(f"{output}/catalog.db is missing or empty, but {output} holds the metadata of its tables "
+                               f"({', '.join(on_disk)}): nothing was written; register them again with "
+                               f"'python -m jobs.maintain repair --output {output}'")
+
+
+def write_atomic(fs, path: str, data: bytes) -> None:
+    """``data`` at ``path``, whole or not at all: a local file through a temporary file and a rename; an
+    object store's PUT is atomic already."""
+    if not is_local_fs(fs):
+        fs.pipe_file(path, data)
+        return
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

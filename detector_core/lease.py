@@ -106,14 +106,16 @@ class Lease:
         try:
             if getattr(self.fs, "local_file", False):
                 # O_EXCL alone would let a reader see the new file before its bytes: write a
-                # temporary file, then hard-link it into place (fails if the name exists).
+                # temporary file, then hard-link it into place (fails if the name exists). The
+                # temporary file goes whatever happens (a full disk fails the write itself).
                 tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-                with open(tmp, "wb") as f:
-                    f.write(data)
                 try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
                     os.link(tmp, path)
                 finally:
-                    os.unlink(tmp)
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
             else:
                 self.fs.pipe_file(path, data, mode="create")  # S3: If-None-Match: *
         except FileExistsError:
@@ -163,11 +165,30 @@ class Lease:
                 raise LeaseLostError(self.lost)
 
     def release(self) -> None:
+        """Give the lease up. Where no record can be written (a full disk), this writer's own
+        records are deleted instead, newest first, which frees the output just as well: the
+        newest record left is then the previous holder's, released or expired."""
         self.stop_renewing()
         with self._lock:
             gen, record = self.current()
-            if gen == self.generation and (record or {}).get("owner") == self.owner:
+            if gen != self.generation or (record or {}).get("owner") != self.owner:
+                return
+            try:
                 self._create(gen + 1, "released")
+            except OSError as exc:
+                print(f"warning: could not write the release of {self.dir} ({type(exc).__name__}: {exc}); deleting this "
+                      "writer's lease records instead", flush=True)
+                self._delete_own()
+
+    def _delete_own(self) -> None:
+        for g in reversed(self._generations()):
+            path = f"{self.dir}/{g:012d}.json"
+            try:
+                if json.loads(self.fs.cat_file(path)).get("owner") != self.owner:
+                    return  # an older holder's record: the chain below is not ours
+                self.fs.rm_file(path)
+            except FileNotFoundError:
+                continue
 
     def _cleanup(self, newest: int) -> None:
         for g in self._generations():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from detector_core.catalog import HISTORY, PROP_MARK, STATE, ScanOutput
+from detector_core.catalog import HISTORY, PROP_COMPACTION, PROP_MARK, STATE, ScanOutput
 
 __all__ = ["commit_state", "history_files_since", "open_state", "state_files", "state_mark"]
 
@@ -37,15 +37,28 @@ def state_mark(table) -> dict[str, int]:
     return json.loads(table.properties.get(PROP_MARK, "{}")) or {name: 0 for name in HISTORY}
 
 def history_files_since(out: ScanOutput, name: str, sequence_number: int) -> tuple[list[str], int]:
-    """Data files committed to ``name`` after ``sequence_number`` (walking only the newer snapshots), and the newest number."""
+    """Data files committed to ``name`` after ``sequence_number`` (walking only the newer snapshots), and the newest number.
+
+    From 0 (a state being rebuilt) it is every data file of the current snapshot: older
+    snapshots may have been expired (``detector_core.maintenance``), their rows live on in the
+    current files. Compaction snapshots add no history (their rows are already counted) and
+    are skipped.
+    """
     from pyiceberg.manifest import ManifestEntryStatus
 
     table = out.table(name)
+    current = table.current_snapshot()
+    if sequence_number == 0:
+        if current is None:
+            return [], 0
+        return [t.file.file_path for t in table.scan().plan_files()], current.sequence_number or 0
     paths, top = [], sequence_number
     for snap in table.metadata.snapshots:
         if (snap.sequence_number or 0) <= sequence_number:
             continue
         top = max(top, snap.sequence_number)
+        if snap.summary is not None and snap.summary.additional_properties.get(PROP_COMPACTION):
+            continue
         for manifest in snap.manifests(table.io):
             if manifest.added_snapshot_id != snap.snapshot_id:
                 continue

@@ -60,6 +60,41 @@ TABLE_SCHEMAS = {"scores": SCORES_SCHEMA, "flagged": SCORES_SCHEMA, "errors": ER
 PARTITIONED = {"scores": PARTITION_COLUMNS, "flagged": PARTITION_COLUMNS, "errors": PARTITION_COLUMNS, "runs": (),
                VERDICTS: (S.REVIEW_DATE,)}
 
+# What each table is, for the catalog (Iceberg's ``comment`` property: Glue, Athena and Spark show it).
+TABLE_DOCS = {
+    "scores": "one row per scanned object and detector: the score, the threshold and whether it flagged (diffusion-detector)",
+    "flagged": "the rows of scores at or above the detector's threshold; committed after scores, so each has its scores row",
+    "errors": "one row per object and detector that could not be scored: where and why it failed",
+    "runs": "one row per commit unit (status 'unit') and finished scan (status 'completed') and detector, with the snapshot ids "
+            "of scores, flagged and errors as of that row: pin them to read whole units",
+    VERDICTS: "reviewers' verdicts on flagged images (generated, real, unsure), imported from the review page's exports",
+    "state": "derived: the latest outcome of every object per detector, what the next scan skips (rebuilt from scores and errors)",
+}
+RUNS_DOCS = {
+    "unit": "commit unit number within the scan (-1 for the scan's completed row)",
+    "status": "'unit' (one commit unit), 'completed' (the finished scan) or 'repair' (jobs.maintain repair)",
+    "input": "what the scan listed (prefix, manifest or inventory)",
+    "listed": "objects listed", "skipped": "objects already settled by an earlier scan (unchanged)",
+    "scored": "rows added to scores", "flagged": "rows added to flagged", "errors": "rows added to errors",
+    "model_loads": "times a Scorer built its models", "seconds": "scan wall time", "started_at": "when the scan started (UTC)",
+    "committed_at": "when this row was committed (UTC)",
+    "scores_snapshot_id": "the scores snapshot as of this row (read with VERSION AS OF / snapshot_from_id)",
+    "flagged_snapshot_id": "the flagged snapshot as of this row", "errors_snapshot_id": "the errors snapshot as of this row",
+    "config": "the scan's resolved configuration (JSON)", "schema_version": "the tables' schema version that wrote the row",
+}
+STATE_DOCS = {"outcome": "scored, or failed (an error that settles the object)", "uri_bucket": "partition: Iceberg bucket[N](uri)"}
+
+
+def column_docs(name: str) -> dict[str, str]:
+    """Each column's documentation for table ``name`` (Iceberg field docs)."""
+    docs = dict(S.COLUMN_DOCS)
+    if name == "runs":
+        docs.update({S.SCAN_DATE: S.COLUMN_DOCS[S.SCAN_DATE].replace("partition: ", ""), **RUNS_DOCS})
+    if name == "state":
+        docs.update(STATE_DOCS)
+    return docs
+
+
 # Versions 1-2: hive folders, partition columns only in the paths.
 LEGACY_PARTITION_SCHEMA = pa.schema([(S.SCAN_DATE, pa.string()), (S.BUCKET, pa.string())])
 

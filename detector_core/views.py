@@ -7,6 +7,11 @@ three agree even while a scan commits its next unit; ``runs`` (one row per finis
 scan and detector, ``read_runs``); ``verdicts`` (every reviewer's verdict, the table's
 latest snapshot, unfiltered) and ``latest_verdicts`` (the latest one on each image). Filters
 on the partition columns (``scan_date``, ``bucket``) prune manifests and files.
+
+The connection is read-only towards everything outside it: once the views exist, DuckDB may
+read files under the output only, load nothing more, and its configuration is locked, so
+SQL a user types (``jobs.audit query sql``, checked by ``read_only_sql`` too) can neither
+write a file, attach a database, nor read ``/etc/…``.
 """
 
 from __future__ import annotations
@@ -19,7 +24,15 @@ from detector_core import tables as T
 from detector_core.catalog import CatalogError, ScanOutput
 from detector_core.storage import is_remote, open_fs
 
-__all__ = ["FINISHED_RUNS_SCHEMA", "connect", "duckdb_connection", "open_scan_output", "pinned_snapshots", "read_runs", "sql_quote"]
+__all__ = ["FINISHED_RUNS_SCHEMA", "ReadOnlyError", "connect", "duckdb_connection", "lock_down", "open_scan_output",
+           "pinned_snapshots", "read_only_sql", "read_runs", "sql_quote"]
+
+# What a user's SQL may be: queries, and EXPLAIN of them (PRAGMA and SHOW parse as SELECT).
+READ_ONLY_STATEMENTS = ("SELECT", "EXPLAIN")
+
+
+class ReadOnlyError(ValueError):
+    """SQL that would do more than read the views."""
 
 
 def sql_quote(value: str) -> str:
@@ -123,7 +136,32 @@ def connect(out: ScanOutput, where: str = "", since: str = "", until: str = "", 
                    SELECT uri, v.verdict AS verdict, v.reviewer AS reviewer, v.reviewed_at AS reviewed_at
                    FROM (SELECT uri, arg_max({'verdict': verdict, 'reviewer': reviewer, 'reviewed_at': reviewed_at}, reviewed_at) AS v
                          FROM verdicts GROUP BY uri)""")
+    lock_down(con, out)
     return con
+
+
+def lock_down(con: duckdb.DuckDBPyConnection, out: ScanOutput) -> None:
+    """From now on ``con`` reads files under the output only, loads no extension, and cannot be reconfigured."""
+    import os
+
+    root = out.uri if is_remote(out.uri) else os.path.abspath(out.uri)
+    con.execute(f"SET allowed_directories = [{sql_quote(root.rstrip('/') + '/')}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+
+
+def read_only_sql(sql: str) -> str:
+    """``sql`` when every statement in it only reads (``READ_ONLY_STATEMENTS``), else ``ReadOnlyError`` naming the first that does not."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise ReadOnlyError(f"the SQL does not parse: {str(exc).splitlines()[0]}") from None
+    for st in statements:
+        kind = st.type.name
+        if kind not in READ_ONLY_STATEMENTS:
+            raise ReadOnlyError(f"query sql only reads: a {kind} statement is refused ({' '.join(st.query.split())[:80]!r}); "
+                                "use SELECT over the views scores, flagged, errors, runs, verdicts")
+    return sql
 
 
 def open_scan_output(scan: str, catalog: str = "", namespace: str = "", storage_options: dict | None = None) -> ScanOutput:

@@ -46,7 +46,7 @@ from detector_core import tables as T
 from detector_core.catalog import CatalogError, ScanOutput
 from detector_core.questions import QUESTIONS, QuestionError, question_sql, where_clause
 from detector_core.storage import open_fs, s3_storage_options
-from detector_core.views import connect, read_runs
+from detector_core.views import ReadOnlyError, connect, read_only_sql, read_runs
 from jobs.common import JobError, open_output, parse_date, run_main, write_parquet
 from jobs.flags import CatalogOptions, StorageOptions, opt, parse_config
 
@@ -94,11 +94,18 @@ def answer(cfg: AuditConfig) -> pa.Table:
         raise JobError(f"--bucket {cfg.bucket!r} is not a bucket name")
     try:
         sql = question_sql(cfg)
-    except QuestionError as exc:
+        if cfg.question == "sql":
+            read_only_sql(sql)
+    except (QuestionError, ReadOnlyError) as exc:
         raise JobError(str(exc))
     try:
         con = connect(out, where_clause(cfg), since, until, cfg.bucket, runs)
         return con.sql(sql).to_arrow_table()
+    except duckdb.PermissionException as exc:
+        raise JobError(f"refused: the audit reads the tables of {cfg.scan} only ({str(exc).splitlines()[0]})")
+    except duckdb.IOException as exc:
+        raise JobError(f"query failed: {str(exc).splitlines()[0]}; if a file the tables reference is gone, "
+                       f"'python -m jobs.maintain check --output {cfg.scan}' lists them and 'repair' removes them")
     except duckdb.Error as exc:
         raise JobError(f"query failed: {str(exc).splitlines()[0]}")
 

@@ -16,7 +16,7 @@ from typing import Any, TypeVar, get_type_hints
 
 from jobs.common import JobError
 
-__all__ = ["CatalogOptions", "RayOptions", "StorageOptions", "in_interval", "opt", "parse_config", "parse_interval"]
+__all__ = ["CatalogOptions", "RayOptions", "RetentionOptions", "StorageOptions", "in_interval", "opt", "parse_config", "parse_interval"]
 
 T = TypeVar("T")
 
@@ -109,6 +109,16 @@ class CatalogOptions:
 
     catalog: str = opt("", "Iceberg catalog of the tables (default: the one OUT/_catalog.json records; see jobs.scan --catalog)")
     namespace: str = opt("", "catalog namespace of the output's tables (default: as recorded)")
+
+
+@dataclasses.dataclass
+class RetentionOptions:
+    """How long the tables' snapshots stay (each scan expires the rest at its end; jobs.maintain too)."""
+
+    keep_days: float = opt(7.0, "days a finished scan's snapshots stay readable (time travel, the runs pins of completed scans)",
+                           within="(0, inf)")
+    keep_unit_hours: float = opt(12.0, "hours each commit unit's intermediate snapshots stay readable (pins of a running scan's units)",
+                                 within="(0, inf)")
 
 
 @dataclasses.dataclass

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,10 +33,10 @@ from detector_core import schema as S
 from detector_core import state as ST
 from detector_core.catalog import PROP_PARTITIONS, ScanOutput
 from detector_core.inventory import inventory_files, inventory_rows, is_inventory
-from detector_core.listing import ListingUnit, is_manifest, list_unit, manifest_rows, split_prefix
+from detector_core.listing import ListingUnit, is_manifest, list_unit, local_path, manifest_rows, split_prefix
 from detector_core.manifest import qualify_uri
 from detector_core.state_table import open_state
-from detector_core.storage import join, open_fs
+from detector_core.storage import is_remote, join, open_fs
 
 __all__ = ["PlanError", "listing", "plan", "read_state", "remove_plan", "shuffle_partitions", "typed_udf"]
 
@@ -74,9 +75,15 @@ def _bucketed(fn, n: int, caption: bool = False):
     return typed_udf(fn, CAPTIONS_SCHEMA if caption else ST.LIST_SCHEMA, functools.partial(_with_bucket, n=n, caption=caption))
 
 
-def _list_units(batch: pa.Table, storage_options: dict | None) -> Iterator[pa.Table]:
+def _list_units(batch: pa.Table, storage_options: dict | None, exclude: str = "") -> Iterator[pa.Table]:
     for prefix, recursive in zip(batch["prefix"].to_pylist(), batch["recursive"].to_pylist()):
-        yield from list_unit(ListingUnit(prefix, recursive), storage_options)
+        for rows in list_unit(ListingUnit(prefix, recursive), storage_options):
+            yield rows.filter(pc.invert(pc.fill_null(pc.starts_with(rows[S.URI], exclude), False))) if exclude else rows
+
+
+def folder_prefix(uri: str) -> str:
+    """``uri`` as the prefix its objects' uris start with (absolute for local paths, one trailing slash)."""
+    return (uri if is_remote(uri) else os.path.abspath(local_path(uri))).rstrip("/") + "/"
 
 
 def _open(path: str, storage_options: dict | None):
@@ -125,17 +132,25 @@ def _source_kind(source: str, storage_options: dict | None) -> str:
     return "prefix"
 
 
-def listing(source: str, storage_options: dict | None, fan_out: int = 64, n: int = ST.DEFAULT_PARTITIONS):
-    """The input as a Ray dataset of ``LIST_SCHEMA`` rows with their ``uri_bucket`` of ``n``, and how it was read."""
+def listing(source: str, storage_options: dict | None, fan_out: int = 64, n: int = ST.DEFAULT_PARTITIONS, exclude: str = ""):
+    """The input as a Ray dataset of ``LIST_SCHEMA`` rows with their ``uri_bucket`` of ``n``, and how it was read.
+
+    ``exclude``: a prefix (``folder_prefix`` of the scan's output) whose objects a prefix
+    listing leaves out: an output inside its own input would otherwise scan its own tables.
+    """
     import ray
 
     kind = _source_kind(source, storage_options)
     if kind == "prefix":
-        units = split_prefix(source, storage_options, target=fan_out)
-        ds = ray.data.from_items([{"prefix": u.prefix, "recursive": u.recursive} for u in units], override_num_blocks=len(units))
-        ds = ds.map_batches(_bucketed(_list_units, n), fn_kwargs=dict(storage_options=storage_options), batch_size=1,
-                            batch_format="pyarrow")
-        return ds, {"input_kind": "prefix", "listing_units": len(units)}
+        if exclude and folder_prefix(source).startswith(exclude):
+            raise PlanError(f"--input {source} is the output or inside it: scan another prefix, or write the tables elsewhere")
+        inside = bool(exclude) and exclude.startswith(folder_prefix(source))
+        units = [u for u in split_prefix(source, storage_options, target=fan_out)
+                 if not (exclude and folder_prefix(u.prefix).startswith(exclude))]
+        ds = ray.data.from_items([{"prefix": u.prefix, "recursive": u.recursive} for u in units], override_num_blocks=max(1, len(units)))
+        ds = ds.map_batches(_bucketed(_list_units, n), fn_kwargs=dict(storage_options=storage_options, exclude=exclude if inside else ""),
+                            batch_size=1, batch_format="pyarrow")
+        return ds, {"input_kind": "prefix", "listing_units": len(units), "output_left_out": inside}
     if kind == "manifest":
         fmt = "parquet" if source.lower().endswith((".parquet", ".pq")) else "csv"
         columns = _manifest_columns(source, fmt, storage_options)
@@ -219,7 +234,7 @@ def plan(out: ScanOutput, source: str, detector_ids: list[str], scan_id: str, fu
     table, files = open_state(out)
     n = int(table.properties.get(PROP_PARTITIONS, ST.DEFAULT_PARTITIONS))
     state_files = {b: [df.file_path for df in fs] for b, fs in files.items()}
-    ds, info = listing(source, storage_options, fan_out, n)
+    ds, info = listing(source, storage_options, fan_out, n, exclude=folder_prefix(out.uri))
     if captions:
         ds = ds.union(_caption_dataset(captions, storage_options, n))
     plan_dir = join(out.uri, "_plan", scan_id)

@@ -33,7 +33,10 @@ the ``state`` table is caught up with every commit before planning), so a
 scan killed at any moment is continued by the next run, whatever its input, and nothing
 half-written is ever visible: uncommitted data files are unreferenced, and a unit whose
 four table commits were cut short is finished from its intent before the next scan
-plans. The run summary is ``runs`` rows in the catalog and ``OUT/runs/<scan_id>.json``.
+plans. The run summary is ``runs`` rows in the catalog and ``OUT/runs/<scan_id>.json``. A
+scan ends by expiring the snapshots nobody needs any more (``--keep-days``,
+``--keep-unit-hours``; ``detector_core.maintenance``), so the tables' metadata stays the
+same size night after night; ``jobs.maintain`` does the rest (compaction, orphan files).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from detector_core import maintenance
 from detector_core import tables as T
 from detector_core.bundle import BundleError, DetectorBundle, load_bundle
 from detector_core.catalog import CatalogError, ScanOutput
@@ -55,14 +59,14 @@ from detector_core.lease import Lease, LeaseHeldError, LeaseLostError
 from detector_core.storage import s3_storage_options
 from jobs import planning, stream
 from jobs.common import JobError, check_connection, config_dict, init_ray, join, new_run_id, require_weights, run_main, write_json
-from jobs.flags import RayOptions, StorageOptions, opt, parse_config
+from jobs.flags import RayOptions, RetentionOptions, StorageOptions, opt, parse_config
 from jobs.pipeline import feature_drafts, feature_specs, trained_draft
 from jobs.planning import PlanError, remove_plan
 from jobs.refresh import refresh_state
 
 
 @dataclass
-class ScanConfig(RayOptions, StorageOptions):
+class ScanConfig(RetentionOptions, RayOptions, StorageOptions):
     detector: str = opt("", "detector bundle folder (local or s3://), as written by jobs.train to OUT/detector; either kind (clip-mlp, dnf-resnet)")
     ensemble: str = opt("", "more detector bundles to run in the same pass, comma-separated (e.g. a DNF bundle next to a CLIP one): one row per object and detector")
     input: str = opt("", "what to scan: a prefix (s3://bucket/prefix, gs://…, a local folder), a .parquet/.csv manifest with a uri column (optional etag, size), or an S3 Inventory report: its manifest.json, that file's folder, or a glob of them (s3://inv/src/cfg/*/manifest.json: the newest of each)")
@@ -85,7 +89,7 @@ class ScanConfig(RayOptions, StorageOptions):
     lease_ttl: float = opt(300.0, "seconds a scan's lease on the output lasts without renewal (a dead scan blocks the output this long)", within="(0, inf)")
     wait: bool = opt(False, "if another scan holds the output's lease, wait for it instead of refusing")
     crash_actor_once: str = opt("", "testing: the first Scorer batch kills its actor process if this marker file does not exist yet")
-    kill_at: str = opt("", "testing: STEP:UNIT kills the driver with SIGKILL before commit step STEP (intent, errors, flagged, scores, runs, done) of unit UNIT")
+    kill_at: str = opt("", "testing: STEP:UNIT kills the driver with SIGKILL before commit step STEP (intent, errors, scores, flagged, runs, done) of unit UNIT")
 
 
 def validate(cfg: ScanConfig) -> None:
@@ -102,6 +106,9 @@ def validate(cfg: ScanConfig) -> None:
             dt.date.fromisoformat(cfg.scan_date)
         except ValueError:
             raise JobError(f"--scan-date {cfg.scan_date!r} is not a date (YYYY-MM-DD)")
+    if planning.folder_prefix(cfg.input).startswith(planning.folder_prefix(cfg.output)):
+        raise JobError(f"--input {cfg.input} is the output {cfg.output} or inside it: the scan would score its own tables; "
+                       "write them elsewhere (an output inside the input is fine: it is left out of the listing)")
     if cfg.kill_at and (cfg.kill_at.count(":") != 1 or not cfg.kill_at.split(":")[1].isdigit()):
         raise JobError(f"--kill-at {cfg.kill_at!r}: STEP:UNIT")
 
@@ -183,7 +190,11 @@ def run_scan(cfg: ScanConfig) -> dict:
     except LeaseLostError as exc:
         raise JobError(f"{exc}; nothing of this scan's uncommitted work is visible, run it again")
     finally:
-        lease.release()
+        try:
+            lease.release()
+        except Exception as exc:  # noqa: BLE001 - the scan's own error, not this one, is what the user must read
+            print(f"warning: the lease of {cfg.output} could not be released ({type(exc).__name__}: {exc}); it expires after "
+                  f"--lease-ttl {cfg.lease_ttl:g} s", file=sys.stderr, flush=True)
 
 
 def _scan_under_lease(cfg, so, uris, bundles, scan_date, out: ScanOutput, scan_id: str, lease: Lease) -> dict:
@@ -209,6 +220,8 @@ def _scan_under_lease(cfg, so, uris, bundles, scan_date, out: ScanOutput, scan_i
               "skipped_by_detector": plan_counts["skipped"]}
     print(f"plan: {plan_counts['listed']} listed ({plan_counts['input_kind']}), {plan_counts['work']} to score, "
           f"{plan_counts['duplicates']} duplicate uris, {plan_counts['list_errors']} unusable rows ({plan_counts['plan_seconds']} s)")
+    if plan_counts.get("output_left_out"):
+        print(f"the output {cfg.output} lies inside the input: its own files are left out of the listing")
     base = {"scan_id": scan_id, "scan_date": scan_date, "input": cfg.input, "listed": None, "skipped": None, "model_loads": None,
             "seconds": None, "started_at": started_at, "config": json.dumps(config_dict(cfg)), "schema_version": T.SCHEMA_VERSION}
     totals = {b.detector_id: {t: 0 for t in T.TABLES} for b in bundles}
@@ -251,6 +264,9 @@ def _scan_under_lease(cfg, so, uris, bundles, scan_date, out: ScanOutput, scan_i
     final = [_run_row(summary_base, b, -1, "completed", totals[b.detector_id], {"skipped": counts["skipped_by_detector"][b.detector_id]})
              for b in bundles]
     snaps = out.commit_unit({"scan_id": scan_id, "unit": -1, "files": {}, "runs": final}, before_each=lambda step: lease.check())
+    # The cheap part of maintenance, every night: metadata-only commits that keep the snapshot
+    # count (and so every later commit's cost) bounded; compaction and orphans are jobs.maintain's.
+    expired = maintenance.expire(out, cfg.keep_days, cfg.keep_unit_hours)
     summary = {
         "scan_id": scan_id, "detector": cfg.detector, "detector_id": bundles[0].detector_id, "detector_kind": bundles[0].kind,
         "feature_id": bundles[0].features.id, "threshold": bundles[0].threshold, "input": cfg.input, "output": cfg.output,
@@ -262,7 +278,7 @@ def _scan_under_lease(cfg, so, uris, bundles, scan_date, out: ScanOutput, scan_i
         "commit_units": units, "commit_seconds": [round(s, 3) for s in commit_seconds], "model_loads": model_loads,
         "driver_rows_received": driver_rows, "data_files": files, "recovered_units": len(recovered), "plan": plan_counts,
         "state_refresh": {"before": state_before, "after": state_after},
-        "snapshot_ids": snaps,
+        "snapshot_ids": snaps, "expired_snapshots": expired,
         "detectors": [{"detector": u, "detector_id": b.detector_id, "detector_kind": b.kind, "feature_id": b.features.id,
                        "threshold": b.threshold, "feature_compute": {"trained": b.feature_compute or None,
                                                                      "scanned": feature_compute(b.features, cfg.gpu, draft=trained_draft(b))},

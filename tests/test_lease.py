@@ -108,8 +108,8 @@ def _intent(out: ScanOutput, scan_id: str, unit: int, rows: int) -> dict:
 
 
 # Where the driver dies -> rows per table (scores, flagged, errors) just after: the commit order is
-# intent, errors, flagged, scores, runs, then the intent is removed.
-CUT = {"intent": [3, 3, 3], "errors": [3, 3, 3], "flagged": [3, 3, 5], "scores": [3, 5, 5], "runs": [5, 5, 5], "done": [5, 5, 5]}
+# intent, errors, scores, flagged, runs, then the intent is removed.
+CUT = {"intent": [3, 3, 3], "errors": [3, 3, 3], "scores": [3, 3, 5], "flagged": [5, 3, 5], "runs": [5, 5, 5], "done": [5, 5, 5]}
 
 
 @pytest.mark.parametrize("step", list(CUT))

@@ -296,3 +296,17 @@ def test_unusable_inputs_are_refused_naming_what_is_wrong(ray_local, bundle_dir,
     empty = tmp_path / "empty.csv"
     empty.write_text("uri,etag,size\n")
     assert scan.main(["--detector", str(bundle_dir), "--input", str(empty), "--output", str(tmp_path / "out")])["listed"] == 0
+
+
+def test_an_output_inside_its_input_is_left_out_and_an_input_inside_the_output_refused(ray_local, bundle_dir, tmp_path):
+    bucket = tmp_path / "bucket"
+    uris = _images(bucket, 3, 21)
+    args = ["--detector", str(bundle_dir), "--input", str(bucket), "--output", str(bucket / "scans")]
+    assert scan.main(args)["scored"] == 3
+    again = scan.main(args)  # the first scan's tables, catalog and summaries are under the input now
+    assert again["listed"] == 3 and again["skipped"] == 3 and again["errors"] == 0
+    _exactly_once(bucket / "scans", uris)
+    for output in (bucket, tmp_path):
+        with pytest.raises(JobError, match="is the output"):
+            scan.main(["--detector", str(bundle_dir), "--input", str(bucket), "--output", str(output)])
+    assert not (tmp_path / "catalog.db").exists() and not (bucket / "catalog.db").exists()

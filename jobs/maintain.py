@@ -1,0 +1,169 @@
+"""Keep a scan output's tables bounded and whole: expire, compact, remove orphans; check for and repair damage.
+
+    python -m jobs.maintain --output ./scans                                   # expire, compact, remove orphans
+    python -m jobs.maintain check --output s3://audit/scans --catalog detector # missing files, lost tables (exit 1 if any)
+    python -m jobs.maintain repair --output ./scans                            # register lost tables, drop missing files
+    ray job submit --address http://127.0.0.1:8265 --runtime-env cluster/runtime_env.yaml -- \\
+        python -m jobs.maintain --output s3://audit/scans --catalog detector
+
+Every scan expires snapshots at its end (the cheap, metadata-only part); this job does the
+rest on its own schedule (the nightly CronJob runs it after the scan and the report):
+
+- ``expire``: snapshots past ``--keep-days`` (finished scans) and ``--keep-unit-hours``
+  (a unit's intermediate snapshots), never one a recent ``runs`` row pins;
+- ``compact``: each finished night's small data files into few large ones;
+- ``orphans``: files no live snapshot references, older than ``--orphan-age-hours``.
+
+It is safe beside a running scan: every change is an optimistic Iceberg commit tried again
+when the scan's commit wins, orphans must be older than any commit in flight, and files a
+pending intent names are kept. It finishes a killed scan's half-committed units only when
+the output's lease is free (never under a running scan). ``repair`` holds the lease
+(``--wait`` for it): it registers the tables of a lost or emptied catalog again from their
+newest metadata, removes referenced files that are missing from the tables, rebuilds the
+damaged ``flagged`` partitions from ``scores``, and drops the ``state`` so that the next
+scan scores the lost objects again. What each run did is saved as
+``OUT/_maintenance/<id>.json`` with its resolved config. Nothing here needs Ray.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+import time
+from dataclasses import dataclass
+
+from detector_core import maintenance as M
+from detector_core.catalog import CatalogError, ScanOutput
+from detector_core.lease import Lease, LeaseHeldError
+from detector_core.storage import s3_storage_options
+from jobs.common import JobError, config_dict, join, new_run_id, run_main, write_json
+from jobs.flags import CatalogOptions, RetentionOptions, StorageOptions, opt, parse_config
+
+STEPS = ("expire", "compact", "orphans")
+
+
+@dataclass
+class MaintainConfig(RetentionOptions, CatalogOptions, StorageOptions):
+    output: str = opt("", "the scan output to maintain (the --output of jobs.scan), local or s3://")
+    steps: str = opt(",".join(STEPS), "comma-separated steps to run: " + ", ".join(STEPS))
+    orphan_age_hours: float = opt(72.0, "remove unreferenced files only when older than this (keep it far above a commit unit's duration)",
+                                  within="(0, inf)")
+    compact_min_files: int = opt(4, "rewrite a finished night's partition once it holds this many data files", within="[2, inf)")
+    dry_run: bool = opt(False, "list the orphan files instead of deleting them (the other steps run as usual)")
+    wait: bool = opt(False, "repair: if a scan holds the output's lease, wait for it instead of refusing")
+    lease_ttl: float = opt(300.0, "seconds this job's lease on the output lasts without renewal", within="(0, inf)")
+
+
+def _open(cfg: MaintainConfig, lost_ok: bool = False) -> ScanOutput:
+    if not cfg.output:
+        raise JobError("--output (the scan output) is required")
+    try:
+        return ScanOutput.open(cfg.output, cfg.catalog, cfg.namespace, s3_storage_options(cfg.s3_endpoint or None), create=False,
+                               lost_ok=lost_ok)
+    except CatalogError as exc:
+        raise JobError(str(exc))
+
+
+def _record(out: ScanOutput, cfg: MaintainConfig, kind: str, result: dict) -> dict:
+    run_id = new_run_id(kind)
+    result = {"id": run_id, "kind": kind, "output": cfg.output, "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(), **result,
+              "config": config_dict(cfg)}
+    write_json(join(cfg.output, "_maintenance", f"{run_id}.json"), result, out.storage_options)
+    return result
+
+
+def _count(by_table: dict) -> str:
+    return ", ".join(f"{k} {v if isinstance(v, int) else len(v)}" for k, v in by_table.items() if v) or "none"
+
+
+def maintain(cfg: MaintainConfig) -> dict:
+    steps = [s.strip() for s in cfg.steps.split(",") if s.strip()]
+    unknown = sorted(set(steps) - set(STEPS))
+    if unknown:
+        raise JobError(f"--steps: unknown {', '.join(unknown)}; choose from {', '.join(STEPS)}")
+    out = _open(cfg)
+    out.ensure_tables()  # today's table properties and docs on tables an older version made
+    t0 = time.time()
+    result: dict = {"steps": steps}
+    lease = Lease(out.fs, out.root, new_run_id("maintain"), cfg.lease_ttl)
+    try:
+        lease.acquire()
+    except LeaseHeldError as exc:
+        result["recovered_units"] = None
+        print(f"a scan holds the lease ({exc.holder.get('scan_id')}): its pending commit units are left to it")
+    else:
+        try:
+            result["recovered_units"] = len(out.recover(before_each=lambda step: lease.check()))
+        finally:
+            lease.release()
+    if "expire" in steps:
+        result["expired_snapshots"] = M.expire(out, cfg.keep_days, cfg.keep_unit_hours)
+        print(f"expired snapshots: {_count(result['expired_snapshots'])}")
+    if "compact" in steps:
+        result["compacted_files"] = M.compact(out, min_files=cfg.compact_min_files)
+        print(f"compacted data files: {_count(result['compacted_files'])}")
+    if "orphans" in steps:
+        removed = M.remove_orphans(out, cfg.orphan_age_hours * 3600, dry_run=cfg.dry_run)
+        result["orphan_files"] = removed
+        print(f"{'orphan files (dry run, kept)' if cfg.dry_run else 'removed orphan files'}: {_count(removed)}")
+    result["seconds"] = round(time.time() - t0, 2)
+    return _record(out, cfg, "maintain", result)
+
+
+def run_check(cfg: MaintainConfig) -> dict:
+    out = _open(cfg)
+    problems = M.check(out)
+    for name, kinds in problems.items():
+        for kind, paths in kinds.items():
+            if name == "_repair":
+                print(f"a repair was cut short ({paths[0]}): run 'python -m jobs.maintain repair' again to finish it")
+                continue
+            print(f"{out.identifier(name)}: {len(paths)} {kind} file(s) referenced and missing, e.g. {paths[0]}")
+    if problems:
+        damaged = [n for n in problems if n != "_repair"]
+        raise JobError(f"{cfg.output}: " + (f"referenced files are missing in {', '.join(damaged)}; " if damaged else "")
+                       + ("a repair was cut short; " if "_repair" in problems else "")
+                       + f"'python -m jobs.maintain repair --output {cfg.output}' mends it (lost objects are scored again)", code=1)
+    print(f"{cfg.output}: every file the tables' live snapshots reference is there")
+    return {"problems": {}}
+
+
+def run_repair(cfg: MaintainConfig) -> dict:
+    out = _open(cfg, lost_ok=True)
+    lease = Lease(out.fs, out.root, new_run_id("repair"), cfg.lease_ttl)
+    try:
+        lease.acquire(wait=cfg.wait)
+    except LeaseHeldError as exc:
+        raise JobError(str(exc))
+    lease.start_renewing()
+    try:
+        done = M.repair(out)
+    finally:
+        lease.release()
+    if done["registered"]:
+        print(f"registered again from their newest metadata: {', '.join(done['registered'])}")
+    for name, paths in done["removed"].items():
+        print(f"{out.identifier(name)}: removed {len(paths)} missing data file(s)")
+    if done["flagged_rows_rebuilt"]:
+        print(f"flagged partitions rebuilt from scores: {done['flagged_rows_rebuilt']} rows")
+    if done["state_reset"]:
+        print("state dropped: the next scan rebuilds it from history and scores the lost objects again")
+    for name, paths in done["unrepairable"].items():
+        print(f"{out.identifier(name)}: {len(paths)} manifest or metadata file(s) missing; not repairable here "
+              f"(e.g. {paths[0]})", file=sys.stderr)
+    if not (done["registered"] or done["removed"] or done["state_reset"] or done["unrepairable"]):
+        print(f"{cfg.output}: nothing to repair")
+    return _record(out, cfg, "repair", done)
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["check"], ["repair"]):
+        cmd, rest = argv[0], argv[1:]
+        cfg = parse_config(MaintainConfig, rest, __doc__)
+        return run_check(cfg) if cmd == "check" else run_repair(cfg)
+    return maintain(parse_config(MaintainConfig, argv, __doc__))
+
+
+if __name__ == "__main__":
+    run_main(main)
