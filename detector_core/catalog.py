@@ -195,8 +195,7 @@ class ScanOutput:
             if table.location().rstrip("/") != self.location(name).rstrip("/"):
                 raise CatalogError(f"table {self.identifier(name)} in this catalog belongs to {table.location()}, not to "
                                    f"{self.location(name)}: give this output its own --namespace")
-            self._rename_old_columns(table)
-            self._upgrade(self.table(name), name)
+            self._upgrade(self.table(name) if self._rename_old_columns(table) else table, name)
 
     @staticmethod
     def _upgrade(table, name: str) -> None:
@@ -216,18 +215,19 @@ class ScanOutput:
                         update.update_column(f.name, doc=docs[f.name])
 
     @staticmethod
-    def _rename_old_columns(table) -> None:
+    def _rename_old_columns(table) -> bool:
         """Schema evolution to this version's names (``S.RENAMED``): a metadata-only commit; the field
         keeps its id, and files written under the old name are read through the table's name mapping."""
         names = {f.name for f in table.schema().fields}
         todo = {old: new for old, new in S.RENAMED.items() if old in names and new not in names}
         if not todo:
-            return
+            return False
         with table.transaction() as tx:
             with tx.update_schema() as update:
                 for old, new in todo.items():
                     update.rename_column(old, new)
             tx.set_properties({PROP_SCHEMA_VERSION: T.SCHEMA_VERSION})
+        return True
 
     def reset_state(self, exc: Exception | None = None, reason: str = "") -> None:
         """Drop an unreadable ``state`` table and create it empty: it is rebuilt from the history tables."""

@@ -39,7 +39,8 @@ import pyarrow.parquet as pq
 
 from detector_core import schema as S
 from detector_core import tables as T
-from detector_core.catalog import HISTORY, OUTPUT_TABLES, PROP_COMPACTION, PROP_MARK, STATE, ScanOutput, data_file_path
+from detector_core.catalog import (HISTORY, OUTPUT_TABLES, PROP_COMPACTION, PROP_MARK, PROP_SCAN, PROP_UNIT, STATE, ScanOutput,
+                                   data_file_path)
 from detector_core.storage import join
 
 __all__ = ["check", "compact", "expire", "register_lost", "remove_orphans", "repair"]
@@ -99,6 +100,9 @@ def expire(out: ScanOutput, keep_days: float = 7.0, unit_hours: float = 12.0, no
     Only metadata changes: the files stay until ``remove_orphans`` finds them unreferenced.
     """
     keep = pinned(out, keep_days, unit_hours, now)
+    # A killed scan's half-committed unit: recovery finds which tables it reached by these
+    # snapshots, so they stay until it has run (expired, the unit would be committed twice).
+    pending = {(i["scan_id"], str(i["unit"])) for _, i in out.pending_intents() if i}
     now_ms = _now_ms(now)
     state = out.find_table(STATE)
     mark = json.loads(state.properties.get(PROP_MARK, "{}")) if state is not None else {}
@@ -114,13 +118,19 @@ def expire(out: ScanOutput, keep_days: float = 7.0, unit_hours: float = 12.0, no
             folded = int(mark.get(name, 0)) if name in HISTORY else None
             ids = [s.snapshot_id for s in table.metadata.snapshots
                    if s.snapshot_id != current and s.timestamp_ms < now_ms - age_ms and s.snapshot_id not in keep.get(name, ())
-                   and (folded is None or (s.sequence_number or 0) <= folded)]  # the state's refresh still walks the others
+                   and (folded is None or (s.sequence_number or 0) <= folded)  # the state's refresh still walks the others
+                   and _unit_of(s) not in pending]
             if ids:
                 table.maintenance.expire_snapshots().by_ids(ids).commit()
             return len(ids)
 
         expired[name] = _retry(once, f"expiring snapshots of {out.identifier(name)}")
     return expired
+
+
+def _unit_of(snapshot) -> tuple[str | None, str | None]:
+    props = snapshot.summary.additional_properties if snapshot.summary else {}
+    return props.get(PROP_SCAN), props.get(PROP_UNIT)
 
 
 # -- compaction -------------------------------------------------------------------------------
@@ -255,6 +265,7 @@ def referenced(table) -> dict[str, set[str]]:
 
 
 def _listing(out: ScanOutput, folder: str) -> dict[str, dict]:
+    out.fs.invalidate_cache(folder)  # s3fs caches listings: this must be what the store holds now
     try:
         return out.fs.find(folder, detail=True)
     except FileNotFoundError:

@@ -266,7 +266,11 @@ def _scan_under_lease(cfg, so, uris, bundles, scan_date, out: ScanOutput, scan_i
     snaps = out.commit_unit({"scan_id": scan_id, "unit": -1, "files": {}, "runs": final}, before_each=lambda step: lease.check())
     # The cheap part of maintenance, every night: metadata-only commits that keep the snapshot
     # count (and so every later commit's cost) bounded; compaction and orphans are jobs.maintain's.
-    expired = maintenance.expire(out, cfg.keep_days, cfg.keep_unit_hours)
+    try:
+        expired = maintenance.expire(out, cfg.keep_days, cfg.keep_unit_hours)
+    except Exception as exc:  # noqa: BLE001 - the scan's rows are committed: a failed clean-up must not fail it
+        expired = {"error": f"{type(exc).__name__}: {exc}"}
+        print(f"warning: expiring old snapshots failed ({expired['error']}); jobs.maintain will do it", file=sys.stderr, flush=True)
     summary = {
         "scan_id": scan_id, "detector": cfg.detector, "detector_id": bundles[0].detector_id, "detector_kind": bundles[0].kind,
         "feature_id": bundles[0].features.id, "threshold": bundles[0].threshold, "input": cfg.input, "output": cfg.output,

@@ -206,6 +206,24 @@ def test_expiry_keeps_what_runs_pin_inside_the_window_and_the_audit_answers_as_b
         out.read("scores", snapshot_id=completed["scan-a"]["scores"])
 
 
+def test_expiry_keeps_a_half_committed_units_snapshots_until_it_is_recovered(tmp_path):
+    out = ScanOutput.open(str(tmp_path / "out"))
+    out.commit_unit(_unit(out, "scan-1", 0))
+
+    def die(at):
+        if at == "runs":
+            raise KeyboardInterrupt  # killed after flagged, before runs
+
+    with pytest.raises(KeyboardInterrupt):
+        out.commit_unit(_unit(out, "scan-1", 1), before_each=die)
+    out.commit_unit(_unit(out, "scan-2", 0))  # later commits: the half unit's snapshots are no longer current
+    _fold_history(out)
+    M.expire(out, keep_days=7, unit_hours=0, now=dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1))
+    out.recover()
+    flagged = out.read("flagged", selected_fields=(S.URI,))[S.URI].to_pylist()
+    assert len(flagged) == len(set(flagged)) == 6  # each unit's flagged rows once, not the half unit's twice
+
+
 def test_table_properties_bound_manifests_and_metadata_on_old_tables_too(tmp_path):
     out = ScanOutput.open(str(tmp_path / "out"))
     table = out.table("scores")
@@ -387,6 +405,8 @@ def test_glue_catalog_commits_reads_and_maintains_the_tables(s3_bucket, s3_serve
     described = glue.get_table(DatabaseName="detector_glue", Name="scores")["Table"]
     assert described["Parameters"]["table_type"].upper() == "ICEBERG"
     assert described["Parameters"]["metadata_location"] == out.table("scores").metadata_location
+    comments = {c["Name"]: c.get("Comment") for c in described["StorageDescriptor"]["Columns"]}
+    assert comments[S.SCORE] == S.COLUMN_DOCS[S.SCORE]  # what Athena's column list shows
     _fold_history(out)
     assert M.expire(out, keep_days=7, unit_hours=0)["flagged"] == 4
     assert M.compact(out, before=dt.date(2100, 1, 1), min_files=2)["scores"] == 5

@@ -177,9 +177,11 @@ def test_incremental_rerun_and_changes(ray_local, bundle_dir, tmp_path):
     rng = np.random.default_rng(9)
     _write(bucket, {f"new_{i}.png": encode(make_image(rng)) for i in range(3)})
     (bucket / "img_00.png").write_bytes(encode(make_image(rng, size=(90, 91))))  # changed object
-    third = scan.main(args)
+    third = scan.main([*args, "--keep-unit-hours", "0.000001"])  # the scan's end expires every unit snapshot not pinned
     assert third["scored"] == 4 and third["skipped"] == 11
     assert _tables(out)["scores"].num_rows == 16
+    # scores: the first scan's units 0 and 1 go; its unit 2 (its completed row's pin) and the third's unit (current) stay.
+    assert third["expired_snapshots"]["scores"] == 2 and third["expired_snapshots"]["runs"] == 6
     runs = _tables(out)["runs"]
     done = [r for r in runs.to_pylist() if r["status"] == "completed"]
     assert [r["scored"] for r in sorted(done, key=lambda r: r["started_at"])] == [12, 0, 4]
@@ -308,7 +310,7 @@ def test_kill_9_at_random_moments_then_rerun_is_exactly_once(ray_local, bundle_d
 
 
 def test_bug3_kill_9_between_table_commits_on_s3(ray_local, bundle_dir, s3_bucket, tmp_path):
-    """A real kill -9 after errors and flagged committed a unit and before scores did; every step in-process: test_lease.py."""
+    """A real kill -9 after errors and scores committed a unit and before flagged did; every step: test_lease.py, test_maintain.py."""
     import s3fs
 
     fs = s3fs.S3FileSystem()
