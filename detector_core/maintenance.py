@@ -367,18 +367,30 @@ def _full(out: ScanOutput, fs_path: str) -> str:
 
 
 def register_lost(out: ScanOutput) -> list[str]:
-    """Register every table the catalog lost from its newest metadata on storage; returns their names."""
+    """Register every table the catalog lost from its newest metadata on storage; returns their names.
+
+    A table's metadata names its location with absolute paths: metadata that names another
+    location (an output copied or moved) is refused (``CatalogError``), not registered.
+    """
+    from detector_core.catalog import CatalogError
+
     out.catalog.create_namespace_if_not_exists(out.namespace)
-    done = []
+    found = {}
     for name in OUTPUT_TABLES:
         if out.find_table(name) is not None:
             continue
         newest = _newest_metadata(out, name)
         if newest is None:
             continue
+        location = str(json.loads(out.fs.cat_file(newest)).get("location", "")).rstrip("/")
+        if _fs_path(location) != _fs_path(out.location(name)).rstrip("/"):
+            raise CatalogError(f"the metadata of table {name} under {out.uri} says the table lives at {location}: this output was "
+                               "copied or moved, and Iceberg metadata holds absolute paths; repair it where it was written, or "
+                               "copy it with an Iceberg-aware tool")
+        found[name] = newest
+    for name, newest in found.items():
         out.catalog.register_table(out.identifier(name), _full(out, newest))
-        done.append(name)
-    return done
+    return list(found)
 
 
 def _drop_missing(out: ScanOutput, name: str, missing: set[str]) -> list:

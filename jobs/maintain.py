@@ -138,6 +138,8 @@ def run_repair(cfg: MaintainConfig) -> dict:
     lease.start_renewing()
     try:
         done = M.repair(out)
+    except CatalogError as exc:
+        raise JobError(str(exc))
     finally:
         lease.release()
     if done["registered"]:

@@ -435,3 +435,17 @@ def test_the_readmes_outside_reader_snippets_run_as_written(tmp_path, monkeypatc
     exec(compile(blocks[1], "README.md (pinned)", "exec"), {})
     # Pinned to the newest runs row: the three whole units that have one, not the fourth.
     assert capsys.readouterr().out.split("\n")[:2] == ["12 scored, 6 flagged as of the last whole unit", "[(6,)]"]
+
+
+def test_repair_refuses_an_output_copied_elsewhere_in_one_line(tmp_path):
+    import shutil
+
+    from jobs.maintain import main as maintain
+
+    out = _fresh(tmp_path, units=1)
+    shutil.copytree(tmp_path / "out", tmp_path / "copy")
+    (tmp_path / "copy" / "catalog.db").unlink()
+    with pytest.raises(JobError, match="copied or moved") as err:
+        maintain(["repair", "--output", str(tmp_path / "copy")])
+    assert "\n" not in str(err.value) and err.value.code == 2
+    assert len(_uris(out, "scores")) == 4  # the original is untouched
