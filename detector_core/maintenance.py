@@ -39,8 +39,17 @@ import pyarrow.parquet as pq
 
 from detector_core import schema as S
 from detector_core import tables as T
-from detector_core.catalog import (HISTORY, OUTPUT_TABLES, PROP_COMPACTION, PROP_MARK, PROP_SCAN, PROP_UNIT, STATE, ScanOutput,
-                                   data_file_path)
+from detector_core.catalog import (
+    HISTORY,
+    OUTPUT_TABLES,
+    PROP_COMPACTION,
+    PROP_MARK,
+    PROP_SCAN,
+    PROP_UNIT,
+    STATE,
+    ScanOutput,
+    data_file_path,
+)
 from detector_core.storage import join
 
 __all__ = ["check", "compact", "expire", "register_lost", "remove_orphans", "repair"]

@@ -56,6 +56,7 @@ from detector_core.catalog import CatalogError, ScanOutput
 from detector_core.extractors import feature_compute
 from detector_core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from detector_core.lease import Lease, LeaseHeldError, LeaseLostError
+from detector_core.listing import is_manifest
 from detector_core.storage import s3_storage_options
 from jobs import planning, stream
 from jobs.common import JobError, check_connection, config_dict, init_ray, join, new_run_id, require_weights, run_main, write_json
@@ -106,7 +107,8 @@ def validate(cfg: ScanConfig) -> None:
             dt.date.fromisoformat(cfg.scan_date)
         except ValueError:
             raise JobError(f"--scan-date {cfg.scan_date!r} is not a date (YYYY-MM-DD)")
-    if planning.folder_prefix(cfg.input).startswith(planning.folder_prefix(cfg.output)):
+    listed_prefix = not (is_manifest(cfg.input) or cfg.input.rstrip("/").endswith("manifest.json"))  # files name their objects
+    if listed_prefix and planning.folder_prefix(cfg.input).startswith(planning.folder_prefix(cfg.output)):
         raise JobError(f"--input {cfg.input} is the output {cfg.output} or inside it: the scan would score its own tables; "
                        "write them elsewhere (an output inside the input is fine: it is left out of the listing)")
     if cfg.kill_at and (cfg.kill_at.count(":") != 1 or not cfg.kill_at.split(":")[1].isdigit()):
