@@ -303,10 +303,13 @@ def remove_orphans(out: ScanOutput, older_than_s: float, dry_run: bool = False, 
     catalog points at them. Keep it well above a commit unit's duration (default 3 days).
     """
     now = time.time() if now is None else now
-    keep = {_fs_path(p) for _, intent in out.pending_intents() if intent for paths in intent["files"].values() for p in paths}
     removed: dict[str, list[str]] = {}
     for name in OUTPUT_TABLES:
-        listed = _listing(out, _fs_path(out.location(name)))  # listed before the metadata is read: a newer commit's files are young
+        # In this order: the files, then the pending intents, then the table's metadata. A file
+        # listed here is either named by an intent still pending when read, or committed
+        # before its intent went, so in the metadata loaded after (or young: see the age).
+        listed = _listing(out, _fs_path(out.location(name)))
+        keep = {_fs_path(p) for _, intent in out.pending_intents() if intent for paths in intent["files"].values() for p in paths}
         table = out.find_table(name)
         if table is None:
             continue

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -119,12 +120,23 @@ def test_kill_9_at_every_commit_point_unpinned_readers_see_no_flagged_row_withou
 # -- maintenance ----------------------------------------------------------------------------------
 def test_maintenance_beside_a_committing_scan_loses_no_commit_and_no_live_file(tmp_path):
     out = ScanOutput.open(str(tmp_path / "out"))
+    # The units' data files are a day old and named by pending intents before maintenance
+    # starts: old enough for orphan removal, and live all along (an intent, then a snapshot).
+    # What the age guards (a commit's own manifests and metadata, written before the catalog
+    # points at them; a real scan's files before their intent) is young here and left alone.
+    intents = [_unit(out, "scan-1", u) for u in range(24)]
+    day_ago = time.time() - 86_400
+    for intent in intents:
+        for paths in intent["files"].values():
+            os.utime(paths[0], (day_ago, day_ago))
+        out.fs.makedirs(out.intent_path("scan-1", intent["unit"]).rsplit("/", 1)[0], exist_ok=True)
+        out.fs.pipe_file(out.intent_path("scan-1", intent["unit"]), json.dumps(intent).encode())
     errors, polls, done = [], [], threading.Event()
 
     def scan():
         try:
-            for u in range(24):
-                ScanOutput.open(out.uri).commit_unit(_unit(out, "scan-1", u))
+            for intent in intents:
+                ScanOutput.open(out.uri).commit_unit(intent)
         except Exception as exc:  # noqa: BLE001 - collected for the assertion
             errors.append(exc)
         finally:
@@ -132,7 +144,7 @@ def test_maintenance_beside_a_committing_scan_loses_no_commit_and_no_live_file(t
 
     thread = threading.Thread(target=scan)
     thread.start()
-    rounds = 0
+    rounds, removed = 0, 0
     while not done.is_set():
         mine = ScanOutput.open(out.uri)
         M.expire(mine, keep_days=7, unit_hours=0)
@@ -145,6 +157,12 @@ def test_maintenance_beside_a_committing_scan_loses_no_commit_and_no_live_file(t
     assert not errors, errors
     assert rounds >= 2 and all(polls)
     assert M.check(out) == {}
+    # Once nothing commits: the files compaction replaced go, what the tables reference stays.
+    _fold_history(out)
+    M.expire(out, keep_days=7, unit_hours=0)
+    removed = M.remove_orphans(out, older_than_s=0)
+    assert any(p.endswith(".parquet") and "/data/" in p for p in removed["scores"]) and M.check(out) == {}
+    assert len(_uris(out, "scores")) == 24 * 4
     assert len(_uris(out, "scores")) == 24 * 4 and len(_uris(out, "flagged")) == 24 * 2
     assert sorted(read_table(out.uri, "runs")["unit"].to_pylist()) == list(range(24))
     assert len(read_table(out.uri, "errors")) == 24
