@@ -6,8 +6,8 @@
 Every night commits ``--units`` commit units through the real commit path
 (``ScanOutput.commit_unit``: intent, errors, scores, flagged, runs), each of one small
 data file per table, then a ``completed`` runs row and the state's mark (as the scan's
-state refresh moves it). With ``--maintain`` each night ends as a scan ends (``expire``)
-and every ``--maintain-every`` nights ``jobs.maintain`` runs (expire, compact, orphans).
+state refresh moves it). With ``--maintain`` each night starts and ends as a scan does
+(``expire``) and every ``--maintain-every`` nights ``jobs.maintain`` runs (expire, compact, orphans).
 Every ``--every`` nights it records: seconds per unit commit (that night's mean), the
 ``scores`` table's ``metadata.json`` size, manifests and data files per table (current
 snapshot), snapshots per table, and DuckDB's time for "flagged last night"
@@ -125,6 +125,8 @@ def run(nights: int, units: int, every: int, maintain: bool, maintain_every: int
         day = first_day + dt.timedelta(days=night - 1)
         clock.offset = (dt.datetime.combine(day, dt.time(2), dt.timezone.utc).timestamp() - _REAL_TIME())
         scan_id = f"scan-{day.isoformat()}"
+        if maintain:
+            M.expire(out, keep_days=7, unit_hours=12)  # what every scan does at its start
         unit_seconds = []
         for u in range(units):
             intent = _unit(out, scan_id, u, day)

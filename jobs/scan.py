@@ -34,9 +34,10 @@ scan killed at any moment is continued by the next run, whatever its input, and 
 half-written is ever visible: uncommitted data files are unreferenced, and a unit whose
 four table commits were cut short is finished from its intent before the next scan
 plans. The run summary is ``runs`` rows in the catalog and ``OUT/runs/<scan_id>.json``. A
-scan ends by expiring the snapshots nobody needs any more (``--keep-days``,
-``--keep-unit-hours``; ``detector_core.maintenance``), so the tables' metadata stays the
-same size night after night; ``jobs.maintain`` does the rest (compaction, orphan files).
+scan starts (after finishing any killed unit) and ends by expiring the snapshots nobody
+needs any more (``--keep-days``, ``--keep-unit-hours``; ``detector_core.maintenance``), so
+the tables' metadata stays the same size night after night; ``jobs.maintain`` does the rest
+(compaction, orphan files).
 """
 
 from __future__ import annotations
@@ -127,6 +128,17 @@ def _kill_hook(cfg: ScanConfig, lease: Lease):
     return before_each, state
 
 
+def _expire(out: ScanOutput, cfg: ScanConfig) -> dict:
+    """The cheap part of maintenance (metadata-only commits that keep the snapshot count, and so every
+    commit's cost, bounded; compaction and orphans are jobs.maintain's); a failure warns, never fails the scan."""
+    try:
+        return maintenance.expire(out, cfg.keep_days, cfg.keep_unit_hours)
+    except Exception as exc:  # noqa: BLE001 - the scan's work must not fail for its clean-up
+        print(f"warning: expiring old snapshots failed ({type(exc).__name__}: {exc}); jobs.maintain will do it",
+              file=sys.stderr, flush=True)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def _run_row(base: dict, b: DetectorBundle, unit: int, status: str, counts: dict, extra: dict | None = None) -> dict:
     now = dt.datetime.now(dt.timezone.utc).isoformat()
     return {**base, "unit": unit, "status": status, "detector_id": b.detector_id, "detector_kind": b.kind, "feature_id": b.features.id,
@@ -213,6 +225,10 @@ def _scan_under_lease(cfg, so, uris, bundles, scan_date, out: ScanOutput, scan_i
     # Catch the state up with everything committed (a killed scan's units; a deleted state is rebuilt).
     state_before = refresh_state(out, so, cfg.state_compact_at)
     lease.check()
+    # Last night's unit snapshots go before this night's commits start, not after them: each
+    # commit rewrites metadata holding every snapshot, so carrying last night's through this
+    # night would make every unit cost as much as two nights' (bench/bench_tables.py).
+    expired = {"start": _expire(out, cfg)}
     ids = [b.detector_id for b in bundles]
     try:
         work_files, plan_counts = planning.plan(out, cfg.input, ids, scan_id, cfg.full, cfg.captions, so, cfg.list_fan_out)
@@ -266,13 +282,7 @@ def _scan_under_lease(cfg, so, uris, bundles, scan_date, out: ScanOutput, scan_i
     final = [_run_row(summary_base, b, -1, "completed", totals[b.detector_id], {"skipped": counts["skipped_by_detector"][b.detector_id]})
              for b in bundles]
     snaps = out.commit_unit({"scan_id": scan_id, "unit": -1, "files": {}, "runs": final}, before_each=lambda step: lease.check())
-    # The cheap part of maintenance, every night: metadata-only commits that keep the snapshot
-    # count (and so every later commit's cost) bounded; compaction and orphans are jobs.maintain's.
-    try:
-        expired = maintenance.expire(out, cfg.keep_days, cfg.keep_unit_hours)
-    except Exception as exc:  # noqa: BLE001 - the scan's rows are committed: a failed clean-up must not fail it
-        expired = {"error": f"{type(exc).__name__}: {exc}"}
-        print(f"warning: expiring old snapshots failed ({expired['error']}); jobs.maintain will do it", file=sys.stderr, flush=True)
+    expired["end"] = _expire(out, cfg)
     summary = {
         "scan_id": scan_id, "detector": cfg.detector, "detector_id": bundles[0].detector_id, "detector_kind": bundles[0].kind,
         "feature_id": bundles[0].features.id, "threshold": bundles[0].threshold, "input": cfg.input, "output": cfg.output,

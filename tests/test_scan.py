@@ -177,11 +177,12 @@ def test_incremental_rerun_and_changes(ray_local, bundle_dir, tmp_path):
     rng = np.random.default_rng(9)
     _write(bucket, {f"new_{i}.png": encode(make_image(rng)) for i in range(3)})
     (bucket / "img_00.png").write_bytes(encode(make_image(rng, size=(90, 91))))  # changed object
-    third = scan.main([*args, "--keep-unit-hours", "0.000001"])  # the scan's end expires every unit snapshot not pinned
+    third = scan.main([*args, "--keep-unit-hours", "0.000001"])  # the scan's start and end expire every unit snapshot not pinned
     assert third["scored"] == 4 and third["skipped"] == 11
     assert _tables(out)["scores"].num_rows == 16
     # scores: the first scan's units 0 and 1 go; its unit 2 (its completed row's pin) and the third's unit (current) stay.
-    assert third["expired_snapshots"]["scores"] == 2 and third["expired_snapshots"]["runs"] == 6
+    expired = {t: third["expired_snapshots"]["start"][t] + third["expired_snapshots"]["end"][t] for t in ("scores", "runs")}
+    assert expired == {"scores": 2, "runs": 6}
     runs = _tables(out)["runs"]
     done = [r for r in runs.to_pylist() if r["status"] == "completed"]
     assert [r["scored"] for r in sorted(done, key=lambda r: r["started_at"])] == [12, 0, 4]
