@@ -157,15 +157,18 @@ def test_maintenance_beside_a_committing_scan_loses_no_commit_and_no_live_file(t
     assert not errors, errors
     assert rounds >= 2 and all(polls)
     assert M.check(out) == {}
-    # Once nothing commits: the files compaction replaced go, what the tables reference stays.
+    assert len(_uris(out, "scores")) == 24 * 4 and len(_uris(out, "flagged")) == 24 * 2
+    assert sorted(read_table(out.uri, "runs")["unit"].to_pylist()) == list(range(24))
+    assert len(read_table(out.uri, "errors")) == 24
+    # Once nothing commits: one more compaction and unit (so that the newest runs row pins the
+    # compacted files), then the files compaction replaced go and what the tables reference stays.
+    M.compact(out, before=dt.date(2100, 1, 1), min_files=2)
+    out.commit_unit(_unit(out, "scan-1", 24))
     _fold_history(out)
     M.expire(out, keep_days=7, unit_hours=0)
     removed = M.remove_orphans(out, older_than_s=0)
     assert any(p.endswith(".parquet") and "/data/" in p for p in removed["scores"]) and M.check(out) == {}
-    assert len(_uris(out, "scores")) == 24 * 4
-    assert len(_uris(out, "scores")) == 24 * 4 and len(_uris(out, "flagged")) == 24 * 2
-    assert sorted(read_table(out.uri, "runs")["unit"].to_pylist()) == list(range(24))
-    assert len(read_table(out.uri, "errors")) == 24
+    assert len(_uris(out, "scores")) == 25 * 4 and len(_uris(out, "flagged")) == 25 * 2
 
 
 def _fold_history(out: ScanOutput) -> None:
