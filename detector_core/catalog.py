@@ -452,14 +452,18 @@ def _metadata_files(fs, folder: str) -> list[str]:
     return [n for _, n in sorted(found)]
 
 
+def _tables_on_disk(fs, root: str) -> list[str]:
+    """The result tables (and runs) whose metadata files are under ``root``, whatever a catalog says."""
+    return [n for n in T.ALL_TABLES if _metadata_files(fs, f"{root}/{n}/metadata")]
+
+
 def _refuse_non_output(fs, root: str, output: str) -> None:
     """Before a reader opens ``output``: refuse a folder that is no scan output, without creating anything in it.
 
     Every catalog keeps the tables' metadata files under the output (``OUT/<table>/metadata``),
     so a folder without them holds no scan tables, whatever the catalog says.
     """
-    on_disk = [n for n in T.ALL_TABLES if _metadata_files(fs, f"{root}/{n}/metadata")]
-    if not on_disk:
+    if not _tables_on_disk(fs, root):
         legacy = fs.exists(f"{root}/scores") or fs.exists(f"{root}/runs")
         raise NotAScanOutputError(f"{output} is not a scan output (no table metadata under it): give the --output of jobs.scan"
                                   + (f"; one written before schema 3 needs 'python -m jobs.audit migrate --output {output}'" if legacy else ""))
@@ -471,7 +475,7 @@ def _refuse_lost_sqlite(fs, root: str, output: str) -> None:
     db = f"{root}/catalog.db"
     if fs.exists(db) and fs.size(db) > 0:
         return
-    on_disk = [n for n in T.ALL_TABLES if _metadata_files(fs, f"{root}/{n}/metadata")]
+    on_disk = _tables_on_disk(fs, root)
     if on_disk:
         raise LostCatalogError(f"{output}/catalog.db is missing or empty, but {output} holds the metadata of its tables "
                                f"({', '.join(on_disk)}): nothing was written; register them again with "

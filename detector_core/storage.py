@@ -15,7 +15,7 @@ import os
 import fsspec
 from fsspec import AbstractFileSystem
 
-__all__ = ["is_remote", "is_local_fs", "protocols", "open_fs", "arrow_fs", "s3_storage_options", "join", "fetch_cached", "read_json"]
+__all__ = ["is_remote", "is_local_fs", "protocols", "open_fs", "arrow_fs", "s3_storage_options", "folder_prefix", "join", "fetch_cached", "read_json"]
 
 
 def is_remote(uri: str) -> bool:
@@ -44,6 +44,11 @@ def open_fs(uri: str, storage_options: dict | None = None) -> tuple[AbstractFile
     if uri.startswith("s3://") and not options:
         options = s3_storage_options()
     return fsspec.core.url_to_fs(uri, **options)
+
+
+def folder_prefix(uri: str) -> str:
+    """``uri`` as the prefix its objects' uris start with (absolute for local paths, one trailing slash)."""
+    return (uri if is_remote(uri) else os.path.abspath(uri.removeprefix("file://"))).rstrip("/") + "/"
 
 
 def join(base: str, *parts: str) -> str:

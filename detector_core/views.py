@@ -22,7 +22,7 @@ import pyarrow as pa
 from detector_core import schema as S
 from detector_core import tables as T
 from detector_core.catalog import CatalogError, ScanOutput
-from detector_core.storage import is_remote, open_fs
+from detector_core.storage import folder_prefix, is_remote, open_fs
 
 __all__ = ["FINISHED_RUNS_SCHEMA", "ReadOnlyError", "connect", "duckdb_connection", "lock_down", "open_scan_output",
            "pinned_snapshots", "read_only_sql", "read_runs", "sql_quote"]
@@ -142,10 +142,7 @@ def connect(out: ScanOutput, where: str = "", since: str = "", until: str = "", 
 
 def lock_down(con: duckdb.DuckDBPyConnection, out: ScanOutput) -> None:
     """From now on ``con`` reads files under the output only, loads no extension, and cannot be reconfigured."""
-    import os
-
-    root = out.uri if is_remote(out.uri) else os.path.abspath(out.uri)
-    con.execute(f"SET allowed_directories = [{sql_quote(root.rstrip('/') + '/')}]")
+    con.execute(f"SET allowed_directories = [{sql_quote(folder_prefix(out.uri))}]")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
 

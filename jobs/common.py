@@ -8,6 +8,7 @@ one ``ERROR:`` line), ``require_weights`` (absent weights refused before any wor
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -189,6 +190,29 @@ def parse_date(value: str, flag: str) -> str:
         raise JobError(f"{flag} {value!r} is not a date (YYYY-MM-DD)") from None
 
 
+@contextlib.contextmanager
+def output_lease(out, run_id: str, ttl_s: float, wait: bool):
+    """The write lease of scan output ``out`` for a job's whole run, renewed in the background; the job
+    ends naming the holder when another writer has it (unless ``wait``). Released at the end whatever
+    happened; a release that fails only warns, since the job's own error is what its user must read."""
+    from detector_core.lease import Lease, LeaseHeldError
+
+    lease = Lease(out.fs, out.root, run_id, ttl_s)
+    try:
+        lease.acquire(wait=wait)
+    except LeaseHeldError as exc:
+        raise JobError(str(exc))
+    lease.start_renewing()
+    try:
+        yield lease
+    finally:
+        try:
+            lease.release()
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            print(f"warning: the lease of {out.uri} could not be released ({type(exc).__name__}: {exc}); it expires after "
+                  f"{ttl_s:g} s", file=sys.stderr, flush=True)
+
+
 def open_output(scan: str, catalog: str, namespace: str, storage_options: dict | None):
     """A scan output's tables (``detector_core.views.open_scan_output``), or the job ends with the reason."""
     from detector_core.catalog import CatalogError
@@ -257,4 +281,4 @@ def run_main(main) -> None:
         raise SystemExit(1)
 
 
-__all__ = ["init_ray", "check_connection", "check_ray_address", "new_run_id", "write_json", "write_parquet", "config_dict", "JobError", "run_main", "join", "parse_date", "open_output", "require_weights"]
+__all__ = ["init_ray", "check_connection", "check_ray_address", "new_run_id", "write_json", "write_parquet", "config_dict", "JobError", "run_main", "join", "parse_date", "open_output", "output_lease", "require_weights"]

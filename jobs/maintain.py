@@ -36,7 +36,7 @@ from detector_core import maintenance as M
 from detector_core.catalog import CatalogError, ScanOutput
 from detector_core.lease import Lease, LeaseHeldError
 from detector_core.storage import s3_storage_options
-from jobs.common import JobError, config_dict, join, new_run_id, run_main, write_json
+from jobs.common import JobError, config_dict, join, new_run_id, output_lease, run_main, write_json
 from jobs.flags import CatalogOptions, RetentionOptions, StorageOptions, opt, parse_config
 
 STEPS = ("expire", "compact", "orphans")
@@ -130,18 +130,11 @@ def run_check(cfg: MaintainConfig) -> dict:
 
 def run_repair(cfg: MaintainConfig) -> dict:
     out = _open(cfg, lost_ok=True)
-    lease = Lease(out.fs, out.root, new_run_id("repair"), cfg.lease_ttl)
-    try:
-        lease.acquire(wait=cfg.wait)
-    except LeaseHeldError as exc:
-        raise JobError(str(exc))
-    lease.start_renewing()
-    try:
-        done = M.repair(out)
-    except CatalogError as exc:
-        raise JobError(str(exc))
-    finally:
-        lease.release()
+    with output_lease(out, new_run_id("repair"), cfg.lease_ttl, cfg.wait):
+        try:
+            done = M.repair(out)
+        except CatalogError as exc:
+            raise JobError(str(exc))
     if done["registered"]:
         print(f"registered again from their newest metadata: {', '.join(done['registered'])}")
     for name, paths in done["removed"].items():

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,10 +32,10 @@ from detector_core import schema as S
 from detector_core import state as ST
 from detector_core.catalog import PROP_PARTITIONS, ScanOutput
 from detector_core.inventory import inventory_files, inventory_rows, is_inventory
-from detector_core.listing import ListingUnit, is_manifest, list_unit, local_path, manifest_rows, split_prefix
+from detector_core.listing import ListingUnit, is_manifest, list_unit, manifest_rows, split_prefix
 from detector_core.manifest import qualify_uri
 from detector_core.state_table import open_state
-from detector_core.storage import is_remote, join, open_fs
+from detector_core.storage import folder_prefix, join, open_fs
 
 __all__ = ["PlanError", "listing", "plan", "read_state", "remove_plan", "shuffle_partitions", "typed_udf"]
 
@@ -79,11 +78,6 @@ def _list_units(batch: pa.Table, storage_options: dict | None, exclude: str = ""
     for prefix, recursive in zip(batch["prefix"].to_pylist(), batch["recursive"].to_pylist()):
         for rows in list_unit(ListingUnit(prefix, recursive), storage_options):
             yield rows.filter(pc.invert(pc.fill_null(pc.starts_with(rows[S.URI], exclude), False))) if exclude else rows
-
-
-def folder_prefix(uri: str) -> str:
-    """``uri`` as the prefix its objects' uris start with (absolute for local paths, one trailing slash)."""
-    return (uri if is_remote(uri) else os.path.abspath(local_path(uri))).rstrip("/") + "/"
 
 
 def _open(path: str, storage_options: dict | None):

@@ -56,11 +56,22 @@ from detector_core.bundle import BundleError, DetectorBundle, load_bundle
 from detector_core.catalog import CatalogError, ScanOutput
 from detector_core.extractors import feature_compute
 from detector_core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from detector_core.lease import Lease, LeaseHeldError, LeaseLostError
+from detector_core.lease import Lease, LeaseLostError
 from detector_core.listing import is_manifest
-from detector_core.storage import s3_storage_options
+from detector_core.storage import folder_prefix, s3_storage_options
 from jobs import planning, stream
-from jobs.common import JobError, check_connection, config_dict, init_ray, join, new_run_id, require_weights, run_main, write_json
+from jobs.common import (
+    JobError,
+    check_connection,
+    config_dict,
+    init_ray,
+    join,
+    new_run_id,
+    output_lease,
+    require_weights,
+    run_main,
+    write_json,
+)
 from jobs.flags import RayOptions, RetentionOptions, StorageOptions, opt, parse_config
 from jobs.pipeline import feature_drafts, feature_specs, trained_draft
 from jobs.planning import PlanError, remove_plan
@@ -109,7 +120,7 @@ def validate(cfg: ScanConfig) -> None:
         except ValueError:
             raise JobError(f"--scan-date {cfg.scan_date!r} is not a date (YYYY-MM-DD)")
     listed_prefix = not (is_manifest(cfg.input) or cfg.input.rstrip("/").endswith("manifest.json"))  # files name their objects
-    if listed_prefix and planning.folder_prefix(cfg.input).startswith(planning.folder_prefix(cfg.output)):
+    if listed_prefix and folder_prefix(cfg.input).startswith(folder_prefix(cfg.output)):
         raise JobError(f"--input {cfg.input} is the output {cfg.output} or inside it: the scan would score its own tables; "
                        "write them elsewhere (an output inside the input is fine: it is left out of the listing)")
     if cfg.kill_at and (cfg.kill_at.count(":") != 1 or not cfg.kill_at.split(":")[1].isdigit()):
@@ -193,22 +204,11 @@ def run_scan(cfg: ScanConfig) -> dict:
     except CatalogError as exc:
         raise JobError(str(exc))
     scan_id = new_run_id("scan")
-    lease = Lease(out.fs, out.root, scan_id, cfg.lease_ttl)
-    try:
-        lease.acquire(wait=cfg.wait)
-    except LeaseHeldError as exc:
-        raise JobError(str(exc))
-    lease.start_renewing()
-    try:
-        return _scan_under_lease(cfg, so, uris, bundles, scan_date, out, scan_id, lease)
-    except LeaseLostError as exc:
-        raise JobError(f"{exc}; nothing of this scan's uncommitted work is visible, run it again")
-    finally:
+    with output_lease(out, scan_id, cfg.lease_ttl, cfg.wait) as lease:
         try:
-            lease.release()
-        except Exception as exc:  # noqa: BLE001 - the scan's own error, not this one, is what the user must read
-            print(f"warning: the lease of {cfg.output} could not be released ({type(exc).__name__}: {exc}); it expires after "
-                  f"--lease-ttl {cfg.lease_ttl:g} s", file=sys.stderr, flush=True)
+            return _scan_under_lease(cfg, so, uris, bundles, scan_date, out, scan_id, lease)
+        except LeaseLostError as exc:
+            raise JobError(f"{exc}; nothing of this scan's uncommitted work is visible, run it again")
 
 
 def _scan_under_lease(cfg, so, uris, bundles, scan_date, out: ScanOutput, scan_id: str, lease: Lease) -> dict:
