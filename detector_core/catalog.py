@@ -47,7 +47,7 @@ from detector_core.storage import is_local_fs, is_remote, join, open_fs
 __all__ = ["CatalogError", "LostCatalogError", "NotAScanOutputError", "ScanOutput", "read_table", "table_location", "data_file_path"]
 
 STATE = "state"
-OUTPUT_TABLES = (*T.ALL_TABLES, T.VERDICTS, STATE)  # every table a scan output holds
+OUTPUT_TABLES = (*T.ALL_TABLES, *T.REVIEW_TABLES, STATE)  # every table a scan output holds
 HISTORY = ("scores", "errors")  # the tables the state is derived from
 PROP_MARK = "detector.state-history-mark"
 PROP_PARTITIONS = "detector.state-partitions"
@@ -150,7 +150,7 @@ class ScanOutput:
         ``missing``: the tables known to be missing from the catalog (default: looked up).
         The state is not history (it is rebuilt), so its leftovers never count.
         """
-        history = (*T.ALL_TABLES, T.VERDICTS)
+        history = (*T.ALL_TABLES, *T.REVIEW_TABLES)
         missing = [n for n in history if self.find_table(n) is None] if missing is None else [n for n in missing if n in history]
         lost = [n for n in missing if self.metadata_files(n)]
         if lost:
@@ -438,7 +438,7 @@ def read_table(output: str, name: str, row_filter=None, catalog: str = "", names
 def _properties(name: str) -> dict[str, str]:
     """The table properties of table ``name`` (``TABLE_PROPERTIES``, its comment, and verdicts' no-rebase)."""
     props = {**TABLE_PROPERTIES, "comment": T.TABLE_DOCS[name]}
-    if name == T.VERDICTS:
+    if name in T.REVIEW_TABLES:
         props.update(NO_REBASE)
     return props
 
@@ -482,9 +482,10 @@ def _refuse_lost_sqlite(fs, root: str, output: str) -> None:
                                f"'python -m jobs.maintain repair --output {output}'")
 
 
-def write_atomic(fs, path: str, data: bytes) -> None:
+def write_atomic(fs, path: str, data: bytes, sync: bool = True) -> None:
     """``data`` at ``path``, whole or not at all: a local file through a temporary file and a rename; an
-    object store's PUT is atomic already."""
+    object store's PUT is atomic already. ``sync=False`` skips the fsync (whole after a killed
+    process, not necessarily after a power loss: for files that are made again when missing)."""
     if not is_local_fs(fs):
         fs.pipe_file(path, data)
         return
@@ -493,7 +494,8 @@ def write_atomic(fs, path: str, data: bytes) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

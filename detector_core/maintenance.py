@@ -117,7 +117,7 @@ def expire(out: ScanOutput, keep_days: float = 7.0, unit_hours: float = 12.0, no
     mark = json.loads(state.properties.get(PROP_MARK, "{}")) if state is not None else {}
     expired = {}
     for name in OUTPUT_TABLES:
-        age_ms = (keep_days * 86_400_000) if name == T.VERDICTS else (unit_hours * 3_600_000)
+        age_ms = (keep_days * 86_400_000) if name in T.REVIEW_TABLES else (unit_hours * 3_600_000)
 
         def once(name=name, age_ms=age_ms) -> int:
             table = out.find_table(name)
@@ -165,8 +165,9 @@ def _with_field_ids(schema: pa.Schema, iceberg_schema) -> pa.Schema:
 def _new_path(out: ScanOutput, name: str, key: tuple) -> str:
     if name in T.TABLES:
         return data_file_path(out.uri, name, _night(name, key).isoformat(), key[1], "compacted")
-    if name == T.VERDICTS:
-        return join(out.location(name), "data", f"{S.REVIEW_DATE}={_night(name, key).isoformat()}", f"compacted-{uuid.uuid4().hex}.parquet")
+    if name in T.REVIEW_TABLES:
+        return join(out.location(name), "data", f"{T.PARTITIONED[name][0]}={_night(name, key).isoformat()}",
+                    f"compacted-{uuid.uuid4().hex}.parquet")
     return join(out.location(name), "data", f"compacted-{uuid.uuid4().hex}.parquet")
 
 
@@ -195,7 +196,7 @@ def _rewrite(out: ScanOutput, name: str, key: tuple, files: list, target_rows: i
 
 
 def compact(out: ScanOutput, before: dt.date | None = None, min_files: int = 4, target_rows: int = COMPACT_TARGET_ROWS,
-            tables: tuple[str, ...] = (*T.ALL_TABLES, T.VERDICTS)) -> dict[str, int]:
+            tables: tuple[str, ...] = (*T.ALL_TABLES, *T.REVIEW_TABLES)) -> dict[str, int]:
     """Rewrite the small files of each finished night's partitions into few large ones; returns files replaced per table.
 
     A night is finished when its date is before ``before`` (default: yesterday, UTC, so a scan

@@ -5,6 +5,11 @@ generated, a higher score means "more likely generated", and an image is flagged
 ``score >= threshold``. ``calibrate_threshold`` picks the lowest threshold whose false
 positive rate on held-out real images is at most the target, so the audit team gets
 the recall that the false-positive budget allows and no more false alarms than asked.
+``calibration_record`` says how sure that threshold is: the real images it was set on, a
+Clopper-Pearson interval on the false-positive rate they give, and a warning when they are
+fewer than the rule of three asks (``3 / target_fpr``: with n reals and none flagged, the
+95 % upper bound on the rate is about 3/n). ``clopper_pearson`` and ``wilson`` are the two
+binomial intervals the product reports (exact for small counts; Wilson for precision).
 """
 
 from __future__ import annotations
@@ -22,7 +27,12 @@ __all__ = [
     "calibrate_threshold",
     "false_positive_rate",
     "summarize",
+    "clopper_pearson",
+    "wilson",
+    "calibration_record",
 ]
+
+Z95 = 1.959963984540054  # two-sided 95 %
 
 
 def _arrays(labels, scores) -> tuple[np.ndarray, np.ndarray]:
@@ -120,3 +130,47 @@ def summarize(labels, scores, threshold: float, fprs: tuple[float, ...] = (0.01,
     for f in fprs:
         out[f"tpr_at_fpr_{f:g}"] = tpr_at_fpr(y, s, f)
     return out
+
+
+def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The exact (Clopper-Pearson) interval of a binomial rate, ``k`` of ``n``; (nan, nan) when n = 0."""
+    from scipy.stats import beta
+
+    if n <= 0:
+        return math.nan, math.nan
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, n], got {k} of {n}")
+    a = (1.0 - confidence) / 2.0
+    low = 0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1))
+    high = 1.0 if k == n else float(beta.ppf(1.0 - a, k + 1, n - k))
+    return low, high
+
+
+def wilson(p: float, n: float, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a rate ``p`` seen on ``n`` trials (``n`` may be an effective size); (nan, nan) when n = 0."""
+    if not n > 0 or math.isnan(p):
+        return math.nan, math.nan
+    z2 = z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rule_of_three(target_fpr: float) -> int:
+    """The real images a threshold at ``target_fpr`` needs: with fewer, even none flagged leaves the 95 % bound above the target."""
+    return math.ceil(3.0 / target_fpr - 1e-9) if target_fpr > 0 else 0
+
+
+def calibration_record(scores_of_real, threshold: float, target_fpr: float, split: str) -> dict:
+    """How ``threshold`` was set on ``scores_of_real``: n, flagged, achieved rate, its 95 % Clopper-Pearson interval, warnings."""
+    s = np.asarray(scores_of_real, dtype=np.float64).ravel()
+    k, n = int((s >= threshold).sum()), int(s.size)
+    low, high = clopper_pearson(k, n)
+    rec = {"method": "target_fpr", "target_fpr": target_fpr, "split": split, "n_real": n, "flagged_real": k,
+           "achieved_fpr": k / n if n else math.nan, "fpr_interval": [low, high], "interval": "clopper-pearson 95%",
+           "min_real_for_target": rule_of_three(target_fpr)}
+    if n < rec["min_real_for_target"]:
+        rec["warning"] = (f"the {split} split holds {n} real images; a {target_fpr:g} false-positive rate needs at least "
+                          f"{rec['min_real_for_target']} (3 / target, the rule of three): the rate achieved there, {rec['achieved_fpr']:.4g}, "
+                          f"could really be up to {high:.3g} (95 % Clopper-Pearson)")
+    return rec

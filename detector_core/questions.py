@@ -1,20 +1,25 @@
 """The SQL of the audit questions (``jobs.audit query QUESTION``) over the views of ``detector_core.views``.
 
 Each question is one DuckDB query over the views ``scores``, ``flagged``, ``errors``,
-``runs`` and ``verdicts``; ``question_sql(cfg)`` builds it from the answering job's config
-(any object with the question's fields). The reviewers' questions: ``precision`` (per night
-and detector: flagged, reviewed, confirmed generated, precision with a 95 % Wilson interval;
-the latest verdict on an image counts, unsure ones are not in the denominator), ``drift``
+``runs``, ``verdicts`` and ``precision_sample``; ``question_sql(cfg)`` builds it from the
+answering job's config (any object with the question's fields). The reviewers' questions:
+``precision`` (per night and detector: the estimate from the night's precision sample only,
+weighted by score band, with a 95 % Wilson interval at the effective sample size, and
+beside it the *convenience* figure over every verdict given, which reviewers' choice of
+images biases; the latest verdict on an image counts, unsure ones are in no denominator), ``drift``
 (each night's flagged rate and score quantiles per bucket and detector against the trailing
 ``--nights`` calendar days; a night outside the band is marked high or low), and
 ``threshold`` (the threshold that would have flagged about ``--target-daily-flags`` objects a
-night over the last ``--nights`` days, next to the bundle's own).
+night over the last ``--nights`` days, next to the bundle's own; ``finish`` adds the flag
+rate each would have given, with its 95 % Clopper-Pearson interval).
 """
 
 from __future__ import annotations
 
+import pyarrow as pa
 from scipy.special import logit as scipy_logit
 
+from detector_core.metrics import clopper_pearson
 from detector_core.views import sql_quote
 
 QUESTIONS = ("per-day", "per-prefix", "top", "detectors", "diff", "recut", "errors", "precision", "drift", "threshold", "sql")
@@ -33,6 +38,16 @@ def where_clause(cfg) -> str:
     if cfg.detector_id and cfg.question != "diff":
         parts.append(f"detector_id = {sql_quote(cfg.detector_id)}")
     return " AND ".join(parts)
+
+
+def _wilson_sql(p: str, n: str) -> tuple[str, str]:
+    """SQL of the 95 % Wilson interval (low, high) of the rate ``p`` seen on ``n`` (an expression each)."""
+    z, z2 = WILSON_Z, WILSON_Z * WILSON_Z
+    centre = f"({p} + {z2!r} / (2 * {n}))"
+    half = f"{z!r} * sqrt({p} * (1 - {p}) / {n} + {z2!r} / (4 * {n} * {n}))"
+    known = f"{p} IS NOT NULL AND {n} > 0"  # greatest/least would turn a NULL rate into 0 and 1
+    return (f"CASE WHEN {known} THEN greatest(({centre} - {half}) / (1 + {z2!r} / {n}), 0) END",
+            f"CASE WHEN {known} THEN least(({centre} + {half}) / (1 + {z2!r} / {n}), 1) END")
 
 
 def _limit(cfg) -> str:
@@ -95,7 +110,13 @@ def question_sql(cfg) -> str:
                          any_value(error_message) AS example_message
                   FROM errors GROUP BY ALL ORDER BY scan_date, objects DESC, error_stage, error_type"""
     if q == "precision":
-        z2 = WILSON_Z * WILSON_Z
+        # The estimate: the precision sample only (jobs.report draws it; detector_core.sampling),
+        # each score band's confirmed share weighted by its share of the night's flags (N_h / N),
+        # variance sum W_h^2 p_h (1 - p_h) / n_h, and a Wilson interval at the effective size
+        # p (1 - p) / variance (the reviewed count when every band is all one verdict).
+        # The convenience figure counts whatever reviewers opened: labelled as such, not an estimate.
+        p_low, p_high = _wilson_sql("precision", "n_effective")
+        c_low, c_high = _wilson_sql("convenience_precision", "reviewed")
         return f"""
             WITH c AS (SELECT f.scan_date, f.detector_id, count(*) AS flagged,
                               count(*) FILTER (WHERE v.verdict IN ('generated', 'real')) AS reviewed,
@@ -103,14 +124,35 @@ def question_sql(cfg) -> str:
                               count(*) FILTER (WHERE v.verdict = 'real') AS confirmed_real,
                               count(*) FILTER (WHERE v.verdict = 'unsure') AS unsure
                        FROM flagged f LEFT JOIN latest_verdicts v USING (uri) GROUP BY ALL),
-                 p AS (SELECT *, confirmed_generated / nullif(reviewed, 0) AS precision FROM c)
-            SELECT *, (precision + {z2!r} / (2 * reviewed)
-                       - {WILSON_Z!r} * sqrt(precision * (1 - precision) / reviewed + {z2!r} / (4 * reviewed * reviewed)))
-                      / (1 + {z2!r} / reviewed) AS precision_low,
-                      (precision + {z2!r} / (2 * reviewed)
-                       + {WILSON_Z!r} * sqrt(precision * (1 - precision) / reviewed + {z2!r} / (4 * reviewed * reviewed)))
-                      / (1 + {z2!r} / reviewed) AS precision_high
-            FROM p ORDER BY scan_date, detector_id"""
+                 h AS (SELECT s.scan_date, s.detector_id, s.stratum, any_value(s.stratum_flagged) / any_value(s.night_flagged) AS w,
+                              any_value(s.sample_size) AS sample_size,
+                              count(*) FILTER (WHERE v.verdict IN ('generated', 'real')) AS n_h,
+                              count(*) FILTER (WHERE v.verdict = 'generated') AS g_h,
+                              count(*) FILTER (WHERE v.verdict = 'unsure') AS unsure_h
+                       FROM precision_sample s LEFT JOIN latest_verdicts v USING (uri)
+                       GROUP BY s.scan_date, s.detector_id, s.stratum),
+                 e AS (SELECT scan_date, detector_id, any_value(sample_size) AS sample_size, sum(n_h) AS sample_reviewed,
+                              sum(g_h) AS sample_generated, sum(unsure_h) AS sample_unsure, count(*) AS strata,
+                              count(*) FILTER (WHERE n_h > 0) AS strata_reviewed,
+                              sum(w * g_h / n_h) FILTER (WHERE n_h > 0) AS p,
+                              sum(w * w * (g_h / n_h) * (1 - g_h / n_h) / n_h) FILTER (WHERE n_h > 0) AS variance
+                       FROM h GROUP BY ALL),
+                 j AS (SELECT c.*, coalesce(e.sample_size, 0) AS sample_size, coalesce(e.sample_reviewed, 0) AS sample_reviewed,
+                              coalesce(e.sample_generated, 0) AS sample_generated, coalesce(e.sample_unsure, 0) AS sample_unsure,
+                              coalesce(e.strata, 0) AS strata, coalesce(e.strata_reviewed, 0) AS strata_reviewed,
+                              CASE WHEN e.strata_reviewed = e.strata THEN e.p END AS precision,
+                              CASE WHEN e.variance > 0 THEN e.p * (1 - e.p) / e.variance ELSE e.sample_reviewed END AS n_effective,
+                              CASE WHEN e.strata IS NULL THEN 'no sample (jobs.report draws it)'
+                                   WHEN e.strata_reviewed < e.strata
+                                   THEN 'sample incomplete: ' || e.strata_reviewed || ' of ' || e.strata || ' score bands reviewed'
+                                   ELSE 'stratified sample' END AS estimate,
+                              confirmed_generated / nullif(reviewed, 0) AS convenience_precision
+                       FROM c LEFT JOIN e USING (scan_date, detector_id))
+            SELECT scan_date, detector_id, flagged, sample_size, sample_reviewed, sample_generated, sample_unsure, strata,
+                   strata_reviewed, precision, {p_low} AS precision_low, {p_high} AS precision_high, estimate,
+                   reviewed, confirmed_generated, confirmed_real, unsure, convenience_precision,
+                   {c_low} AS convenience_low, {c_high} AS convenience_high
+            FROM j ORDER BY scan_date, detector_id"""
     if q == "drift":
         nights, k = int(cfg.nights), DRIFT_BAND
         # The band: the trailing nights' spread, but never narrower than this night's own
@@ -150,7 +192,8 @@ def question_sql(cfg) -> str:
                        WHERE r.rank = least({n} * a.nights, a.scored))
             SELECT t.detector_id, t.nights, t.scored, {n} AS target_daily_flags, 1 / (1 + exp(-t.threshold_logit)) AS threshold,
                    t.threshold_logit, count(*) FILTER (WHERE s.logit >= t.threshold_logit) / t.nights AS flags_per_night,
-                   t.bundle_threshold, t.flagged_at_bundle / t.nights AS flags_per_night_at_bundle
+                   count(*) FILTER (WHERE s.logit >= t.threshold_logit) AS flagged_at_threshold,
+                   t.bundle_threshold, t.flagged_at_bundle / t.nights AS flags_per_night_at_bundle, t.flagged_at_bundle
             FROM t JOIN s USING (detector_id)
             GROUP BY t.detector_id, t.nights, t.scored, t.threshold_logit, t.bundle_threshold, t.flagged_at_bundle
             ORDER BY t.detector_id"""
@@ -159,3 +202,22 @@ def question_sql(cfg) -> str:
             raise QuestionError("sql needs --sql 'SELECT … FROM scores|flagged|errors|runs|verdicts'")
         return cfg.sql
     raise QuestionError(f"unknown question {q!r}; one of {', '.join(QUESTIONS)}")
+
+
+def finish(cfg, table: pa.Table) -> pa.Table:
+    """The answer with what SQL cannot compute: ``threshold`` gets each threshold's flag rate with its 95 % Clopper-Pearson interval."""
+    if cfg.question != "threshold" or table.num_rows == 0:
+        return table
+    scored = table["scored"].to_pylist()
+    for name, counts in (("flag_rate", table["flagged_at_threshold"].to_pylist()),
+                         ("flag_rate_at_bundle", table["flagged_at_bundle"].to_pylist())):
+        rates, lows, highs = [], [], []
+        for k, n in zip(counts, scored):
+            low, high = clopper_pearson(int(k), int(n))
+            rates.append(k / n if n else None)
+            lows.append(low)
+            highs.append(high)
+        table = table.append_column(name, pa.array(rates, pa.float64()))
+        table = table.append_column(f"{name}_low", pa.array(lows, pa.float64()))
+        table = table.append_column(f"{name}_high", pa.array(highs, pa.float64()))
+    return table

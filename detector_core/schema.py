@@ -59,6 +59,17 @@ IMPORTED_AT = "imported_at"
 VERDICT_GENERATED, VERDICT_REAL, VERDICT_UNSURE = "generated", "real", "unsure"
 VERDICTS = (VERDICT_GENERATED, VERDICT_REAL, VERDICT_UNSURE)
 
+# The precision sample (jobs.report draws it; query precision estimates from it).
+STRATUM = "stratum"
+STRATUM_LOW = "stratum_low"
+STRATUM_HIGH = "stratum_high"
+STRATUM_FLAGGED = "stratum_flagged"
+NIGHT_FLAGGED = "night_flagged"
+SAMPLE_SIZE = "sample_size"
+SAMPLE_ORDER = "sample_order"
+SAMPLE_SEED = "sample_seed"
+DRAWN_AT = "drawn_at"
+
 # Partition columns of the scan tables (stored columns of the Iceberg tables; identity partitions).
 SCAN_DATE = "scan_date"
 BUCKET = "bucket"
@@ -79,6 +90,9 @@ TYPES = {
     SCAN_DATE: pa.date32(), BUCKET: pa.string(),
     VERDICT: pa.string(), NOTE: pa.string(), REVIEWER: pa.string(), REVIEWED_AT: pa.timestamp("us", tz="UTC"),
     REVIEW_DATE: pa.date32(), IMPORTED_AT: pa.timestamp("us", tz="UTC"),
+    STRATUM: pa.int16(), STRATUM_LOW: pa.float64(), STRATUM_HIGH: pa.float64(), STRATUM_FLAGGED: pa.int64(),
+    NIGHT_FLAGGED: pa.int64(), SAMPLE_SIZE: pa.int32(), SAMPLE_ORDER: pa.int32(), SAMPLE_SEED: pa.int64(),
+    DRAWN_AT: pa.timestamp("us", tz="UTC"),
 }
 
 COLUMN_DOCS = {
@@ -115,4 +129,13 @@ COLUMN_DOCS = {
     REVIEWED_AT: "when the reviewer gave it (UTC, from the review page)",
     REVIEW_DATE: "partition of the verdicts table: the UTC date of reviewed_at",
     IMPORTED_AT: "when jobs.audit verdicts import added the row (UTC)",
+    STRATUM: "precision sample: the score band (0 = highest scores) of the night's flagged rows the row was drawn from",
+    STRATUM_LOW: "precision sample: the lowest score in the row's stratum",
+    STRATUM_HIGH: "precision sample: the highest score in the row's stratum",
+    STRATUM_FLAGGED: "precision sample: the night's flagged rows in the stratum (N_h, the stratum's weight is N_h / N)",
+    NIGHT_FLAGGED: "precision sample: the night's flagged rows of the detector when the sample was drawn (N)",
+    SAMPLE_SIZE: "precision sample: rows drawn for the night and detector (n)",
+    SAMPLE_ORDER: "precision sample: the row's place in the fixed, seeded review order (1 = first)",
+    SAMPLE_SEED: "precision sample: the seed the night's draw used (from the date, the detector and --sample-seed)",
+    DRAWN_AT: "precision sample: when jobs.report drew it (UTC)",
 }

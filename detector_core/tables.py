@@ -8,7 +8,8 @@ or the one named with ``--catalog``) points at the current metadata. ``scores``,
 ``bucket``, which are stored columns, so "flagged last night" and "flagged in bucket X
 this month" prune to those partitions in pyiceberg, DuckDB, Spark, Trino and Athena alike.
 ``verdicts`` (reviewers' verdicts, ``jobs.audit verdicts import``) is partitioned by
-``review_date``; it is not part of a scan's commit units. ``runs`` holds one row per commit unit and detector (``status = 'unit'``) and one per
+``review_date``; ``precision_sample`` (the rows of each night that the review page's
+precision sample asks about, ``jobs.report``) by ``scan_date``; neither is part of a scan's commit units. ``runs`` holds one row per commit unit and detector (``status = 'unit'``) and one per
 finished scan and detector (``status = 'completed'``), with the snapshot ids of the three
 result tables as of that row, so a reader can pin all tables to one consistent point.
 
@@ -35,6 +36,8 @@ METADATA_KEY = b"diffusion_detector.schema_version"
 TABLES = ("scores", "flagged", "errors")
 ALL_TABLES = (*TABLES, "runs")
 VERDICTS = "verdicts"
+SAMPLE = "precision_sample"
+REVIEW_TABLES = (VERDICTS, SAMPLE)  # written by people's tools (import, report), not by a scan's commit units
 LOCAL_BUCKET = "local"  # the bucket partition of local-path objects
 PARTITION_COLUMNS = (S.SCAN_DATE, S.BUCKET)
 
@@ -55,10 +58,13 @@ RUNS_SCHEMA = pa.schema([
 ], metadata={METADATA_KEY: SCHEMA_VERSION.encode()})
 VERDICTS_COLUMNS = (S.URI, S.DETECTOR_ID, S.SCAN_ID, S.VERDICT, S.NOTE, S.REVIEWER, S.REVIEWED_AT, S.IMPORTED_AT, S.REVIEW_DATE)
 VERDICTS_SCHEMA = pa.schema([(c, S.TYPES[c]) for c in VERDICTS_COLUMNS], metadata={METADATA_KEY: SCHEMA_VERSION.encode()})
+SAMPLE_COLUMNS = (S.URI, S.DETECTOR_ID, S.SCAN_ID, S.SCORE, S.STRATUM, S.STRATUM_LOW, S.STRATUM_HIGH, S.STRATUM_FLAGGED,
+                  S.NIGHT_FLAGGED, S.SAMPLE_SIZE, S.SAMPLE_ORDER, S.SAMPLE_SEED, S.DRAWN_AT, *PARTITION_COLUMNS)
+SAMPLE_SCHEMA = pa.schema([(c, S.TYPES[c]) for c in SAMPLE_COLUMNS], metadata={METADATA_KEY: SCHEMA_VERSION.encode()})
 TABLE_SCHEMAS = {"scores": SCORES_SCHEMA, "flagged": SCORES_SCHEMA, "errors": ERRORS_SCHEMA, "runs": RUNS_SCHEMA,
-                 VERDICTS: VERDICTS_SCHEMA}
+                 VERDICTS: VERDICTS_SCHEMA, SAMPLE: SAMPLE_SCHEMA}
 PARTITIONED = {"scores": PARTITION_COLUMNS, "flagged": PARTITION_COLUMNS, "errors": PARTITION_COLUMNS, "runs": (),
-               VERDICTS: (S.REVIEW_DATE,)}
+               VERDICTS: (S.REVIEW_DATE,), SAMPLE: (S.SCAN_DATE,)}
 
 # What each table is, for the catalog (Iceberg's ``comment`` property: Glue, Athena and Spark show it).
 TABLE_DOCS = {
@@ -68,6 +74,8 @@ TABLE_DOCS = {
     "runs": "one row per commit unit (status 'unit') and finished scan (status 'completed') and detector, with the snapshot ids "
             "of scores, flagged and errors as of that row: pin them to read whole units",
     VERDICTS: "reviewers' verdicts on flagged images (generated, real, unsure), imported from the review page's exports",
+    SAMPLE: "a seeded random sample of each night's flagged rows, stratified by score band (jobs.report draws it once per night "
+            "and detector): verdicts on these rows give an unbiased precision (query precision)",
     "state": "derived: the latest outcome of every object per detector, what the next scan skips (rebuilt from scores and errors)",
 }
 RUNS_DOCS = {

@@ -3,7 +3,9 @@
 The review page (``jobs.report``) exports one CSV or JSON file with the columns
 ``uri, detector_id, scan_id, verdict, note, reviewer, reviewed_at`` (``verdict``: generated,
 real or unsure; ``reviewed_at``: ISO 8601). ``parse_verdicts`` reads either format and
-refuses a malformed file whole, saying which rows are wrong; ``known`` says which verdicts
+refuses a malformed file whole, saying which rows are wrong (a file that is not UTF-8, or
+UTF-16/32 with a byte-order mark, is refused in one line with the byte position and the
+``iconv`` command that converts it; the CSV export's neutralised cells are restored); ``known`` says which verdicts
 are about an object the scan output scored; ``ScanOutput.append_new(T.VERDICTS, rows, KEY)``
 appends only the verdicts the table does not hold yet, so importing a file twice (or the
 page's next export, which repeats the earlier verdicts) adds nothing twice. A reviewer who
@@ -13,6 +15,7 @@ changes their mind gives a later ``reviewed_at``: the latest verdict on an image
 
 from __future__ import annotations
 
+import codecs
 import datetime as dt
 import io
 import json
@@ -22,6 +25,7 @@ import pyarrow.compute as pc
 
 from detector_core import schema as S
 from detector_core import tables as T
+from detector_core.csv_cells import restore
 
 __all__ = ["FILE_COLUMNS", "KEY", "VerdictError", "known", "latest", "parse_verdicts", "with_verdicts"]
 
@@ -40,8 +44,38 @@ def _examples(values: list, n: int = 3) -> str:
     return ", ".join(repr(v) for v in values[:n]) + (", …" if len(values) > n else "")
 
 
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def _text(data: bytes, name: str) -> str:
+    """The file's text: UTF-8 (with or without a BOM), or UTF-16/32 with a BOM (which says so reliably); else ``VerdictError``.
+
+    Other encodings (Latin-1, Windows-1252: what a spreadsheet's "CSV" often is) cannot be
+    told apart reliably, so they are refused in one line with the first bad byte and the fix.
+    """
+    stem = name.rsplit("/", 1)[-1].rsplit(".", 1)[0] or "verdicts"
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            try:
+                return data.decode(encoding)
+            except UnicodeDecodeError as exc:
+                raise VerdictError(f"{name} starts with a {encoding} byte-order mark but is not {encoding} (byte position "
+                                   f"{exc.start}); re-export it from the review page") from None
+    if b"\x00" in data[:4096]:
+        raise VerdictError(f"{name} has NUL bytes: UTF-16 without a byte-order mark? Convert it to UTF-8, e.g. "
+                           f"iconv -f utf-16le -t utf-8 {name} > {stem}-utf8.csv")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise VerdictError(f"{name} is not UTF-8: byte 0x{data[exc.start]:02x} at byte position {exc.start} (line {line}); "
+                           f"if it is Latin-1 (a spreadsheet's CSV often is), convert it: "
+                           f"iconv -f latin1 -t utf-8 {name} > {stem}-utf8.csv") from None
+
+
 def _records(data: bytes, name: str) -> list[dict]:
-    text = data.decode("utf-8-sig")
+    text = _text(data, name)
     if name.lower().endswith(".json") or text.lstrip()[:1] in ("[", "{"):
         try:
             doc = json.loads(text)
@@ -54,12 +88,13 @@ def _records(data: bytes, name: str) -> list[dict]:
     import pyarrow.csv as pacsv
 
     try:
-        table = pacsv.read_csv(io.BytesIO(data), parse_options=pacsv.ParseOptions(newlines_in_values=True),
+        table = pacsv.read_csv(io.BytesIO(text.encode("utf-8")), parse_options=pacsv.ParseOptions(newlines_in_values=True),
                                convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in FILE_COLUMNS},
                                                                     strings_can_be_null=False))
     except pa.ArrowInvalid as exc:
         raise VerdictError(f"{name} is not a readable CSV: {str(exc).splitlines()[0]}")
-    return table.to_pylist()
+    # The page's CSV export neutralised formula-like cells (detector_core.csv_cells): undo it exactly.
+    return [{k: restore(v) if isinstance(v, str) else v for k, v in r.items()} for r in table.to_pylist()]
 
 
 def parse_verdicts(data: bytes, name: str, reviewer: str = "", imported_at: dt.datetime | None = None) -> pa.Table:

@@ -5,7 +5,9 @@
 package, never downloaded) pinned to the snapshots the newest ``runs`` row records, so the
 three agree even while a scan commits its next unit; ``runs`` (one row per finished
 scan and detector, ``read_runs``); ``verdicts`` (every reviewer's verdict, the table's
-latest snapshot, unfiltered) and ``latest_verdicts`` (the latest one on each image). Filters
+latest snapshot, unfiltered) and ``latest_verdicts`` (the latest one on each image);
+``precision_sample`` (the report's seeded, stratified sample of each night's flagged rows,
+with the same filters as the result tables). Filters
 on the partition columns (``scan_date``, ``bucket``) prune manifests and files.
 
 The connection is read-only towards everything outside it: once the views exist, DuckDB may
@@ -123,14 +125,15 @@ def connect(out: ScanOutput, where: str = "", since: str = "", until: str = "", 
         renames = ", ".join(f"{old} AS {new}" for old, new in S.RENAMED.items() if old in cols and new not in cols)
         star = f"* RENAME ({renames})" if renames else "*"
         con.execute(f"CREATE VIEW {name} AS SELECT {star} FROM {src} WHERE {cond}")
-    # Verdicts are about images, not one scan: every verdict, whatever the filters (an output
-    # older than the table has none).
-    verdicts = out.find_table(T.VERDICTS)
-    if verdicts is not None and verdicts.current_snapshot() is not None:
-        con.execute(f"CREATE VIEW verdicts AS SELECT * FROM iceberg_scan({sql_quote(verdicts.metadata_location)})")
-    else:
-        con.register("_empty_verdicts", T.VERDICTS_SCHEMA.empty_table())
-        con.execute("CREATE VIEW verdicts AS SELECT * FROM _empty_verdicts")
+    # Verdicts are about images, not one scan: every verdict, whatever the filters. The precision
+    # sample: the nights in range, as the report drew them. (An output older than a table has none.)
+    for name, view, where_ in ((T.VERDICTS, "verdicts", "true"), (T.SAMPLE, "precision_sample", cond)):
+        table = out.find_table(name)
+        if table is not None and table.current_snapshot() is not None:
+            con.execute(f"CREATE VIEW {view} AS SELECT * FROM iceberg_scan({sql_quote(table.metadata_location)}) WHERE {where_}")
+        else:
+            con.register(f"_empty_{view}", T.TABLE_SCHEMAS[name].empty_table())
+            con.execute(f"CREATE VIEW {view} AS SELECT * FROM _empty_{view}")
     # The latest verdict on each image counts (one row's verdict, reviewer and time together).
     con.execute("""CREATE VIEW latest_verdicts AS
                    SELECT uri, v.verdict AS verdict, v.reviewer AS reviewer, v.reviewed_at AS reviewed_at
@@ -157,7 +160,7 @@ def read_only_sql(sql: str) -> str:
         kind = st.type.name
         if kind not in READ_ONLY_STATEMENTS:
             raise ReadOnlyError(f"query sql only reads: a {kind} statement is refused ({' '.join(st.query.split())[:80]!r}); "
-                                "use SELECT over the views scores, flagged, errors, runs, verdicts")
+                                "use SELECT over the views scores, flagged, errors, runs, verdicts, precision_sample")
     return sql
 
 

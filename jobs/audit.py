@@ -44,7 +44,8 @@ import pyarrow.compute as pc
 from detector_core import schema as S
 from detector_core import tables as T
 from detector_core.catalog import CatalogError, ScanOutput
-from detector_core.questions import QUESTIONS, QuestionError, question_sql, where_clause
+from detector_core.csv_cells import neutralise
+from detector_core.questions import QUESTIONS, QuestionError, finish, question_sql, where_clause
 from detector_core.storage import open_fs, s3_storage_options
 from detector_core.views import ReadOnlyError, connect, read_only_sql, read_runs
 from jobs.common import JobError, open_output, parse_date, run_main, write_parquet
@@ -100,7 +101,7 @@ def answer(cfg: AuditConfig) -> pa.Table:
         raise JobError(str(exc))
     try:
         con = connect(out, where_clause(cfg), since, until, cfg.bucket, runs)
-        return con.sql(sql).to_arrow_table()
+        return finish(cfg, con.sql(sql).to_arrow_table())
     except duckdb.PermissionException as exc:
         raise JobError(f"refused: the audit reads the tables of {cfg.scan} only ({str(exc).splitlines()[0]})")
     except duckdb.IOException as exc:
@@ -121,7 +122,10 @@ def _emit(table: pa.Table, cfg: AuditConfig) -> None:
         print(f"{table.num_rows} rows -> {cfg.out}", file=sys.stderr)
         return
     df = table.to_pandas()
-    if cfg.format == "csv":
+    if cfg.format == "csv":  # text cells a spreadsheet would run as formulas are neutralised (numbers are not)
+        for col in df.columns:
+            if df[col].dtype == object or pd.api.types.is_string_dtype(df[col].dtype):
+                df[col] = df[col].map(lambda v: neutralise(v) if isinstance(v, str) else v)
         text = df.to_csv(index=False)
     elif cfg.format == "json":
         text = df.to_json(orient="records", lines=True, date_format="iso")

@@ -44,7 +44,9 @@ checkpoint; re-submitting the same ``--run-name`` and storage resumes. At the en
 best checkpoint's model becomes the bundle, its threshold calibrated to ``--target-fpr``
 on the real images of the ``calib`` split (``--calib-fraction``: rows that neither trained
 nor picked the epoch, so the achieved rate in ``metrics.json`` is not optimistic; scored in
-Ray tasks, only logits reach the driver); ``OUT/detector/``, ``OUT/metrics.json`` (with the
+Ray tasks, only logits reach the driver). The bundle's ``calibration`` records the reals it
+used, the 95 % Clopper-Pearson interval on the rate they gave, and a warning (also on
+stderr) when they are fewer than ``3 / --target-fpr``, the rule of three; ``OUT/detector/``, ``OUT/metrics.json`` (with the
 shortcut report, ``detector_core.shortcuts``) and ``OUT/config.json`` are written.
 
     python -m jobs.train --manifest data/manifest.parquet --output out/run1
@@ -69,7 +71,7 @@ import torch
 from detector_core import schema as S
 from detector_core.bundle import DetectorBundle, save_bundle
 from detector_core.cache import DATA, SUCCESS, cache_spec, labelled_arrays, read_marker
-from detector_core.metrics import calibrate_threshold
+from detector_core.metrics import calibrate_threshold, calibration_record
 from detector_core.model import NoiseResNet, build_classifier, load_backbone
 from detector_core.shortcuts import dataset_report
 from detector_core.storage import arrow_fs, s3_storage_options
@@ -243,15 +245,17 @@ def run_training(cfg: TrainConfig) -> dict:
     calib_real = _real_logits(model.eval(), data_path, pa_fs, S.SPLIT_CALIB)
     if calib_real.size:
         threshold_logit = calibrate_threshold(calib_real, cfg.target_fpr)
-        calibration = {"method": "target_fpr", "target_fpr": cfg.target_fpr, "split": S.SPLIT_CALIB, "n_real": int(calib_real.size),
-                       "achieved_fpr": float((calib_real >= threshold_logit).mean())}
+        calibration = calibration_record(calib_real, threshold_logit, cfg.target_fpr, S.SPLIT_CALIB)
     else:  # no calib rows (calib_fraction 0, or a manifest's own splits without one)
         threshold_logit = float(best["threshold_logit"])
-        calibration = {"method": "target_fpr", "target_fpr": cfg.target_fpr, "split": S.SPLIT_VAL, "n_real": bm["val_n_real"],
-                       "achieved_fpr": 1.0 - bm["val_real_accuracy"],
+        val_real = _real_logits(model.eval(), data_path, pa_fs, S.SPLIT_VAL)
+        calibration = {**calibration_record(val_real, threshold_logit, cfg.target_fpr, S.SPLIT_VAL),
                        "note": "calibrated on the split that also picked the epoch: the achieved rate is optimistic"}
         print(f"WARNING: no {S.SPLIT_CALIB} split in {cache}: the threshold is calibrated on validation, which also picked "
               "the epoch (optimistic); use --calib-fraction or a calib split in the manifest", file=sys.stderr, flush=True)
+    if calibration.get("warning"):
+        print(f"WARNING: {calibration['warning']}; label more real images for that split, or train for a higher --target-fpr",
+              file=sys.stderr, flush=True)
     bundle = DetectorBundle(
         model=model.eval(), features=spec, threshold_logit=threshold_logit, calibration=calibration,
         feature_compute=marker.get("feature_compute", {}),
@@ -270,7 +274,9 @@ def run_training(cfg: TrainConfig) -> dict:
     write_json(join(cfg.output, "metrics.json"), metrics, so)
     write_json(join(cfg.output, "config.json"), config_dict(cfg), so)
     print(f"detector {bundle.detector_id}: best epoch {best['epoch']}, val AUC {bm['val_auc']:.4f}, "
-          f"threshold {bundle.threshold:.4f} (FPR target {cfg.target_fpr}) -> {join(cfg.output, 'detector')}")
+          f"threshold {bundle.threshold:.4f} (FPR target {cfg.target_fpr}; achieved {calibration['achieved_fpr']:.4g} on "
+          f"{calibration['n_real']} {calibration['split']} reals, 95 % interval {calibration['fpr_interval'][0]:.3g}-"
+          f"{calibration['fpr_interval'][1]:.3g}) -> {join(cfg.output, 'detector')}")
     return metrics
 
 

@@ -4,15 +4,22 @@ The S3 server is moto's standalone server in its own process on 127.0.0.1 (a fre
 port), reached through s3fs exactly as production reaches AWS; the AWS variables
 point every client (and every Ray worker started later) at it. Ray, for the few tests
 that need it, is one session-scoped local instance (one per pytest-xdist worker under
-``make test``).
+``make test``). The review page's tests get a headless Chromium (``chromium``, one per
+module; skipped where Debian's Chromium is missing) and ``serve``, a static HTTP server of
+a folder on loopback, as a bucket's static hosting serves the page.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -20,6 +27,10 @@ from pathlib import Path
 import pytest
 
 VENV_BIN = Path(sys.executable).parent
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")  # Debian's; .ci/run installs it
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (apt-get install chromium; .ci/run does it)")
 
 # libgomp's threads busy-wait after every parallel region unless told otherwise. On 2 cores the
 # pytest process, its xdist sibling and Ray's workers all run torch, and the spinning threads
@@ -154,3 +165,36 @@ def demo_features(ray_local, demo_manifest, tmp_path_factory):
     cache = tmp_path_factory.mktemp("features") / "cache"
     embed_main(["--manifest", str(demo_manifest), "--output", str(cache), "--batch-size", "128", "--clip-model", "test-tiny", "--pretrained", "none"])
     return cache
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # the test output stays readable
+        pass
+
+
+@contextlib.contextmanager
+def serve(folder):
+    """A static HTTP server of ``folder`` on loopback (as a bucket's static hosting serves the review page); yields its URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Headless Chromium through Playwright, one per test module."""
+    if CHROMIUM is None:
+        pytest.skip("no Chromium on this machine (apt-get install chromium; .ci/run does it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()

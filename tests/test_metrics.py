@@ -6,16 +6,20 @@ import math
 
 import numpy as np
 import pytest
+from scipy.stats import binomtest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from detector_core.metrics import (
     accuracy_at,
     average_precision,
     calibrate_threshold,
+    calibration_record,
+    clopper_pearson,
     false_positive_rate,
     roc_auc,
     summarize,
     tpr_at_fpr,
+    wilson,
 )
 
 
@@ -94,3 +98,28 @@ def test_summarize_keys_and_values():
     assert out["generated_accuracy"] == pytest.approx(1.0)
     assert out["auc"] == pytest.approx(roc_auc_score(y, s))
     assert "tpr_at_fpr_0.01" in out and "tpr_at_fpr_0.001" in out
+
+
+@pytest.mark.parametrize("k,n", [(0, 5), (1, 5), (5, 5), (3, 300), (0, 1), (17, 1000)])
+def test_intervals_agree_with_scipy_binomtest(k, n):
+    exact = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+    assert clopper_pearson(k, n) == pytest.approx((exact.low, exact.high), abs=1e-12)
+    w = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    assert wilson(k / n, n) == pytest.approx((w.low, w.high), abs=1e-12)
+    assert all(math.isnan(v) for v in clopper_pearson(0, 0))
+
+
+def test_calibration_on_five_reals_says_how_unsure_it_is():
+    """1 % FPR on 5 real images: 'achieved 0.0' is recorded with its interval (0 to 52 %) and the rule of three's warning."""
+    real = np.array([0.1, 0.2, 0.3, 0.4, 0.9])
+    t = calibrate_threshold(real, 0.01)
+    rec = calibration_record(real, t, 0.01, "calib")
+    exact = binomtest(0, 5).proportion_ci(confidence_level=0.95, method="exact")
+    assert (rec["n_real"], rec["flagged_real"], rec["achieved_fpr"]) == (5, 0, 0.0)
+    assert rec["fpr_interval"] == pytest.approx([0.0, exact.high]) and exact.high > 0.5
+    assert rec["min_real_for_target"] == 300 and "holds 5 real images" in rec["warning"] and "300" in rec["warning"]
+    # enough reals: no warning; the interval is still there
+    many = np.random.default_rng(1).random(300)
+    rec = calibration_record(many, calibrate_threshold(many, 0.01), 0.01, "calib")
+    assert "warning" not in rec and rec["flagged_real"] == 3
+    assert rec["fpr_interval"] == pytest.approx(list(binomtest(3, 300).proportion_ci(method="exact")), abs=1e-12)

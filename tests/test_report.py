@@ -1,21 +1,25 @@
-"""The review page from a real scan: contents checked in the HTML and in a real headless Chromium.
+"""The review page from a real scan: contents checked in the HTML and the table, and in a real headless Chromium.
 
-The browser test drives Debian's Chromium (``/usr/bin/chromium``, installed by ``.ci/run``)
-through Playwright: the page loads with no console errors, shows the expected number of
-thumbnails, runs no script from an object's name, and a screenshot is written; verdicts
-clicked on the page survive a reload, export as CSV and JSON, and import into the verdicts
-table exactly once. Without a Chromium these skip and say why.
+The browser tests drive Debian's Chromium (``/usr/bin/chromium``, installed by ``.ci/run``)
+through Playwright, with the page served over HTTP from its folder as a bucket's static
+hosting would: the page loads with no console errors, its thumbnail files decode, no
+script runs from an object's name; verdicts given with the keyboard (the reviewer's name
+asked once, first) survive a reload, export as CSV (a formula-like note neutralised) and
+JSON, import into the verdicts table exactly once, and the next page hides them. Without a
+Chromium these skip and say why. The 10,000-card queue is ``tests/test_review_queue.py``.
 """
 
 from __future__ import annotations
 
 import html.parser
+import json
 import os
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from conftest import needs_chromium, serve
 
 from detector_core.bundle import DetectorBundle, save_bundle
 from detector_core.catalog import read_table
@@ -27,7 +31,6 @@ from detector_core.model import DetectorMLP
 from jobs import report, scan
 
 NAUGHTY = 'odd <script>alert(1) & "quote" <img src=x onerror=alert(2)>.png'  # no "/": it is one file name
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
@@ -57,77 +60,106 @@ def scanned(ray_local, tmp_path_factory):
 class _Collect(html.parser.HTMLParser):
     def __init__(self):
         super().__init__()
-        self.imgs, self.scripts, self.text, self._in_script = [], 0, [], False
+        self.scripts, self.text, self.data, self._in = [], [], None, None
 
     def handle_starttag(self, tag, attrs):
-        a = dict(attrs)
-        if tag == "img" and "thumb" in (a.get("class") or ""):
-            self.imgs.append(a)
         if tag == "script":
-            self.scripts += 1
-            self._in_script = True
+            self.scripts.append(dict(attrs))
+            self._in = dict(attrs).get("id") or "script"
 
     def handle_endtag(self, tag):
-        self._in_script = self._in_script and tag != "script"
+        if tag == "script":
+            self._in = None
 
     def handle_data(self, data):
-        if not self._in_script:
+        if self._in == "review-data":
+            self.data = json.loads(data)
+        elif self._in is None:
             self.text.append(data)
 
 
-def test_page_contents_caps_and_escaping(scanned, tmp_path):
+def _page(path) -> _Collect:
+    p = _Collect()
+    p.feed(path.read_text())
+    return p
+
+
+def test_page_queue_sample_thumbnail_files_and_escaping(scanned, tmp_path):
+    from detector_core.lease import Lease
+    from detector_core.storage import open_fs
+
     n_flagged = scanned["flagged"].num_rows
     assert 3 < n_flagged < 16
-    counts = report.main(["--scan", str(scanned["out"]), "--out", str(tmp_path / "r.html"), "--max-thumbnails", "3",
-                          "--band", "1.0", "--max-band", "4"])
+    args = ["--scan", str(scanned["out"]), "--out", str(tmp_path / "r.html"), "--max-cards", "3", "--band", "1.0", "--max-band", "4"]
+    # While a scan still writes the output, the night's flags are not all in: no sample is drawn yet.
+    lease = Lease(*open_fs(str(scanned["out"])), "scan-still-running")
+    lease.acquire()
+    with lease:
+        early = report.main(args)
+    assert (early["sample"], early["sample_drawn_now"]) == (0, 0) and early["flagged_shown"] == 3
+    counts = report.main(args)
+    p = _page(tmp_path / "r.html")
     page = (tmp_path / "r.html").read_text()
-    p = _Collect()
-    p.feed(page)
-    assert counts["flagged"] == n_flagged and counts["flagged_shown"] == 3 and counts["band_shown"] == 4
-    assert len(p.imgs) == 3 + 4 and all(i["src"].startswith("data:image/jpeg;base64,") for i in p.imgs)
-    text = "".join(p.text)
-    assert f"{n_flagged - 3} more flagged images not shown" in text
-    assert p.scripts == 1  # only the page's own filter script; the object name is text
-    assert NAUGHTY in text and "<script>alert(1)" not in page and "<img src=x" not in page
-    assert "http://" not in page and "https://" not in page  # self-contained
-    # cards sorted by score, highest first, and the highest is the top flagged row
-    flagged_part = page.split('id="flagged"')[1].split('id="band-heading"')[0]
-    scores = [float(s.split('"')[0]) for s in flagged_part.split('data-score="')[1:]]
+    cards = p.data["cards"]
+    queue = [i for i, q in enumerate(cards["q"]) if q & report.QUEUE_FLAGGED]
+    assert counts["flagged"] == n_flagged and counts["flagged_shown"] == 3 == len(queue) and counts["band_shown"] == 4
+    # the queue holds the 3 highest scores; the sample holds every flagged row (fewer than 385)
     want = sorted(scanned["flagged"]["score"].to_pylist(), reverse=True)[:3]
-    np.testing.assert_allclose(scores, want, rtol=1e-5)
+    np.testing.assert_allclose(sorted((cards["score"][i] for i in queue), reverse=True), want, rtol=1e-5)
+    sample = read_table(str(scanned["out"]), "precision_sample")
+    assert sample.num_rows == n_flagged == counts["sample"] == counts["sample_drawn_now"]
+    assert sorted(sample["uri"].to_pylist()) == sorted(scanned["flagged"]["uri"].to_pylist())
+    assert sorted(sample["sample_order"].to_pylist()) == list(range(1, n_flagged + 1))
+    assert sorted(o for o, q in zip(cards["order"], cards["q"]) if q & report.QUEUE_SAMPLE) == list(range(1, n_flagged + 1))
+    # thumbnails are files beside the page (one per image, named by a hash of its uri), not in it
+    files = tmp_path / "r_files"
+    for i, name in enumerate(cards["thumb"]):
+        assert name == report.asset_name(cards["uri"][i]) and (files / "t" / name).stat().st_size > 300
+        assert (files / "p" / name).exists()
+    assert "data:image" not in page and counts["page_bytes"] == len(page.encode())
+    text = "".join(p.text)
+    assert f"{n_flagged - 3} more flagged images are not in the queue" in text
+    assert [s.get("type") for s in p.scripts] == ["application/json", None]  # the data block and the page's own script
+    assert any(u.endswith(NAUGHTY) for u in cards["uri"]) and "<script>alert(1)" not in page and "<img src=x" not in page
+    assert "http://" not in page and "https://" not in page  # nothing loaded from elsewhere
     assert "not_an_image" in text and counts["errors"] == 2
+    # A second report of the night keeps the sample (drawn once) and makes no thumbnail again.
+    mtimes = {n.name: n.stat().st_mtime_ns for n in (files / "t").iterdir()}
+    again = report.main(["--scan", str(scanned["out"]), "--out", str(tmp_path / "r.html"), "--max-cards", "3", "--sample-seed", "9"])
+    assert again["sample_drawn_now"] == 0 and read_table(str(scanned["out"]), "precision_sample").num_rows == n_flagged
+    assert {n.name: n.stat().st_mtime_ns for n in (files / "t").iterdir()} == mtimes
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (apt-get install chromium; .ci/run does it)")
-def test_page_in_headless_chromium(scanned, tmp_path):
-    from playwright.sync_api import sync_playwright
+def test_out_must_name_the_page(scanned, tmp_path):
+    from jobs.common import JobError
 
+    with pytest.raises(JobError, match="name the page itself"):
+        report.main(["--scan", str(scanned["out"]), "--out", str(tmp_path / "reports/")])
+
+
+@needs_chromium
+def test_page_in_headless_chromium(scanned, tmp_path, chromium):
     out = tmp_path / "report.html"
     counts = report.main(["--scan", str(scanned["out"]), "--out", str(out), "--band", "0.02"])
     n_flagged = scanned["flagged"].num_rows
     problems, dialogs = [], []
     shot = tmp_path / "report.png"
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run", "--disable-quic"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: problems.append(str(e)))
-            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-            page.goto(out.as_uri())
-            page.wait_for_load_state("load")
-            assert page.locator("#flagged img.thumb").count() == n_flagged == counts["flagged_shown"]
-            # every thumbnail really decoded in the browser
-            assert page.evaluate("Array.from(document.querySelectorAll('#flagged img.thumb')).every(i => i.complete && i.naturalWidth > 0)")
-            assert page.locator(".uri", has_text="<script>alert(1)").count() >= 1
-            page.fill("#filter", "alert(1)")
-            assert page.locator("#flagged .card:visible").count() == 1
-            page.fill("#filter", "")
-            page.screenshot(path=str(shot), full_page=True)
-        finally:
-            browser.close()
+    with serve(tmp_path) as url:
+        page = chromium.new_page(viewport={"width": 1280, "height": 900})
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.goto(f"{url}/report.html")
+        page.wait_for_load_state("networkidle")
+        assert page.locator("#cards .card").count() == n_flagged == counts["flagged_shown"]
+        # every thumbnail really decoded in the browser, from its file
+        assert page.evaluate("Array.from(document.querySelectorAll('#cards img.thumb')).every(i => i.complete && i.naturalWidth > 0)")
+        assert page.locator(".uri", has_text="<script>alert(1)").count() >= 1
+        page.fill("#prefix", str(scanned["out"].parent / "bucket" / "odd <script>"))  # a local path's prefix is the path
+        assert page.locator("#cards .card").count() == 1
+        page.fill("#prefix", "")
+        page.screenshot(path=str(shot), full_page=True)
+        page.close()
     assert problems == [] and dialogs == []
     assert shot.stat().st_size > 10_000
     keep = os.environ.get("REPORT_SCREENSHOT_DIR")
@@ -135,71 +167,71 @@ def test_page_in_headless_chromium(scanned, tmp_path):
         shutil.copy(shot, os.path.join(keep, "report.png"))
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (apt-get install chromium; .ci/run does it)")
-def test_verdicts_clicked_on_the_page_persist_export_and_import_once(scanned, tmp_path):
-    """Click verdicts in Chromium, reload (they persist), export CSV and JSON, import: the table holds exactly those rows."""
-    from playwright.sync_api import expect, sync_playwright
+@needs_chromium
+def test_keyboard_verdicts_persist_export_import_once_and_hide(scanned, tmp_path, chromium):
+    """Keys give verdicts (name asked first), a reload keeps them, CSV/JSON import once, and the next page hides them."""
+    from playwright.sync_api import expect
 
     from jobs import audit
 
     out = tmp_path / "report.html"
     report.main(["--scan", str(scanned["out"]), "--out", str(out), "--band", "0.0"])
     flagged = scanned["flagged"].sort_by([("score", "descending"), ("uri", "ascending")]).to_pylist()
-    chosen = {flagged[0]["uri"]: ("generated", ""), flagged[1]["uri"]: ("real", 'a "known" camera, not AI'),
-              flagged[2]["uri"]: ("unsure", "")}
+    note = '=HYPERLINK("http://evil.example/x", "a \'known\' camera")'
+    chosen = {flagged[0]["uri"]: ("generated", ""), flagged[1]["uri"]: ("real", note), flagged[2]["uri"]: ("unsure", "")}
     files = {}
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
-        try:
-            ctx = browser.new_context(accept_downloads=True)
-            page = ctx.new_page()
-            page.goto(out.as_uri())
-            page.fill("#reviewer", "rita")
-            page.press("#reviewer", "Tab")  # change event: the name is kept
-            cards = page.locator("#flagged .card")
-            for i in range(3):
-                verdict, note = chosen[flagged[i]["uri"]]
-                if note:
-                    cards.nth(i).locator(".vnote").fill(note)
-                button = cards.nth(i).locator(f"button[data-verdict={verdict}]")
-                button.click()
-                expect(button).to_have_attribute("aria-pressed", "true")  # the page took it before the next click
-            expect(page.locator("#vcount")).to_have_text("3 verdicts in this browser")  # and kept all three
-            # localStorage reaches the browser's own store asynchronously: a reload right after the
-            # last click could load the page before it got there (twice in ~6 two-worker runs the
-            # reloaded page had lost the first card's verdict, pressed before). A second tab of the
-            # file sees them once they are stored, as a reviewer's next visit would; then reload.
-            other = ctx.new_page()
-            other.goto(out.as_uri())
-            other.wait_for_function("() => Object.keys(JSON.parse(localStorage.getItem("
-                                    "'detector-review:' + document.body.dataset.scan) || '{}')).length === 3")
-            other.close()
-            page.reload()
-            page.wait_for_load_state("load")
-            cards = page.locator("#flagged .card")
-            for i in range(cards.count()):
-                pressed = [b.get_attribute("data-verdict") for b in cards.nth(i).locator("button[aria-pressed=true]").all()]
-                want = chosen.get(cards.nth(i).get_attribute("data-uri"))
-                assert pressed == ([want[0]] if want else []), (i, pressed)
-            assert cards.nth(1).locator(".vnote").input_value() == chosen[flagged[1]["uri"]][1]
-            assert page.locator("#reviewer").input_value() == "rita" and page.locator("#vcount").text_content() == "3 verdicts in this browser"
-            for kind in ("csv", "json"):
-                with page.expect_download() as d:
-                    page.click(f"#export-{kind}")
-                files[kind] = tmp_path / d.value.suggested_filename
-                d.value.save_as(files[kind])
-        finally:
-            browser.close()
-    assert files["csv"].name.startswith("verdicts-") and files["csv"].suffix == ".csv"
+    with serve(tmp_path) as url:
+        ctx = chromium.new_context(accept_downloads=True)
+        page = ctx.new_page()
+        page.goto(f"{url}/report.html")
+        expect(page.locator("#cards .card.current")).to_have_attribute("data-uri", flagged[0]["uri"])
+        page.keyboard.press("g")  # no name yet: the page asks before it records anything
+        expect(page.locator("#name-dialog")).to_be_visible()
+        assert page.evaluate("Object.keys(JSON.parse(localStorage.getItem('detector-review:' + document.body.dataset.scan) || '{}')).length") == 0
+        page.fill("#reviewer-name", "rita")
+        page.press("#reviewer-name", "Enter")
+        expect(page.locator("#vcount")).to_have_text("1 verdict in this browser")
+        expect(page.locator("#cards .card.current")).to_have_attribute("data-uri", flagged[1]["uri"])  # moved on
+        page.keyboard.press("n")  # the note of the current card
+        page.keyboard.type(note)
+        page.keyboard.press("Enter")
+        page.keyboard.press("2")
+        page.keyboard.press("u")
+        expect(page.locator("#vcount")).to_have_text("3 verdicts in this browser")
+        page.wait_for_function("() => Object.keys(JSON.parse(localStorage.getItem('detector-review:' + document.body.dataset.scan) || '{}')).length === 3")
+        page.reload()
+        cards = page.locator("#cards .card")
+        expect(page.locator("#vcount")).to_have_text("3 verdicts in this browser")
+        for i in range(cards.count()):
+            pressed = [b.get_attribute("data-verdict") for b in cards.nth(i).locator("button[aria-pressed=true]").all()]
+            want = chosen.get(cards.nth(i).get_attribute("data-uri"))
+            assert pressed == ([want[0]] if want else []), (i, pressed)
+        assert cards.nth(1).locator(".vnote").input_value() == note
+        assert page.locator("#who").text_content() == "rita"
+        for kind in ("csv", "json"):
+            with page.expect_download() as d:
+                page.click(f"#export-{kind}")
+            files[kind] = tmp_path / d.value.suggested_filename
+            d.value.save_as(files[kind])
+        ctx.close()
+    assert files["csv"].name.startswith("verdicts-") and files["csv"].name.endswith("-rita.csv")
+    assert "'=HYPERLINK" in files["csv"].read_text() and '"=HYPERLINK' not in files["csv"].read_text()  # neutralised in the CSV
     first = audit.main(["verdicts", "import", str(files["csv"]), "--scan", str(scanned["out"])])
     assert (first["added"], first["refused_unknown"]) == (3, 0)
     table = read_table(str(scanned["out"]), "verdicts").to_pylist()
-    assert {r["uri"]: (r["verdict"], r["note"] or "") for r in table} == chosen
+    assert {r["uri"]: (r["verdict"], r["note"] or "") for r in table} == chosen  # the note restored exactly
     assert {(r["reviewer"], r["detector_id"], r["scan_id"]) for r in table} == {("rita", flagged[0]["detector_id"], scanned["summary"]["scan_id"])}
     for again in (files["json"], files["csv"]):  # the same verdicts in the other format, and the same file: nothing added
         assert audit.main(["verdicts", "import", str(again), "--scan", str(scanned["out"])])["added"] == 0
     assert read_table(str(scanned["out"]), "verdicts").num_rows == 3
+
     counts = report.main(["--scan", str(scanned["out"]), "--out", str(tmp_path / "next.html"), "--band", "0.0"])
-    page = (tmp_path / "next.html").read_text()
-    assert counts["reviewed_shown"] == 3 and page.count('class="reviewed"') == 3 and counts["precision_nights"] == 1
-    assert 'class="prec"' in page
+    assert counts["reviewed_shown"] == 3 and counts["precision_nights"] == 1
+    with serve(tmp_path) as url:
+        page = chromium.new_page()
+        page.goto(f"{url}/next.html")
+        shown = page.evaluate("window.reviewQueue.keys()")
+        assert len(shown) == len(flagged) - 3 and not {k.split("\t")[0] for k in shown} & set(chosen)  # imported: hidden
+        page.select_option("#show", "imported")
+        assert page.locator("#cards .card").count() == 3 and page.locator("#cards .reviewed").count() == 3
+        page.close()

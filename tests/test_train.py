@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from scipy.stats import binomtest
 
 from detector_core.bundle import load_bundle
 from detector_core.features import ClipEncoder
@@ -74,6 +75,12 @@ def test_two_workers_learn_and_recover_from_a_worker_failure(ray_local, demo_man
         real = bundle.model(enc.encode(pixels, None, "image")).double().numpy()
     assert bundle.threshold_logit == pytest.approx(calibrate_threshold(real, 0.01), abs=1e-5)
     assert (real >= bundle.threshold_logit).mean() <= 0.01 and bundle.calibration["n_real"] == len(real_uris)
+    # How sure the threshold is: an exact interval on the reals it was set on, and the rule of three's
+    # warning, since the demo's calib split holds far fewer than 3 / 0.01 = 300 real images.
+    k = int((real >= bundle.threshold_logit).sum())
+    ci = binomtest(k, len(real_uris)).proportion_ci(confidence_level=0.95, method="exact")
+    assert bundle.calibration["flagged_real"] == k and bundle.calibration["fpr_interval"] == pytest.approx([ci.low, ci.high], abs=1e-9)
+    assert bundle.calibration["min_real_for_target"] == 300 and f"holds {len(real_uris)} real images" in bundle.calibration["warning"]
     saved = json.loads((out / "config.json").read_text())
     assert saved["epochs"] == 12 and saved["loss"] == "cvar_auc" and saved["sam"] is True
 

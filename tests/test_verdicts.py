@@ -8,6 +8,7 @@ Wilson interval).
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import json
 
@@ -149,8 +150,10 @@ def test_precision_per_night_equals_a_hand_count_with_wilson_intervals(two_night
     assert [(g["scan_date"], g["flagged"], g["reviewed"], g["confirmed_generated"], g["confirmed_real"], g["unsure"]) for g in got] == want
     for g in got:
         ci = binomtest(g["confirmed_generated"], g["reviewed"]).proportion_ci(confidence_level=0.95, method="wilson")
-        assert g["precision"] == pytest.approx(g["confirmed_generated"] / g["reviewed"])
-        assert (g["precision_low"], g["precision_high"]) == pytest.approx((ci.low, ci.high), abs=1e-9)
+        assert g["convenience_precision"] == pytest.approx(g["confirmed_generated"] / g["reviewed"])
+        assert (g["convenience_low"], g["convenience_high"]) == pytest.approx((ci.low, ci.high), abs=1e-9)
+        # no precision sample was drawn (no report ran): no estimate, and the table says why
+        assert (g["precision"], g["precision_low"], g["estimate"]) == (None, None, "no sample (jobs.report draws it)")
 
 
 def test_drift_flags_a_night_with_five_times_the_usual_flagged_rate(tmp_path):
@@ -227,3 +230,121 @@ def test_imports_at_once_add_each_verdict_once(two_nights, tmp_path):
     assert all(p.returncode == 0 for p in procs), outs
     table = read_table(str(two_nights["dir"]), "verdicts")
     assert table.num_rows == 10 and len(set(table["uri"].to_pylist())) == 10
+
+
+def test_precision_from_the_stratified_sample_is_unbiased_where_convenience_is_not(tmp_path):
+    """2,000 flagged rows whose true share of generated images falls with the score band (0.95 at the top, 0.2 at the bottom).
+
+    Reviewers who take the queue from the top judge the easy flags: their figure is far above
+    the truth. The report's precision sample, reviewed in full, gives an estimate whose 95 %
+    interval holds the true precision; the estimate and interval equal an independent
+    computation of the stratified estimator (weights N_h / N, Wilson at the effective size).
+    """
+    from detector_core.views import connect
+    from jobs import report
+
+    rng = np.random.default_rng(7)
+    out = ScanOutput.open(str(tmp_path / "out"))
+    day = dt.date(2026, 11, 23)
+    n = 2000
+    scores = {f"s3://up/p/{i:04d}.jpg": float(s) for i, s in enumerate(rng.uniform(0.5, 1.0, n))}
+    p_true = {u: 0.2 + 0.75 * (s - 0.5) / 0.5 for u, s in scores.items()}
+    label = {u: bool(rng.random() < p) for u, p in p_true.items()}
+    scan_id = commit_night(out, day, scores)
+    true_precision = sum(label.values()) / n
+
+    cfg = report.ReportConfig(scan=str(tmp_path / "out"))
+    sample, added = report.draw_precision_sample(out, connect(out, "", day.isoformat(), day.isoformat()), day.isoformat(), [DET], cfg)
+    assert added == sample.num_rows == 385 == cfg.precision_sample
+    again, added = report.draw_precision_sample(out, connect(out, "", day.isoformat(), day.isoformat()), day.isoformat(), [DET], cfg)
+    assert added == 0 and sorted(again["uri"].to_pylist()) == sorted(sample["uri"].to_pylist())  # drawn once
+
+    def imported(rows, name):
+        (tmp_path / name).write_text(json.dumps([verdict(u, scan_id, "generated" if label[u] else "real", "2026-11-24T09:00:00Z")
+                                                 for u in rows]))
+        audit.main(["verdicts", "import", str(tmp_path / name), "--scan", str(tmp_path / "out")])
+
+    top = sorted(scores, key=lambda u: -scores[u])[:300]  # the convenience picks: the top of the page
+    imported(top, "top.json")
+    s = sample.to_pylist()
+    imported([r["uri"] for r in s if r["stratum"] != 3], "sample-part.json")
+    got = audit.main(["query", "precision", "--scan", str(tmp_path / "out"), "--format", "csv"]).to_pylist()[0]
+    assert got["precision"] is None and got["estimate"] == "sample incomplete: 3 of 4 score bands reviewed"
+    imported([r["uri"] for r in s if r["stratum"] == 3], "sample-rest.json")
+    got = audit.main(["query", "precision", "--scan", str(tmp_path / "out"), "--format", "csv"]).to_pylist()[0]
+
+    # independently: bands by rank of score (500 rows each), each band's confirmed share of its reviewed sample rows
+    ranked = sorted(scores, key=lambda u: (-scores[u], u))
+    band = {u: (i * 4) // n for i, u in enumerate(ranked)}
+    est, var = 0.0, 0.0
+    for h in range(4):
+        drawn = [r["uri"] for r in s if band[r["uri"]] == h]
+        p_h, w_h = np.mean([label[u] for u in drawn]), 500 / n
+        est += w_h * p_h
+        var += w_h * w_h * p_h * (1 - p_h) / len(drawn)
+    m = est * (1 - est) / var
+    z = 1.959963984540054
+    centre, half = (est + z * z / (2 * m)) / (1 + z * z / m), z * np.sqrt(est * (1 - est) / m + z * z / (4 * m * m)) / (1 + z * z / m)
+    assert got["estimate"] == "stratified sample" and (got["sample_size"], got["sample_reviewed"]) == (385, 385)
+    assert got["precision"] == pytest.approx(est, abs=1e-12)
+    assert (got["precision_low"], got["precision_high"]) == pytest.approx((centre - half, centre + half), abs=1e-12)
+    assert got["precision_low"] <= true_precision <= got["precision_high"]
+    assert got["precision_high"] - got["precision_low"] <= 0.10  # about ±5 points at the default size
+    # the convenience figure counts every verdict on the night's flags: the top 300 pull it far above the truth
+    assert got["convenience_precision"] > got["precision_high"] + 0.05 and got["reviewed"] == len(set(top) | {r["uri"] for r in s})
+
+
+def test_threshold_query_gives_each_flag_rate_an_exact_interval(two_nights):
+    got = audit.main(["query", "threshold", "--scan", str(two_nights["dir"]), "--target-daily-flags", "3", "--format", "csv"]).to_pylist()[0]
+    for k, rate in ((got["flagged_at_threshold"], "flag_rate"), (got["flagged_at_bundle"], "flag_rate_at_bundle")):
+        ci = binomtest(k, got["scored"]).proportion_ci(confidence_level=0.95, method="exact")
+        assert got[rate] == pytest.approx(k / got["scored"]) and (got[f"{rate}_low"], got[f"{rate}_high"]) == pytest.approx((ci.low, ci.high))
+    assert (got["flagged_at_threshold"], got["flagged_at_bundle"], got["scored"]) == (6, 10, 20)
+
+
+def test_csv_answers_neutralise_formulas_but_not_numbers(two_nights, tmp_path):
+    s1, _ = two_nights["scans"]
+    scan = str(two_nights["dir"])
+    notes = ['=HYPERLINK("http://evil.example", "x")', "+cmd|' /C calc'!A0", "@SUM(1)", "-2+3", "'=already quoted", "fine"]
+    rows = [verdict(f"s3://up/a/{i}.jpg", s1, "generated", f"2026-11-21T09:0{i}:00Z", note=n) for i, n in enumerate(notes)]
+    (tmp_path / "v.json").write_text(json.dumps(rows))
+    audit.main(["verdicts", "import", str(tmp_path / "v.json"), "--scan", scan])
+    audit.main(["query", "sql", "--scan", scan, "--sql", "SELECT note, -2.5 AS logit FROM verdicts ORDER BY reviewed_at",
+                "--format", "csv", "--out", str(tmp_path / "a.csv")])
+    got = list(csv.DictReader(open(tmp_path / "a.csv", encoding="utf-8")))
+    assert [g["note"] for g in got] == ["'" + n if n[0] in "=+-@" or n.startswith("'=") else n for n in notes]
+    assert {g["logit"] for g in got} == {"-2.5"}  # a number stays a number
+    # a spreadsheet round trip: the neutralised file imports back to the exact notes
+    with open(tmp_path / "back.csv", "w", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows([{**r, "note": g["note"], "reviewed_at": "2026-11-22T09:00:00Z"} for r, g in zip(rows, got)])
+    audit.main(["verdicts", "import", str(tmp_path / "back.csv"), "--scan", scan])
+    back = read_table(scan, "verdicts").filter(pc.equal(read_table(scan, "verdicts")["review_date"], dt.date(2026, 11, 22)))
+    assert sorted(back["note"].to_pylist()) == sorted(notes)
+
+
+def test_imports_read_utf8_with_or_without_bom_and_utf16_and_refuse_latin1_in_one_line(two_nights, tmp_path):
+    s1, _ = two_nights["scans"]
+    scan = str(two_nights["dir"])
+    header = "uri,detector_id,scan_id,verdict,note,reviewer,reviewed_at\n"
+    line = "s3://up/a/{i}.jpg,%s,%s,real,café crème,zoë,2026-11-21T09:0{i}:00Z\n" % (DET, s1)
+    cases = {"bom.csv": (header + line.format(i=1)).encode("utf-8-sig"), "utf16.csv": (header + line.format(i=2)).encode("utf-16"),
+             "plain.csv": (header + line.format(i=3)).encode("utf-8")}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        assert audit.main(["verdicts", "import", str(tmp_path / name), "--scan", scan])["added"] == 1, name
+    table = read_table(scan, "verdicts")
+    assert set(table["note"].to_pylist()) == {"café crème"} and set(table["reviewer"].to_pylist()) == {"zoë"}
+    latin = (header + line.format(i=4)).encode("latin-1")
+    (tmp_path / "latin.csv").write_bytes(latin)
+    with pytest.raises(JobError) as e:
+        audit.main(["verdicts", "import", str(tmp_path / "latin.csv"), "--scan", scan])
+    msg = str(e.value)
+    at = latin.index("é".encode("latin-1"))
+    assert "\n" not in msg and f"byte position {at}" in msg and "(line 2)" in msg
+    assert f"iconv -f latin1 -t utf-8 {tmp_path / 'latin.csv'}" in msg
+    (tmp_path / "nobom.csv").write_bytes((header + line.format(i=5)).encode("utf-16-le"))
+    with pytest.raises(JobError, match="UTF-16 without a byte-order mark"):
+        audit.main(["verdicts", "import", str(tmp_path / "nobom.csv"), "--scan", scan])
+    assert read_table(scan, "verdicts").num_rows == 3
