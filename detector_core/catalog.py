@@ -195,7 +195,7 @@ class ScanOutput:
             if table.location().rstrip("/") != self.location(name).rstrip("/"):
                 raise CatalogError(f"table {self.identifier(name)} in this catalog belongs to {table.location()}, not to "
                                    f"{self.location(name)}: give this output its own --namespace")
-            self._upgrade(self.table(name) if self._rename_old_columns(table) else table, name)
+            self._upgrade(self.table(name) if self._evolve_schema(table, name) else table, name)
 
     @staticmethod
     def _upgrade(table, name: str) -> None:
@@ -215,17 +215,26 @@ class ScanOutput:
                         update.update_column(f.name, doc=docs[f.name])
 
     @staticmethod
-    def _rename_old_columns(table) -> bool:
-        """Schema evolution to this version's names (``S.RENAMED``): a metadata-only commit; the field
-        keeps its id, and files written under the old name are read through the table's name mapping."""
+    def _evolve_schema(table, name: str = "") -> bool:
+        """Schema evolution to this version: old names renamed (``S.RENAMED``: the field keeps its id, files
+        written under the old name are read through the name mapping) and the columns added since
+        (``T.ADDED_COLUMNS``, optional: old files read them as null); one metadata-only commit."""
         names = {f.name for f in table.schema().fields}
         todo = {old: new for old, new in S.RENAMED.items() if old in names and new not in names}
-        if not todo:
+        want = T.TABLE_SCHEMAS.get(name)
+        added = [c for c in T.ADDED_COLUMNS if want is not None and c in want.names and c not in names]
+        if not todo and not added:
             return False
         with table.transaction() as tx:
             with tx.update_schema() as update:
                 for old, new in todo.items():
                     update.rename_column(old, new)
+            if added:
+                from pyiceberg.types import StringType
+
+                with tx.update_schema() as update:
+                    for col in added:
+                        update.add_column(col, StringType(), doc=S.COLUMN_DOCS[col])
             tx.set_properties({PROP_SCHEMA_VERSION: T.SCHEMA_VERSION})
         return True
 

@@ -11,7 +11,11 @@ images biases; the latest verdict on an image counts, unsure ones are in no deno
 ``--nights`` calendar days; a night outside the band is marked high or low), and
 ``threshold`` (the threshold that would have flagged about ``--target-daily-flags`` objects a
 night over the last ``--nights`` days, next to the bundle's own; ``finish`` adds the flag
-rate each would have given, with its 95 % Clopper-Pearson interval).
+rate each would have given, with its 95 % Clopper-Pearson interval). The evidence questions:
+``provenance`` (per night and bucket, objects by the evidence's source, what it declares and
+the C2PA state) and ``agreement`` (on files that declare themselves generated, the
+detector's recall per generator name and night, with a Wilson interval: production recall
+on the generators users meet, which no held-out set gives).
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from scipy.special import logit as scipy_logit
 from detector_core.metrics import clopper_pearson
 from detector_core.views import sql_quote
 
-QUESTIONS = ("per-day", "per-prefix", "top", "detectors", "diff", "recut", "errors", "precision", "drift", "threshold", "sql")
+QUESTIONS = ("per-day", "per-prefix", "top", "detectors", "diff", "recut", "errors", "precision", "drift", "threshold", "provenance",
+             "agreement", "sql")
 WILSON_Z = 1.959963984540054  # two-sided 95 %
 DRIFT_MIN_NIGHTS = 7  # nights in the trailing window before a night is judged
 DRIFT_BAND = 3.0  # standard deviations
@@ -197,6 +202,30 @@ def question_sql(cfg) -> str:
             FROM t JOIN s USING (detector_id)
             GROUP BY t.detector_id, t.nights, t.scored, t.threshold_logit, t.bundle_threshold, t.flagged_at_bundle
             ORDER BY t.detector_id"""
+    if q == "provenance":
+        # Each object once per night (it has a row per detector, and the same evidence in each).
+        return """
+            WITH o AS (SELECT DISTINCT scan_date, bucket, uri, declared, evidence_source, c2pa_state,
+                              evidence_error IS NOT NULL AS unreadable_evidence FROM scores
+                       UNION SELECT DISTINCT scan_date, bucket, uri, declared, evidence_source, c2pa_state,
+                              evidence_error IS NOT NULL FROM errors)
+            SELECT scan_date, bucket, coalesce(evidence_source, 'none') AS evidence_source, coalesce(declared, 'none') AS declared,
+                   coalesce(c2pa_state, '') AS c2pa_state, count(DISTINCT uri) AS objects,
+                   count(DISTINCT uri) FILTER (WHERE unreadable_evidence) AS with_evidence_errors
+            FROM o GROUP BY ALL ORDER BY scan_date, bucket, objects DESC, evidence_source, declared"""
+    if q == "agreement":
+        # The detector's recall on files that declare themselves generated (an invalid manifest does
+        # not count): flagged by its score, whatever --flag-declared added.
+        low, high = _wilson_sql("recall", "declared_generated")
+        return f"""
+            WITH d AS (SELECT scan_date, detector_id, coalesce(declared_generator, '(not named)') AS generator,
+                              count(*) AS declared_generated, count(*) FILTER (WHERE flag_reason IN ('score', 'both')) AS flagged_by_score
+                       FROM scores WHERE declared = 'declared_generated' AND coalesce(c2pa_state, '') NOT IN ('invalid', 'unreadable')
+                       GROUP BY ALL),
+                 r AS (SELECT *, flagged_by_score / declared_generated AS recall FROM d)
+            SELECT scan_date, detector_id, generator, declared_generated, flagged_by_score, recall,
+                   {low} AS recall_low, {high} AS recall_high
+            FROM r ORDER BY scan_date, detector_id, declared_generated DESC, generator"""
     if q == "sql":
         if not cfg.sql:
             raise QuestionError("sql needs --sql 'SELECT … FROM scores|flagged|errors|runs|verdicts'")

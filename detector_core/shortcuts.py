@@ -4,7 +4,8 @@ In D3 and most scraped sets, real images are JPEGs of many sizes and generated o
 a few fixed sizes: a detector can score the container instead of the content, and no
 metric on a test split drawn from the same set will show it. This report fits a small
 classifier (gradient-boosted trees) on metadata only -- format, width, height, aspect, file
-size, JPEG quality estimate, EXIF present -- and gives its cross-validated ROC AUC for the
+size, JPEG quality estimate, EXIF present, what the file declares about its origin (C2PA,
+XMP, generator chunks: evidence in the file is a container feature too) -- and gives its cross-validated ROC AUC for the
 label, overall and per generator (that generator's images against all real ones). An AUC
 near 0.5 means the metadata says nothing; at or above ``WARN_AUC`` the label is predictable
 from the files and the report says so loudly. Training (``jobs.train``) and evaluation
@@ -23,7 +24,9 @@ from detector_core import schema as S
 __all__ = ["METADATA_COLUMNS", "WARN_AUC", "metadata_matrix", "dataset_report", "sample_rows", "shortcut_report"]
 
 WARN_AUC = 0.8
-METADATA_COLUMNS = (S.FORMAT, S.WIDTH, S.HEIGHT, S.SIZE, S.JPEG_QUALITY, S.EXIF)
+METADATA_COLUMNS = (S.FORMAT, S.WIDTH, S.HEIGHT, S.SIZE, S.JPEG_QUALITY, S.EXIF, S.DECLARED)
+# What a file declares about its origin (detector_core.provenance) is a container feature too.
+_DECLARED = {"declared_generated": 1.0, "declared_edited": 0.5, "declared_captured": -1.0}
 _FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 
@@ -42,11 +45,13 @@ def metadata_matrix(table: pa.Table) -> tuple[np.ndarray, list[str]]:
     size = _column(table, S.SIZE, np.nan)
     quality = _column(table, S.JPEG_QUALITY, -1.0)
     exif = _column(table, S.EXIF, 0.0)
+    declared = (np.array([_DECLARED.get(v, 0.0) for v in table.column(S.DECLARED).to_pylist()])
+                if S.DECLARED in table.column_names else np.zeros(table.num_rows))
     with np.errstate(divide="ignore", invalid="ignore"):
-        cols = [np.log2(w), np.log2(h), np.log2(w / h), np.log2(size + 1), quality, exif]
+        cols = [np.log2(w), np.log2(h), np.log2(w / h), np.log2(size + 1), quality, exif, declared]
     x = np.column_stack([onehot.reshape(table.num_rows, len(_FORMATS) + 1), *cols])
     names = [f"format={f}" for f in _FORMATS] + ["format=other", "log2_width", "log2_height", "log2_aspect", "log2_bytes",
-                                                  "jpeg_quality", "exif"]
+                                                  "jpeg_quality", "exif", "declared"]
     return np.nan_to_num(x, nan=-1.0, posinf=-1.0, neginf=-1.0), names
 
 

@@ -30,8 +30,10 @@ import pyarrow.dataset as pads
 from detector_core import schema as S
 
 # 2: + detector_kind (files of version 1 read with it null). 3: Iceberg tables, scan_date/bucket stored.
-# 4: clip_id renamed feature_id (S.RENAMED).
-SCHEMA_VERSION = "4"
+# 4: clip_id renamed feature_id (S.RENAMED). 5: provenance evidence and flag_reason (S.EVIDENCE_COLUMNS),
+# added to older tables when a scan opens them; their old files read the new columns as null.
+SCHEMA_VERSION = "5"
+ADDED_COLUMNS = (*S.EVIDENCE_COLUMNS, S.FLAG_REASON)  # nullable columns that rows of older versions lack
 METADATA_KEY = b"diffusion_detector.schema_version"
 TABLES = ("scores", "flagged", "errors")
 ALL_TABLES = (*TABLES, "runs")
@@ -43,9 +45,9 @@ PARTITION_COLUMNS = (S.SCAN_DATE, S.BUCKET)
 
 _TS = S.TYPES[S.SCANNED_AT]
 SCORES_COLUMNS = (S.URI, S.ETAG, S.SIZE, S.WIDTH, S.HEIGHT, S.FORMAT, S.SCORE, S.LOGIT, S.THRESHOLD, S.FLAGGED, S.DETECTOR_ID,
-                  S.DETECTOR_KIND, S.FEATURE_ID, S.SCAN_ID, S.SCANNED_AT, *PARTITION_COLUMNS)
+                  S.DETECTOR_KIND, S.FEATURE_ID, S.SCAN_ID, S.SCANNED_AT, *S.EVIDENCE_COLUMNS, S.FLAG_REASON, *PARTITION_COLUMNS)
 ERRORS_COLUMNS = (S.URI, S.ETAG, S.SIZE, S.ERROR_STAGE, S.ERROR_TYPE, S.ERROR_MESSAGE, S.DETECTOR_ID, S.DETECTOR_KIND, S.SCAN_ID,
-                  S.SCANNED_AT, *PARTITION_COLUMNS)
+                  S.SCANNED_AT, *S.EVIDENCE_COLUMNS, *PARTITION_COLUMNS)
 SCORES_SCHEMA = pa.schema([(c, S.TYPES[c]) for c in SCORES_COLUMNS], metadata={METADATA_KEY: SCHEMA_VERSION.encode()})
 ERRORS_SCHEMA = pa.schema([(c, S.TYPES[c]) for c in ERRORS_COLUMNS], metadata={METADATA_KEY: SCHEMA_VERSION.encode()})
 RUNS_SCHEMA = pa.schema([
@@ -132,7 +134,11 @@ def current_names(table: pa.Table) -> pa.Table:
 def conform(table: pa.Table, name: str) -> pa.Table:
     """``table`` with exactly the columns, order, types and metadata of table ``name`` (old column names renamed)."""
     schema = TABLE_SCHEMAS[name]
-    return current_names(table).select(schema.names).cast(schema)
+    table = current_names(table)
+    for col in ADDED_COLUMNS:  # rows of an older version (a compaction of old files, a migration)
+        if col in schema.names and col not in table.column_names:
+            table = table.append_column(col, pa.nulls(table.num_rows, S.TYPES[col]))
+    return table.select(schema.names).cast(schema)
 
 
 def legacy_dataset(fs, root: str, name: str) -> pads.Dataset | None:

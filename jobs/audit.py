@@ -11,6 +11,8 @@
     python -m jobs.audit query precision  --scan s3://audit/scans --since 2026-11-01      # reviewers' verdicts vs flags
     python -m jobs.audit query drift      --scan s3://audit/scans --nights 28
     python -m jobs.audit query threshold  --scan s3://audit/scans --target-daily-flags 200
+    python -m jobs.audit query provenance --scan s3://audit/scans --since 2026-11-01      # what files declare, by source
+    python -m jobs.audit query agreement  --scan s3://audit/scans                          # recall on declared-generated files
     python -m jobs.audit verdicts import verdicts-2026-11-23.csv --scan s3://audit/scans --reviewer alice
     python -m jobs.audit migrate --output s3://audit/scans --catalog detector     # hive Parquet (schema 1-2) -> Iceberg
     ray job submit --address http://127.0.0.1:8265 --runtime-env cluster/runtime_env.yaml -- \

@@ -23,6 +23,7 @@ from detector_core import schema as S
 from detector_core.extractors import FeatureSpec, draft_size_for, preprocess_for
 from detector_core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from detector_core.perturb import parse_perturbation
+from detector_core.provenance import read_evidence, with_watermark
 from detector_core.storage import is_local_fs, is_remote, open_fs
 
 __all__ = ["ERROR_COLUMNS", "PIXELS", "ReadRefused", "has_error", "load_images", "pixel_column"]
@@ -120,6 +121,9 @@ def load_images(
     perturbation: str = "",
     perturb_seed: int = 0,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    evidence: bool = False,
+    trust_pem: str | None = None,
+    watermarks: bool = False,
 ) -> dict[str, np.ndarray]:
     """Read, decode and crop one batch of rows that have a ``uri`` column.
 
@@ -128,6 +132,10 @@ def load_images(
     so that JPEG re-compression and resizing act on the stored pixels). ``specs`` are
     resolved feature specs; each spec's images are decoded as ``feature_compute`` records (JPEG
     draft decoding where the spec allows it and ``draft`` -- one for all, or one per spec -- is on).
+    ``evidence``: also read what each object's bytes declare about their origin
+    (``detector_core.provenance``; C2PA trust anchors ``trust_pem``) into the evidence
+    columns, whether or not the image then decodes; ``watermarks``: also the invisible
+    watermark, from a full-resolution decode (a JPEG decoded in draft is decoded again in full).
     """
     preps = [preprocess_for(spec) for spec in specs]
     perturb = parse_perturbation(perturbation) if perturbation else None
@@ -152,6 +160,7 @@ def load_images(
     quality = np.full(n, None, dtype=object)  # what the shortcut report reads (detector_core.shortcuts)
     exif = np.zeros(n, dtype=bool)
     errors = {c: np.full(n, None, dtype=object) for c in ERROR_COLUMNS}
+    found = {c: np.full(n, None, dtype=object) for c in S.EVIDENCE_COLUMNS} if evidence else {}
 
     def record(i, stage, kind, message):
         errors[S.ERROR_STAGE][i], errors[S.ERROR_TYPE][i], errors[S.ERROR_MESSAGE][i] = stage, kind, message[:500]
@@ -170,6 +179,7 @@ def load_images(
         # The listing's size is what the next scan compares with: keep it, so an object whose manifest
         # size is wrong is still settled (the bytes read are what was decoded either way).
         size[i] = listed_sizes[i] if listed_sizes[i] is not None else len(data)
+        ev = read_evidence(data, trust_pem) if evidence else None  # from the bytes already here; never raises
         try:
             # JPEG DCT scaling: decode at >= 2x the model input, never below it.
             first = decode_image(data, max_pixels=max_pixels, draft_size=paths[0])
@@ -180,17 +190,24 @@ def load_images(
             views = {d: im.image if perturb is None else perturb.apply(im.image, uri, perturb_seed) for d, im in images.items()}
             for out, prep, d in zip(pixels, preps, draft_sizes):
                 out[i] = prep.to_input(views[d])
+            if ev is not None and watermarks:  # the mark lives in the stored pixels: a full-resolution decode
+                full = first if first.format != "JPEG" or not paths[0] else decode_image(data, max_pixels=max_pixels)
+                ev = with_watermark(ev, np.asarray(full.image))
         except ImageDecodeError as exc:
             record(i, "decode", exc.kind, exc.message)
             continue
         except Exception as exc:  # noqa: BLE001 - any other failure is still one error row
             record(i, "decode", type(exc).__name__, str(exc))
             continue
+        finally:
+            if ev is not None:
+                for col, value in zip(S.EVIDENCE_COLUMNS, (ev.declared, ev.source, ev.generator, ev.c2pa_state, ev.error, ev.watermark)):
+                    found[col][i] = value
         width[i], height[i], fmt[i] = decoded.width, decoded.height, decoded.format
         quality[i], exif[i] = decoded.jpeg_quality, decoded.exif
     out = {k: v for k, v in batch.items()}
     out.update({pixel_column(j): p for j, p in enumerate(pixels)})
-    out.update({S.SIZE: size, S.WIDTH: width, S.HEIGHT: height, S.FORMAT: fmt, S.JPEG_QUALITY: quality, S.EXIF: exif, **errors})
+    out.update({S.SIZE: size, S.WIDTH: width, S.HEIGHT: height, S.FORMAT: fmt, S.JPEG_QUALITY: quality, S.EXIF: exif, **errors, **found})
     return out
 
 

@@ -82,7 +82,9 @@ def run_embedding(cfg: EmbedConfig, storage_options: dict | None = None) -> dict
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
         load_images,
-        fn_kwargs=dict(specs=[spec], storage_options=so, draft=cfg.jpeg_draft, perturbation=cfg.perturb, perturb_seed=cfg.perturb_seed),
+        # The evidence columns go into the cache: the shortcut report counts them as container features.
+        fn_kwargs=dict(specs=[spec], storage_options=so, draft=cfg.jpeg_draft, perturbation=cfg.perturb, perturb_seed=cfg.perturb_seed,
+                       evidence=True),
         batch_size=cfg.batch_size,
         batch_format="numpy",
     )

@@ -28,6 +28,7 @@ from detector_core.bundle import DetectorBundle, load_bundle
 from detector_core.cache import fixed_list
 from detector_core.devices import select_device
 from detector_core.extractors import FeatureSpec, build_extractor, draft_size_for, preprocess_for
+from detector_core.provenance import flag_decision
 from detector_core.state import todo_column
 from detector_core.training import predict_logits
 from jobs.decoding import PIXELS, has_error, pixel_column
@@ -73,7 +74,8 @@ class Embedder:
 # Fixed types, so that every block (and every Parquet file) has the same schema even
 # when a batch's column is all null.
 COLUMN_TYPES = {c: S.TYPES[c] for c in (S.URI, S.LABEL, S.CAPTION, S.GENERATOR, S.SPLIT, S.SIZE, S.ETAG, S.WIDTH, S.HEIGHT,
-                                        S.FORMAT, S.JPEG_QUALITY, S.EXIF, S.ERROR_STAGE, S.ERROR_TYPE, S.ERROR_MESSAGE)}
+                                        S.FORMAT, S.JPEG_QUALITY, S.EXIF, S.ERROR_STAGE, S.ERROR_TYPE, S.ERROR_MESSAGE,
+                                        *S.EVIDENCE_COLUMNS)}
 
 
 def to_table(batch: dict[str, np.ndarray], extra: dict[str, pa.Array]) -> pa.Table:
@@ -129,8 +131,9 @@ class Scorer:
     """
 
     def __init__(self, bundle_uris: list[str], scan_id: str, storage_options: dict | None = None, crash_marker: str = "",
-                 load_counter=None, device: str | None = None, gpu: bool = False):
+                 load_counter=None, device: str | None = None, gpu: bool = False, flag_declared: bool = False):
         self.crash_marker = crash_marker
+        self.flag_declared = flag_declared  # declared-generated files are flagged whatever their score (flag_reason says so)
         self.device = torch.device(device) if device else select_device(gpu)
         self.bundles = [load_bundle(u, storage_options, device=self.device) for u in bundle_uris]
         self.embedders = {spec: Embedder(spec, storage_options, pixels=pixel_column(j), device=self.device)
@@ -161,11 +164,15 @@ class Scorer:
             if ok.any():
                 logits[ok] = predict_logits(b.model, x).double().cpu().numpy()
             scores = expit(logits)
+            declared = batch.get(S.DECLARED, np.full(n, None, dtype=object))
+            flagged, reason = flag_decision(logits >= b.threshold_logit, declared,
+                                            batch.get(S.C2PA_STATE, np.full(n, None, dtype=object)), self.flag_declared)
             table = to_table(batch, {
                 S.LOGIT: pa.array(logits, mask=~ok),
                 S.SCORE: pa.array(scores, mask=~ok),
                 S.THRESHOLD: pa.array(np.full(n, b.threshold)),
-                S.FLAGGED: pa.array(logits >= b.threshold_logit, mask=~ok),
+                S.FLAGGED: pa.array(flagged, mask=~ok),
+                S.FLAG_REASON: pa.array(np.where(ok, reason, None), pa.string()),
                 S.DETECTOR_ID: pa.array([b.detector_id] * n, pa.string()),
                 S.DETECTOR_KIND: pa.array([b.kind] * n, pa.string()),
                 S.FEATURE_ID: pa.array([b.features.id] * n, pa.string()),

@@ -60,7 +60,8 @@ from jobs.flags import CatalogOptions, StorageOptions, opt, parse_config
 
 HIST_BINS = 50
 QUEUE_FLAGGED, QUEUE_SAMPLE, QUEUE_BAND = 1, 2, 4  # a card's queues, as bits (the page's filters test them)
-CARD_COLUMNS = "uri, score, threshold, detector_id, scan_id, bucket, epoch(scanned_at) AS scanned_at"
+CARD_COLUMNS = ("uri, score, threshold, detector_id, scan_id, bucket, epoch(scanned_at) AS scanned_at, declared, evidence_source, "
+                "declared_generator, c2pa_state, flag_reason")
 
 
 @dataclass
@@ -294,7 +295,7 @@ def card_data(cards: list[dict], detectors: list[dict], failures: dict[str, str]
     buckets = sorted({c["bucket"] for c in cards})
     scan_ix, bucket_ix = {s: i for i, s in enumerate(scans)}, {b: i for i, b in enumerate(buckets)}
     cols: dict[str, list] = {k: [] for k in ("uri", "score", "det", "scan", "bucket", "time", "thumb", "err", "h", "q", "order",
-                                             "stratum", "rv")}
+                                             "stratum", "rv", "ev")}
     for c in cards:
         u = c["uri"]
         rv = reviewed.get(u)
@@ -311,6 +312,9 @@ def card_data(cards: list[dict], detectors: list[dict], failures: dict[str, str]
         cols["order"].append(int(c["order"] or 0))
         cols["stratum"].append(int(c["stratum"]))
         cols["rv"].append([rv["verdict"], rv["reviewer"], rv["reviewed_at"]] if rv else None)
+        declared = c.get("declared")  # the evidence the file carries, and why the row is flagged
+        cols["ev"].append([declared, c.get("evidence_source"), c.get("declared_generator"), c.get("c2pa_state"), c.get("flag_reason")]
+                          if declared or c.get("c2pa_state") or c.get("flag_reason") == "declared" else None)
     return {"detectors": [{"id": d["detector_id"], "threshold": d["threshold"]} for d in detectors], "scans": scans,
             "buckets": buckets, "cards": cols}
 

@@ -58,7 +58,7 @@ from detector_core.extractors import feature_compute
 from detector_core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from detector_core.lease import Lease, LeaseLostError
 from detector_core.listing import is_manifest
-from detector_core.storage import folder_prefix, s3_storage_options
+from detector_core.storage import folder_prefix, open_fs, s3_storage_options
 from jobs import planning, stream
 from jobs.common import (
     JobError,
@@ -101,6 +101,10 @@ class ScanConfig(RetentionOptions, RayOptions, StorageOptions):
     resource_timeout: float = opt(900.0, "seconds to wait for the first Scorer actor to be placed before failing with the missing resource", within="(0, inf)")
     lease_ttl: float = opt(300.0, "seconds a scan's lease on the output lasts without renewal (a dead scan blocks the output this long)", within="(0, inf)")
     wait: bool = opt(False, "if another scan holds the output's lease, wait for it instead of refusing")
+    evidence: bool = opt(True, "read what each file declares about its origin (C2PA, IPTC/XMP DigitalSourceType, generator PNG chunks, EXIF Software) into the evidence columns, from the bytes already read (--no-evidence: not)")
+    c2pa_trust: str = opt("", "PEM file of C2PA trust anchors (local or s3://): a manifest whose signer chains to one reads as trusted; none given, a valid manifest reads as untrusted")
+    watermarks: bool = opt(False, "also read the Stable Diffusion / SDXL invisible watermark (DWT-DCT, invisible-watermark's decoder): a full-resolution decode and transform per image, ~0.1 s per megapixel per pattern on one core (docs/scaling.md)")
+    flag_declared: bool = opt(False, "flag files that declare themselves generated (not by an invalid manifest) whatever their score; flag_reason says declared, score or both")
     crash_actor_once: str = opt("", "testing: the first Scorer batch kills its actor process if this marker file does not exist yet")
     kill_at: str = opt("", "testing: STEP:UNIT kills the driver with SIGKILL before commit step STEP (intent, errors, scores, flagged, runs, done) of unit UNIT")
 
@@ -176,6 +180,30 @@ def _check_feature_compute(bundles: list[DetectorBundle], gpu: bool) -> None:
                   "(recorded in the run summary)", file=sys.stderr, flush=True)
 
 
+def _trust_pem(cfg: ScanConfig, so: dict | None) -> str | None:
+    """The C2PA trust anchors of ``--c2pa-trust`` (public certificates, so they may travel in task arguments), after
+    checking that the evidence flags go together and their libraries are here."""
+    if cfg.watermarks and not cfg.evidence:
+        raise JobError("--watermarks needs the evidence readers: drop --no-evidence")
+    if cfg.watermarks:  # else every row would record the import error: one line now instead
+        try:
+            import imwatermark  # noqa: F401
+        except ImportError as exc:
+            raise JobError(f"--watermarks needs the invisible-watermark decoder ({exc}): pip install 'diffusion-detector[watermark]'")
+    if not cfg.c2pa_trust:
+        return None
+    if not cfg.evidence:
+        raise JobError("--c2pa-trust needs the evidence readers: drop --no-evidence")
+    fs, path = open_fs(cfg.c2pa_trust, so)
+    try:
+        text = fs.cat_file(path).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise JobError(f"--c2pa-trust {cfg.c2pa_trust}: cannot read it ({type(exc).__name__}: {exc})")
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise JobError(f"--c2pa-trust {cfg.c2pa_trust} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+    return text
+
+
 def run_scan(cfg: ScanConfig) -> dict:
     validate(cfg)
     check_connection(cfg.ray_address or None)
@@ -194,6 +222,7 @@ def run_scan(cfg: ScanConfig) -> dict:
     if needing and not cfg.captions:
         raise JobError(f"detector {', '.join(needing)} uses image+text features and needs captions; pass --captions with a uri,caption manifest")
     _check_feature_compute(bundles, cfg.gpu)
+    trust_pem = _trust_pem(cfg, so)
     try:
         feature_drafts(bundles)
     except ValueError as exc:
@@ -206,12 +235,12 @@ def run_scan(cfg: ScanConfig) -> dict:
     scan_id = new_run_id("scan")
     with output_lease(out, scan_id, cfg.lease_ttl, cfg.wait) as lease:
         try:
-            return _scan_under_lease(cfg, so, uris, bundles, scan_date, out, scan_id, lease)
+            return _scan_under_lease(cfg, so, uris, bundles, scan_date, out, scan_id, lease, trust_pem)
         except LeaseLostError as exc:
             raise JobError(f"{exc}; nothing of this scan's uncommitted work is visible, run it again")
 
 
-def _scan_under_lease(cfg, so, uris, bundles, scan_date, out: ScanOutput, scan_id: str, lease: Lease) -> dict:
+def _scan_under_lease(cfg, so, uris, bundles, scan_date, out: ScanOutput, scan_id: str, lease: Lease, trust_pem: str | None = None) -> dict:
     import ray
 
     started = time.time()
@@ -250,7 +279,8 @@ def _scan_under_lease(cfg, so, uris, bundles, scan_date, out: ScanOutput, scan_i
         saved_wait = ctx.wait_for_min_actors_s  # the driver's context outlives this scan (notebooks, tests): restore it
         ctx.wait_for_min_actors_s = int(max(1, cfg.resource_timeout))
         counter = stream.load_counter()
-        flow = stream.build_stream(cfg, work_files, plan_counts["work"], uris, bundles, out, scan_id, scan_date, so, counter)
+        flow = stream.build_stream(cfg, work_files, plan_counts["work"], uris, bundles, out, scan_id, scan_date, so, counter,
+                                   trust_pem=trust_pem)
 
         def commit(files_by_table: dict[str, list[str]], counts: dict[str, dict[str, int]]) -> None:
             nonlocal units

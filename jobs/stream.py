@@ -105,7 +105,7 @@ def read_work(batch: pa.Table, storage_options: dict | None, rows: int) -> Itera
 
 
 def build_stream(cfg: ScanConfig, work_files: list[str], n_work: int, uris: list[str], bundles: list[DetectorBundle], out: ScanOutput,
-                 scan_id: str, scan_date: str, so: dict | None, counter):
+                 scan_id: str, scan_date: str, so: dict | None, counter, trust_pem: str | None = None):
     """One Ray Data pipeline over the whole plan: work files -> decode tasks -> Scorer actors -> file-writing tasks."""
     import ray
 
@@ -116,13 +116,14 @@ def build_stream(cfg: ScanConfig, work_files: list[str], n_work: int, uris: list
     ds = ray.data.from_items([{"path": p} for p in work_files], override_num_blocks=len(work_files))
     ds = ds.map_batches(read_work, fn_kwargs=dict(storage_options=so, rows=rows), batch_size=1, batch_format="pyarrow")
     ds = ds.map_batches(load_images, fn_kwargs=dict(specs=feature_specs(bundles), draft=feature_drafts(bundles), storage_options=so,
-                                                    max_pixels=cfg.max_pixels, max_bytes=cfg.max_bytes),
+                                                    max_pixels=cfg.max_pixels, max_bytes=cfg.max_bytes, evidence=cfg.evidence,
+                                                    trust_pem=trust_pem, watermarks=cfg.watermarks),
                         batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1)
     lo, hi = parse_actors(cfg.actors)
     cpus, gpus = actor_resources(cfg)
     ds = ds.map_batches(
         Scorer, fn_constructor_kwargs=dict(bundle_uris=uris, scan_id=scan_id, storage_options=so, crash_marker=cfg.crash_actor_once,
-                                           load_counter=counter, gpu=cfg.gpu),
+                                           load_counter=counter, gpu=cfg.gpu, flag_declared=cfg.flag_declared),
         batch_size=cfg.batch_size, batch_format="numpy",
         # Ray Data restarts a dead actor and retries its batch (tests/test_scan.py kills one);
         # MIN < MAX is the autoscaling pool.

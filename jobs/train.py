@@ -4,7 +4,10 @@ Stage 1 (``--manifest``): embed the manifest once into a feature cache with
 ``jobs.embed`` (reused when the manifest and extractor settings are unchanged); or pass
 ``--features CACHE`` to train on an existing cache. ``--verdicts SCAN_OUT`` adds the images
 reviewers judged on that scan output's review pages (``jobs.audit verdicts import``) to the
-manifest as train-split rows: generated = 1, real = 0, unsure left out. Stage 2: a ``TorchTrainer`` with
+manifest as train-split rows: generated = 1, real = 0, unsure left out; ``--declared-labels
+SCAN_OUT`` adds the images of that output whose files declared their origin (generated = 1,
+captured = 0; ``detector_core.provenance``), a verdict on the same image winning. Both are
+recorded in the bundle's training config (``verdict_rows``, ``declared_rows``). Stage 2: a ``TorchTrainer`` with
 ``--workers`` workers (GPUs with ``--gpu``) trains the classifier on Ray Data shards of
 the cache. ``--extractor clip`` (default): the paper's MLP on CLIP features, bundle kind
 ``clip-mlp``. ``--extractor dnf``: a ResNet (``--resnet``, ResNet-50 as in the DNF paper) on
@@ -135,11 +138,12 @@ def run_training(cfg: TrainConfig) -> dict:
             load_backbone(NoiseResNet(cfg.resnet, (3, 32, 32)), cfg.resnet_init, so)
         except (OSError, ValueError, RuntimeError) as exc:
             raise JobError(str(exc))
-    if cfg.verdicts and not cfg.manifest:
-        raise JobError("--verdicts adds reviewed images to a manifest's rows: pass --manifest too (a cache has no images to add)")
+    if (cfg.verdicts or cfg.declared_labels) and not cfg.manifest:
+        raise JobError("--verdicts and --declared-labels add images to a manifest's rows: pass --manifest too (a cache has no images to add)")
     if cfg.manifest:  # before Ray starts: the paper's ViT-L-14 is the default, and its weights may be absent
         require_weights(cfg.feature_spec(), so)
-    manifest, verdict_counts = (_with_verdicts(cfg, so) if cfg.verdicts else (cfg.manifest, None))
+    manifest, declared_counts = (_with_declared(cfg, so) if cfg.declared_labels else (cfg.manifest, None))
+    manifest, verdict_counts = (_with_verdicts(cfg, so, manifest) if cfg.verdicts else (manifest, None))
     init_ray(cfg.ray_address or None)
     embed_summary = None
     cache = cfg.features
@@ -259,7 +263,8 @@ def run_training(cfg: TrainConfig) -> dict:
     bundle = DetectorBundle(
         model=model.eval(), features=spec, threshold_logit=threshold_logit, calibration=calibration,
         feature_compute=marker.get("feature_compute", {}),
-        training_config={**config_dict(cfg), **({"verdict_rows": verdict_counts} if verdict_counts else {})},
+        training_config={**config_dict(cfg), **({"verdict_rows": verdict_counts} if verdict_counts else {}),
+                         **({"declared_rows": declared_counts} if declared_counts else {})},
         metrics={k: v for k, v in bm.items()},
     )
     save_bundle(bundle, join(cfg.output, "detector"), so)
@@ -269,7 +274,7 @@ def run_training(cfg: TrainConfig) -> dict:
         "best_epoch": best["epoch"], "epochs_run": len(state["history"]), "epochs": cfg.epochs,
         "train_rows": n_train, "detector_id": bundle.detector_id, "history": state["history"],
         "embedding": embed_summary, "train_seconds": round(time.time() - started, 2), "shortcuts": shortcuts,
-        "verdict_rows": verdict_counts,
+        "verdict_rows": verdict_counts, "declared_rows": declared_counts,
     }
     write_json(join(cfg.output, "metrics.json"), metrics, so)
     write_json(join(cfg.output, "config.json"), config_dict(cfg), so)
@@ -280,7 +285,31 @@ def run_training(cfg: TrainConfig) -> dict:
     return metrics
 
 
-def _with_verdicts(cfg: TrainConfig, so: dict | None) -> tuple[str, dict]:
+def _with_declared(cfg: TrainConfig, so: dict | None) -> tuple[str, dict]:
+    """The manifest plus the images of ``--declared-labels`` that declared their origin, in OUT/manifest_with_declared.parquet."""
+    from detector_core import schema as S
+    from detector_core.manifest import ManifestError, read_manifest
+    from detector_core.provenance import declared_labels
+    from detector_core.verdicts import with_verdicts
+
+    out = open_output(cfg.declared_labels, "", "", so)
+    cols = (S.URI, S.DECLARED, S.C2PA_STATE, S.SCANNED_AT)
+    if S.DECLARED not in out.table("scores").schema().column_names:
+        raise JobError(f"{cfg.declared_labels} has no evidence columns (written before schema version 5): scan it again first")
+    rows = out.read("scores", "declared IS NOT NULL", selected_fields=cols)
+    try:
+        manifest = read_manifest(cfg.manifest, so)
+    except ManifestError as exc:
+        raise JobError(str(exc))
+    merged, counts = with_verdicts(manifest, declared_labels(rows), cfg.declared_in_validation)
+    path = join(cfg.output, "manifest_with_declared.parquet")
+    write_parquet(merged, path, so)
+    print(f"--declared-labels {cfg.declared_labels}: {counts['verdict_rows']} images that declare their origin added "
+          f"({counts['generated']} generated, {counts['real']} captured; {counts['relabelled']} relabelled) -> {path}")
+    return path, counts
+
+
+def _with_verdicts(cfg: TrainConfig, so: dict | None, manifest_path: str = "") -> tuple[str, dict]:
     """The manifest plus the reviewed images of ``--verdicts``, written to OUT/manifest_with_verdicts.parquet; (its path, counts)."""
     from detector_core import tables as T
     from detector_core.manifest import ManifestError, read_manifest
@@ -291,7 +320,7 @@ def _with_verdicts(cfg: TrainConfig, so: dict | None) -> tuple[str, dict]:
     if table is None or table.current_snapshot() is None:
         raise JobError(f"no verdicts imported into {cfg.verdicts} (python -m jobs.audit verdicts import FILE --scan {cfg.verdicts})")
     try:
-        manifest = read_manifest(cfg.manifest, so)
+        manifest = read_manifest(manifest_path or cfg.manifest, so)
     except ManifestError as exc:
         raise JobError(str(exc))
     merged, counts = with_verdicts(manifest, out.read(T.VERDICTS), cfg.verdicts_in_validation)

@@ -24,6 +24,8 @@ class TrainConfig(RayOptions, StorageOptions, ExtractorOptions):
     manifest: str = opt("", "labelled manifest (.parquet/.csv or a real/ + generated/ tree); embeds it first")
     features: str = opt("", "existing feature cache from jobs.embed (replaces --manifest)")
     verdicts: str = opt("", "a scan output whose reviewers' verdicts (jobs.audit verdicts import) add labelled rows to --manifest: the latest verdict on each image, generated = 1, real = 0 (a confirmed false positive becomes a real example), unsure dropped")
+    declared_labels: str = opt("", "a scan output whose files declared their origin (C2PA, XMP, generator chunks; not by an invalid manifest) add labelled rows to --manifest: declared generated = 1, declared captured = 0; a reviewer's verdict (--verdicts) on the same image wins")
+    declared_in_validation: bool = opt(False, "with --declared-labels: declared rows may fall into the validation and calibration splits by uri hash (default: all to train)")
     verdicts_in_validation: bool = opt(False, "with --verdicts: reviewed rows may fall into the validation and calibration splits by uri hash, as unsplit rows do (default: all to train)")
     output: str = opt("", "output folder: detector/, metrics.json, config.json, history.jsonl (local or s3://)")
     resnet: str = opt("resnet50", "--extractor dnf: classifier on the noise feature", choices=RESNETS)

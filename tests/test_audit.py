@@ -9,16 +9,19 @@ every reader; ``jobs.audit migrate`` moves what the previous code wrote into the
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from bench.legacy import legacy_tree, scan_process
+from detector_core import tables as T
 from detector_core.bundle import DetectorBundle, save_bundle
 from detector_core.catalog import ScanOutput, read_table
 from detector_core.demo import encode, make_image
@@ -101,11 +104,13 @@ def test_a_schema_3_output_is_renamed_in_place_and_read_whole(scans):
     for name in ("scores", "flagged"):
         table = out.table(name)
         assert "feature_id" in table.schema().column_names and "clip_id" not in table.schema().column_names
-        assert table.properties["detector.schema-version"] == "4"
+        assert table.properties["detector.schema-version"] == T.SCHEMA_VERSION
+        assert set(T.ADDED_COLUMNS) <= set(table.schema().column_names)  # schema 5's evidence columns, added in place
         rows = out.read(name)
         assert set(rows["feature_id"].to_pylist()) == {want}, name  # no nulls: the night-1 files too
         first = min(table.metadata.snapshots, key=lambda s: s.sequence_number)
         assert set(out.read(name, snapshot_id=first.snapshot_id)["feature_id"].to_pylist()) == {want}  # a snapshot of the old schema
+        assert rows.filter(pc.equal(rows["scan_date"], dt.date.fromisoformat(DAY1)))["c2pa_state"].null_count == 10 or name == "flagged"
     day1 = _rows(scans["out"], "scores").query(f"scan_date == '{DAY1}'")
     assert len(day1) == 10 and set(day1["feature_id"]) == {want}
     got = _ask("detectors", "--scan", str(scans["out"]))  # DuckDB's iceberg_scan over both kinds of files
