@@ -187,7 +187,19 @@ class ScanOutput:
                 self.reset_state(exc)
                 found[name] = self.table(name)
         if not lost_ok:  # never start new tables beside the metadata of lost ones: history would vanish silently
-            self.refuse_lost([n for n, t in found.items() if t is None])
+            missing = [n for n, t in found.items() if t is None]
+            for attempt in range(5):
+                try:
+                    self.refuse_lost(missing)
+                    break
+                except LostCatalogError:
+                    if attempt == 4:
+                        raise
+                    # A concurrent opener of a fresh output writes a table's metadata a moment before the
+                    # catalog lists it: look again before calling the catalog lost (a lost one stays lost).
+                    time.sleep(0.5)
+                    missing = [n for n in missing if self.find_table(n) is None]
+                    found.update({n: self.find_table(n) for n in found if found[n] is None and n not in missing})
         for name, table in found.items():
             if table is None:
                 self.create(name)

@@ -322,3 +322,64 @@ def test_invisible_watermarks_are_counted_in_bits_with_a_computed_false_positive
         found = watermark_agreement(photo)
         assert all(a < watermark_threshold(n) for a, n in found.values()), found
         assert with_watermark(Evidence(), photo).declared is None
+
+
+def test_a_schema_4_output_gains_the_evidence_columns_in_place(tmp_path):
+    """Tables without the evidence columns (schema 4) get them by Iceberg schema evolution: old rows read null, new rows whole."""
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from detector_core import schema as S
+    from detector_core import tables as T
+    from detector_core.catalog import ScanOutput, data_file_path
+    from jobs import audit
+
+    root = str(tmp_path / "out")
+    out = ScanOutput.open(root)
+    for name in ("scores", "flagged", "errors"):  # what a version-4 output's tables looked like
+        with out.table(name).transaction() as tx:
+            with tx.update_schema() as update:
+                for col in T.ADDED_COLUMNS:
+                    if col in T.TABLE_SCHEMAS[name].names:
+                        update.delete_column(col)
+            tx.set_properties({"detector.schema-version": "4"})
+
+    def night(day: dt.date, evidence: bool) -> None:
+        scan_id = f"scan-{day}"
+        rows = [{S.URI: f"s3://up/{day}/{i}.jpg", S.SCORE: 0.9, S.LOGIT: 2.2, S.THRESHOLD: 0.5, S.FLAGGED: True, S.DETECTOR_ID: "d",
+                 S.SCAN_ID: scan_id, S.SCANNED_AT: dt.datetime.combine(day, dt.time(1), dt.timezone.utc), S.SCAN_DATE: day,
+                 S.BUCKET: "up", **({S.DECLARED: "declared_generated", S.EVIDENCE_SOURCE: "c2pa", S.C2PA_STATE: "trusted",
+                                     S.FLAG_REASON: "score"} if evidence and i < 2 else {})} for i in range(3)]
+        table = pa.Table.from_pylist(rows, schema=T.SCORES_SCHEMA)
+        if not evidence:  # the old code's files: no such columns at all
+            table = table.drop_columns(list(T.ADDED_COLUMNS))
+        files = {"errors": []}
+        for name in ("scores", "flagged"):
+            path = data_file_path(out.uri, name, day.isoformat(), "up", scan_id)
+            out.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            pq.write_table(table, path)
+            files[name] = [path]
+        run = {"scan_id": scan_id, "unit": 0, "status": "completed", "scan_date": day.isoformat(), "detector_id": "d", "scored": 3,
+               "flagged": 3, "errors": 0, "started_at": rows[0][S.SCANNED_AT].isoformat(), "committed_at": rows[0][S.SCANNED_AT].isoformat(),
+               "config": "{}", "schema_version": "4" if not evidence else T.SCHEMA_VERSION}
+        out.commit_unit({"scan_id": scan_id, "unit": 0, "files": files, "runs": [run]})
+
+    d1, d2 = dt.date(2026, 11, 20), dt.date(2026, 11, 21)
+    night(d1, evidence=False)
+    out = ScanOutput.open(root)  # what the next scan does first
+    for name in ("scores", "flagged", "errors"):
+        table = out.table(name)
+        assert set(T.ADDED_COLUMNS) & set(T.TABLE_SCHEMAS[name].names) <= set(table.schema().column_names), name
+        assert table.properties["detector.schema-version"] == T.SCHEMA_VERSION
+    night(d2, evidence=True)
+    scores = out.read("scores")
+    old = scores.filter(pc.equal(scores[S.SCAN_DATE], d1))
+    new = scores.filter(pc.equal(scores[S.SCAN_DATE], d2))
+    assert old[S.DECLARED].null_count == 3 and old[S.FLAG_REASON].null_count == 3
+    assert new[S.DECLARED].to_pylist().count("declared_generated") == 2 and new[S.DECLARED].null_count == 1
+    got = audit.main(["query", "provenance", "--scan", root, "--format", "csv", "--out", str(tmp_path / "p.csv")]).to_pylist()
+    assert {(str(g["scan_date"]), g["evidence_source"], g["declared"], g["objects"]) for g in got} == {
+        (str(d1), "none", "none", 3), (str(d2), "c2pa", "declared_generated", 2), (str(d2), "none", "none", 1)}
