@@ -25,6 +25,8 @@ import time
 
 import numpy as np
 
+from jobs.common import write_json
+
 IPTC = "http://cv.iptc.org/newscodes/digitalsourcetype/"
 
 
@@ -152,8 +154,7 @@ def main(argv=None) -> dict:
     res["watermark_ms_per_megapixel"] = round(wm["12MP"] / 12, 1)
     print(json.dumps(res, indent=1))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
+        write_json(args.out, res)
     return res
 
 

@@ -36,6 +36,8 @@ import time
 import numpy as np
 import pyarrow as pa
 
+from jobs.common import write_json
+
 BUCKETS = ("uploads", "avatars", "listings", "archive")
 
 
@@ -255,8 +257,7 @@ def main(argv=None) -> dict:
         result["thumbnails"] = thumbnail_cost(args.thumbnail_photos, args.photo_edge, args.threads)
     print(json.dumps(result, indent=1))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, result)
     return result
 
 

@@ -198,8 +198,8 @@ class ScanOutput:
                     # A concurrent opener of a fresh output writes a table's metadata a moment before the
                     # catalog lists it: look again before calling the catalog lost (a lost one stays lost).
                     time.sleep(0.5)
-                    missing = [n for n in missing if self.find_table(n) is None]
-                    found.update({n: self.find_table(n) for n in found if found[n] is None and n not in missing})
+                    found.update({n: self.find_table(n) for n in missing})
+                    missing = [n for n in missing if found[n] is None]
         for name, table in found.items():
             if table is None:
                 self.create(name)
@@ -237,16 +237,14 @@ class ScanOutput:
         added = [c for c in T.ADDED_COLUMNS if want is not None and c in want.names and c not in names]
         if not todo and not added:
             return False
+        from pyiceberg.types import StringType
+
         with table.transaction() as tx:
             with tx.update_schema() as update:
                 for old, new in todo.items():
                     update.rename_column(old, new)
-            if added:
-                from pyiceberg.types import StringType
-
-                with tx.update_schema() as update:
-                    for col in added:
-                        update.add_column(col, StringType(), doc=S.COLUMN_DOCS[col])
+                for col in added:
+                    update.add_column(col, StringType(), doc=S.COLUMN_DOCS[col])
             tx.set_properties({PROP_SCHEMA_VERSION: T.SCHEMA_VERSION})
         return True
 
