@@ -251,7 +251,7 @@ def draw_precision_sample(out, con, date: str, detectors: list[str], cfg: Report
             out.create(T.SAMPLE)
         rows = pa.concat_tables(new)
         added = out.append_new(T.SAMPLE, rows, (S.SCAN_DATE, S.DETECTOR_ID, S.URI, S.SCAN_ID))
-        have = pa.concat_tables([have, rows])
+        have = pa.concat_tables([T.conform(have, T.SAMPLE), rows])  # what Iceberg gives back has its own int widths
     return have, added
 
 

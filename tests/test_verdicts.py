@@ -33,10 +33,10 @@ DET = "clip-mlp-0123456789ab"
 THR = 0.5
 
 
-def commit_night(out: ScanOutput, day: dt.date, scores: dict[str, float], detector: str = DET) -> str:
-    """One finished scan of ``scores`` (uri -> score) on ``day``; returns its scan id."""
+def commit_night(out: ScanOutput, day: dt.date, scores: dict[str, float], detector: str = DET, hour: int = 2) -> str:
+    """One finished scan of ``scores`` (uri -> score) on ``day``, committed at ``hour`` UTC; returns its scan id."""
     scan_id = f"scan-{day.isoformat()}-{detector[-4:]}"
-    at = dt.datetime.combine(day, dt.time(2), dt.timezone.utc)
+    at = dt.datetime.combine(day, dt.time(hour), dt.timezone.utc)
     rows = [{S.URI: u, S.ETAG: "e", S.SIZE: 10, S.WIDTH: 8, S.HEIGHT: 8, S.FORMAT: "PNG", S.SCORE: s, S.LOGIT: float(logit(s)),
              S.THRESHOLD: THR, S.FLAGGED: s >= THR, S.DETECTOR_ID: detector, S.DETECTOR_KIND: "clip-mlp", S.FEATURE_ID: "f",
              S.SCAN_ID: scan_id, S.SCANNED_AT: at, S.SCAN_DATE: day, S.BUCKET: T.bucket_of(u)} for u, s in scores.items()]
@@ -348,3 +348,20 @@ def test_imports_read_utf8_with_or_without_bom_and_utf16_and_refuse_latin1_in_on
     with pytest.raises(JobError, match="UTF-16 without a byte-order mark"):
         audit.main(["verdicts", "import", str(tmp_path / "nobom.csv"), "--scan", scan])
     assert read_table(scan, "verdicts").num_rows == 3
+
+
+def test_a_second_detector_gets_its_own_sample_beside_the_first(two_nights):
+    """A night whose sample one detector already has: the next report draws the other's and returns both (one table)."""
+    from detector_core.views import connect
+    from jobs import report
+
+    out, night = two_nights["out"], dt.date(2026, 11, 22)
+    day, other = night.isoformat(), "dnf-resnet-fedcba987654"
+    commit_night(out, night, {f"s3://up/c/{i}.jpg": 0.9 for i in range(6)})
+    commit_night(out, night, {f"s3://up/o/{i}.jpg": 0.9 for i in range(4)}, detector=other, hour=3)
+    cfg = report.ReportConfig(scan=str(two_nights["dir"]))
+    con = connect(out, "", day, day)
+    first, added = report.draw_precision_sample(out, con, day, [DET], cfg)  # a report of one detector
+    assert added == first.num_rows == 6  # every flagged row of a small night
+    both, added = report.draw_precision_sample(out, con, day, [DET, other], cfg)  # then one of both
+    assert added == 4 and sorted(both["detector_id"].to_pylist()) == [DET] * 6 + [other] * 4
