@@ -13,6 +13,11 @@ settled keys from the tables and anti-joined in its own memory).
 
     python -m bench.bench_plan [--sizes 10000,100000,1000000] [--skip-previous] [--out bench/results/bench_plan.json]
     python -m bench.bench_plan --refresh 1000000,10,10000      # append + compaction against upsert, for the state table
+    python -m bench.bench_plan --plan-only 1000,10000,100000,300000  # the plan alone, in the driver and on the cluster
+
+``--plan-only``: ``jobs.planning.plan`` alone on N zero-byte files (fresh output, empty state), with
+``where="driver"`` and ``where="cluster"`` in one process whose Ray is already up: seconds and the
+peak of Arrow's memory pool in the driver; what ``--driver-plan-max`` is chosen from.
 """
 
 from __future__ import annotations
@@ -115,13 +120,55 @@ def refresh_strategies(n: int, nights: int, per_night: int) -> list[dict]:
     return rows
 
 
+def plan_only(sizes: list[int]) -> list[dict]:
+    import gc
+
+    from detector_core.catalog import ScanOutput
+    from jobs.common import init_ray
+    from jobs.planning import plan
+
+    init_ray()
+    work = Path(tempfile.mkdtemp(prefix="bench-plan-only-"))
+    rows = []
+    try:
+        for n in sizes:
+            objects = work / f"objects-{n}"
+            make_objects(objects, n)
+            for where in ("cluster", "driver", "cluster", "driver"):  # twice each: the first cluster plan also warms Ray's workers
+                out = ScanOutput.open(str(work / f"out-{n}-{where}"))
+                gc.collect()
+                pool = pa.default_memory_pool()
+                base = pool.bytes_allocated()
+                peak0 = pool.max_memory()
+                t0 = time.perf_counter()
+                paths, counts = plan(out, str(objects), ["d"], f"s-{where}", where=where)
+                seconds = time.perf_counter() - t0
+                import resource
+
+                row = {"n": n, "where": where, "seconds": round(seconds, 3), "work": counts["work"],
+                       "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                       "arrow_peak_mb": round(max(0, pool.max_memory() - max(peak0, base)) / 2**20, 1) if where == "driver" else None}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+            shutil.rmtree(objects, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated object counts")
     ap.add_argument("--skip-previous", action="store_true", help="measure only this checkout's code")
     ap.add_argument("--out", default="", help="write the results as JSON here")
     ap.add_argument("--refresh", default="", help="instead: compare state refresh strategies, N,NIGHTS,PER_NIGHT (e.g. 1000000,10,10000)")
+    ap.add_argument("--plan-only", default="", help="instead: time jobs.planning.plan alone, in the driver and on the cluster, for these N")
     args = ap.parse_args(argv)
+    if args.plan_only:
+        report = {"cpus": os.cpu_count(), "plan_only": plan_only([int(x) for x in args.plan_only.split(",")])}
+        if args.out:
+            write_json(args.out, report)
+        return report
     if args.refresh:
         from jobs.common import init_ray
 

@@ -11,6 +11,8 @@ For each image set (full-size 3000x2000 JPEG photos; ~500 px JPEGs), on one mach
    N/2 / (t(N) - t(N/2)) from a second scan of the first half, which cancels the fixed
    costs; model loads per scan (old code: one pool start per chunk, 4, by construction: marked *),
    the driver's peak RSS, and (new code) seconds per commit;
+   and (this checkout) the whole command as a user meets it: ``python -m jobs.scan`` with its own
+   private Ray started inside it, wall time from launch to exit (``cmd``);
 2. a plain loop: PIL decode at full resolution, open_clip preprocess, batched CLIP
    forward + MLP, one process;
 3. the forward pass alone (CLIP + MLP) on pre-decoded, preprocessed tensors.
@@ -100,6 +102,19 @@ def main(argv=None):
     codes = {"new": None} if args.skip_legacy else {"new": None, f"old {LEGACY_REF}": legacy_tree()}
     rows = []
 
+    def command(folder: Path, n: int) -> float:
+        """Seconds of ``python -m jobs.scan`` from launch to exit, its private Ray's start included."""
+        import os
+        import subprocess
+        import sys
+
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "jobs.scan", "--detector", str(tmp / "detector"), "--input", str(folder), "--output",
+                        str(tmp / f"out-{uuid.uuid4().hex[:6]}"), *(["--gpu"] if args.gpu else [])], check=True, env=env,
+                       capture_output=True, cwd=Path(__file__).resolve().parents[1])
+        return time.perf_counter() - t0
+
     def run(tree, folder: Path, n: int) -> dict:
         return scan_process(["--detector", str(tmp / "detector"), "--input", str(folder), "--output", str(tmp / f"out-{uuid.uuid4().hex[:6]}"),
                              "--chunk-size", str(max(1, n // 4)), *(["--gpu"] if args.gpu else [])], tree)
@@ -115,7 +130,9 @@ def main(argv=None):
             s_half = run(tree, half, len(paths) // 2)
             s_full = run(tree, paths[0].parent, len(paths))
             steady = (len(paths) - len(paths) // 2) / max(s_full["seconds"] - s_half["seconds"], 1e-9)
+            cmd = len(paths) / command(paths[0].parent, len(paths)) if code == "new" else None
             rows.append({"images": name, "code": code, "e2e": len(paths) / s_full["seconds"], "steady": steady, "loop": loop, "fwd": fwd,
+                         "cmd": cmd, "planned_in": s_full.get("plan", {}).get("planned_in"),
                          # The old scan started a new actor pool per chunk (4 here): loads = chunks x actors, by construction.
                          "model_loads": s_full.get("model_loads", "4*"), "units": s_full.get("commit_units"),
                          "rss_mb": s_full["driver_peak_rss_mb"],
@@ -123,11 +140,12 @@ def main(argv=None):
                          "t_full": s_full["seconds"], "t_half": s_half["seconds"]})
     print(f"\n=== bench_scan: {args.clip_model}, random weights, device {device}, default scan flags, --chunk-size N/4 ===")
     print(f"{'images':18s} {'code':13s} {'e2e':>6s} {'steady':>7s} {'loop':>6s} {'fwd':>6s} {'e2e/loop':>9s} {'steady/fwd':>10s} "
-          f"{'loads':>5s} {'driver MB':>9s} {'commit s':>8s}   (images/s; scan s full/half)")
+          f"{'cmd/loop':>8s} {'loads':>5s} {'driver MB':>9s} {'commit s':>8s}   (images/s; scan s full/half)")
     for r in rows:
         commit = f"{r['commit_s']:.3f}" if r["commit_s"] is not None else "-"
+        cmd = f"{r['cmd'] / r['loop']:.2f}" if r["cmd"] else "-"
         print(f"{r['images']:18s} {r['code']:13s} {r['e2e']:6.1f} {r['steady']:7.1f} {r['loop']:6.1f} {r['fwd']:6.1f} "
-              f"{r['e2e'] / r['loop']:9.2f} {r['steady'] / r['fwd']:10.2f} {str(r['model_loads']):>5s} {r['rss_mb']:9.0f} {commit:>8s}   "
+              f"{r['e2e'] / r['loop']:9.2f} {r['steady'] / r['fwd']:10.2f} {cmd:>8s} {str(r['model_loads']):>5s} {r['rss_mb']:9.0f} {commit:>8s}   "
               f"({r['t_full']:.1f} / {r['t_half']:.1f})")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

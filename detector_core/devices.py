@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "bf16-weights")  # bf16/fp16: autocast over fp32 weights; bf16-weights: the weights cast
 
 
 def resolve_precision(precision: str, device_type: str, bf16: bool = True) -> str:
@@ -27,7 +27,7 @@ def resolve_precision(precision: str, device_type: str, bf16: bool = True) -> st
     if precision == "auto":
         return "bf16" if (device_type == "cuda" and bf16) else "fp32"
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+        raise ValueError(f"precision must be auto or one of {PRECISIONS}, got {precision!r}")
     return precision
 
 

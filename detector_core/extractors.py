@@ -25,14 +25,15 @@ import torch
 from detector_core.devices import resolve_precision
 from detector_core.dnf import DNF_VALUES, DnfExtractor, DnfPreprocess, bf16_allowed, unet_config
 from detector_core.dnf import TEST_TINY as UNET_TEST_TINY
-from detector_core.features import FEATURE_MODES, ClipEncoder, SplitPreprocess, check_weights, feature_dim
+from detector_core.features import FEATURE_MODES, FORWARDS, ClipEncoder, check_weights, clip_input, feature_dim
+from detector_core.inputs import DECODE_BACKENDS, draft_size_for
 
 __all__ = ["EXTRACTORS", "FAMILIES", "FeatureSpec", "ClipFeatures", "build_extractor", "check_available", "draft_size_for", "feature_compute", "preprocess_for"]
 
 class _Clip:
     """The CLIP family: frozen open_clip embeddings (docs/method.md section 1)."""
 
-    keys = ("clip_model", "pretrained", "feature_mode")
+    keys = ("clip_model", "pretrained", "feature_mode", "decode")
     kind = "clip-mlp"  # the bundle kind of its detectors
 
     @staticmethod
@@ -43,14 +44,16 @@ class _Clip:
     def check(spec: "FeatureSpec") -> None:
         if spec.feature_mode not in FEATURE_MODES:
             raise ValueError(f"feature mode must be one of {FEATURE_MODES}, got {spec.feature_mode!r}")
+        if spec.decode not in DECODE_BACKENDS:
+            raise ValueError(f"decode backend must be one of {DECODE_BACKENDS}, got {spec.decode!r}")
 
     @staticmethod
-    def id(spec: "FeatureSpec") -> str:
-        return f"{spec.clip_model}/{spec.pretrained}/{spec.feature_mode}"
+    def id(spec: "FeatureSpec") -> str:  # pil decoding keeps the id it had before the field
+        return f"{spec.clip_model}/{spec.pretrained}/{spec.feature_mode}" + ("" if spec.decode == "pil" else f"/{spec.decode}")
 
     @staticmethod
     def cache_prefix(spec: "FeatureSpec") -> str:  # the pre-DNF string, so old caches stay valid
-        return f"{spec.clip_model}|{spec.pretrained}|{spec.feature_mode}|"
+        return f"{spec.clip_model}|{spec.pretrained}|{spec.feature_mode}|" + ("" if spec.decode == "pil" else f"decode={spec.decode}|")
 
     @staticmethod
     def shape(spec: "FeatureSpec") -> tuple[int, ...]:
@@ -62,11 +65,11 @@ class _Clip:
 
     @staticmethod
     def preprocess(spec: "FeatureSpec"):
-        return SplitPreprocess(spec.clip_model, spec.pretrained)
+        return clip_input(spec.clip_model, spec.pretrained, spec.decode)
 
     @staticmethod
-    def build(spec: "FeatureSpec", device, precision: str, storage_options: dict | None):
-        return ClipFeatures(spec, device, precision, storage_options)
+    def build(spec: "FeatureSpec", device, precision: str, storage_options: dict | None, **forward):
+        return ClipFeatures(spec, device, precision, storage_options, **forward)
 
     @staticmethod
     def check_available(spec: "FeatureSpec", storage_options: dict | None) -> None:
@@ -113,7 +116,9 @@ class _Dnf:
         return DnfPreprocess(spec.resolved().image_size, spec.dnf_values)
 
     @staticmethod
-    def build(spec: "FeatureSpec", device, precision: str, storage_options: dict | None):
+    def build(spec: "FeatureSpec", device, precision: str, storage_options: dict | None, **forward):
+        if forward:
+            raise ValueError(f"the DNF extractor runs only its own precision (no {sorted(forward)})")
         ex = DnfExtractor(spec.unet, device=device, timestep=spec.timestep, precision=precision, storage_options=storage_options,
                           values=spec.dnf_values)
         if spec.image_size and spec.image_size != ex.image_size:
@@ -135,7 +140,10 @@ EXTRACTORS = tuple(FAMILIES)
 class FeatureSpec:
     """An extractor and its settings.
 
-    ``clip``: ``clip_model``, ``pretrained`` (tag, path, URI or ``none``), ``feature_mode``.
+    ``clip``: ``clip_model``, ``pretrained`` (tag, path, URI or ``none``), ``feature_mode``,
+    ``decode`` (``pil``: Pillow on CPU workers, as every bundle before the field; ``nvjpeg``:
+    baseline JPEGs on the GPU's hardware decoder, the rest by Pillow, one tensor resize for both;
+    ``detector_core.inputs``).
     ``dnf``: ``unet`` (folder, URI or ``test-tiny``), ``timestep``, ``image_size`` (the
     UNet's side; 0 until ``resolved``), ``dnf_values`` (``reference``: the reference's 8-bit
     feature; ``raw``: the float noise, what records without the field hold).
@@ -149,6 +157,7 @@ class FeatureSpec:
     timestep: int = 0
     image_size: int = 0
     dnf_values: str = "reference"
+    decode: str = "pil"
 
     def __post_init__(self) -> None:
         if self.extractor not in FAMILIES:
@@ -178,6 +187,8 @@ class FeatureSpec:
         d = {"extractor": self.extractor, **{k: getattr(self, k) for k in self.family.keys}}
         if d.get("dnf_values") == "raw":  # as records from before the field: raw bundles keep their content hash
             del d["dnf_values"]
+        if d.get("decode") == "pil":  # likewise: bundles and caches from before GPU decoding keep theirs
+            del d["decode"]
         return d
 
     def resolved(self, storage_options: dict | None = None) -> "FeatureSpec":
@@ -222,12 +233,7 @@ def preprocess_for(spec: FeatureSpec):
     return spec.family.preprocess(spec)
 
 
-def draft_size_for(prep, draft: bool = True) -> int | None:
-    """The JPEG draft size a spec's images are decoded at: twice its input where its preprocessing allows it, else None (full)."""
-    return 2 * prep.size if (draft and prep.draft_ok) else None
-
-
-def feature_compute(spec: FeatureSpec, gpu: bool, draft: bool = True) -> dict:
+def feature_compute(spec: FeatureSpec, gpu: bool, draft: bool = True, forward: str = "autocast") -> dict:
     """How a spec's features are computed, beyond the spec: precision, JPEG decode, resize filter.
 
     Recorded in feature caches and bundles; a scan compares its own with the bundle's
@@ -237,15 +243,18 @@ def feature_compute(spec: FeatureSpec, gpu: bool, draft: bool = True) -> dict:
     """
     prep = preprocess_for(spec)
     precision = resolve_precision("auto", "cuda" if gpu else "cpu", bf16=spec.family.bf16_allowed(spec))
+    if gpu and spec.extractor == "clip" and FORWARDS[forward][0] != "auto":
+        precision = FORWARDS[forward][0]
     return {"precision": precision, "jpeg_draft_size": draft_size_for(prep, draft) or 0, "resize": prep.resize}
 
 
 class ClipFeatures:
     """``ClipEncoder`` behind the extractor interface: uint8 crops (+ captions) -> features."""
 
-    def __init__(self, spec: FeatureSpec, device, precision: str = "auto", storage_options: dict | None = None) -> None:
+    def __init__(self, spec: FeatureSpec, device, precision: str = "auto", storage_options: dict | None = None, **forward) -> None:
         self.spec = spec
-        self.encoder = ClipEncoder(spec.clip_model, spec.pretrained, device=device, precision=precision, storage_options=storage_options)
+        self.encoder = ClipEncoder(spec.clip_model, spec.pretrained, device=device, precision=precision, storage_options=storage_options,
+                                   **forward)
         self.prep = preprocess_for(spec)
         self.dim = spec.dim
 
@@ -255,6 +264,7 @@ class ClipFeatures:
 
 
 def build_extractor(spec: FeatureSpec, device: torch.device | str = "cpu", precision: str = "auto",
-                    storage_options: dict | None = None):
-    """The extractor of a spec on ``device``: ``ClipFeatures`` or ``DnfExtractor``."""
-    return spec.family.build(spec, device, precision, storage_options)
+                    storage_options: dict | None = None, **forward):
+    """The extractor of a spec on ``device``: ``ClipFeatures`` or ``DnfExtractor``; ``forward``: CLIP's
+    ``compile_mode`` and ``static_batch`` (``features.ClipEncoder``)."""
+    return spec.family.build(spec, device, precision, storage_options, **forward)

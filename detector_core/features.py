@@ -21,20 +21,21 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
 from detector_core.devices import resolve_precision
+from detector_core.inputs import ClipInput
 from detector_core.storage import fetch_cached, is_remote
 
 __all__ = [
     "FEATURE_MODES",
     "TEST_TINY",
+    "FORWARDS",
     "ClipEncoder",
     "WeightsNotFoundError",
     "build_preprocess",
     "check_weights",
-    "SplitPreprocess",
+    "clip_input",
     "feature_dim",
     "preprocess_config",
 ]
@@ -103,40 +104,27 @@ def build_preprocess(model_name: str, pretrained: str | None) -> Callable:
     return image_transform_v2(PreprocessCfg(**preprocess_config(model_name, pretrained)), is_train=False)
 
 
-class SplitPreprocess:
-    """open_clip's eval transform cut in two at ``ToTensor``, for pipelines.
+def clip_input(model_name: str, pretrained: str | None, decode: str = "pil") -> ClipInput:
+    """open_clip's eval transform for a model and weights as a ``ClipInput``: the torch-free CPU half
+    (resize, crop) that decode tasks run, and the normalisation the accelerator runs.
 
-    ``to_input`` (CPU workers) resizes and crops a PIL image and returns ``H x W x 3``
-    uint8 -- a quarter of the bytes of the float tensor, which is what travels to the
-    GPU; ``normalize`` (on the GPU) turns a ``(n, H, W, 3)`` uint8 batch into the
-    normalised float ``(n, 3, H, W)`` batch. Together they equal ``build_preprocess``.
+    open_clip's own transform is built and read back (its steps, size and filter), so that a model
+    whose transform ``ClipInput`` does not implement is refused here, not preprocessed differently.
     """
-
-    draft_ok = True  # JPEG DCT downscaling to >= 2x the input barely moves CLIP features (bench/bench_draft.py)
-    dtype = "uint8"  # of what to_input returns (numpy dtype name)
-
-    def __init__(self, model_name: str, pretrained: str | None) -> None:
-        cfg = preprocess_config(model_name, pretrained)
-        full = build_preprocess(model_name, pretrained)
-        names = [type(t).__name__ for t in full.transforms]
-        cut = next(i for i, n in enumerate(names) if n in ("ToTensor", "MaybeToTensor"))
-        if names[cut + 1 :] != ["Normalize"]:
-            raise ValueError(f"unexpected open_clip eval transform {names}; cannot split it")
-        self.pil_transforms = full.transforms[:cut]
-        first = self.pil_transforms[0] if self.pil_transforms else None
-        self.resize = str(getattr(getattr(first, "interpolation", None), "value", "none"))  # e.g. "bicubic", recorded with features
-        self.size = cfg["size"]
-        self.mean = torch.tensor(cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(cfg["std"], dtype=torch.float32).view(1, 3, 1, 1)
-
-    def to_input(self, image) -> np.ndarray:
-        for t in self.pil_transforms:
-            image = t(image)
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
-
-    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
-        x = batch.permute(0, 3, 1, 2).float().div_(255.0)
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+    cfg = preprocess_config(model_name, pretrained)
+    full = build_preprocess(model_name, pretrained)
+    names = [type(t).__name__ for t in full.transforms]
+    size = cfg["size"]
+    if isinstance(size, (tuple, list)):
+        if len(set(size)) != 1:
+            raise ValueError(f"{model_name}: non-square input {size} is not supported")
+        size = size[0]
+    expected = {"shortest": ["Resize", "CenterCrop"], "squash": ["Resize"]}.get(cfg.get("resize_mode", "shortest"))
+    if expected is None or [n for n in names if n not in ("MaybeConvertMode", "MaybeToTensor", "ToTensor", "Normalize")] != expected:
+        raise ValueError(f"unexpected open_clip eval transform {names} (resize mode {cfg.get('resize_mode')!r}) for {model_name}")
+    interpolation = str(getattr(getattr(full.transforms[0], "interpolation", None), "value", cfg.get("interpolation", "bicubic")))
+    return ClipInput(size=int(size), mean=tuple(float(v) for v in cfg["mean"]), std=tuple(float(v) for v in cfg["std"]),
+                     interpolation=interpolation, resize_mode=cfg.get("resize_mode", "shortest"), decode=decode)
 
 
 def _fetch_remote(uri: str, cache_dir: str | None, storage_options: dict | None) -> str:
@@ -216,6 +204,16 @@ def check_weights(model_name: str, pretrained: str | None, cache_dir: str | None
     _resolve_pretrained(model_name, pretrained, cache_dir, storage_options)  # a file, or the error that lists the tags
 
 
+# How the image tower runs on a GPU (``jobs.scan --forward``): (precision, torch.compile mode). ``autocast`` is what every
+# bundle so far was trained with; the others trade bits for speed (bench/gpu_check.py measures both, docs/scaling.md).
+FORWARDS = {
+    "autocast": ("auto", ""),  # bf16 autocast over fp32 weights on CUDA, fp32 on CPU
+    "bf16": ("bf16-weights", ""),  # weights cast to bf16: no autocast, so nn.MultiheadAttention takes its fused (SDPA) path
+    "bf16-compile": ("bf16-weights", "default"),  # + torch.compile of the image tower at a static batch
+    "bf16-graphs": ("bf16-weights", "reduce-overhead"),  # + CUDA graphs (torch.compile's reduce-overhead mode)
+}
+
+
 class ClipEncoder:
     """A frozen open_clip model on one device, giving detector features.
 
@@ -223,7 +221,11 @@ class ClipEncoder:
         model_name: open_clip architecture, e.g. ``ViT-L-14`` (the paper's) or ``test-tiny``.
         pretrained: open_clip tag, local checkpoint path, object-store URI, or ``none``.
         device: where the model runs; passed in, never guessed here.
-        precision: ``auto`` (bf16 autocast on CUDA, fp32 elsewhere), ``fp32``, ``bf16`` or ``fp16``.
+        precision: ``auto`` (bf16 autocast on CUDA, fp32 elsewhere), ``fp32``, ``bf16`` or ``fp16`` (autocast), or
+            ``bf16-weights`` (the model cast to bf16, inputs too; no autocast).
+        compile_mode: ``""`` (eager), or a ``torch.compile`` mode for the image tower (``default``,
+            ``reduce-overhead``: CUDA graphs, ``max-autotune``); batches are then padded to ``static_batch``
+            so that one graph serves every call.
         cache_dir: where tag downloads and object-store weights are cached.
         storage_options: fsspec options for object-store weights (endpoint, credentials).
         seed: RNG seed for a random initialisation (``pretrained='none'``).
@@ -238,6 +240,8 @@ class ClipEncoder:
         cache_dir: str | None = None,
         storage_options: dict | None = None,
         seed: int = 0,
+        compile_mode: str = "",
+        static_batch: int = 0,
     ) -> None:
         self.model_name = model_name
         self.pretrained = "none" if _is_no_weights(pretrained) else str(pretrained)
@@ -264,6 +268,13 @@ class ClipEncoder:
         self.embed_dim = int(_model_config(model_name)["embed_dim"])
         self.image_size = preprocess_config(model_name, self.pretrained)["size"]
         self.precision = resolve_precision(precision, self.device.type)
+        if self.precision == "bf16-weights":
+            self.model = self.model.to(torch.bfloat16)
+        self._encode_image = self.model.encode_image
+        if compile_mode:
+            self._encode_image = torch.compile(self.model.encode_image, mode=None if compile_mode == "default" else compile_mode,
+                                               dynamic=False)
+        self.static_batch = int(static_batch) if compile_mode else 0
 
     def _autocast(self):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
@@ -276,8 +287,19 @@ class ClipEncoder:
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Preprocessed images ``(n, 3, H, W)`` -> float32 embeddings ``(n, embed_dim)``."""
         pixels = pixels.to(self.device, non_blocking=True)
+        if self.precision == "bf16-weights":
+            pixels = pixels.to(torch.bfloat16)
+        n, step = pixels.shape[0], self.static_batch
         with self._autocast():
-            return self.model.encode_image(pixels).float()
+            if not step:
+                return self._encode_image(pixels).float()
+            out = []
+            for i in range(0, n, step):  # every call at the compiled batch: a short one is padded
+                part = pixels[i : i + step]
+                if part.shape[0] < step:
+                    part = torch.cat([part, part.new_zeros((step - part.shape[0], *part.shape[1:]))])
+                out.append(self._encode_image(part).float()[: min(step, n - i)])
+            return torch.cat(out) if out else pixels.new_zeros((0, self.embed_dim), dtype=torch.float32)
 
     @torch.inference_mode()
     def encode_texts(self, captions: Sequence[str]) -> torch.Tensor:

@@ -187,5 +187,9 @@ def estimate_jpeg_quality(im: Image.Image) -> int | None:
     tables = getattr(im, "quantization", None)
     if not tables or 0 not in tables:
         return None
-    total = sum(tables[0])
+    return quality_from_table_sum(sum(tables[0]))
+
+
+def quality_from_table_sum(total: int) -> int:
+    """The libjpeg quality whose scaled standard luminance table's sum is closest to ``total``."""
     return min(_TABLE_SUMS, key=lambda q: (abs(_TABLE_SUMS[q] - total), q))

@@ -25,6 +25,7 @@ HEIGHT = "height"
 FORMAT = "format"
 JPEG_QUALITY = "jpeg_quality"
 EXIF = "exif"
+DECODE_PATH = "decode_path"  # which decoder made a row's pixels: pil (CPU) or nvjpeg (GPU); feature caches only
 
 # Feature cache.
 FEATURES = "features"
@@ -93,7 +94,7 @@ SPLIT_CALIB = "calib"  # held out of model selection: the threshold is calibrate
 TYPES = {
     URI: pa.string(), LABEL: pa.int8(), CAPTION: pa.string(), GENERATOR: pa.string(), SPLIT: pa.string(),
     SIZE: pa.int64(), ETAG: pa.string(), WIDTH: pa.int32(), HEIGHT: pa.int32(), FORMAT: pa.string(),
-    JPEG_QUALITY: pa.int16(), EXIF: pa.bool_(), FEATURE_ID: pa.string(),
+    JPEG_QUALITY: pa.int16(), EXIF: pa.bool_(), DECODE_PATH: pa.string(), FEATURE_ID: pa.string(),
     ERROR_STAGE: pa.string(), ERROR_TYPE: pa.string(), ERROR_MESSAGE: pa.string(),
     SCORE: pa.float64(), LOGIT: pa.float64(), THRESHOLD: pa.float64(), FLAGGED: pa.bool_(),
     DETECTOR_ID: pa.string(), DETECTOR_KIND: pa.string(), SCAN_ID: pa.string(), SCANNED_AT: pa.timestamp("us", tz="UTC"),

@@ -5,7 +5,7 @@ a few fixed sizes: a detector can score the container instead of the content, an
 metric on a test split drawn from the same set will show it. This report fits a small
 classifier (gradient-boosted trees) on metadata only -- format, width, height, aspect, file
 size, JPEG quality estimate, EXIF present, what the file declares about its origin (C2PA,
-XMP, generator chunks: evidence in the file is a container feature too) -- and gives its cross-validated ROC AUC for the
+XMP, generator chunks: evidence in the file is a container feature too), which decoder made the pixels -- and gives its cross-validated ROC AUC for the
 label, overall and per generator (that generator's images against all real ones). An AUC
 near 0.5 means the metadata says nothing; at or above ``WARN_AUC`` the label is predictable
 from the files and the report says so loudly. Training (``jobs.train``) and evaluation
@@ -24,7 +24,7 @@ from detector_core import schema as S
 __all__ = ["METADATA_COLUMNS", "WARN_AUC", "metadata_matrix", "dataset_report", "sample_rows", "shortcut_report"]
 
 WARN_AUC = 0.8
-METADATA_COLUMNS = (S.FORMAT, S.WIDTH, S.HEIGHT, S.SIZE, S.JPEG_QUALITY, S.EXIF, S.DECLARED)
+METADATA_COLUMNS = (S.FORMAT, S.WIDTH, S.HEIGHT, S.SIZE, S.JPEG_QUALITY, S.EXIF, S.DECLARED, S.DECODE_PATH)
 # What a file declares about its origin (detector_core.provenance) is a container feature too.
 _DECLARED = {"declared_generated": 1.0, "declared_edited": 0.5, "declared_captured": -1.0}
 _FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -47,11 +47,15 @@ def metadata_matrix(table: pa.Table) -> tuple[np.ndarray, list[str]]:
     exif = _column(table, S.EXIF, 0.0)
     declared = (np.array([_DECLARED.get(v, 0.0) for v in table.column(S.DECLARED).to_pylist()])
                 if S.DECLARED in table.column_names else np.zeros(table.num_rows))
+    # Which decoder made the pixels (nvjpeg on the GPU for baseline JPEGs, Pillow for the rest): a route by
+    # format must not become what the detector learns, so the report asks whether it predicts the label.
+    gpu_decoded = (np.array([1.0 if v == "nvjpeg" else 0.0 for v in table.column(S.DECODE_PATH).to_pylist()])
+                   if S.DECODE_PATH in table.column_names else np.zeros(table.num_rows))
     with np.errstate(divide="ignore", invalid="ignore"):
-        cols = [np.log2(w), np.log2(h), np.log2(w / h), np.log2(size + 1), quality, exif, declared]
+        cols = [np.log2(w), np.log2(h), np.log2(w / h), np.log2(size + 1), quality, exif, declared, gpu_decoded]
     x = np.column_stack([onehot.reshape(table.num_rows, len(_FORMATS) + 1), *cols])
     names = [f"format={f}" for f in _FORMATS] + ["format=other", "log2_width", "log2_height", "log2_aspect", "log2_bytes",
-                                                  "jpeg_quality", "exif", "declared"]
+                                                  "jpeg_quality", "exif", "declared", "decode_path=nvjpeg"]
     return np.nan_to_num(x, nan=-1.0, posinf=-1.0, neginf=-1.0), names
 
 
@@ -94,7 +98,7 @@ def shortcut_report(table: pa.Table, folds: int = 5, seed: int = 0, max_rows: in
     report["warning"] = None
     if worst is not None and worst[1] >= warn_at:
         which = "" if worst[0] == "all" else f" (generator {worst[0]})"
-        report["warning"] = (f"labels are predictable from the files' format and size{which}: AUC {worst[1]:.2f} from metadata "
+        report["warning"] = (f"labels are predictable from the files' format and size (or other metadata: evidence, decode path){which}: AUC {worst[1]:.2f} from metadata "
                              "alone; this detector may learn the container, not the content")
     return report
 

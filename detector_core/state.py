@@ -126,7 +126,7 @@ def anti_join(listed: pa.Table, state: pa.Table, detector_ids: list[str], full: 
     current = latest(state) if (state is not None and state.num_rows and not full) else None
     for d in detector_ids:
         if current is None:
-            todo.append(pa.chunked_array([pa.array([True] * n)]))
+            todo.append(pa.chunked_array([pa.array([True] * n, pa.bool_())]))
             continue
         done = current.filter(pc.equal(current[S.DETECTOR_ID], d)).select([S.URI, S.ETAG, S.SIZE])
         done = done.rename_columns([S.URI, "_etag", "_size"])

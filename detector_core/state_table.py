@@ -36,8 +36,10 @@ def state_mark(table) -> dict[str, int]:
     """The history the state covers: the last sequence number of ``scores`` and ``errors`` folded into it."""
     return json.loads(table.properties.get(PROP_MARK, "{}")) or {name: 0 for name in HISTORY}
 
-def history_files_since(out: ScanOutput, name: str, sequence_number: int) -> tuple[list[str], int]:
+def history_files_since(out: ScanOutput, name: str, sequence_number: int, rows: list | None = None) -> tuple[list[str], int]:
     """Data files committed to ``name`` after ``sequence_number`` (walking only the newer snapshots), and the newest number.
+
+    ``rows``: a list that gets each file's record count, in order (the catalog's, no file read).
 
     From 0 (a state being rebuilt) it is every data file of the current snapshot: older
     snapshots may have been expired (``detector_core.maintenance``), their rows live on in the
@@ -51,7 +53,10 @@ def history_files_since(out: ScanOutput, name: str, sequence_number: int) -> tup
     if sequence_number == 0:
         if current is None:
             return [], 0
-        return [t.file.file_path for t in table.scan().plan_files()], current.sequence_number or 0
+        tasks = list(table.scan().plan_files())
+        if rows is not None:
+            rows.extend(int(t.file.record_count) for t in tasks)
+        return [t.file.file_path for t in tasks], current.sequence_number or 0
     paths, top = [], sequence_number
     for snap in table.metadata.snapshots:
         if (snap.sequence_number or 0) <= sequence_number:
@@ -65,6 +70,8 @@ def history_files_since(out: ScanOutput, name: str, sequence_number: int) -> tup
             for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True):
                 if entry.status == ManifestEntryStatus.ADDED and entry.snapshot_id == snap.snapshot_id:
                     paths.append(entry.data_file.file_path)
+                    if rows is not None:
+                        rows.append(int(entry.data_file.record_count))
     return paths, top
 
 def state_files(table) -> dict[int, list]:

@@ -20,16 +20,22 @@ from typing import Any
 import numpy as np
 
 from detector_core import schema as S
-from detector_core.extractors import FeatureSpec, draft_size_for, preprocess_for
-from detector_core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from detector_core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, quality_from_table_sum
+from detector_core.inputs import draft_size_for
+from detector_core.jpeg_header import read_header, route
 from detector_core.perturb import parse_perturbation
 from detector_core.provenance import read_evidence, with_watermark
 from detector_core.storage import is_local_fs, is_remote, open_fs
 
-__all__ = ["ERROR_COLUMNS", "PIXELS", "ReadRefused", "has_error", "load_images", "pixel_column"]
+__all__ = ["ENCODED", "ERROR_COLUMNS", "ORIENTATION", "PIXELS", "ReadRefused", "has_error", "load_images", "pixel_column"]
 
 
 PIXELS = "pixels"
+# The nvjpeg backend's rows that the GPU decodes: the file's bytes and its EXIF orientation travel
+# instead of pixels (internal columns, like the pixels: never written to a table).
+ENCODED = "encoded"
+ORIENTATION = "orientation"
+INTERNAL_COLUMNS = (ENCODED, ORIENTATION)
 ERROR_COLUMNS = (S.ERROR_STAGE, S.ERROR_TYPE, S.ERROR_MESSAGE)
 
 
@@ -114,7 +120,7 @@ def _fetch(uris: list[str], storage_options: dict | None, retries: int = 3, max_
 
 def load_images(
     batch: dict[str, np.ndarray],
-    specs: list[FeatureSpec],
+    specs: list | None = None,
     storage_options: dict | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft: bool | list[bool] = True,
@@ -124,6 +130,7 @@ def load_images(
     evidence: bool = False,
     trust_pem: str | None = None,
     watermarks: bool = False,
+    preps: list | None = None,
 ) -> dict[str, np.ndarray]:
     """Read, decode and crop one batch of rows that have a ``uri`` column.
 
@@ -136,8 +143,19 @@ def load_images(
     (``detector_core.provenance``; C2PA trust anchors ``trust_pem``) into the evidence
     columns, whether or not the image then decodes; ``watermarks``: also the invisible
     watermark, from a full-resolution decode (a JPEG decoded in draft is decoded again in full).
+    ``preps``: the specs' CPU halves (``extractors.preprocess_for``) built by the caller, so that
+    the task imports neither torch nor open_clip for a CLIP spec (jobs pass them; else built here).
+
+    A spec whose input decodes with ``nvjpeg`` gets, for each JPEG that ``jpeg_header.route``
+    sends to the GPU, the file's bytes (``ENCODED``) and EXIF orientation instead of pixels, and
+    its metadata from the header; every other file is decoded here, in full. ``decode_path`` says
+    which (``nvjpeg`` or ``pil``) for every decoded row.
     """
-    preps = [preprocess_for(spec) for spec in specs]
+    if preps is None:
+        from detector_core.extractors import preprocess_for
+
+        preps = [preprocess_for(spec) for spec in specs]
+    on_gpu = [getattr(p, "decode", "pil") == "nvjpeg" for p in preps]
     perturb = parse_perturbation(perturbation) if perturbation else None
     # Each spec's images are decoded as its training decoded them (feature_compute): a JPEG at
     # twice the spec's input where it allows draft, in full otherwise. An ensemble of specs that
@@ -161,6 +179,9 @@ def load_images(
     exif = np.zeros(n, dtype=bool)
     errors = {c: np.full(n, None, dtype=object) for c in ERROR_COLUMNS}
     found = {c: np.full(n, None, dtype=object) for c in S.EVIDENCE_COLUMNS} if evidence else {}
+    path_taken = np.full(n, None, dtype=object)
+    encoded = np.full(n, None, dtype=object) if any(on_gpu) else None
+    orientation = np.ones(n, dtype=np.int8) if any(on_gpu) else None
 
     def record(i, stage, kind, message):
         errors[S.ERROR_STAGE][i], errors[S.ERROR_TYPE][i], errors[S.ERROR_MESSAGE][i] = stage, kind, message[:500]
@@ -180,6 +201,16 @@ def load_images(
         # size is wrong is still settled (the bytes read are what was decoded either way).
         size[i] = listed_sizes[i] if listed_sizes[i] is not None else len(data)
         ev = read_evidence(data, trust_pem) if evidence else None  # from the bytes already here; never raises
+        header = read_header(data) if encoded is not None and perturb is None else None
+        if header is not None and route(header, max_pixels) == "nvjpeg":
+            encoded[i], orientation[i], path_taken[i] = data, header.orientation, "nvjpeg"
+            width[i], height[i], fmt[i], exif[i] = header.width, header.height, "JPEG", header.exif
+            quality[i] = quality_from_table_sum(header.luma_table_sum) if header.luma_table_sum is not None else None
+            if all(on_gpu) and not (ev is not None and watermarks):
+                if ev is not None:
+                    for col, value in zip(S.EVIDENCE_COLUMNS, (ev.declared, ev.source, ev.generator, ev.c2pa_state, ev.error, ev.watermark)):
+                        found[col][i] = value
+                continue
         try:
             # JPEG DCT scaling: decode at >= 2x the model input, never below it.
             first = decode_image(data, max_pixels=max_pixels, draft_size=paths[0])
@@ -188,8 +219,9 @@ def load_images(
                       for d in paths}
             decoded = first
             views = {d: im.image if perturb is None else perturb.apply(im.image, uri, perturb_seed) for d, im in images.items()}
-            for out, prep, d in zip(pixels, preps, draft_sizes):
-                out[i] = prep.to_input(views[d])
+            for out, prep, d, gpu in zip(pixels, preps, draft_sizes, on_gpu):
+                if not (gpu and encoded[i] is not None):
+                    out[i] = prep.to_input(views[d])
             if ev is not None and watermarks:  # the mark lives in the stored pixels: a full-resolution decode
                 full = first if first.format != "JPEG" or not paths[0] else decode_image(data, max_pixels=max_pixels)
                 ev = with_watermark(ev, np.asarray(full.image))
@@ -205,9 +237,14 @@ def load_images(
                     found[col][i] = value
         width[i], height[i], fmt[i] = decoded.width, decoded.height, decoded.format
         quality[i], exif[i] = decoded.jpeg_quality, decoded.exif
+        if path_taken[i] is None:
+            path_taken[i] = "pil"
     out = {k: v for k, v in batch.items()}
     out.update({pixel_column(j): p for j, p in enumerate(pixels)})
-    out.update({S.SIZE: size, S.WIDTH: width, S.HEIGHT: height, S.FORMAT: fmt, S.JPEG_QUALITY: quality, S.EXIF: exif, **errors, **found})
+    out.update({S.SIZE: size, S.WIDTH: width, S.HEIGHT: height, S.FORMAT: fmt, S.JPEG_QUALITY: quality, S.EXIF: exif, **errors, **found,
+                S.DECODE_PATH: path_taken})
+    if encoded is not None:
+        out.update({ENCODED: encoded, ORIENTATION: orientation})
     return out
 
 

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from detector_core import schema as S
 from detector_core.cache import DATA, ERRORS, SUCCESS, cache_key, read_marker
 from detector_core.dnf import UnetNotFoundError
-from detector_core.extractors import FeatureSpec, feature_compute
+from detector_core.extractors import FeatureSpec, feature_compute, preprocess_for
 from detector_core.manifest import ManifestError, read_manifest, validate_manifest
 from detector_core.storage import arrow_fs, open_fs, s3_storage_options
 from jobs.common import JobError, config_dict, init_ray, join, require_weights, write_json
@@ -69,7 +69,12 @@ def run_embedding(cfg: EmbedConfig, storage_options: dict | None = None) -> dict
     import ray
 
     from jobs.decoding import load_images
-    from jobs.pipeline import Embedder
+    from jobs.pipeline import Embedder, check_decode
+
+    try:
+        check_decode([spec], cfg.gpu)
+    except ValueError as exc:
+        raise JobError(str(exc))
 
     init_ray(cfg.ray_address or None)
     fs, root = open_fs(cfg.output, so)
@@ -83,7 +88,7 @@ def run_embedding(cfg: EmbedConfig, storage_options: dict | None = None) -> dict
     ds = ds.map_batches(
         load_images,
         # The evidence columns go into the cache: the shortcut report counts them as container features.
-        fn_kwargs=dict(specs=[spec], storage_options=so, draft=cfg.jpeg_draft, perturbation=cfg.perturb, perturb_seed=cfg.perturb_seed,
+        fn_kwargs=dict(preps=[preprocess_for(spec)], storage_options=so, draft=cfg.jpeg_draft, perturbation=cfg.perturb, perturb_seed=cfg.perturb_seed,
                        evidence=True),
         batch_size=cfg.batch_size,
         batch_format="numpy",

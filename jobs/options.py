@@ -15,6 +15,7 @@ from detector_core.dnf import DNF_VALUES
 from detector_core.dnf import TEST_TINY as UNET_TEST_TINY
 from detector_core.extractors import EXTRACTORS, FeatureSpec
 from detector_core.features import FEATURE_MODES
+from detector_core.inputs import DECODE_BACKENDS
 from jobs.flags import CatalogOptions, RayOptions, StorageOptions, opt
 
 __all__ = ["CatalogOptions", "ExtractorOptions", "RayOptions", "StorageOptions", "extractor_options"]
@@ -31,6 +32,7 @@ class ExtractorOptions:
     unet: str = opt(UNET_TEST_TINY, "--extractor dnf: diffusers UNet2DModel folder (local or s3://), or test-tiny (random; tests/demo)")
     timestep: int = opt(0, "--extractor dnf: timestep of the single UNet call (0: the first DDIM inversion step, as the reference)", within="[0, 999]")
     dnf_values: str = opt("reference", "--extractor dnf: reference (the DNF reference's feature bit for bit: bicubic float resize, noise clamped and quantised to 8 bits, JPEG sources' noise through a JPEG file) or raw (bilinear uint8 resize, float noise)", choices=DNF_VALUES)
+    decode: str = opt("pil", "--extractor clip: how images become pixels; pil (Pillow on CPU workers, JPEG draft decoding) or nvjpeg (baseline JPEGs decoded in batches on the GPU's hardware JPEG engine inside the actor, other files by Pillow at full resolution, one tensor resize for both; needs --gpu); part of the detector's spec: its scans decode the same way", choices=DECODE_BACKENDS)
     jpeg_draft: bool = opt(True, "decode large JPEGs with DCT scaling to twice the model input (CLIP; 4.6-5.4x faster decode); --no-jpeg-draft decodes every image in full, the same function of the pixels for JPEGs and other formats (a set whose real images are JPEG and generated ones PNG); recorded, and scans of the detector decode the same way")
 
     def feature_spec(self) -> FeatureSpec:

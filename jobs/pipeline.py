@@ -26,12 +26,15 @@ from scipy.special import expit
 from detector_core import schema as S
 from detector_core.bundle import DetectorBundle, load_bundle
 from detector_core.cache import fixed_list
+from detector_core.device_decode import decode_inputs
 from detector_core.devices import select_device
 from detector_core.extractors import FeatureSpec, build_extractor, draft_size_for, preprocess_for
+from detector_core.features import FORWARDS
+from detector_core.images import ImageDecodeError, decode_image
 from detector_core.provenance import flag_decision
 from detector_core.state import todo_column
 from detector_core.training import predict_logits
-from jobs.decoding import PIXELS, has_error, pixel_column
+from jobs.decoding import ENCODED, INTERNAL_COLUMNS, ORIENTATION, PIXELS, has_error, pixel_column
 
 
 class Embedder:
@@ -42,22 +45,63 @@ class Embedder:
     """
 
     def __init__(self, spec: FeatureSpec, storage_options: dict | None = None, precision: str = "auto", pixels: str = PIXELS,
-                 device: torch.device | None = None, gpu: bool = False):
+                 device: torch.device | None = None, gpu: bool = False, cpu_decode_ok: bool = False, forward: str = "autocast",
+                 static_batch: int = 0):
         # --gpu on a node where CUDA does not work fails here, in the actor's start, rather than run on the CPU.
         self.device = device if device is not None else select_device(gpu)
         self.spec = spec
-        self.extractor = build_extractor(spec, self.device, precision, storage_options)
+        self.prep = preprocess_for(spec)
+        if spec.decode == "nvjpeg" and self.device.type != "cuda" and not cpu_decode_ok:
+            raise RuntimeError(f"detector features {spec.id} decode JPEGs on a GPU (decode nvjpeg) and this actor has no CUDA device "
+                               f"({self.device}): run with --gpu on GPU nodes")
+        kw = {}
+        if forward != "autocast":  # a CLIP image tower's faster forward (features.FORWARDS); the scan refuses it elsewhere
+            precision, mode = FORWARDS[forward]
+            kw = dict(compile_mode=mode, static_batch=static_batch)
+        self.extractor = build_extractor(spec, self.device, precision, storage_options, **kw)
         self.dim = spec.dim
         self.pixels = pixels
 
+    def _device_pixels(self, batch: dict[str, np.ndarray]) -> torch.Tensor | None:
+        """The nvjpeg rows' inputs, decoded on the device (None when the batch has none). A file the device's
+        decoder refuses is decoded by Pillow here, the backend's CPU path; one neither decodes becomes a decode error row."""
+        if self.spec.decode != "nvjpeg" or ENCODED not in batch:
+            return None
+        encoded = batch[ENCODED]
+        rows = [i for i, e in enumerate(encoded) if e is not None and not isinstance(batch[S.ERROR_STAGE][i], str)]
+        if not rows:
+            return None
+        decoded, failed = decode_inputs([encoded[i] for i in rows], [int(batch[ORIENTATION][i]) for i in rows], self.prep, self.device)
+        if any(failed):  # Arrow-backed batch columns may be read-only: the rows changed here get copies
+            for col in (S.ERROR_STAGE, S.ERROR_TYPE, S.ERROR_MESSAGE, S.DECODE_PATH):
+                batch[col] = np.array(batch[col], dtype=object)
+        for j, why in enumerate(failed):
+            if why is None:
+                continue
+            i = rows[j]
+            try:
+                decoded[j] = torch.from_numpy(self.prep.to_input(decode_image(encoded[i]).image)).to(self.device)
+                batch[S.DECODE_PATH][i] = "pil"
+            except (ImageDecodeError, OSError, ValueError) as exc:
+                batch[S.ERROR_STAGE][i], batch[S.ERROR_TYPE][i] = "decode", getattr(exc, "kind", "corrupt")
+                batch[S.ERROR_MESSAGE][i] = f"GPU decoder: {why}; CPU decoder: {exc}"[:500]
+        full = torch.zeros((len(encoded), *decoded.shape[1:]), dtype=decoded.dtype, device=self.device)
+        full[torch.as_tensor(rows, device=self.device)] = decoded
+        return full
+
     def extract(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, np.ndarray]:
         """(features of the rows without an earlier error, on the device; the mask of those rows)."""
+        on_device = self._device_pixels(batch)
         ok = ~has_error(batch)
         if not ok.any():
             return torch.zeros((0, self.dim), device=self.device), ok
         pixels = torch.from_numpy(np.ascontiguousarray(batch[self.pixels][ok]))
         if self.device.type == "cuda":
             pixels = pixels.pin_memory()
+        if on_device is not None:
+            from_device = torch.as_tensor(np.asarray([e is not None for e in batch[ENCODED]])[ok], device=self.device)
+            pixels = torch.where(from_device.view(-1, 1, 1, 1), on_device[torch.as_tensor(ok, device=self.device)],
+                                 pixels.to(self.device, non_blocking=True))
         captions = None
         if self.spec.needs_captions:
             captions = [None if c is None else str(c) for c in batch[S.CAPTION][ok]]
@@ -74,7 +118,7 @@ class Embedder:
 # Fixed types, so that every block (and every Parquet file) has the same schema even
 # when a batch's column is all null.
 COLUMN_TYPES = {c: S.TYPES[c] for c in (S.URI, S.LABEL, S.CAPTION, S.GENERATOR, S.SPLIT, S.SIZE, S.ETAG, S.WIDTH, S.HEIGHT,
-                                        S.FORMAT, S.JPEG_QUALITY, S.EXIF, S.ERROR_STAGE, S.ERROR_TYPE, S.ERROR_MESSAGE,
+                                        S.FORMAT, S.JPEG_QUALITY, S.EXIF, S.DECODE_PATH, S.ERROR_STAGE, S.ERROR_TYPE, S.ERROR_MESSAGE,
                                         *S.EVIDENCE_COLUMNS)}
 
 
@@ -82,7 +126,7 @@ def to_table(batch: dict[str, np.ndarray], extra: dict[str, pa.Array]) -> pa.Tab
     """The batch without pixels, plus ``extra`` columns, as an Arrow table."""
     cols = {}
     for k, v in batch.items():
-        if k == PIXELS or k.startswith(PIXELS + "_"):
+        if k == PIXELS or k.startswith(PIXELS + "_") or k in INTERNAL_COLUMNS:
             continue
         typ = COLUMN_TYPES.get(k)
         if typ == pa.string() and v.dtype != object:
@@ -105,6 +149,20 @@ def trained_draft(bundle: DetectorBundle) -> bool:
     """Whether the bundle's training decoded JPEGs with DCT scaling (bundles from before it was recorded: yes)."""
     size = (bundle.feature_compute or {}).get("jpeg_draft_size")
     return size is None or size > 0 or draft_size_for(preprocess_for(bundle.features)) is None
+
+
+def check_decode(specs: list[FeatureSpec], gpu: bool) -> None:
+    """Refuse, in one line, specs whose decode backends one pass cannot serve: ``nvjpeg`` without a GPU, or
+    several backends at once (each object is read and decoded once a pass; two backends would be two
+    decodes, and two routes, of one file)."""
+    backends = {s.decode for s in specs}
+    if len(backends) > 1:
+        ids = ", ".join(f"{s.id} ({s.decode})" for s in specs)
+        raise ValueError(f"these detectors decode images with different backends ({ids}): scan them in separate runs")
+    if "nvjpeg" in backends and not gpu:
+        ids = ", ".join(s.id for s in specs if s.decode == "nvjpeg")
+        raise ValueError(f"{ids} decodes JPEGs on a GPU's hardware decoder (decode nvjpeg): it needs a GPU; pass --gpu on a cluster "
+                         "with CUDA GPUs (features of a pil-decode detector are computed on any machine)")
 
 
 def feature_drafts(bundles: list[DetectorBundle]) -> list[bool]:
@@ -131,12 +189,14 @@ class Scorer:
     """
 
     def __init__(self, bundle_uris: list[str], scan_id: str, storage_options: dict | None = None, crash_marker: str = "",
-                 load_counter=None, device: str | None = None, gpu: bool = False, flag_declared: bool = False):
+                 load_counter=None, device: str | None = None, gpu: bool = False, flag_declared: bool = False, forward: str = "autocast",
+                 batch_size: int = 0):
         self.crash_marker = crash_marker
         self.flag_declared = flag_declared  # declared-generated files are flagged whatever their score (flag_reason says so)
         self.device = torch.device(device) if device else select_device(gpu)
         self.bundles = [load_bundle(u, storage_options, device=self.device) for u in bundle_uris]
-        self.embedders = {spec: Embedder(spec, storage_options, pixels=pixel_column(j), device=self.device)
+        self.embedders = {spec: Embedder(spec, storage_options, pixels=pixel_column(j), device=self.device,
+                                         forward=forward if spec.extractor == "clip" else "autocast", static_batch=batch_size)
                           for j, spec in enumerate(feature_specs(self.bundles))}
         self.scan_id = scan_id
         if load_counter is not None:

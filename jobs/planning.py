@@ -37,11 +37,16 @@ from detector_core.manifest import qualify_uri
 from detector_core.state_table import open_state
 from detector_core.storage import folder_prefix, join, open_fs
 
-__all__ = ["PlanError", "listing", "plan", "read_state", "remove_plan", "shuffle_partitions", "typed_udf"]
+__all__ = ["DRIVER_PLAN_MAX", "PLAN_WHERE", "PlanError", "listing", "plan", "read_state", "remove_plan", "shuffle_partitions", "typed_udf"]
 
 CAPTION_ROW = "_caption_row"
 CAPTIONS_SCHEMA = pa.schema([(S.URI, pa.string()), (S.CAPTION, pa.string())])
 PLAN_ROW = pa.schema([(ST.URI_BUCKET, pa.int32()), ("path", pa.string()), ("counts", pa.string())])
+PLAN_WHERE = ("auto", "driver", "cluster")
+# Listed rows + state rows of their partitions below which ``plan`` (auto) runs in the driver, and so at most what it holds
+# there (~0.2 KB a row in Arrow). Measured on 2 cores (docs/scaling.md, "Small scans"): the cluster plan's fixed cost is ~8-10 s
+# and the driver plan's is below it up to here.
+DRIVER_PLAN_MAX = 200_000
 
 
 class PlanError(ValueError):
@@ -126,14 +131,12 @@ def _source_kind(source: str, storage_options: dict | None) -> str:
     return "prefix"
 
 
-def listing(source: str, storage_options: dict | None, fan_out: int = 64, n: int = ST.DEFAULT_PARTITIONS, exclude: str = ""):
-    """The input as a Ray dataset of ``LIST_SCHEMA`` rows with their ``uri_bucket`` of ``n``, and how it was read.
+def _sources(source: str, storage_options: dict | None, fan_out: int, exclude: str) -> tuple[list[dict], object, dict, dict]:
+    """What listing the input reads: (items, the reader each item goes through, its keyword arguments, how it was read).
 
-    ``exclude``: a prefix (``folder_prefix`` of the scan's output) whose objects a prefix
-    listing leaves out: an output inside its own input would otherwise scan its own tables.
+    Items are listing units of a prefix (``_list_units``) or manifest / Inventory data files
+    (``_read_source_files``); the cluster plan maps them in Ray tasks, the driver plan in a loop.
     """
-    import ray
-
     kind = _source_kind(source, storage_options)
     if kind == "prefix":
         if exclude and folder_prefix(source).startswith(exclude):
@@ -141,10 +144,9 @@ def listing(source: str, storage_options: dict | None, fan_out: int = 64, n: int
         inside = bool(exclude) and exclude.startswith(folder_prefix(source))
         units = [u for u in split_prefix(source, storage_options, target=fan_out)
                  if not (exclude and folder_prefix(u.prefix).startswith(exclude))]
-        ds = ray.data.from_items([{"prefix": u.prefix, "recursive": u.recursive} for u in units], override_num_blocks=max(1, len(units)))
-        ds = ds.map_batches(_bucketed(_list_units, n), fn_kwargs=dict(storage_options=storage_options, exclude=exclude if inside else ""),
-                            batch_size=1, batch_format="pyarrow")
-        return ds, {"input_kind": "prefix", "listing_units": len(units), "output_left_out": inside}
+        items = [{"prefix": u.prefix, "recursive": u.recursive} for u in units]
+        return items, _list_units, dict(storage_options=storage_options, exclude=exclude if inside else ""), \
+            {"input_kind": "prefix", "listing_units": len(units), "output_left_out": inside}
     if kind == "manifest":
         fmt = "parquet" if source.lower().endswith((".parquet", ".pq")) else "csv"
         columns = _manifest_columns(source, fmt, storage_options)
@@ -160,11 +162,24 @@ def listing(source: str, storage_options: dict | None, fan_out: int = 64, n: int
         items = [{"path": p, "kind": f"inventory-{fmt}"} for fmt in ("csv", "parquet", "orc") for p in getattr(inv, fmt)]
         csv_columns, scheme = inv.csv_columns, "s3://"
         info = {"input_kind": "inventory", "source_files": len(items), "inventory_manifests": inv.manifests}
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(_bucketed(_read_source_files, n),
-                        fn_kwargs=dict(storage_options=storage_options, csv_columns=csv_columns, scheme=scheme), batch_size=1,
-                        batch_format="pyarrow")
-    return ds, info
+    return items, _read_source_files, dict(storage_options=storage_options, csv_columns=csv_columns, scheme=scheme), info
+
+
+def listing(source: str, storage_options: dict | None, fan_out: int = 64, n: int = ST.DEFAULT_PARTITIONS, exclude: str = ""):
+    """The input as a Ray dataset of ``LIST_SCHEMA`` rows with their ``uri_bucket`` of ``n``, and how it was read.
+
+    ``exclude``: a prefix (``folder_prefix`` of the scan's output) whose objects a prefix
+    listing leaves out: an output inside its own input would otherwise scan its own tables.
+    """
+    items, reader, kwargs, info = _sources(source, storage_options, fan_out, exclude)
+    return _listing_dataset(items, reader, kwargs, n), info
+
+
+def _listing_dataset(items: list[dict], reader, kwargs: dict, n: int):
+    import ray
+
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    return ds.map_batches(_bucketed(reader, n), fn_kwargs=kwargs, batch_size=1, batch_format="pyarrow")
 
 
 def _manifest_columns(source: str, fmt: str, storage_options: dict | None) -> list[str]:
@@ -198,40 +213,114 @@ def read_state(paths: list[str], detector_ids: list[str] | None, storage_options
     return pa.concat_tables(tables).cast(ST.STATE_SCHEMA) if tables else ST.STATE_SCHEMA.empty_table()
 
 
-def _plan_partition(group: pa.Table, state_files: dict, detector_ids: list[str], full: bool, plan_dir: str, with_captions: bool,
-                    storage_options: dict | None) -> pa.Table:
-    """Ray task: one ``uri_bucket`` partition of the listing -> its work file and counts."""
-    from jobs.common import write_parquet
-
-    bucket = int(group[ST.URI_BUCKET][0].as_py())
+def _plan_rows(group: pa.Table, state: pa.Table | None, detector_ids: list[str], full: bool, with_captions: bool) -> tuple[pa.Table, dict]:
+    """Listing (and caption) rows of one or more ``uri_bucket`` partitions and their state rows -> work rows and counts."""
     is_caption = group[CAPTION_ROW]
     listed = group.filter(pc.invert(is_caption))
     captions = group.filter(is_caption).select([S.URI, S.CAPTION]) if with_captions else None
+    return ST.anti_join(listed, state, detector_ids, full, captions)
+
+
+def _write_work(work: pa.Table, plan_dir: str, name: str, storage_options: dict | None) -> str:
+    from jobs.common import write_parquet
+
+    if not work.num_rows:
+        return ""
+    path = join(plan_dir, f"part-{name}-{uuid.uuid4().hex[:8]}.parquet")
+    write_parquet(work, path, storage_options)
+    return path
+
+
+def _plan_partition(group: pa.Table, state_files: dict, detector_ids: list[str], full: bool, plan_dir: str, with_captions: bool,
+                    storage_options: dict | None) -> pa.Table:
+    """Ray task: one ``uri_bucket`` partition of the listing -> its work file and counts."""
+    bucket = int(group[ST.URI_BUCKET][0].as_py())
     state = None if full else read_state(state_files.get(bucket, state_files.get(str(bucket), [])), detector_ids, storage_options)
-    work, counts = ST.anti_join(listed, state, detector_ids, full, captions)
-    path = ""
-    if work.num_rows:
-        path = join(plan_dir, f"part-{bucket:05d}-{uuid.uuid4().hex[:8]}.parquet")
-        write_parquet(work, path, storage_options)
+    work, counts = _plan_rows(group, state, detector_ids, full, with_captions)
+    path = _write_work(work, plan_dir, f"{bucket:05d}", storage_options)
     return pa.Table.from_pylist([{ST.URI_BUCKET: bucket, "path": path, "counts": json.dumps(counts)}], schema=PLAN_ROW)
 
 
-def plan(out: ScanOutput, source: str, detector_ids: list[str], scan_id: str, full: bool = False, captions: str = "",
-         storage_options: dict | None = None, fan_out: int = 64) -> tuple[list[str], dict]:
-    """This scan's work files (``OUT/_plan/<scan_id>/``) and counts; per-object work in Ray tasks only.
+# -- the plan in the driver (small inputs) -----------------------------------------------------
+def _driver_rows(items: list[dict], reader, kwargs: dict, n: int, limit: int | None, captions: str,
+                 storage_options: dict | None) -> pa.Table | None:
+    """The listing (and caption) rows with their ``uri_bucket``, read in this process; None as soon as
+    they pass ``limit`` (what was read is dropped: at most ``limit`` rows were held)."""
+    tables, rows = [], 0
+    sources = [(reader, item, kwargs, False) for item in items]
+    if captions:
+        sources.append((_read_captions, {"path": captions}, dict(storage_options=storage_options), True))
+    for fn, item, kw, caption in sources:
+        for t in fn(pa.Table.from_pylist([item]), **kw):
+            if not t.num_rows:
+                continue
+            rows += t.num_rows
+            if limit is not None and rows > limit:
+                return None
+            tables.append(_with_bucket(t, n, caption))
+    if not tables:
+        tables = [_with_bucket(ST.LIST_SCHEMA.empty_table(), n, False)]
+    return pa.concat_tables(tables)
 
-    The groupby uses Ray Data's default (hash) shuffle: the sort-based one sampled and held
-    blocks in the driver, whose peak grew by ~100 MB per 3·10⁵ objects; the hash shuffle's
-    did not grow (2-core machine, ``bench/bench_plan.py``).
+
+def _read_states(paths: list[str], detector_ids: list[str], storage_options: dict | None) -> pa.Table:
+    """``read_state`` of many files, concurrently (object stores answer each GET in tens of ms)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not paths:
+        return ST.STATE_SCHEMA.empty_table()
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        parts = list(pool.map(lambda p: read_state([p], detector_ids, storage_options), paths))
+    return pa.concat_tables(parts)
+
+
+def _plan_in_driver(rows: pa.Table, files: dict, detector_ids: list[str], full: bool, plan_dir: str, with_captions: bool,
+                    storage_options: dict | None, limit: int | None) -> tuple[list[str], dict] | None:
+    """The plan of a small input in this process: the same ``anti_join`` over the same rows as the cluster's
+    partition tasks, in one call, one work file. None when the listed rows and the state rows of their
+    partitions (the catalog's record counts, no file read) pass ``limit``."""
+    buckets = set(pc.unique(rows[ST.URI_BUCKET]).to_pylist()) if rows.num_rows else set()
+    touched = [df for b, dfs in files.items() if int(b) in buckets for df in dfs]
+    if limit is not None and not full and rows.num_rows + sum(int(df.record_count) for df in touched) > limit:
+        return None
+    state = None if full else _read_states([df.file_path for df in touched], detector_ids, storage_options)
+    work, counts = _plan_rows(rows, state, detector_ids, full, with_captions)
+    path = _write_work(work, plan_dir, "driver", storage_options)
+    return ([path] if path else []), counts
+
+
+def plan(out: ScanOutput, source: str, detector_ids: list[str], scan_id: str, full: bool = False, captions: str = "",
+         storage_options: dict | None = None, fan_out: int = 64, where: str = "auto",
+         driver_max: int = DRIVER_PLAN_MAX) -> tuple[list[str], dict]:
+    """This scan's work files (``OUT/_plan/<scan_id>/``) and counts.
+
+    ``where``: ``cluster`` (per-object work in Ray tasks only), ``driver`` (in this process,
+    whatever the size: tests), or ``auto``: in this process while the listed rows plus the
+    state rows of their partitions stay within ``driver_max`` (which also bounds what the
+    driver holds), else on the cluster. Both give the same work rows (``tests/test_plan.py``
+    runs on both). The cluster's groupby uses Ray Data's default (hash) shuffle: the
+    sort-based one sampled and held blocks in the driver, whose peak grew by ~100 MB per
+    3·10⁵ objects; the hash shuffle's did not grow (2-core machine, ``bench/bench_plan.py``).
     """
+    if where not in PLAN_WHERE:
+        raise ValueError(f"plan where must be one of {PLAN_WHERE}, got {where!r}")
     t0 = time.time()
     table, files = open_state(out)
     n = int(table.properties.get(PROP_PARTITIONS, ST.DEFAULT_PARTITIONS))
+    items, reader, kwargs, info = _sources(source, storage_options, fan_out, folder_prefix(out.uri))
+    plan_dir = join(out.uri, "_plan", scan_id)
+    if where != "cluster":
+        limit = None if where == "driver" else driver_max
+        rows = _driver_rows(items, reader, kwargs, n, limit, captions, storage_options)
+        done = None if rows is None else _plan_in_driver(rows, files, detector_ids, full, plan_dir, bool(captions), storage_options, limit)
+        if done is not None:
+            paths, counts = done
+            return paths, {**counts, **info, "state_partitions": n, "planned_in": "driver", "plan_seconds": round(time.time() - t0, 2)}
+        print(f"plan: more than --driver-plan-max {driver_max} listed and state rows: planning on the cluster", flush=True)
     state_files = {b: [df.file_path for df in fs] for b, fs in files.items()}
-    ds, info = listing(source, storage_options, fan_out, n, exclude=folder_prefix(out.uri))
+    ds = _listing_dataset(items, reader, kwargs, n)
     if captions:
         ds = ds.union(_caption_dataset(captions, storage_options, n))
-    plan_dir = join(out.uri, "_plan", scan_id)
     parts = ds.groupby(ST.URI_BUCKET, num_partitions=shuffle_partitions(n)).map_groups(
         _plan_partition, batch_format="pyarrow",
         fn_kwargs=dict(state_files=state_files, detector_ids=detector_ids, full=full, plan_dir=plan_dir, with_captions=bool(captions),
@@ -247,7 +336,7 @@ def plan(out: ScanOutput, source: str, detector_ids: list[str], scan_id: str, fu
                 totals["skipped"][d] += v
             if row["path"]:
                 paths.append(row["path"])
-    return sorted(paths), {**totals, **info, "state_partitions": n, "plan_seconds": round(time.time() - t0, 2)}
+    return sorted(paths), {**totals, **info, "state_partitions": n, "planned_in": "cluster", "plan_seconds": round(time.time() - t0, 2)}
 
 
 def shuffle_partitions(n: int) -> int:

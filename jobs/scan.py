@@ -55,6 +55,7 @@ from detector_core import tables as T
 from detector_core.bundle import BundleError, DetectorBundle, load_bundle
 from detector_core.catalog import CatalogError, ScanOutput
 from detector_core.extractors import feature_compute
+from detector_core.features import FORWARDS
 from detector_core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from detector_core.lease import Lease, LeaseLostError
 from detector_core.listing import is_manifest
@@ -73,8 +74,8 @@ from jobs.common import (
     write_json,
 )
 from jobs.flags import RayOptions, RetentionOptions, StorageOptions, opt, parse_config
-from jobs.pipeline import feature_drafts, feature_specs, trained_draft
-from jobs.planning import PlanError, remove_plan
+from jobs.pipeline import check_decode, feature_drafts, feature_specs, trained_draft
+from jobs.planning import DRIVER_PLAN_MAX, PLAN_WHERE, PlanError, remove_plan
 from jobs.refresh import refresh_state
 
 
@@ -92,11 +93,14 @@ class ScanConfig(RetentionOptions, RayOptions, StorageOptions):
     batch_size: int = opt(64, "images per model batch", within="[1, inf)")
     actors: str = opt("1", "Scorer actors: a number, or a range MIN-MAX (e.g. 1-16) that grows into GPUs as they appear and shrinks when idle")
     gpu: bool = opt(False, "run the Scorer actors on GPUs (one each)")
+    forward: str = opt("autocast", "how the Scorer runs a CLIP image tower on GPUs: autocast (bf16 autocast over fp32 weights: what detectors are trained with), bf16 (weights cast to bf16, fused attention), bf16-compile (+ torch.compile at a static --batch-size), bf16-graphs (+ CUDA graphs); the precision is recorded in the run summary and a difference from training warned about (docs/scaling.md gives the measured speed and score differences)", choices=tuple(FORWARDS))
     cpus_per_actor: float = opt(0.0, "CPUs reserved per Scorer actor, its torch threads (0 = 1 with --gpu, else half the cluster's CPUs shared by the actors, so decoding has the rest)", within="[0, inf)")
     chunk_size: int = opt(50_000, "result rows per commit unit (objects x detectors): each unit is one Iceberg snapshot per table", within="[1, inf)")
     max_pixels: int = opt(DEFAULT_MAX_PIXELS, "refuse images with more pixels than this (decompression bombs)", within="[1, inf)")
     max_bytes: int = opt(DEFAULT_MAX_BYTES, "refuse objects larger than this many bytes (never read past it)", within="[1, inf)")
     state_compact_at: int = opt(8, "files per state partition at which a refresh merges them into one (compaction)", within="[1, inf)")
+    plan: str = opt("auto", "where the plan (listing, anti-join with the state) and the state's refresh run: auto (in this process while the listed objects plus the state rows they touch stay within --driver-plan-max, on the cluster above), driver (always here: small inputs, debugging), cluster (always in Ray tasks)", choices=PLAN_WHERE)
+    driver_plan_max: int = opt(DRIVER_PLAN_MAX, "--plan auto: rows (listed objects + state rows of their partitions) up to which the plan runs in this process; also what it may hold here (~0.2 KB a row)", within="[0, inf)")
     list_fan_out: int = opt(64, "listing units a prefix is split into (its first levels of common prefixes), listed by parallel tasks", within="[1, inf)")
     resource_timeout: float = opt(900.0, "seconds to wait for the first Scorer actor to be placed before failing with the missing resource", within="(0, inf)")
     lease_ttl: float = opt(300.0, "seconds a scan's lease on the output lasts without renewal (a dead scan blocks the output this long)", within="(0, inf)")
@@ -127,6 +131,8 @@ def validate(cfg: ScanConfig) -> None:
     if listed_prefix and folder_prefix(cfg.input).startswith(folder_prefix(cfg.output)):
         raise JobError(f"--input {cfg.input} is the output {cfg.output} or inside it: the scan would score its own tables; "
                        "write them elsewhere (an output inside the input is fine: it is left out of the listing)")
+    if cfg.forward != "autocast" and not cfg.gpu:
+        raise JobError(f"--forward {cfg.forward} is a GPU setting (bf16 weights, compiled graphs): pass --gpu, or leave --forward autocast")
     if cfg.kill_at and (cfg.kill_at.count(":") != 1 or not cfg.kill_at.split(":")[1].isdigit()):
         raise JobError(f"--kill-at {cfg.kill_at!r}: STEP:UNIT")
 
@@ -161,14 +167,14 @@ def _run_row(base: dict, b: DetectorBundle, unit: int, status: str, counts: dict
             "committed_at": now, **(extra or {})}
 
 
-def _check_feature_compute(bundles: list[DetectorBundle], gpu: bool) -> None:
+def _check_feature_compute(bundles: list[DetectorBundle], gpu: bool, forward: str = "autocast") -> None:
     """Features computed as each detector's training computed them: another decode or resize is refused,
     another precision (bf16 on GPUs, fp32 on CPUs) warned about; the run summary records both sides."""
     for b in bundles:
         trained = b.feature_compute
         if not trained:  # bundles from before it was recorded
             continue
-        ours = feature_compute(b.features, gpu, draft=trained_draft(b))
+        ours = feature_compute(b.features, gpu, draft=trained_draft(b), forward=forward)
         for key in ("jpeg_draft_size", "resize"):
             if key in trained and trained[key] != ours[key]:
                 raise JobError(f"detector {b.detector_id} was trained on features computed with {key} {trained[key]!r}, and this scan "
@@ -221,10 +227,11 @@ def run_scan(cfg: ScanConfig) -> dict:
     needing = [b.detector_id for b in bundles if b.needs_captions]
     if needing and not cfg.captions:
         raise JobError(f"detector {', '.join(needing)} uses image+text features and needs captions; pass --captions with a uri,caption manifest")
-    _check_feature_compute(bundles, cfg.gpu)
+    _check_feature_compute(bundles, cfg.gpu, cfg.forward)
     trust_pem = _trust_pem(cfg, so)
     try:
         feature_drafts(bundles)
+        check_decode(feature_specs(bundles), cfg.gpu)
     except ValueError as exc:
         raise JobError(str(exc))
     scan_date = cfg.scan_date or dt.datetime.now(dt.timezone.utc).date().isoformat()
@@ -252,7 +259,7 @@ def _scan_under_lease(cfg, so, uris, bundles, scan_date, out: ScanOutput, scan_i
     init_ray(cfg.ray_address or None)
     remove_plan(out)  # work files of killed scans (the lease says none is running)
     # Catch the state up with everything committed (a killed scan's units; a deleted state is rebuilt).
-    state_before = refresh_state(out, so, cfg.state_compact_at)
+    state_before = refresh_state(out, so, cfg.state_compact_at, cfg.plan, cfg.driver_plan_max)
     lease.check()
     # Last night's unit snapshots go before this night's commits start, not after them: each
     # commit rewrites metadata holding every snapshot, so carrying last night's through this
@@ -260,13 +267,15 @@ def _scan_under_lease(cfg, so, uris, bundles, scan_date, out: ScanOutput, scan_i
     expired = {"start": _expire(out, cfg)}
     ids = [b.detector_id for b in bundles]
     try:
-        work_files, plan_counts = planning.plan(out, cfg.input, ids, scan_id, cfg.full, cfg.captions, so, cfg.list_fan_out)
+        work_files, plan_counts = planning.plan(out, cfg.input, ids, scan_id, cfg.full, cfg.captions, so, cfg.list_fan_out, cfg.plan,
+                                                cfg.driver_plan_max)
     except PlanError as exc:
         raise JobError(str(exc))
     counts = {"listed": plan_counts["listed"], "skipped": plan_counts["listed"] - plan_counts["work"],
               "skipped_by_detector": plan_counts["skipped"]}
     print(f"plan: {plan_counts['listed']} listed ({plan_counts['input_kind']}), {plan_counts['work']} to score, "
-          f"{plan_counts['duplicates']} duplicate uris, {plan_counts['list_errors']} unusable rows ({plan_counts['plan_seconds']} s)")
+          f"{plan_counts['duplicates']} duplicate uris, {plan_counts['list_errors']} unusable rows ({plan_counts['plan_seconds']} s, "
+          f"in the {plan_counts['planned_in']})")
     if plan_counts.get("output_left_out"):
         print(f"the output {cfg.output} lies inside the input: its own files are left out of the listing")
     base = {"scan_id": scan_id, "scan_date": scan_date, "input": cfg.input, "listed": None, "skipped": None, "model_loads": None,
@@ -280,7 +289,7 @@ def _scan_under_lease(cfg, so, uris, bundles, scan_date, out: ScanOutput, scan_i
         ctx.wait_for_min_actors_s = int(max(1, cfg.resource_timeout))
         counter = stream.load_counter()
         flow = stream.build_stream(cfg, work_files, plan_counts["work"], uris, bundles, out, scan_id, scan_date, so, counter,
-                                   trust_pem=trust_pem)
+                                   trust_pem=trust_pem, planned_in=plan_counts["planned_in"])
 
         def commit(files_by_table: dict[str, list[str]], counts: dict[str, dict[str, int]]) -> None:
             nonlocal units
@@ -304,7 +313,7 @@ def _scan_under_lease(cfg, so, uris, bundles, scan_date, out: ScanOutput, scan_i
             ctx.wait_for_min_actors_s = saved_wait
         model_loads = ray.get(counter.pop.remote(scan_id))
     lease.check()
-    state_after = refresh_state(out, so, cfg.state_compact_at) if units else {"history_files": 0}
+    state_after = refresh_state(out, so, cfg.state_compact_at, cfg.plan, cfg.driver_plan_max) if units else {"history_files": 0}
     remove_plan(out)
     elapsed = time.time() - started
     n_read = counts["listed"] - counts["skipped"]
@@ -327,7 +336,8 @@ def _scan_under_lease(cfg, so, uris, bundles, scan_date, out: ScanOutput, scan_i
         "snapshot_ids": snaps, "expired_snapshots": expired,
         "detectors": [{"detector": u, "detector_id": b.detector_id, "detector_kind": b.kind, "feature_id": b.features.id,
                        "threshold": b.threshold, "feature_compute": {"trained": b.feature_compute or None,
-                                                                     "scanned": feature_compute(b.features, cfg.gpu, draft=trained_draft(b))},
+                                                                     "scanned": feature_compute(b.features, cfg.gpu, draft=trained_draft(b),
+                                                                                          forward=cfg.forward)},
                        "skipped": counts["skipped_by_detector"][b.detector_id],
                        "scored": totals[b.detector_id]["scores"], "flagged": totals[b.detector_id]["flagged"],
                        "errors": totals[b.detector_id]["errors"]} for u, b in zip(uris, bundles)],

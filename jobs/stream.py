@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from jobs.scan import ScanConfig
 
 __all__ = ["FILE_RECORD", "actor_resources", "build_stream", "commit_records", "load_counter", "parse_actors", "read_work",
-           "resource_message", "write_results"]
+           "resource_message", "work_rows", "write_results"]
 
 # The only columns that reach the driver: one row per data file written by a worker.
 FILE_RECORD = pa.schema([("call", pa.string()), ("table", pa.string()), ("path", pa.string()), ("rows", pa.int64()),
@@ -104,18 +104,41 @@ def read_work(batch: pa.Table, storage_options: dict | None, rows: int) -> Itera
                 yield pa.Table.from_batches([b])
 
 
+def work_rows(batch: pa.Table, work: pa.Table, rows: int) -> pa.Table:
+    """Ray task: the ``rows`` work rows from ``start`` of a plan made in the driver (passed once, as a task argument)."""
+    return work.slice(int(batch["start"][0].as_py()), rows)
+
+
+def _read_table(path: str, storage_options: dict | None) -> pa.Table:
+    fs, p = open_fs(path, storage_options)
+    with fs.open(p, "rb") as f:
+        return pq.read_table(f)
+
+
 def build_stream(cfg: ScanConfig, work_files: list[str], n_work: int, uris: list[str], bundles: list[DetectorBundle], out: ScanOutput,
-                 scan_id: str, scan_date: str, so: dict | None, counter, trust_pem: str | None = None):
+                 scan_id: str, scan_date: str, so: dict | None, counter, trust_pem: str | None = None, planned_in: str = "cluster"):
     """One Ray Data pipeline over the whole plan: work files -> decode tasks -> Scorer actors -> file-writing tasks."""
     import ray
 
+    from detector_core.extractors import preprocess_for
     from jobs.decoding import load_images
     from jobs.pipeline import Scorer, feature_drafts, feature_specs
 
     rows = max(1, min(1024, -(-n_work // 64)))  # at least ~64 blocks, so that small scans still spread over the decoders
-    ds = ray.data.from_items([{"path": p} for p in work_files], override_num_blocks=len(work_files))
-    ds = ds.map_batches(read_work, fn_kwargs=dict(storage_options=so, rows=rows), batch_size=1, batch_format="pyarrow")
-    ds = ds.map_batches(load_images, fn_kwargs=dict(specs=feature_specs(bundles), draft=feature_drafts(bundles), storage_options=so,
+    if planned_in == "driver":
+        # A plan made in the driver is bounded by --driver-plan-max: its rows go out as blocks from here. Read by
+        # tasks, its one work file would be one task decoding everything on one core.
+        work = pa.concat_tables([_read_table(p, so) for p in work_files])
+        starts = list(range(0, work.num_rows, rows))
+        # from_items, not from_arrow: from_arrow's first call runs a metadata task in a fresh worker (~3 s on 2 cores).
+        ds = ray.data.from_items([{"start": i} for i in starts], override_num_blocks=len(starts))
+        ds = ds.map_batches(work_rows, fn_kwargs=dict(work=work, rows=rows), batch_size=1, batch_format="pyarrow")
+    else:
+        ds = ray.data.from_items([{"path": p} for p in work_files], override_num_blocks=len(work_files))
+        ds = ds.map_batches(read_work, fn_kwargs=dict(storage_options=so, rows=rows), batch_size=1, batch_format="pyarrow")
+    # The CPU halves go by value (built here, where open_clip is loaded): decode tasks then import neither torch nor open_clip.
+    preps = [preprocess_for(spec) for spec in feature_specs(bundles)]
+    ds = ds.map_batches(load_images, fn_kwargs=dict(preps=preps, draft=feature_drafts(bundles), storage_options=so,
                                                     max_pixels=cfg.max_pixels, max_bytes=cfg.max_bytes, evidence=cfg.evidence,
                                                     trust_pem=trust_pem, watermarks=cfg.watermarks),
                         batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1)
@@ -123,7 +146,8 @@ def build_stream(cfg: ScanConfig, work_files: list[str], n_work: int, uris: list
     cpus, gpus = actor_resources(cfg)
     ds = ds.map_batches(
         Scorer, fn_constructor_kwargs=dict(bundle_uris=uris, scan_id=scan_id, storage_options=so, crash_marker=cfg.crash_actor_once,
-                                           load_counter=counter, gpu=cfg.gpu, flag_declared=cfg.flag_declared),
+                                           load_counter=counter, gpu=cfg.gpu, flag_declared=cfg.flag_declared,
+                                           forward=cfg.forward, batch_size=cfg.batch_size),
         batch_size=cfg.batch_size, batch_format="numpy",
         # Ray Data restarts a dead actor and retries its batch (tests/test_scan.py kills one);
         # MIN < MAX is the autoscaling pool.

@@ -103,3 +103,21 @@ def test_local_and_s3_checkpoints_load(tmp_path, s3_bucket, s3_server):
             assert torch.equal(a, b)
     with pytest.raises(WeightsNotFoundError, match="not found"):
         ClipEncoder("test-tiny", f"{s3_bucket}/weights/nope.pt", cache_dir=str(tmp_path / "cache"))
+
+
+def test_bf16_weights_stay_close_to_fp32_and_a_static_batch_pads_without_changing_rows():
+    """The faster forwards (features.FORWARDS): bf16 weights differ from fp32 by bf16's rounding only, and a compiled
+    tower's static batch (padding short batches, splitting long ones) gives each row what an unpadded call gives."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 64, 64)
+    ref = ClipEncoder("test-tiny", "none", precision="fp32").encode_images(x)
+    bf16 = ClipEncoder("test-tiny", "none", precision="bf16-weights")
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    got = bf16.encode_images(x)
+    assert got.dtype == torch.float32
+    rel = (got - ref).norm(dim=1) / ref.norm(dim=1)
+    assert 0 < rel.max() < 0.05, rel  # rounded, not equal, not far
+    padded = ClipEncoder("test-tiny", "none", precision="fp32")
+    padded.static_batch = 4  # what compile_mode sets; the padding logic without a compile on CPU
+    torch.testing.assert_close(padded.encode_images(x), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded.encode_images(x[:1]), ref[:1], rtol=1e-5, atol=1e-5)

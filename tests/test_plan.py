@@ -23,6 +23,18 @@ from jobs import scan
 from jobs.common import JobError
 
 
+@pytest.fixture(params=["driver", "cluster"])
+def where(request):
+    """Where the plan and the state's refresh run: every end-to-end test here runs on both paths (same rows either way)."""
+    return request.param
+
+
+def _scan(where: str, args: list[str]) -> dict:
+    summary = scan.main([*args, "--plan", where])
+    assert summary["plan"]["planned_in"] == where
+    return summary
+
+
 # -- the library, without Ray ----------------------------------------------------------------
 def test_uri_bucket_is_icebergs_bucket_transform():
     from pyiceberg.transforms import BucketTransform
@@ -140,7 +152,7 @@ def _inventory(fs, bucket, keys_csv, keys_parquet):
     return f"s3://{base}"
 
 
-def test_s3_inventory_input_every_object_exactly_once(ray_local, bundle_dir, s3_bucket, tmp_path):
+def test_s3_inventory_input_every_object_exactly_once(ray_local, bundle_dir, s3_bucket, tmp_path, where):
     import s3fs
 
     fs = s3fs.S3FileSystem()
@@ -154,16 +166,16 @@ def test_s3_inventory_input_every_object_exactly_once(ray_local, bundle_dir, s3_
     catalog = f"sqlite:///{tmp_path}/catalog.db"
     common = ["--detector", str(bundle_dir), "--output", f"{s3_bucket}/scans", "--catalog", catalog]
     # The glob of the configuration's dated reports: the newest report only (the CSV one).
-    first = scan.main([*common, "--input", f"{base}/*/manifest.json"])
+    first = _scan(where, [*common, "--input", f"{base}/*/manifest.json"])
     assert first["plan"]["input_kind"] == "inventory" and first["plan"]["inventory_manifests"] == [f"{base}/2026-11-26T01-00Z/manifest.json"]
     assert first["scored"] == 4 and first["errors"] == 0
     # Both reports, named one by one as a folder and a file: every object once, the CSV's already settled.
-    second = scan.main([*common, "--input", f"{base}/2026-11-25T01-00Z/"])
+    second = _scan(where, [*common, "--input", f"{base}/2026-11-25T01-00Z/"])
     assert second["scored"] == 2 and second["listed"] == 2
     _exactly_once(f"{s3_bucket}/scans", [f"s3://{b}/{k}" for k in csv_keys + pq_keys], catalog)
 
 
-def test_state_deleted_is_rebuilt_from_history_and_compacts(ray_local, bundle_dir, tmp_path):
+def test_state_deleted_is_rebuilt_from_history_and_compacts(ray_local, bundle_dir, tmp_path, where):
     from detector_core.catalog import STATE, ScanOutput
     from detector_core.state_table import open_state
     from jobs.refresh import refresh_state
@@ -172,14 +184,14 @@ def test_state_deleted_is_rebuilt_from_history_and_compacts(ray_local, bundle_di
     uris = _images(bucket, 10, 1)
     out = tmp_path / "out"
     args = ["--detector", str(bundle_dir), "--input", str(bucket), "--output", str(out), "--chunk-size", "3"]
-    assert scan.main(args)["scored"] == 10
+    assert _scan(where, args)["scored"] == 10
     o = ScanOutput.open(str(out))
     before = sorted(o.read(STATE).select(["uri", "etag", "size", "outcome"]).to_pylist(), key=lambda r: r["uri"])
     assert [r["uri"] for r in before] == uris and {r["outcome"] for r in before} == {"scored"}
     # Deleted (dropped from the catalog and its files removed): rebuilt from scores/errors, same rows, same plan.
     o.catalog.drop_table(o.identifier(STATE))
     shutil.rmtree(out / STATE)
-    again = scan.main(args)
+    again = _scan(where, args)
     assert again["scored"] == 0 and again["skipped"] == 10 and again["state_refresh"]["before"]["history_files"] > 0
     o = ScanOutput.open(str(out))
     assert sorted(o.read(STATE).select(["uri", "etag", "size", "outcome"]).to_pylist(), key=lambda r: r["uri"]) == before
@@ -193,7 +205,7 @@ def test_state_deleted_is_rebuilt_from_history_and_compacts(ray_local, bundle_di
     replaced = 0
     for i in range(2):
         (bucket / "img_00.png").write_bytes(encode(make_image(rng, size=(60 + i, 60))))
-        s = scan.main([*args, "--state-compact-at", "2"])
+        s = _scan(where, [*args, "--state-compact-at", "2"])
         assert s["scored"] == 1
         replaced += s["state_refresh"]["after"]["state_files_replaced"]
     _, files = open_state(o)
@@ -206,7 +218,7 @@ def test_state_deleted_is_rebuilt_from_history_and_compacts(ray_local, bundle_di
 
 
 # -- manifest hygiene ------------------------------------------------------------------------
-def test_manifest_hygiene_duplicates_null_uris_file_uris_mixed_schemes_and_bad_sizes(ray_local, bundle_dir, s3_bucket, tmp_path):
+def test_manifest_hygiene_duplicates_null_uris_file_uris_mixed_schemes_and_bad_sizes(ray_local, bundle_dir, s3_bucket, tmp_path, where):
     import s3fs
 
     fs = s3fs.S3FileSystem()
@@ -228,7 +240,7 @@ def test_manifest_hygiene_duplicates_null_uris_file_uris_mixed_schemes_and_bad_s
     pa.csv.write_csv(pa.Table.from_pylist(rows, schema=pa.schema([("uri", pa.string()), ("size", pa.string())])), manifest)
     catalog = f"sqlite:///{tmp_path}/catalog.db"
     args = ["--detector", str(bundle_dir), "--input", str(manifest), "--output", str(tmp_path / "out"), "--catalog", catalog]
-    first = scan.main(args)
+    first = _scan(where, args)
     t = _tables(tmp_path / "out")
     scored = sorted(t["scores"]["uri"].to_pylist())
     assert scored == sorted([local[0], local[1], local[2], remote])  # each once, the remote one read from S3
@@ -238,30 +250,30 @@ def test_manifest_hygiene_duplicates_null_uris_file_uris_mixed_schemes_and_bad_s
     bad = next(e for e in errs if e["error_type"] == "bad_size")
     assert "'abc'" in bad["error_message"] and "'size'" in bad["error_message"] and str(manifest) in bad["error_message"]
     assert next(r for r in t["scores"].to_pylist() if r["uri"] == local[2])["size"] == real_size + 5  # the manifest's value
-    again = scan.main(args)
+    again = _scan(where, args)
     assert again["scored"] == 0 and again["skipped"] == 4  # all four settled; the three unusable rows are errors again
     assert again["errors"] == 3
 
 
-def test_special_files_under_a_prefix_are_error_rows_never_reads(ray_local, bundle_dir, tmp_path):
+def test_special_files_under_a_prefix_are_error_rows_never_reads(ray_local, bundle_dir, tmp_path, where):
     bucket = tmp_path / "bucket"
     uris = _images(bucket, 2, 13)
     os.mkfifo(bucket / "pipe.png")
     os.symlink("/dev/zero", bucket / "zero.png")
     limit = max(os.path.getsize(u) for u in uris) + 100
     (bucket / "big.png").write_bytes(b"\0" * (limit + 1))
-    summary = scan.main(["--detector", str(bundle_dir), "--input", str(bucket), "--output", str(tmp_path / "out"), "--max-bytes", str(limit)])
+    summary = _scan(where, ["--detector", str(bundle_dir), "--input", str(bucket), "--output", str(tmp_path / "out"), "--max-bytes", str(limit)])
     t = _exactly_once(tmp_path / "out", [*uris, str(bucket / "pipe.png"), str(bucket / "zero.png"), str(bucket / "big.png")])
     kinds = {e["uri"].rsplit("/", 1)[1]: (e["error_stage"], e["error_type"]) for e in t["errors"].to_pylist()}
     assert kinds == {"pipe.png": ("list", "not_regular_file"), "zero.png": ("list", "not_regular_file"), "big.png": ("read", "too_large")}
     assert summary["scored"] == 2
 
 
-def test_a_manifest_naming_a_fifo_or_dev_zero_directly_is_refused_not_read(ray_local, bundle_dir, tmp_path):
+def test_a_manifest_naming_a_fifo_or_dev_zero_directly_is_refused_not_read(ray_local, bundle_dir, tmp_path, where):
     os.mkfifo(tmp_path / "pipe")
     uris = _images(tmp_path / "bucket", 1, 14)
     pq.write_table(pa.table({"uri": [str(tmp_path / "pipe"), "/dev/zero", uris[0]]}), tmp_path / "m.parquet")
-    summary = scan.main(["--detector", str(bundle_dir), "--input", str(tmp_path / "m.parquet"), "--output", str(tmp_path / "out")])
+    summary = _scan(where, ["--detector", str(bundle_dir), "--input", str(tmp_path / "m.parquet"), "--output", str(tmp_path / "out")])
     t = _tables(tmp_path / "out")
     assert summary["scored"] == 1
     assert sorted((e["uri"], e["error_type"]) for e in t["errors"].to_pylist()) == [("/dev/zero", "not_regular_file"),
@@ -276,14 +288,14 @@ def test_plan_rows_never_reach_the_driver(ray_local, bundle_dir, tmp_path):
     bucket = tmp_path / "bucket"
     _write(bucket, {f"d{i % 7}/f{i:04d}.png": b"" for i in range(3000)})
     o = ScanOutput.open(str(tmp_path / "out"))
-    paths, counts = plan(o, str(bucket), ["d"], "scan-x")
+    paths, counts = plan(o, str(bucket), ["d"], "scan-x", where="cluster")
     assert counts["listed"] == counts["work"] == 3000 and counts["listing_units"] > 1
     assert len(paths) <= counts["state_partitions"]
     assert sum(pq.read_metadata(p).num_rows for p in paths) == 3000
     assert S.URI in pq.read_schema(paths[0]).names
 
 
-def test_unusable_inputs_are_refused_naming_what_is_wrong(ray_local, bundle_dir, tmp_path, capsys):
+def test_unusable_inputs_are_refused_naming_what_is_wrong(ray_local, bundle_dir, tmp_path, capsys, where):
     pq.write_table(pa.table({"path": ["/x.png"]}), tmp_path / "nouri.parquet")
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "manifest.json").write_text("{not json")
@@ -291,22 +303,71 @@ def test_unusable_inputs_are_refused_naming_what_is_wrong(ray_local, bundle_dir,
     for source, words in ((tmp_path / "nouri.parquet", "no 'uri' column"), (tmp_path / "m", "is not JSON"),
                           (tmp_path / "notes.txt", "not a manifest"), (tmp_path / "missing", "does not exist")):
         with pytest.raises(JobError) as e:
-            scan.main(["--detector", str(bundle_dir), "--input", str(source), "--output", str(tmp_path / "out")])
+            _scan(where, ["--detector", str(bundle_dir), "--input", str(source), "--output", str(tmp_path / "out")])
         assert words in str(e.value), e.value
     empty = tmp_path / "empty.csv"
     empty.write_text("uri,etag,size\n")
-    assert scan.main(["--detector", str(bundle_dir), "--input", str(empty), "--output", str(tmp_path / "out")])["listed"] == 0
+    assert _scan(where, ["--detector", str(bundle_dir), "--input", str(empty), "--output", str(tmp_path / "out")])["listed"] == 0
 
 
-def test_an_output_inside_its_input_is_left_out_and_an_input_inside_the_output_refused(ray_local, bundle_dir, tmp_path):
+def test_an_output_inside_its_input_is_left_out_and_an_input_inside_the_output_refused(ray_local, bundle_dir, tmp_path, where):
     bucket = tmp_path / "bucket"
     uris = _images(bucket, 3, 21)
     args = ["--detector", str(bundle_dir), "--input", str(bucket), "--output", str(bucket / "scans")]
-    assert scan.main(args)["scored"] == 3
-    again = scan.main(args)  # the first scan's tables, catalog and summaries are under the input now
+    assert _scan(where, args)["scored"] == 3
+    again = _scan(where, args)  # the first scan's tables, catalog and summaries are under the input now
     assert again["listed"] == 3 and again["skipped"] == 3 and again["errors"] == 0
     _exactly_once(bucket / "scans", uris)
     for output in (bucket, tmp_path):
         with pytest.raises(JobError, match="is the output"):
-            scan.main(["--detector", str(bundle_dir), "--input", str(bucket), "--output", str(output)])
+            _scan(where, ["--detector", str(bundle_dir), "--input", str(bucket), "--output", str(output)])
     assert not (tmp_path / "catalog.db").exists() and not (bucket / "catalog.db").exists()
+
+
+def test_driver_and_cluster_plans_give_the_same_rows(ray_local, bundle_dir, tmp_path):
+    """Same input, same state: the same work rows (and counts) from the plan in the driver and the plan on the cluster;
+    auto goes to the cluster when the listed rows plus the state rows they touch pass --driver-plan-max."""
+    from detector_core.catalog import ScanOutput
+    from jobs.planning import plan
+
+    bucket = tmp_path / "bucket"
+    uris = _images(bucket, 12, 31)
+    args = ["--detector", str(bundle_dir), "--input", str(bucket), "--output", str(tmp_path / "out")]
+    assert scan.main(args)["scored"] == 12
+    rng = np.random.default_rng(32)
+    (bucket / "img_03.png").write_bytes(encode(make_image(rng, size=(70, 60))))  # changed: planned again
+    (bucket / "new.png").write_bytes(encode(make_image(rng)))  # new
+    (bucket / "empty.png").write_bytes(b"")  # a decode error to be
+    manifest = tmp_path / "m.csv"
+    rows = [{"uri": u, "size": None} for u in uris] + [{"uri": uris[0], "size": None}, {"uri": None, "size": None},
+                                                        {"uri": str(bucket / "new.png"), "size": "12x"}]
+    pa.csv.write_csv(pa.Table.from_pylist(rows, schema=pa.schema([("uri", pa.string()), ("size", pa.string())])), manifest)
+    captions = tmp_path / "captions.csv"
+    pa.csv.write_csv(pa.table({"uri": uris[:5], "caption": [f"c{i}" for i in range(5)]}), captions)
+    o = ScanOutput.open(str(tmp_path / "out"))
+
+    def rows_of(paths):
+        t = pa.concat_tables([pq.read_table(p) for p in paths]) if paths else None
+        return sorted(map(json.dumps, t.to_pylist())) if t is not None else []
+
+    for source, caps, full in ((str(bucket), "", False), (str(manifest), str(captions), False), (str(bucket), "", True)):
+        got = {where: plan(o, source, ["a", "clip-mlp-x"] if caps else [scan_id_of(o)], f"scan-{where}", full, caps, where=where)
+               for where in ("driver", "cluster")}
+        (pd_, cd), (pc_, cc) = got["driver"], got["cluster"]
+        assert rows_of(pd_) == rows_of(pc_) and rows_of(pd_)
+        assert {k: v for k, v in cd.items() if k not in ("planned_in", "plan_seconds")} == \
+            {k: v for k, v in cc.items() if k not in ("planned_in", "plan_seconds")}
+        assert (cd["planned_in"], cc["planned_in"]) == ("driver", "cluster")
+    work = rows_of(plan(o, str(bucket), [scan_id_of(o)], "scan-w", where="driver")[0])
+    assert sorted(json.loads(r)["uri"] for r in work) == sorted([str(bucket / "img_03.png"), str(bucket / "new.png"), str(bucket / "empty.png")])
+    # auto: 14 listed + the 12 state rows of their partitions (the catalog's counts)
+    assert plan(o, str(bucket), [scan_id_of(o)], "scan-a", driver_max=26)[1]["planned_in"] == "driver"
+    assert plan(o, str(bucket), [scan_id_of(o)], "scan-b", driver_max=25)[1]["planned_in"] == "cluster"
+    assert plan(o, str(bucket), [scan_id_of(o)], "scan-c", driver_max=13)[1]["planned_in"] == "cluster"  # the listing alone
+
+
+def scan_id_of(o) -> str:
+    """The detector id that the output's state holds."""
+    from detector_core.catalog import STATE
+
+    return o.read(STATE)["detector_id"][0].as_py()
