@@ -10,7 +10,9 @@
 
 The plan runs on the cluster (``jobs.planning``): the input (a prefix, a manifest or an S3
 Inventory report) is listed by Ray tasks and anti-joined per ``uri_bucket`` partition with the
-``state`` table; the driver gets counts and work-file paths only. Then one Ray Data stream:
+``state`` table; the driver gets counts and work-file paths only. An input whose listed and
+state rows stay within ``--driver-plan-max`` is planned (and the state refreshed) in the driver
+by the same functions, without the cluster's fixed start-up. Then one Ray Data stream:
 work files -> read bytes + decode + crop (CPU tasks, ``load_images``) ->
 features + classifier (``Scorer`` actors, GPUs in production; models built once per actor,
 ``--actors 1-16`` lets the pool grow into GPUs as they appear) -> ``write_results`` (CPU
@@ -100,7 +102,7 @@ class ScanConfig(RetentionOptions, RayOptions, StorageOptions):
     max_bytes: int = opt(DEFAULT_MAX_BYTES, "refuse objects larger than this many bytes (never read past it)", within="[1, inf)")
     state_compact_at: int = opt(8, "files per state partition at which a refresh merges them into one (compaction)", within="[1, inf)")
     plan: str = opt("auto", "where the plan (listing, anti-join with the state) and the state's refresh run: auto (in this process while the listed objects plus the state rows they touch stay within --driver-plan-max, on the cluster above), driver (always here: small inputs, debugging), cluster (always in Ray tasks)", choices=PLAN_WHERE)
-    driver_plan_max: int = opt(DRIVER_PLAN_MAX, "--plan auto: rows (listed objects + state rows of their partitions) up to which the plan runs in this process; also what it may hold here (~0.2 KB a row)", within="[0, inf)")
+    driver_plan_max: int = opt(DRIVER_PLAN_MAX, "--plan auto: rows (listed objects + state rows of their partitions) up to which the plan runs in this process; also what it may hold here (~0.85 KB a row)", within="[0, inf)")
     list_fan_out: int = opt(64, "listing units a prefix is split into (its first levels of common prefixes), listed by parallel tasks", within="[1, inf)")
     resource_timeout: float = opt(900.0, "seconds to wait for the first Scorer actor to be placed before failing with the missing resource", within="(0, inf)")
     lease_ttl: float = opt(300.0, "seconds a scan's lease on the output lasts without renewal (a dead scan blocks the output this long)", within="(0, inf)")
