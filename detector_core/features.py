@@ -208,7 +208,7 @@ def check_weights(model_name: str, pretrained: str | None, cache_dir: str | None
 # bundle so far was trained with; the others trade bits for speed (bench/gpu_check.py measures both, docs/scaling.md).
 FORWARDS = {
     "autocast": ("auto", ""),  # bf16 autocast over fp32 weights on CUDA, fp32 on CPU
-    "bf16": ("bf16-weights", ""),  # weights cast to bf16: no autocast, so nn.MultiheadAttention takes its fused (SDPA) path
+    "bf16": ("bf16-weights", ""),  # weights cast to bf16: no autocast, under which nn.MultiheadAttention never takes its fused path
     "bf16-compile": ("bf16-weights", "default"),  # + torch.compile of the image tower at a static batch
     "bf16-graphs": ("bf16-weights", "reduce-overhead"),  # + CUDA graphs (torch.compile's reduce-overhead mode)
 }
