@@ -217,22 +217,23 @@ def decode_rates(device: str, photos: int, workers: int) -> dict:
     return res
 
 
-def forward_variants(device: str, seconds: float, batches: tuple = (64, 128, 256, 512)) -> dict:
+def forward_variants(device: str, seconds: float, batches: tuple = (64, 128, 256, 512), model: str = "ViT-L-14") -> dict:
     """ViT-L-14 images/s per FORWARDS setting (autocast and bf16 at every batch; compiled ones at 256), and each one's
     largest |score| difference from autocast on the same 256 inputs through a random MLP head."""
-    from detector_core.features import FORWARDS, ClipEncoder
+    from detector_core.features import FORWARDS, ClipEncoder, clip_input, feature_dim
     from detector_core.model import DetectorMLP
 
     torch.manual_seed(0)
-    head = DetectorMLP(768).eval().to(device)
-    x_ref = torch.randn(256, 3, 224, 224, device=device)
+    head = DetectorMLP(feature_dim(model, "image")).eval().to(device)
+    side = clip_input(model, "none").size
+    x_ref = torch.randn(256, 3, side, side, device=device)
     out: dict = {}
     ref_scores = None
     for name, (precision, mode) in FORWARDS.items():
         sweep = batches if not mode else (256,)
         try:
             torch.manual_seed(0)
-            enc = ClipEncoder("ViT-L-14", "none", device=device, precision=precision, compile_mode=mode, static_batch=256)
+            enc = ClipEncoder(model, "none", device=device, precision=precision, compile_mode=mode, static_batch=256)
             with torch.inference_mode():
                 scores = torch.sigmoid(head(enc.encode_images(x_ref))).float()
                 if ref_scores is None:
