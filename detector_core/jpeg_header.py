@@ -110,7 +110,7 @@ def read_header(data: bytes) -> JpegHeader | None:
         pos += 2 + length
     if frame is None:
         return None
-    tail = data.rstrip(b"\x00")  # some writers pad after the end marker
+    tail = data[-4096:].rstrip(b"\x00")  # some writers pad after the end marker (longer padding: the CPU path)
     return JpegHeader(*frame, adobe_transform=adobe, orientation=orientation, exif=exif, luma_table_sum=luma,
                       whole=tail[-2:] == b"\xff\xd9")
 
