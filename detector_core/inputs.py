@@ -2,9 +2,9 @@
 
 ``ClipInput`` is open_clip's eval transform (resize the shorter side, centre crop; or squash)
 written against Pillow alone, so that decode tasks never import torch or open_clip: on a
-2-core machine each fresh decode worker spent ~5 s importing them for a transform that is
+2-core machine each fresh decode worker spent ~8 s importing them for a transform that is
 three Pillow calls (docs/scaling.md, "Small scans"). It is built in the driver from open_clip's
-settings (``features.clip_input``) and travels to the tasks by value. ``tests/test_inputs.py``
+settings (``features.clip_input``) and travels to the tasks by value. ``tests/test_decode.py``
 checks it against open_clip's own transform, pixel for pixel.
 
 ``decode`` names how a spec's images become pixels (docs/method.md section 12):
