@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from bench.bench_scan import write_images
-from detector_core.features import ClipEncoder, SplitPreprocess, feature_dim
+from detector_core.features import ClipEncoder, clip_input, feature_dim
 from detector_core.images import decode_image, draft_factor
 from detector_core.model import DetectorMLP
 
@@ -34,7 +34,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     paths = write_images(Path(tempfile.mkdtemp()) / "photos", args.photos, (3000, 2000), 3)
     enc = ClipEncoder(args.clip_model, "none")
-    prep = SplitPreprocess(args.clip_model, "none")
+    prep = clip_input(args.clip_model, "none")
     torch.manual_seed(0)
     mlp = DetectorMLP(feature_dim(args.clip_model, "image")).eval()
     out = {}

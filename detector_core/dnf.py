@@ -101,7 +101,7 @@ def load_unet(ref: str, device: torch.device | str = "cpu", storage_options: dic
 
 
 class DnfPreprocess:
-    """The DNF input transform cut where the image leaves the CPU, like ``features.SplitPreprocess``.
+    """The DNF input transform cut where the image leaves the CPU, like ``inputs.ClipInput``.
 
     ``to_input`` (CPU workers) takes a decoded RGB PIL image. ``raw``: resized to ``size x
     size`` bilinear (squashed, not cropped) -> ``H x W x 3`` uint8. ``reference``: the
