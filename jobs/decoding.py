@@ -186,6 +186,11 @@ def load_images(
     def record(i, stage, kind, message):
         errors[S.ERROR_STAGE][i], errors[S.ERROR_TYPE][i], errors[S.ERROR_MESSAGE][i] = stage, kind, message[:500]
 
+    def keep_evidence(i, ev):
+        if ev is not None:
+            for col, value in zip(S.EVIDENCE_COLUMNS, (ev.declared, ev.source, ev.generator, ev.c2pa_state, ev.error, ev.watermark)):
+                found[col][i] = value
+
     for i in np.flatnonzero(preset):
         record(i, str(batch[S.ERROR_STAGE][i]), str(batch[S.ERROR_TYPE][i]), str(batch[S.ERROR_MESSAGE][i]))
         size[i] = listed_sizes[i] if listed_sizes[i] is not None else -1
@@ -207,9 +212,7 @@ def load_images(
             width[i], height[i], fmt[i], exif[i] = header.width, header.height, "JPEG", header.exif
             quality[i] = quality_from_table_sum(header.luma_table_sum) if header.luma_table_sum is not None else None
             if all(on_gpu) and not (ev is not None and watermarks):
-                if ev is not None:
-                    for col, value in zip(S.EVIDENCE_COLUMNS, (ev.declared, ev.source, ev.generator, ev.c2pa_state, ev.error, ev.watermark)):
-                        found[col][i] = value
+                keep_evidence(i, ev)
                 continue
         try:
             # JPEG DCT scaling: decode at >= 2x the model input, never below it.
@@ -232,9 +235,7 @@ def load_images(
             record(i, "decode", type(exc).__name__, str(exc))
             continue
         finally:
-            if ev is not None:
-                for col, value in zip(S.EVIDENCE_COLUMNS, (ev.declared, ev.source, ev.generator, ev.c2pa_state, ev.error, ev.watermark)):
-                    found[col][i] = value
+            keep_evidence(i, ev)
         width[i], height[i], fmt[i] = decoded.width, decoded.height, decoded.format
         quality[i], exif[i] = decoded.jpeg_quality, decoded.exif
         if path_taken[i] is None:

@@ -207,14 +207,20 @@ def _with_bucket(batch: pa.Table, n: int, caption: bool) -> pa.Table:
 
 # -- the plan --------------------------------------------------------------------------------
 def read_state(paths: list[str], detector_ids: list[str] | None, storage_options: dict | None) -> pa.Table:
-    """State files of one partition (rows of ``detector_ids`` only, or all)."""
-    tables = []
-    for p in paths:
+    """State files of one or more partitions (rows of ``detector_ids`` only, or all), read concurrently
+    (object stores answer each GET in tens of ms; the driver plan reads every touched partition's)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(p: str) -> pa.Table:
         fs, fp = open_fs(p, storage_options)
         with fs.open(fp, "rb") as f:
             t = pq.read_table(f, columns=list(ST.STATE_SCHEMA.names))
-        tables.append(t if detector_ids is None else t.filter(pc.is_in(t[S.DETECTOR_ID], pa.array(detector_ids, pa.string()))))
-    return pa.concat_tables(tables).cast(ST.STATE_SCHEMA) if tables else ST.STATE_SCHEMA.empty_table()
+        return t if detector_ids is None else t.filter(pc.is_in(t[S.DETECTOR_ID], pa.array(detector_ids, pa.string())))
+
+    if not paths:
+        return ST.STATE_SCHEMA.empty_table()
+    with ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
+        return pa.concat_tables(list(pool.map(one, paths))).cast(ST.STATE_SCHEMA)
 
 
 def _plan_rows(group: pa.Table, state: pa.Table | None, detector_ids: list[str], full: bool, with_captions: bool) -> tuple[pa.Table, dict]:
@@ -267,17 +273,6 @@ def _driver_rows(items: list[dict], reader, kwargs: dict, n: int, limit: int | N
     return pa.concat_tables(tables)
 
 
-def _read_states(paths: list[str], detector_ids: list[str], storage_options: dict | None) -> pa.Table:
-    """``read_state`` of many files, concurrently (object stores answer each GET in tens of ms)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    if not paths:
-        return ST.STATE_SCHEMA.empty_table()
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        parts = list(pool.map(lambda p: read_state([p], detector_ids, storage_options), paths))
-    return pa.concat_tables(parts)
-
-
 def _plan_in_driver(rows: pa.Table, files: dict, detector_ids: list[str], full: bool, plan_dir: str, with_captions: bool,
                     storage_options: dict | None, limit: int | None) -> tuple[list[str], dict] | None:
     """The plan of a small input in this process: the same ``anti_join`` over the same rows as the cluster's
@@ -287,7 +282,7 @@ def _plan_in_driver(rows: pa.Table, files: dict, detector_ids: list[str], full: 
     touched = [df for b, dfs in files.items() if int(b) in buckets for df in dfs]
     if limit is not None and not full and rows.num_rows + sum(int(df.record_count) for df in touched) > limit:
         return None
-    state = None if full else _read_states([df.file_path for df in touched], detector_ids, storage_options)
+    state = None if full else read_state([df.file_path for df in touched], detector_ids, storage_options)
     work, counts = _plan_rows(rows, state, detector_ids, full, with_captions)
     path = _write_work(work, plan_dir, "driver", storage_options)
     return ([path] if path else []), counts
