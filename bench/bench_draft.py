@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from bench.bench_scan import write_images
-from detector_core.features import ClipEncoder, clip_input, feature_dim
-from detector_core.images import decode_image, draft_factor
-from detector_core.model import DetectorMLP
+from detector_core.method.features import ClipEncoder, clip_input, feature_dim
+from detector_core.method.model import DetectorMLP
+from detector_core.sources.images import decode_image, draft_factor
 
 
 def main(argv=None):

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from bench.bench_scan import write_images
-from detector_core.dnf import DnfExtractor
-from detector_core.extractors import FeatureSpec, build_extractor
-from detector_core.images import decode_image
-from detector_core.model import DetectorMLP, NoiseResNet
+from detector_core.method.dnf import DnfExtractor
+from detector_core.method.extractors import FeatureSpec, build_extractor
+from detector_core.method.model import DetectorMLP, NoiseResNet
+from detector_core.sources.images import decode_image
 
 
 def _ddpm_256(device: str, precision: str) -> DnfExtractor:

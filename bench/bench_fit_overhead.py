@@ -1,6 +1,6 @@
 """Benchmark: what one small training fit costs on a private local Ray besides its epochs.
 
-Starts a local Ray as ``jobs.common.init_ray`` does (its system config and environment, with
+Starts a local Ray as ``jobs.common.ray_setup.init_ray`` does (its system config and environment, with
 ``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS`` set by ``--footer-actors``, Ray's own default 32, and
 ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` by ``--train-poll-s``, Ray's own default 2), embeds the
 demo set with the tiny CLIP, then runs ``--fits`` fits of ``jobs.train --features`` (2
@@ -33,9 +33,9 @@ def _busy_cpu_s() -> float:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--footer-actors", type=int, default=None,
-                    help="RAY_DATA_PARQUET_FOOTER_NUM_ACTORS for the local Ray (default: what jobs.common.LOCAL_RAY_ENV sets)")
+                    help="RAY_DATA_PARQUET_FOOTER_NUM_ACTORS for the local Ray (default: what jobs.common.ray_setup.LOCAL_RAY_ENV sets)")
     ap.add_argument("--train-poll-s", type=float, default=None,
-                    help="RAY_TRAIN_HEALTH_CHECK_INTERVAL_S for the local Ray (default: what jobs.common.LOCAL_RAY_ENV sets)")
+                    help="RAY_TRAIN_HEALTH_CHECK_INTERVAL_S for the local Ray (default: what jobs.common.ray_setup.LOCAL_RAY_ENV sets)")
     ap.add_argument("--epochs", type=int, default=2, help="epochs per fit")
     ap.add_argument("--fits", type=int, default=2, help="training fits to run on the same cache")
     ap.add_argument("--out", default="", help="write the results here as JSON")
@@ -47,7 +47,8 @@ def main(argv=None) -> dict:
 
     from detector_core.demo import write_dataset
     from jobs import embed, train
-    from jobs.common import LOCAL_RAY_ENV, LOCAL_RAY_SYSTEM_CONFIG, write_json
+    from jobs.common.outputs import write_json
+    from jobs.common.ray_setup import LOCAL_RAY_ENV, LOCAL_RAY_SYSTEM_CONFIG
 
     env = dict(LOCAL_RAY_ENV)
     if args.footer_actors is not None:

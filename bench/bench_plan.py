@@ -15,7 +15,7 @@ settled keys from the tables and anti-joined in its own memory).
     python -m bench.bench_plan --refresh 1000000,10,10000      # append + compaction against upsert, for the state table
     python -m bench.bench_plan --plan-only 1000,10000,100000,300000  # the plan alone, in the driver and on the cluster
 
-``--plan-only``: ``jobs.planning.plan`` alone on N zero-byte files (fresh output, empty state), with
+``--plan-only``: ``jobs.scanning.planning.plan`` alone on N zero-byte files (fresh output, empty state), with
 ``where="driver"`` and ``where="cluster"`` in one process whose Ray is already up: seconds and the
 peak of Arrow's memory pool in the driver; what ``--driver-plan-max`` is chosen from.
 """
@@ -33,10 +33,10 @@ from pathlib import Path
 import pyarrow as pa
 
 from bench.legacy import legacy_tree, scan_process
-from detector_core.bundle import DetectorBundle, save_bundle
-from detector_core.extractors import FeatureSpec
-from detector_core.model import DetectorMLP
-from jobs.common import write_json
+from detector_core.method.bundle import DetectorBundle, save_bundle
+from detector_core.method.extractors import FeatureSpec
+from detector_core.method.model import DetectorMLP
+from jobs.common.outputs import write_json
 
 PREVIOUS_REF = "d595109"
 
@@ -66,7 +66,7 @@ def _scores(uris: list[str], scan_id: str, etag: str) -> pa.Table:
     import datetime as dt
 
     from detector_core import schema as S
-    from detector_core import tables as T
+    from detector_core.tables import definitions as T
 
     n = len(uris)
     now = dt.datetime.now(dt.timezone.utc)
@@ -86,10 +86,10 @@ def refresh_strategies(n: int, nights: int, per_night: int) -> list[dict]:
     """
     import statistics
 
-    from detector_core.catalog import ScanOutput, data_file_path
-    from detector_core.state_table import open_state
-    from jobs.common import write_parquet
-    from jobs.refresh import refresh_state
+    from detector_core.tables.catalog import ScanOutput, data_file_path
+    from detector_core.tables.state_table import open_state
+    from jobs.common.outputs import write_parquet
+    from jobs.scanning.refresh import refresh_state
 
     rows = []
     for name, compact_at in (("append+compact(8)", 8), ("upsert (rewrite touched partitions)", 1)):
@@ -123,9 +123,9 @@ def refresh_strategies(n: int, nights: int, per_night: int) -> list[dict]:
 def plan_only(sizes: list[int]) -> list[dict]:
     import gc
 
-    from detector_core.catalog import ScanOutput
-    from jobs.common import init_ray
-    from jobs.planning import plan
+    from detector_core.tables.catalog import ScanOutput
+    from jobs.common.ray_setup import init_ray
+    from jobs.scanning.planning import plan
 
     init_ray()
     work = Path(tempfile.mkdtemp(prefix="bench-plan-only-"))
@@ -162,7 +162,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--skip-previous", action="store_true", help="measure only this checkout's code")
     ap.add_argument("--out", default="", help="write the results as JSON here")
     ap.add_argument("--refresh", default="", help="instead: compare state refresh strategies, N,NIGHTS,PER_NIGHT (e.g. 1000000,10,10000)")
-    ap.add_argument("--plan-only", default="", help="instead: time jobs.planning.plan alone, in the driver and on the cluster, for these N")
+    ap.add_argument("--plan-only", default="", help="instead: time jobs.scanning.planning.plan alone, in the driver and on the cluster, for these N")
     args = ap.parse_args(argv)
     if args.plan_only:
         report = {"cpus": os.cpu_count(), "plan_only": plan_only([int(x) for x in args.plan_only.split(",")])}
@@ -170,7 +170,7 @@ def main(argv=None) -> dict:
             write_json(args.out, report)
         return report
     if args.refresh:
-        from jobs.common import init_ray
+        from jobs.common.ray_setup import init_ray
 
         init_ray()
         n, nights, per_night = (int(x) for x in args.refresh.split(","))

@@ -5,7 +5,7 @@
 Photos are noisy 2048x1536 JPEGs (q90, ~1.5 MB) with a camera's EXIF block and no evidence;
 the evidence cases are the same photos signed with C2PA (``c2pa.Builder``, a test CA made
 here), with an XMP DigitalSourceType packet, and PNGs with an Automatic1111 ``parameters``
-chunk. For each: the median time of ``detector_core.provenance.read_evidence`` per object
+chunk. For each: the median time of ``detector_core.sources.provenance.read_evidence`` per object
 (one core), next to the scan's decode of the same bytes (``decode_image`` with the CLIP
 path's draft size, 448, and in full). The watermark decoder (``with_watermark``: the three
 SD/SDXL patterns) is timed at 1, 4 and 12 megapixels. ``make_test_ca`` and ``sign`` are
@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from jobs.common import write_json
+from jobs.common.outputs import write_json
 
 IPTC = "http://cv.iptc.org/newscodes/digitalsourcetype/"
 
@@ -104,8 +104,9 @@ def _median_ms(fn, items, repeat: int = 1) -> float:
 def main(argv=None) -> dict:
     from PIL import Image, PngImagePlugin
 
-    from detector_core.images import decode_image
-    from detector_core.provenance import read_evidence, with_watermark
+    from detector_core.sources.images import decode_image
+    from detector_core.sources.provenance import read_evidence
+    from detector_core.sources.watermark import with_watermark
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--photos", type=int, default=60, help="photos per case")

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from detector_core.dnf import quantize_noise
+from detector_core.method.dnf import quantize_noise
 
 
 def main(argv=None) -> dict:

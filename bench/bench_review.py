@@ -5,9 +5,9 @@
 
 ``make_page`` writes a synthetic night (``--cards`` flagged rows over four buckets, 10 %
 of them with an imported verdict, a precision sample of 385 drawn by
-``detector_core.sampling``, thumbnails made from ``detector_core.demo`` images at the
+``detector_core.tables.sampling``, thumbnails made from ``detector_core.demo`` images at the
 report's 160 px and 80 % JPEG quality) with the report's own renderer
-(``jobs.report.render_page``); ``tests/test_review_queue.py`` uses the same builder for its
+(``jobs.reporting.page.render_page``); ``tests/test_review_queue.py`` uses the same builder for its
 10,000-card page. The bench serves the folder over HTTP on loopback and measures in
 Debian's Chromium (Playwright): first contentful paint (``performance`` paint entries, the
 median of ``--loads`` fresh loads), the time to the first page of cards with their
@@ -36,7 +36,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from jobs.common import write_json
+from jobs.common.outputs import write_json
 
 BUCKETS = ("uploads", "avatars", "listings", "archive")
 
@@ -59,32 +59,33 @@ def make_page(folder: str, cards: int = 10_000, seed: int = 0, imported: float =
               thumb_size: int = 160, distinct_thumbs: int = 64, sample: int = 385) -> dict:
     """A review page of ``cards`` synthetic flagged rows in ``folder`` (``report.html`` + ``report_files/``); returns what it holds."""
     from detector_core import schema as S
-    from detector_core.sampling import draw_sample, night_seed
-    from jobs import report
+    from detector_core.tables.sampling import draw_sample, night_seed
+    from detector_core.tables.verdicts import FILE_COLUMNS
+    from jobs.reporting import page
 
     rng = np.random.default_rng(seed)
     det = {"detector_id": "clip-mlp-bench00000000", "threshold": 0.6}
     day = dt.datetime(2026, 11, 23, 1, tzinfo=dt.timezone.utc).timestamp()
     rows = [{"uri": f"s3://{BUCKETS[i % len(BUCKETS)]}/u/{(i * 7919) % 97:02d}/{i:06d}.jpg", "score": float(s),
              "detector_id": det["detector_id"], "scan_id": "scan-bench", "bucket": BUCKETS[i % len(BUCKETS)],
-             "scanned_at": day + float(t), "q": report.QUEUE_FLAGGED, "order": 0, "stratum": -1}
+             "scanned_at": day + float(t), "q": page.QUEUE_FLAGGED, "order": 0, "stratum": -1}
             for i, (s, t) in enumerate(zip(rng.uniform(0.6, 1.0, cards), rng.uniform(0, 5 * 3600, cards)))]
     drawn = draw_sample(pa.table({S.URI: [r["uri"] for r in rows], S.SCAN_ID: [r["scan_id"] for r in rows],
                                   S.SCORE: [r["score"] for r in rows]}), sample, 4, night_seed("2026-11-23", det["detector_id"]))
     at = {u: i for i, u in enumerate(r["uri"] for r in rows)}
     for r in drawn.to_pylist():
         c = rows[at[r[S.URI]]]
-        c.update(q=c["q"] | report.QUEUE_SAMPLE, order=r[S.SAMPLE_ORDER], stratum=r[S.STRATUM])
+        c.update(q=c["q"] | page.QUEUE_SAMPLE, order=r[S.SAMPLE_ORDER], stratum=r[S.STRATUM])
     done = rng.random(cards) < imported
     reviewed = {r["uri"]: {"verdict": "generated" if rng.random() < 0.8 else "real", "reviewer": "ana", "reviewed_at": "2026-11-23"}
                 for r, d in zip(rows, done) if d}
     data = {"scan": "s3://audit/scans", "date": "2026-11-23", "files": "report_files", "preview": False, "page_size": page_size,
-            "reviewers": reviewers, "file_columns": list(report.FILE_COLUMNS), **report.card_data(rows, [det], {}, reviewed)}
-    page = report.render_page(
+            "reviewers": reviewers, "file_columns": list(FILE_COLUMNS), **page.card_data(rows, [det], {}, reviewed)}
+    page = page.render_page(
         title="Scan review 2026-11-23 (synthetic)", scan="s3://audit/scans", date="2026-11-23", band="0.05",
         generated_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), summary={"columns": [], "rows": []},
         histograms=[], n_flagged=cards, n_flagged_shown=cards, n_band=0, errors={"columns": [], "rows": []}, n_errors=0,
-        precision=report.precision_plot([]), tonight=[], data=data, reviewers=reviewers)
+        precision=page.precision_plot([]), tonight=[], data=data, reviewers=reviewers)
     os.makedirs(os.path.join(folder, "report_files", "t"), exist_ok=True)
     with open(os.path.join(folder, "report.html"), "w") as f:
         f.write(page)
@@ -188,9 +189,10 @@ def _measure(folder: str, loads: int, chromium: str) -> dict:
 
 
 def thumbnail_cost(n: int, edge: int, threads: int) -> dict:
-    """Seconds ``jobs.report.write_thumbnails`` takes for ``n`` local JPEG photos of ``edge`` px (thumbnail + larger view each)."""
+    """Seconds ``jobs.reporting.thumbnails.write_thumbnails`` takes for ``n`` local JPEG photos of ``edge`` px (thumbnail + larger view each)."""
     from detector_core.demo import make_image
-    from jobs import report
+    from jobs.reporting import thumbnails
+    from jobs.reporting.config import ReportConfig
 
     folder = tempfile.mkdtemp(prefix="bench_review-photos-")
     rng = np.random.default_rng(0)
@@ -210,15 +212,15 @@ def thumbnail_cost(n: int, edge: int, threads: int) -> dict:
         with open(path, "wb") as f:
             f.write(pool[i % len(pool)])
         uris.append(path)
-    cfg = report.ReportConfig(out=os.path.join(folder, "out", "report.html"), threads=threads)
+    cfg = ReportConfig(out=os.path.join(folder, "out", "report.html"), threads=threads)
     t0 = time.perf_counter()
-    failures = report.write_thumbnails(uris, cfg, None)
+    failures = thumbnails.write_thumbnails(uris, cfg, None)
     seconds = time.perf_counter() - t0
     t_dir, p_dir = os.path.join(folder, "out", "report_files", "t"), os.path.join(folder, "out", "report_files", "p")
     thumbs = [os.path.getsize(os.path.join(t_dir, f)) for f in os.listdir(t_dir)]
     previews = [os.path.getsize(os.path.join(p_dir, f)) for f in os.listdir(p_dir)]
     t0 = time.perf_counter()
-    report.write_thumbnails(uris, cfg, None)  # a re-run: everything is there already
+    thumbnails.write_thumbnails(uris, cfg, None)  # a re-run: everything is there already
     rerun = time.perf_counter() - t0
     return {"photos": n, "photo_px": f"{edge}x{edge * 3 // 4}", "photo_kb": round(statistics.mean(len(p) for p in pool) / 1e3, 1),
             "threads": threads, "seconds": round(seconds, 2), "per_second": round(n / seconds, 1), "failures": len(failures),

@@ -35,11 +35,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from detector_core.bundle import DetectorBundle, save_bundle
 from detector_core.demo import make_image
-from detector_core.extractors import FeatureSpec
-from detector_core.features import ClipEncoder, feature_dim
-from detector_core.model import DetectorMLP
+from detector_core.method.bundle import DetectorBundle, save_bundle
+from detector_core.method.extractors import FeatureSpec
+from detector_core.method.features import ClipEncoder, feature_dim
+from detector_core.method.model import DetectorMLP
 
 
 def write_images(folder: Path, n: int, size: tuple[int, int], seed: int) -> list[Path]:

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
 
-from detector_core.losses import cvar, detector_loss, pairwise_auc_loss
-from detector_core.model import DetectorMLP
-from detector_core.training import OptimConfig, build_optimizer, training_step
+from detector_core.method.losses import cvar, detector_loss, pairwise_auc_loss
+from detector_core.method.model import DetectorMLP
+from detector_core.method.training import OptimConfig, build_optimizer, training_step
 
 
 def reference_style_loss(logits, labels, alpha=0.8, gamma=0.5, eta=0.6, p=2):

@@ -46,8 +46,8 @@ class SimClock:
 
 def _unit(out, scan_id: str, unit: int, day: dt.date, n: int = 8) -> dict:
     from detector_core import schema as S
-    from detector_core import tables as T
-    from detector_core.catalog import data_file_path
+    from detector_core.tables import definitions as T
+    from detector_core.tables.catalog import data_file_path
 
     now = dt.datetime.fromtimestamp(time.time(), dt.timezone.utc)
     cols = {f.name: pa.nulls(n, f.type) for f in T.SCORES_SCHEMA}
@@ -73,8 +73,8 @@ def _unit(out, scan_id: str, unit: int, day: dt.date, n: int = 8) -> dict:
 
 
 def _figures(out, night: int, day: dt.date, unit_seconds: list[float]) -> dict:
-    from detector_core import tables as T
-    from detector_core.views import duckdb_connection, sql_quote
+    from detector_core.tables import definitions as T
+    from detector_core.tables.views import duckdb_connection, sql_quote
 
     row = {"night": night, "seconds_per_unit": round(statistics.mean(unit_seconds), 4)}
     for name in (*T.ALL_TABLES,):
@@ -99,7 +99,8 @@ def _figures(out, night: int, day: dt.date, unit_seconds: list[float]) -> dict:
 
 def _as_before(out) -> None:
     """The tables as the version before jobs.maintain made them: pyiceberg's defaults (no manifest merge, 100 metadata versions kept)."""
-    from detector_core.catalog import OUTPUT_TABLES, TABLE_PROPERTIES
+    from detector_core.tables.catalog import OUTPUT_TABLES
+    from detector_core.tables.evolution import TABLE_PROPERTIES
 
     for name in OUTPUT_TABLES:
         table = out.table(name)
@@ -111,9 +112,9 @@ def run(nights: int, units: int, every: int, maintain: bool, maintain_every: int
         as_before: bool = False) -> dict:
     clock = SimClock()
     time.time = clock  # pyiceberg stamps snapshots with time.time(); the intents and runs rows too
-    from detector_core import maintenance as M
-    from detector_core.catalog import ScanOutput
-    from detector_core.state_table import commit_state
+    from detector_core.tables import maintenance as M
+    from detector_core.tables.catalog import ScanOutput
+    from detector_core.tables.state_table import commit_state
 
     out = ScanOutput.open(os.path.join(root, "out"))
     if as_before:
@@ -174,7 +175,7 @@ def main(argv=None) -> dict:
         result = run(args.nights, args.units, args.every, args.maintain, args.maintain_every, args.budget_s, root, args.as_before)
     result["command"] = "python -m bench.bench_tables " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     if args.out:
-        from jobs.common import write_json
+        from jobs.common.outputs import write_json
 
         write_json(args.out, result)
     print({k: v for k, v in result.items() if k != "rows"})

@@ -22,8 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from detector_core.cache import fixed_list
-from jobs.common import write_json
+from detector_core.method.cache import fixed_list
+from jobs.common.outputs import write_json
 
 
 def synthetic_cache(root: Path, rows: int, dim: int = 1536) -> None:
@@ -52,7 +52,7 @@ def main(argv=None):
     ap.add_argument("--gpu", action="store_true", help="GPU workers and actors")
     args = ap.parse_args(argv)
     from jobs import embed, train
-    from jobs.common import init_ray
+    from jobs.common.ray_setup import init_ray
 
     init_ray()
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))

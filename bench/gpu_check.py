@@ -9,8 +9,8 @@ minutes on one H100:
 1. ``vit_l14_forward``: the ViT-L-14 image tower (``ClipEncoder``, bf16 autocast) on
    preprocessed 224 px batches already on the GPU: images/s, the ceiling of a scan.
 2. ``scan_steady``: the scan's own stages on synthetic 3000x2000 JPEG photos with a
-   ViT-L-14 bundle: ``jobs.decoding.load_images`` (read, draft decode, crop) in a pool of
-   CPU processes feeding ``jobs.pipeline.Scorer`` (features + MLP + decision), timed after
+   ViT-L-14 bundle: ``jobs.scanning.decoding.load_images`` (read, draft decode, crop) in a pool of
+   CPU processes feeding ``jobs.scanning.pipeline.Scorer`` (features + MLP + decision), timed after
    a warm-up; the same functions Ray Data runs as tasks and actors. Ray itself is not used
    here: its wheel (79 MB) is larger than what may travel to the GPU machine, so this is
    the pipeline's rate without Ray's scheduling, and the JSON says so. It also records the
@@ -52,7 +52,7 @@ def _sync():
 
 
 def vit_l14_forward(device: str, batch: int, seconds: float) -> dict:
-    from detector_core.features import ClipEncoder
+    from detector_core.method.features import ClipEncoder
 
     torch.manual_seed(0)
     enc = ClipEncoder("ViT-L-14", "none", device=device)
@@ -79,7 +79,7 @@ def _photo(args) -> str:
 
 
 def _load(uris: list[str]) -> dict:
-    from jobs.decoding import ENCODED, load_images
+    from jobs.scanning.decoding import ENCODED, load_images
 
     out = load_images({"uri": np.array(uris, dtype=object)}, preps=_PREPS)
     if ENCODED in out:  # the bytes stay out of the pool's pipe (Ray's object store shares them; a pipe would copy ~2 MB each)
@@ -88,7 +88,7 @@ def _load(uris: list[str]) -> dict:
 
 
 def _with_bytes(loaded: dict) -> dict:
-    from jobs.decoding import ENCODED
+    from jobs.scanning.decoding import ENCODED
 
     if ENCODED in loaded:
         loaded[ENCODED] = np.array([None if u is None else Path(u).read_bytes() for u in loaded[ENCODED]], dtype=object)
@@ -111,11 +111,11 @@ def _photos(tmp: Path, photos: int, workers: int) -> list[str]:
 
 
 def scan_steady(device: str, photos: int, objects: int, batch: int, workers: int, decode: str = "pil", forward: str = "autocast") -> dict:
-    from detector_core.bundle import DetectorBundle, save_bundle
-    from detector_core.extractors import FeatureSpec, preprocess_for
-    from detector_core.model import DetectorMLP
-    from jobs.decoding import ENCODED
-    from jobs.pipeline import Scorer, feature_specs
+    from detector_core.method.bundle import DetectorBundle, save_bundle
+    from detector_core.method.extractors import FeatureSpec, preprocess_for
+    from detector_core.method.model import DetectorMLP
+    from jobs.scanning.decoding import ENCODED
+    from jobs.scanning.pipeline import Scorer, feature_specs
 
     tmp = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     torch.manual_seed(0)
@@ -162,16 +162,16 @@ def scan_steady(device: str, photos: int, objects: int, batch: int, workers: int
             "scorer_only_images_per_s": round(score_only, 1),
             "scorer_device": str(scorer.device), "decode": decode, "forward": forward,
             "gpu_decoded_share": round(float(np.mean([e is not None for e in one.get(ENCODED, [None])])), 3), "objects": objects, "distinct_photos": photos, "batch": batch, "decode_processes": workers,
-            "note": "jobs.decoding.load_images in a process pool -> jobs.pipeline.Scorer in one process; no Ray (wheel too large to carry)"}
+            "note": "jobs.scanning.decoding.load_images in a process pool -> jobs.scanning.pipeline.Scorer in one process; no Ray (wheel too large to carry)"}
 
 
 def decode_rates(device: str, photos: int, workers: int) -> dict:
     """Decode-only rates on 6 MP baseline JPEGs, and the hardware path's distance from the CPU path."""
-    from detector_core.device_decode import decode_inputs
-    from detector_core.features import ClipEncoder, clip_input
-    from detector_core.images import decode_image
-    from detector_core.jpeg_header import read_header
-    from jobs.decoding import load_images
+    from detector_core.method.features import ClipEncoder, clip_input
+    from detector_core.sources.device_decode import decode_inputs
+    from detector_core.sources.images import decode_image
+    from detector_core.sources.jpeg_header import read_header
+    from jobs.scanning.decoding import load_images
 
     tmp = Path(tempfile.mkdtemp(prefix="gpu-decode-"))
     paths = _photos(tmp, photos, workers)
@@ -220,8 +220,8 @@ def decode_rates(device: str, photos: int, workers: int) -> dict:
 def forward_variants(device: str, seconds: float, batches: tuple = (64, 128, 256, 512), model: str = "ViT-L-14") -> dict:
     """ViT-L-14 images/s per FORWARDS setting (autocast and bf16 at every batch; compiled ones at 256), and each one's
     largest |score| difference from autocast on the same 256 inputs through a random MLP head."""
-    from detector_core.features import FORWARDS, ClipEncoder, clip_input, feature_dim
-    from detector_core.model import DetectorMLP
+    from detector_core.method.features import FORWARDS, ClipEncoder, clip_input, feature_dim
+    from detector_core.method.model import DetectorMLP
 
     torch.manual_seed(0)
     head = DetectorMLP(feature_dim(model, "image")).eval().to(device)
@@ -279,9 +279,9 @@ def sam_step(device: str) -> dict:
     import torch.nn.functional as F  # noqa: F401
 
     from bench.bench_step import reference_style_loss, timeit
-    from detector_core.losses import detector_loss
-    from detector_core.model import DetectorMLP
-    from detector_core.training import OptimConfig, build_optimizer, training_step
+    from detector_core.method.losses import detector_loss
+    from detector_core.method.model import DetectorMLP
+    from detector_core.method.training import OptimConfig, build_optimizer, training_step
 
     dev = torch.device(device)
     torch.manual_seed(0)

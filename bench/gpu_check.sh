@@ -7,7 +7,7 @@
 # Writes OUT_DIR/gpu_check.json (default: $OUT on the device machine, else .). No network: the
 # Python packages the GPU image lacks travel as wheels in .whl/ (cp312, manylinux x86-64; the device
 # tool's README has the pip download line): open_clip_torch, ftfy, wcwidth, diffusers,
-# importlib_metadata, mmh3 (detector_core.state).
+# importlib_metadata, mmh3 (detector_core.tables.state).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-.}}"

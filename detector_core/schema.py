@@ -50,7 +50,7 @@ DETECTOR_KIND = "detector_kind"
 SCAN_ID = "scan_id"
 SCANNED_AT = "scanned_at"
 
-# Provenance evidence the file carries about itself (detector_core.provenance; schema version 5).
+# Provenance evidence the file carries about itself (detector_core.sources.provenance; schema version 5).
 DECLARED = "declared"
 EVIDENCE_SOURCE = "evidence_source"
 DECLARED_GENERATOR = "declared_generator"
@@ -107,6 +107,12 @@ TYPES = {
     NIGHT_FLAGGED: pa.int64(), SAMPLE_SIZE: pa.int32(), SAMPLE_ORDER: pa.int32(), SAMPLE_SEED: pa.int64(),
     DRAWN_AT: pa.timestamp("us", tz="UTC"),
 }
+
+# What every input (prefix listing, manifest, S3 Inventory) becomes: one row per listed object; a row the
+# listing could not use carries error_type/error_message and becomes an ``errors`` row (error_stage = list).
+LIST_SCHEMA = pa.schema([
+    (URI, TYPES[URI]), (ETAG, TYPES[ETAG]), (SIZE, TYPES[SIZE]), (ERROR_TYPE, TYPES[ERROR_TYPE]), (ERROR_MESSAGE, TYPES[ERROR_MESSAGE]),
+])
 
 COLUMN_DOCS = {
     URI: "object URI (s3://bucket/key, gs://…, or a local path)",

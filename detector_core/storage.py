@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 
 import fsspec
 from fsspec import AbstractFileSystem
 
-__all__ = ["is_remote", "is_local_fs", "protocols", "open_fs", "arrow_fs", "s3_storage_options", "folder_prefix", "join", "fetch_cached", "read_json"]
+__all__ = ["is_remote", "is_local_fs", "protocols", "open_fs", "arrow_fs", "s3_storage_options", "folder_prefix", "join", "fetch_cached", "read_json", "write_atomic"]
 
 
 def is_remote(uri: str) -> bool:
@@ -115,3 +116,23 @@ def fetch_cached(uri: str, kind: str, storage_options: dict | None = None, cache
 
         shutil.rmtree(tmp, ignore_errors=True)
     return str(local)
+
+
+def write_atomic(fs, path: str, data: bytes, sync: bool = True) -> None:
+    """``data`` at ``path``, whole or not at all: a local file through a temporary file and a rename; an
+    object store's PUT is atomic already. ``sync=False`` skips the fsync (whole after a killed
+    process, not necessarily after a power loss: for files that are made again when missing)."""
+    if not is_local_fs(fs):
+        fs.pipe_file(path, data)
+        return
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            if sync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -7,7 +7,7 @@
 
 Embeds the manifest once in image+text mode (``jobs.embed``; image-only arms use the image
 half of the same features, so every arm sees the same images), then trains one detector
-per arm with ``detector_core.training.fit`` (the same one-batch update as ``jobs.train``)
+per arm with ``detector_core.method.training.fit`` (the same one-batch update as ``jobs.train``)
 as parallel Ray tasks, one GPU each with ``--gpu``, and scores each on the held-out split
 (``test`` rows when the manifest has them, else ``val``). Writes ``ablation.md`` (the
 table, also printed) and ``ablation.json``. With no captions in the manifest, the
@@ -26,12 +26,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from detector_core import schema as S
-from detector_core.cache import SUCCESS, features_matrix, read_features, read_marker
-from detector_core.storage import open_fs, s3_storage_options
-from detector_core.training import OptimConfig
-from jobs.common import JobError, config_dict, init_ray, join, run_main, write_json
-from jobs.embedding import EmbedConfig, run_embedding
-from jobs.flags import RayOptions, StorageOptions, opt, parse_config
+from detector_core.method.cache import SUCCESS, features_matrix, read_features, read_marker
+from detector_core.method.training import OptimConfig
+from detector_core.storage import join, open_fs, s3_storage_options
+from jobs.common.errors import JobError, run_main
+from jobs.common.flags import RayOptions, StorageOptions, opt, parse_config
+from jobs.common.outputs import config_dict, write_json
+from jobs.common.ray_setup import init_ray
+from jobs.training.embedding import EmbedConfig, run_embedding
 
 # arm -> (loss, SAM, features); the order is the table's.
 ARMS = {
@@ -66,9 +68,9 @@ def _train_arm(name: str, optim: OptimConfig, x_train, y_train, x_eval, y_eval, 
     import torch
 
     from detector_core.devices import select_device
-    from detector_core.metrics import average_precision, roc_auc, tpr_at_fpr
-    from detector_core.model import DetectorMLP
-    from detector_core.training import fit, predict_logits
+    from detector_core.method.metrics import average_precision, roc_auc, tpr_at_fpr
+    from detector_core.method.model import DetectorMLP
+    from detector_core.method.training import fit, predict_logits
 
     device = select_device(use_gpu)  # --gpu where CUDA does not work fails, never runs on the CPU
     torch.manual_seed(seed)
@@ -104,7 +106,7 @@ def run_ablation(cfg: AblationConfig) -> dict:
         raise JobError(f"unknown arms {unknown}; choose from: {'; '.join(ARMS)}")
     cache = cfg.features
     if not cache:
-        from detector_core.manifest import read_manifest
+        from detector_core.sources.manifest import read_manifest
 
         has_captions = S.CAPTION in read_manifest(cfg.manifest, so).column_names
         mode = "image+text" if has_captions else "image"

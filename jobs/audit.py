@@ -24,7 +24,7 @@ loaded from the ``duckdb-extension-iceberg`` pip package, never downloaded), pin
 snapshots that the newest ``runs`` row records, so the three agree even while a scan commits
 its next unit; ``runs`` has one row per finished scan and detector; ``verdicts`` holds the
 reviewers' verdicts that ``verdicts import`` added from the review page's exports
-(``detector_core.verdicts``; the questions' SQL is ``detector_core.questions``). ``--date``,
+(``detector_core.tables.verdicts``; the questions' SQL is ``detector_core.tables.questions``). ``--date``,
 ``--since``/``--until`` and ``--bucket`` are filters on the partition columns, which the
 extension uses to skip manifests and files. The catalog is the one the scan recorded in
 ``OUT/_catalog.json`` unless ``--catalog`` names it. Object stores are read through the same
@@ -44,14 +44,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from detector_core import schema as S
-from detector_core import tables as T
-from detector_core.catalog import CatalogError, ScanOutput
-from detector_core.csv_cells import neutralise
-from detector_core.questions import QUESTIONS, QuestionError, finish, question_sql, where_clause
 from detector_core.storage import open_fs, s3_storage_options
-from detector_core.views import ReadOnlyError, connect, read_only_sql, read_runs
-from jobs.common import JobError, open_output, parse_date, run_main, write_parquet
-from jobs.flags import CatalogOptions, StorageOptions, opt, parse_config
+from detector_core.tables import definitions as T
+from detector_core.tables.catalog import CatalogError, ScanOutput
+from detector_core.tables.csv_cells import neutralise
+from detector_core.tables.questions import QUESTIONS, QuestionError, finish, question_sql, where_clause
+from detector_core.tables.views import ReadOnlyError, connect, read_only_sql, read_runs
+from jobs.common.errors import JobError, parse_date, run_main
+from jobs.common.flags import CatalogOptions, StorageOptions, opt, parse_config
+from jobs.common.outputs import open_output, write_parquet
 
 FORMATS = ("table", "csv", "json", "parquet")
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -159,7 +160,7 @@ def import_verdicts(cfg: VerdictsConfig) -> dict:
     """
     from pyiceberg.expressions import And, In
 
-    from detector_core.verdicts import KEY, VerdictError, known, parse_verdicts
+    from detector_core.tables.verdicts import KEY, VerdictError, known, parse_verdicts
 
     if not (cfg.file and cfg.scan):
         raise JobError("usage: python -m jobs.audit verdicts import FILE --scan OUT [--reviewer NAME]")
@@ -210,8 +211,8 @@ def migrate(cfg: MigrateConfig) -> dict:
     """
     import pyarrow.dataset as pads
 
-    from detector_core.catalog import data_file_path
     from detector_core.storage import arrow_fs
+    from detector_core.tables.catalog import data_file_path
 
     if not cfg.output:
         raise JobError("--output (the scan output to migrate) is required")

@@ -29,8 +29,8 @@ import pyarrow.parquet as pq
 
 from detector_core.demo import GENERATORS, encode, make_image, write_dataset
 from jobs import report, scan, train
-from jobs.common import run_main
-from jobs.flags import opt, parse_config
+from jobs.common.errors import run_main
+from jobs.common.flags import opt, parse_config
 
 
 @dataclass

@@ -6,8 +6,8 @@ the Diffusion Noise Feature of a diffusion UNet (``dnf``; a row holds the flatte
 
 Reads the manifest (Parquet/CSV or a ``real/`` + ``generated/<gen>/`` tree), validates it
 (bad rows are counted with reasons; a manifest without both classes is refused up
-front), then runs the shared Ray Data pipeline (``jobs.pipeline``: read + decode on CPU
-tasks, CLIP on GPU actors) and writes a feature cache in the format ``detector_core.cache``
+front), then runs the shared Ray Data pipeline (``jobs.scanning.pipeline``: read + decode on CPU
+tasks, CLIP on GPU actors) and writes a feature cache in the format ``detector_core.method.cache``
 describes (``data/``, ``errors.parquet``, and ``_SUCCESS.json`` last). A re-run whose cache
 key (manifest + extractor settings + decode) matches the finished cache embeds nothing.
 
@@ -18,9 +18,9 @@ key (manifest + extractor settings + decode) matches the finished cache embeds n
 
 from __future__ import annotations
 
-from jobs.common import JobError, run_main
-from jobs.embedding import EmbedConfig, run_embedding
-from jobs.flags import parse_config
+from jobs.common.errors import JobError, run_main
+from jobs.common.flags import parse_config
+from jobs.training.embedding import EmbedConfig, run_embedding
 
 
 def main(argv=None) -> dict:

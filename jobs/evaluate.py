@@ -36,18 +36,19 @@ import torch
 from scipy.special import expit
 
 from detector_core import schema as S
-from detector_core.bundle import BundleError, DetectorBundle, load_bundle
-from detector_core.cache import features_matrix, read_features
-from detector_core.manifest import ManifestError, read_manifest, validate_manifest
-from detector_core.metrics import summarize
-from detector_core.perturb import parse_perturbations
-from detector_core.storage import arrow_fs, open_fs, s3_storage_options
-from detector_core.training import predict_logits
-from jobs.common import JobError, config_dict, join, run_main, write_json, write_parquet
-from jobs.embedding import EmbedConfig, run_embedding
-from jobs.flags import RayOptions, StorageOptions, opt, parse_config
-from jobs.options import extractor_options
-from jobs.pipeline import trained_draft
+from detector_core.method.bundle import BundleError, DetectorBundle, load_bundle
+from detector_core.method.cache import features_matrix, read_features
+from detector_core.method.metrics import summarize
+from detector_core.method.perturb import parse_perturbations
+from detector_core.method.training import predict_logits
+from detector_core.sources.manifest import ManifestError, read_manifest, validate_manifest
+from detector_core.storage import arrow_fs, join, open_fs, s3_storage_options
+from jobs.common.errors import JobError, run_main
+from jobs.common.flags import RayOptions, StorageOptions, opt, parse_config
+from jobs.common.options import extractor_options
+from jobs.common.outputs import config_dict, write_json, write_parquet
+from jobs.scanning.pipeline import trained_draft
+from jobs.training.embedding import EmbedConfig, run_embedding
 
 CLEAN = "clean"
 METRIC_COLUMNS = [("auc", "AUC"), ("ap", "AP"), ("accuracy", "acc@thr"), ("accuracy_at_0.5", "acc@0.5"),
@@ -198,10 +199,10 @@ def _holdout(cfg: EvaluateConfig, so) -> tuple[str, str]:
 
 
 def _shortcuts(cache: str, so: dict | None) -> dict:
-    """How well the evaluation set's metadata alone predicts its labels (detector_core.shortcuts); warned on stderr."""
+    """How well the evaluation set's metadata alone predicts its labels (detector_core.method.shortcuts); warned on stderr."""
     import pyarrow.dataset as pads
 
-    from detector_core.shortcuts import dataset_report
+    from detector_core.method.shortcuts import dataset_report
 
     pa_fs, path = arrow_fs(join(cache, "data"), so)
     report = dataset_report(pads.dataset(path, filesystem=pa_fs, format="parquet"))

@@ -23,10 +23,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from detector_core import schema as S
-from detector_core.manifest import read_manifest
-from detector_core.storage import arrow_fs, is_remote, open_fs, s3_storage_options
-from jobs.common import JobError, join, run_main, write_json
-from jobs.flags import StorageOptions, opt, parse_config
+from detector_core.sources.manifest import read_manifest
+from detector_core.storage import arrow_fs, is_remote, join, open_fs, s3_storage_options
+from jobs.common.errors import JobError, run_main
+from jobs.common.flags import StorageOptions, opt, parse_config
+from jobs.common.outputs import write_json
 
 N_GEN = 4
 

@@ -32,12 +32,13 @@ import sys
 import time
 from dataclasses import dataclass
 
-from detector_core import maintenance as M
-from detector_core.catalog import CatalogError, ScanOutput
-from detector_core.lease import Lease, LeaseHeldError
-from detector_core.storage import s3_storage_options
-from jobs.common import JobError, config_dict, join, new_run_id, output_lease, run_main, write_json
-from jobs.flags import CatalogOptions, RetentionOptions, StorageOptions, opt, parse_config
+from detector_core.storage import join, s3_storage_options
+from detector_core.tables import maintenance as M
+from detector_core.tables.catalog import CatalogError, ScanOutput
+from detector_core.tables.lease import Lease, LeaseHeldError
+from jobs.common.errors import JobError, run_main
+from jobs.common.flags import CatalogOptions, RetentionOptions, StorageOptions, opt, parse_config
+from jobs.common.outputs import config_dict, new_run_id, output_lease, write_json
 
 STEPS = ("expire", "compact", "orphans")
 

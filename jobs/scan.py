@@ -8,7 +8,7 @@
         python -m jobs.scan --detector s3://models/clip-detector --ensemble s3://models/dnf-detector \\
         --input s3://uploads/ --output s3://audit/scans --catalog detector --gpu --actors 8
 
-The plan runs on the cluster (``jobs.planning``): the input (a prefix, a manifest or an S3
+The plan runs on the cluster (``jobs.scanning.planning``): the input (a prefix, a manifest or an S3
 Inventory report) is listed by Ray tasks and anti-joined per ``uri_bucket`` partition with the
 ``state`` table; the driver gets counts and work-file paths only. An input whose listed and
 state rows stay within ``--driver-plan-max`` is planned (and the state refreshed) in the driver
@@ -19,7 +19,7 @@ features + classifier (``Scorer`` actors, GPUs in production; models built once 
 tasks that write the rows as Parquet data files of the Iceberg tables and return only the
 files' paths and counts). The driver consumes that stream of file records, never result
 rows, and commits every ``--chunk-size`` rows' files as one Iceberg snapshot per table
-(``detector_core.catalog``): the commit unit, while the stream keeps flowing.
+(``detector_core.tables.catalog``): the commit unit, while the stream keeps flowing.
 
 Either detector kind (``clip-mlp``, ``dnf-resnet``) goes through the same code;
 ``--ensemble`` runs more bundles in the same pass (each object read and decoded once, each
@@ -27,7 +27,7 @@ extractor run once, one row per object and detector). Every listed object ends a
 one row per detector in ``scores`` or ``errors``; ``flagged`` is the subset of ``scores``
 at or above the bundle's threshold.
 
-Exact state: a scan holds a lease on the output (``detector_core.lease``; a second scan
+Exact state: a scan holds a lease on the output (``detector_core.tables.lease``; a second scan
 refuses naming the holder, or waits with ``--wait``; a dead holder's lease expires after
 ``--lease-ttl``). What is committed is settled: a scan plans only objects that no committed
 row of the same detector settles (same etag and size; read and list failures are retried;
@@ -37,7 +37,7 @@ half-written is ever visible: uncommitted data files are unreferenced, and a uni
 four table commits were cut short is finished from its intent before the next scan
 plans. The run summary is ``runs`` rows in the catalog and ``OUT/runs/<scan_id>.json``. A
 scan starts (after finishing any killed unit) and ends by expiring the snapshots nobody
-needs any more (``--keep-days``, ``--keep-unit-hours``; ``detector_core.maintenance``), so
+needs any more (``--keep-days``, ``--keep-unit-hours``; ``detector_core.tables.maintenance``), so
 the tables' metadata stays the same size night after night; ``jobs.maintain`` does the rest
 (compaction, orphan files).
 """
@@ -50,69 +50,24 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 
-from detector_core import maintenance
-from detector_core import tables as T
-from detector_core.bundle import BundleError, DetectorBundle, load_bundle
-from detector_core.catalog import CatalogError, ScanOutput
-from detector_core.extractors import feature_compute
-from detector_core.features import FORWARDS
-from detector_core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from detector_core.lease import Lease, LeaseLostError
-from detector_core.listing import is_manifest
-from detector_core.storage import folder_prefix, open_fs, s3_storage_options
-from jobs import planning, stream
-from jobs.common import (
-    JobError,
-    check_connection,
-    config_dict,
-    init_ray,
-    join,
-    new_run_id,
-    output_lease,
-    require_weights,
-    run_main,
-    write_json,
-)
-from jobs.flags import RayOptions, RetentionOptions, StorageOptions, opt, parse_config
-from jobs.pipeline import check_decode, feature_drafts, feature_specs, trained_draft
-from jobs.planning import DRIVER_PLAN_MAX, PLAN_WHERE, PlanError, remove_plan
-from jobs.refresh import refresh_state
-
-
-@dataclass
-class ScanConfig(RetentionOptions, RayOptions, StorageOptions):
-    detector: str = opt("", "detector bundle folder (local or s3://), as written by jobs.train to OUT/detector; either kind (clip-mlp, dnf-resnet)")
-    ensemble: str = opt("", "more detector bundles to run in the same pass, comma-separated (e.g. a DNF bundle next to a CLIP one): one row per object and detector")
-    input: str = opt("", "what to scan: a prefix (s3://bucket/prefix, gs://…, a local folder), a .parquet/.csv manifest with a uri column (optional etag, size), or an S3 Inventory report: its manifest.json, that file's folder, or a glob of them (s3://inv/src/cfg/*/manifest.json: the newest of each)")
-    output: str = opt("", "where the tables go: Iceberg tables OUT/scores, OUT/flagged, OUT/errors, OUT/runs (local or s3://)")
-    catalog: str = opt("", "Iceberg catalog of the tables: empty = SQLite OUT/catalog.db (local outputs only); sqlite:///…, postgresql://user@host/db, https://rest, glue, or a pyiceberg catalog name (credentials in its config, never here)")
-    namespace: str = opt("", "catalog namespace of this output's tables (default: as recorded in OUT/_catalog.json, else 'detector'); one per output in a shared catalog")
-    full: bool = opt(False, "score everything again, not only new or changed objects")
-    scan_date: str = opt("", "scan_date partition to write, YYYY-MM-DD (default: today, UTC); for backfills and re-runs of a missed night")
-    captions: str = opt("", "manifest with uri,caption for detectors that use image+text features")
-    batch_size: int = opt(64, "images per model batch", within="[1, inf)")
-    actors: str = opt("1", "Scorer actors: a number, or a range MIN-MAX (e.g. 1-16) that grows into GPUs as they appear and shrinks when idle")
-    gpu: bool = opt(False, "run the Scorer actors on GPUs (one each)")
-    forward: str = opt("autocast", "how the Scorer runs a CLIP image tower on GPUs: autocast (bf16 autocast over fp32 weights: what detectors are trained with), bf16 (weights cast to bf16, fused attention), bf16-compile (+ torch.compile at a static --batch-size), bf16-graphs (+ CUDA graphs); the precision is recorded in the run summary and a difference from training warned about (docs/scaling.md gives the measured speed and score differences)", choices=tuple(FORWARDS))
-    cpus_per_actor: float = opt(0.0, "CPUs reserved per Scorer actor, its torch threads (0 = 1 with --gpu, else half the cluster's CPUs shared by the actors, so decoding has the rest)", within="[0, inf)")
-    chunk_size: int = opt(50_000, "result rows per commit unit (objects x detectors): each unit is one Iceberg snapshot per table", within="[1, inf)")
-    max_pixels: int = opt(DEFAULT_MAX_PIXELS, "refuse images with more pixels than this (decompression bombs)", within="[1, inf)")
-    max_bytes: int = opt(DEFAULT_MAX_BYTES, "refuse objects larger than this many bytes (never read past it)", within="[1, inf)")
-    state_compact_at: int = opt(8, "files per state partition at which a refresh merges them into one (compaction)", within="[1, inf)")
-    plan: str = opt("auto", "where the plan (listing, anti-join with the state) and the state's refresh run: auto (in this process while the listed objects plus the state rows they touch stay within --driver-plan-max, on the cluster above), driver (always here: small inputs, debugging), cluster (always in Ray tasks)", choices=PLAN_WHERE)
-    driver_plan_max: int = opt(DRIVER_PLAN_MAX, "--plan auto: rows (listed objects + state rows of their partitions) up to which the plan runs in this process; also what it may hold here (~0.85 KB a row)", within="[0, inf)")
-    list_fan_out: int = opt(64, "listing units a prefix is split into (its first levels of common prefixes), listed by parallel tasks", within="[1, inf)")
-    resource_timeout: float = opt(900.0, "seconds to wait for the first Scorer actor to be placed before failing with the missing resource", within="(0, inf)")
-    lease_ttl: float = opt(300.0, "seconds a scan's lease on the output lasts without renewal (a dead scan blocks the output this long)", within="(0, inf)")
-    wait: bool = opt(False, "if another scan holds the output's lease, wait for it instead of refusing")
-    evidence: bool = opt(True, "read what each file declares about its origin (C2PA, IPTC/XMP DigitalSourceType, generator PNG chunks, EXIF Software) into the evidence columns, from the bytes already read (--no-evidence: not)")
-    c2pa_trust: str = opt("", "PEM file of C2PA trust anchors (local or s3://): a manifest whose signer chains to one reads as trusted; none given, a valid manifest reads as untrusted")
-    watermarks: bool = opt(False, "also read the Stable Diffusion / SDXL invisible watermark (DWT-DCT, invisible-watermark's decoder): a full-resolution decode and transform per image, ~0.1 s per megapixel per pattern on one core (docs/scaling.md)")
-    flag_declared: bool = opt(False, "flag files that declare themselves generated (not by an invalid manifest) whatever their score; flag_reason says declared, score or both")
-    crash_actor_once: str = opt("", "testing: the first Scorer batch kills its actor process if this marker file does not exist yet")
-    kill_at: str = opt("", "testing: STEP:UNIT kills the driver with SIGKILL before commit step STEP (intent, errors, scores, flagged, runs, done) of unit UNIT")
+from detector_core.method.bundle import BundleError, DetectorBundle, load_bundle
+from detector_core.method.extractors import feature_compute
+from detector_core.sources.listing import is_manifest
+from detector_core.storage import folder_prefix, join, open_fs, s3_storage_options
+from detector_core.tables import definitions as T
+from detector_core.tables import maintenance
+from detector_core.tables.catalog import CatalogError, ScanOutput
+from detector_core.tables.lease import Lease, LeaseLostError
+from jobs.common.errors import JobError, require_weights, run_main
+from jobs.common.flags import parse_config
+from jobs.common.outputs import config_dict, new_run_id, output_lease, write_json
+from jobs.common.ray_setup import check_connection, init_ray
+from jobs.scanning import planning, stream
+from jobs.scanning.config import ScanConfig
+from jobs.scanning.pipeline import check_decode, feature_drafts, feature_specs, trained_draft
+from jobs.scanning.planning import PlanError, remove_plan
+from jobs.scanning.refresh import refresh_state
 
 
 def validate(cfg: ScanConfig) -> None:

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import yaml
 
-from jobs.common import JobError, run_main
-from jobs.flags import opt, parse_config
+from jobs.common.errors import JobError, run_main
+from jobs.common.flags import opt, parse_config
 
 ENDED = ("SUCCEEDED", "FAILED", "STOPPED")
 

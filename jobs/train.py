@@ -6,7 +6,7 @@ Stage 1 (``--manifest``): embed the manifest once into a feature cache with
 reviewers judged on that scan output's review pages (``jobs.audit verdicts import``) to the
 manifest as train-split rows: generated = 1, real = 0, unsure left out; ``--declared-labels
 SCAN_OUT`` adds the images of that output whose files declared their origin (generated = 1,
-captured = 0; ``detector_core.provenance``), a verdict on the same image winning. Both are
+captured = 0; ``detector_core.sources.provenance``), a verdict on the same image winning. Both are
 recorded in the bundle's training config (``verdict_rows``, ``declared_rows``). Stage 2: a ``TorchTrainer`` with
 ``--workers`` workers (GPUs with ``--gpu``) trains the classifier on Ray Data shards of
 the cache. ``--extractor clip`` (default): the paper's MLP on CLIP features, bundle kind
@@ -37,7 +37,7 @@ Distributed semantics (docs/method.md section 5):
 - Dropout masks differ per rank (the generator is seeded with ``seed`` and the rank after
   the model is built; initial weights are the same everywhere).
 
-The worker loop is ``jobs/train_worker.py``. Every epoch rank 0 evaluates on the validation split (AUC, AP, accuracy, TPR at 1 %
+The worker loop is ``jobs/training/worker.py``. Every epoch rank 0 evaluates on the validation split (AUC, AP, accuracy, TPR at 1 %
 FPR), reports through Ray Train, rewrites ``OUT/history.jsonl`` and checkpoints model,
 SAM/AdamW state, scheduler and epoch to ``--storage-path`` (local or S3). Ray Train keeps
 two: the best by the selection metric (``CheckpointConfig(checkpoint_score_attribute)``;
@@ -50,7 +50,7 @@ nor picked the epoch, so the achieved rate in ``metrics.json`` is not optimistic
 Ray tasks, only logits reach the driver). The bundle's ``calibration`` records the reals it
 used, the 95 % Clopper-Pearson interval on the rate they gave, and a warning (also on
 stderr) when they are fewer than ``3 / --target-fpr``, the rule of three; ``OUT/detector/``, ``OUT/metrics.json`` (with the
-shortcut report, ``detector_core.shortcuts``) and ``OUT/config.json`` are written.
+shortcut report, ``detector_core.method.shortcuts``) and ``OUT/config.json`` are written.
 
     python -m jobs.train --manifest data/manifest.parquet --output out/run1
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
@@ -72,18 +72,20 @@ import numpy as np
 import torch
 
 from detector_core import schema as S
-from detector_core.bundle import DetectorBundle, save_bundle
-from detector_core.cache import DATA, SUCCESS, cache_spec, labelled_arrays, read_marker
-from detector_core.metrics import calibrate_threshold, calibration_record
-from detector_core.model import NoiseResNet, build_classifier, load_backbone
-from detector_core.shortcuts import dataset_report
-from detector_core.storage import arrow_fs, s3_storage_options
-from detector_core.training import predict_logits
-from jobs.common import JobError, config_dict, init_ray, join, open_output, require_weights, run_main, write_json, write_parquet
-from jobs.flags import parse_config
-from jobs.options import extractor_options
-from jobs.train_config import TrainConfig
-from jobs.train_worker import load_state, train_loop_per_worker
+from detector_core.method.bundle import DetectorBundle, save_bundle
+from detector_core.method.cache import DATA, SUCCESS, cache_spec, labelled_arrays, read_marker
+from detector_core.method.metrics import calibrate_threshold, calibration_record
+from detector_core.method.model import NoiseResNet, build_classifier, load_backbone
+from detector_core.method.shortcuts import dataset_report
+from detector_core.method.training import predict_logits
+from detector_core.storage import arrow_fs, join, s3_storage_options
+from jobs.common.errors import JobError, require_weights, run_main
+from jobs.common.flags import parse_config
+from jobs.common.options import extractor_options
+from jobs.common.outputs import config_dict, open_output, write_json, write_parquet
+from jobs.common.ray_setup import init_ray
+from jobs.training.config import TrainConfig
+from jobs.training.worker import load_state, train_loop_per_worker
 
 
 def _real_logits(model: torch.nn.Module, data_path: str, pa_fs, split: str) -> np.ndarray:
@@ -102,7 +104,7 @@ def _real_logits(model: torch.nn.Module, data_path: str, pa_fs, split: str) -> n
 
 
 def _shortcuts(dataset, seed: int) -> dict:
-    """The shortcut report on the cache (detector_core.shortcuts); its warning goes to stderr too."""
+    """The shortcut report on the cache (detector_core.method.shortcuts); its warning goes to stderr too."""
     report = dataset_report(dataset, seed=seed)
     print(f"shortcut report: label from metadata alone, cross-validated AUC {report['auc']}; per generator {report['per_generator']}",
           flush=True)
@@ -148,7 +150,7 @@ def run_training(cfg: TrainConfig) -> dict:
     embed_summary = None
     cache = cfg.features
     if cfg.manifest:
-        from jobs.embedding import EmbedConfig, run_embedding
+        from jobs.training.embedding import EmbedConfig, run_embedding
 
         cache = join(cfg.output, "features")
         embed_cfg = EmbedConfig(
@@ -288,9 +290,9 @@ def run_training(cfg: TrainConfig) -> dict:
 def _with_declared(cfg: TrainConfig, so: dict | None) -> tuple[str, dict]:
     """The manifest plus the images of ``--declared-labels`` that declared their origin, in OUT/manifest_with_declared.parquet."""
     from detector_core import schema as S
-    from detector_core.manifest import ManifestError, read_manifest
-    from detector_core.provenance import declared_labels
-    from detector_core.verdicts import with_verdicts
+    from detector_core.sources.manifest import ManifestError, read_manifest
+    from detector_core.sources.provenance import declared_labels
+    from detector_core.tables.verdicts import with_verdicts
 
     out = open_output(cfg.declared_labels, "", "", so)
     cols = (S.URI, S.DECLARED, S.C2PA_STATE, S.SCANNED_AT)
@@ -311,9 +313,9 @@ def _with_declared(cfg: TrainConfig, so: dict | None) -> tuple[str, dict]:
 
 def _with_verdicts(cfg: TrainConfig, so: dict | None, manifest_path: str = "") -> tuple[str, dict]:
     """The manifest plus the reviewed images of ``--verdicts``, written to OUT/manifest_with_verdicts.parquet; (its path, counts)."""
-    from detector_core import tables as T
-    from detector_core.manifest import ManifestError, read_manifest
-    from detector_core.verdicts import with_verdicts
+    from detector_core.sources.manifest import ManifestError, read_manifest
+    from detector_core.tables import definitions as T
+    from detector_core.tables.verdicts import with_verdicts
 
     out = open_output(cfg.verdicts, "", "", so)
     table = out.find_table(T.VERDICTS)

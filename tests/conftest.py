@@ -105,7 +105,7 @@ def s3_bucket(s3_server, request):
 @pytest.fixture(scope="session")
 def tiny_encoder():
     """The shipped random ``test-tiny`` CLIP on CPU."""
-    from detector_core.features import ClipEncoder
+    from detector_core.method.features import ClipEncoder
 
     return ClipEncoder("test-tiny", "none", device="cpu")
 
@@ -115,9 +115,9 @@ def bundle_dir(tmp_path_factory):
     """A detector bundle of a random MLP (seed 0) on the tiny CLIP's image features, threshold logit 0: what scans need."""
     import torch
 
-    from detector_core.bundle import DetectorBundle, save_bundle
-    from detector_core.extractors import FeatureSpec
-    from detector_core.model import DetectorMLP
+    from detector_core.method.bundle import DetectorBundle, save_bundle
+    from detector_core.method.extractors import FeatureSpec
+    from detector_core.method.model import DetectorMLP
 
     torch.manual_seed(0)
     model = DetectorMLP(64).eval()
@@ -131,10 +131,10 @@ def ray_local(s3_server):
     """One local Ray for the session, yielding its address (for the tests' own driver processes); workers inherit the S3 test-server variables."""
     import ray
 
-    from jobs.common import LOCAL_RAY_SYSTEM_CONFIG, use_local_ray_env
+    from jobs.common.ray_setup import LOCAL_RAY_SYSTEM_CONFIG, use_local_ray_env
 
     env = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
-    use_local_ray_env()  # as a job's private Ray is started (jobs.common.init_ray)
+    use_local_ray_env()  # as a job's private Ray is started (jobs.common.ray_setup.init_ray)
     ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False,
              _system_config=LOCAL_RAY_SYSTEM_CONFIG)
     try:

@@ -21,18 +21,18 @@ import pytest
 import torch
 
 from bench.legacy import legacy_tree, scan_process
-from detector_core import tables as T
-from detector_core.bundle import DetectorBundle, save_bundle
-from detector_core.catalog import ScanOutput, read_table
 from detector_core.demo import encode, make_image
-from detector_core.extractors import FeatureSpec
-from detector_core.features import ClipEncoder
-from detector_core.images import decode_image
-from detector_core.model import DetectorMLP
-from detector_core.tables import current_names
-from detector_core.views import duckdb_connection
+from detector_core.method.bundle import DetectorBundle, save_bundle
+from detector_core.method.extractors import FeatureSpec
+from detector_core.method.features import ClipEncoder
+from detector_core.method.model import DetectorMLP
+from detector_core.sources.images import decode_image
+from detector_core.tables import definitions as T
+from detector_core.tables.catalog import ScanOutput, read_table
+from detector_core.tables.definitions import current_names
+from detector_core.tables.views import duckdb_connection
 from jobs import audit, scan
-from jobs.common import JobError
+from jobs.common.errors import JobError
 
 DAY1, DAY2 = "2026-11-20", "2026-11-21"
 SCHEMA_3_REF = "45e2a4a"  # the last commit whose tables said clip_id (schema version 3)
@@ -312,7 +312,7 @@ def test_readme_documents_every_column():
     from pathlib import Path
 
     from detector_core.schema import COLUMN_DOCS
-    from detector_core.tables import TABLE_SCHEMAS
+    from detector_core.tables.definitions import TABLE_SCHEMAS
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     for name, doc in COLUMN_DOCS.items():

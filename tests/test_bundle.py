@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from detector_core.bundle import BundleError, DetectorBundle, load_bundle, save_bundle
-from detector_core.extractors import FeatureSpec
-from detector_core.model import DetectorMLP
+from detector_core.method.bundle import BundleError, DetectorBundle, load_bundle, save_bundle
+from detector_core.method.extractors import FeatureSpec
+from detector_core.method.model import DetectorMLP
 
 
 def _bundle(seed=0, mode="image") -> DetectorBundle:

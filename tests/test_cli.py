@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 import jobs
-from jobs.common import JobError
-from jobs.flags import in_interval, parse_config, parse_interval
+from jobs.common.errors import JobError
+from jobs.common.flags import in_interval, parse_config, parse_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,7 +108,7 @@ def test_gpu_asked_for_where_cuda_is_unusable_is_an_error_never_the_cpu():
     import torch
 
     from detector_core.devices import DeviceError, cuda_unusable_reason, select_device
-    from jobs.pipeline import Scorer
+    from jobs.scanning.pipeline import Scorer
 
     assert select_device(False) == torch.device("cpu")
     reason = cuda_unusable_reason()
@@ -130,7 +130,7 @@ def test_training_defaults_to_the_papers_clip_and_says_what_to_pass_when_its_wei
 
     cfg = parse_config(TrainConfig, [])
     assert (cfg.clip_model, cfg.pretrained) == ("ViT-L-14", "openai")
-    from detector_core.features import _cached_tag_weights
+    from detector_core.method.features import _cached_tag_weights
 
     if _cached_tag_weights("ViT-L-14", "openai", None):
         pytest.skip("the ViT-L-14 openai weights are cached on this machine")
@@ -147,8 +147,8 @@ def test_a_dead_actor_is_reported_by_what_killed_it(ray_local):
     """A Ray actor whose constructor raised (e.g. a Scorer whose weights are missing): the job's last line names that error."""
     import ray
 
-    from detector_core.features import WeightsNotFoundError
-    from jobs.common import _cause
+    from detector_core.method.features import WeightsNotFoundError
+    from jobs.common.errors import _cause
 
     @ray.remote(num_cpus=0)
     class Broken:
@@ -165,9 +165,9 @@ def test_a_dead_actor_is_reported_by_what_killed_it(ray_local):
 
 
 def test_a_scan_whose_bundle_weights_are_missing_is_refused_before_ray(tmp_path, capsys):
-    from detector_core.bundle import DetectorBundle, save_bundle
-    from detector_core.extractors import FeatureSpec
-    from detector_core.model import DetectorMLP
+    from detector_core.method.bundle import DetectorBundle, save_bundle
+    from detector_core.method.extractors import FeatureSpec
+    from detector_core.method.model import DetectorMLP
     from jobs import scan
 
     missing = tmp_path / "vit.bin"

@@ -35,7 +35,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from jobs.common import LOCAL_RAY_ENV, LOCAL_RAY_SYSTEM_CONFIG, JobError
+from jobs.common.errors import JobError
+from jobs.common.ray_setup import LOCAL_RAY_ENV, LOCAL_RAY_SYSTEM_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -231,14 +232,14 @@ def _job_commands() -> list[list[str]]:
 
 
 def test_every_job_command_in_the_configs_and_readme_parses():
-    from jobs.flags import parse_config
+    from jobs.common.flags import parse_config
 
     cmds = _job_commands()
     assert len(cmds) > 10
     for module, *args in cmds:
         mod = importlib.import_module(module)
         found = [v for v in vars(mod).values() if dataclasses.is_dataclass(v) and v.__module__.startswith("jobs.") and v.__name__.endswith("Config")]
-        # The job's own config, or the one it parses from shared wiring (jobs.embed: jobs.embedding's EmbedConfig).
+        # The job's own config, or the one it parses from shared wiring (jobs.embed: jobs.training.embedding's EmbedConfig).
         configs = [v for v in found if v.__module__ == module] or found
         args = [a for a in args if a not in ("…", "...")]
         if module == "jobs.audit":  # three verbs, a config each
@@ -543,7 +544,7 @@ def test_train_then_scan_through_ray_job_submit_on_s3(ray_head, s3_server, s3_bu
                    "--input", f"{s3_bucket}/incoming/", "--output", f"{s3_bucket}/scans", *catalog)
     assert scan.returncode == 0, scan.stdout[-3000:] + scan.stderr[-3000:]
 
-    from detector_core.catalog import read_table
+    from detector_core.tables.catalog import read_table
 
     scores = read_table(f"{s3_bucket}/scans", "scores")
     errors = read_table(f"{s3_bucket}/scans", "errors")
@@ -628,9 +629,9 @@ def test_no_secret_reaches_any_file_a_local_run_leaves(ray_head, s3_server, s3_b
 def _tiny_bundle(path: Path) -> Path:
     import torch
 
-    from detector_core.bundle import DetectorBundle, save_bundle
-    from detector_core.extractors import FeatureSpec
-    from detector_core.model import DetectorMLP
+    from detector_core.method.bundle import DetectorBundle, save_bundle
+    from detector_core.method.extractors import FeatureSpec
+    from detector_core.method.model import DetectorMLP
 
     torch.manual_seed(0)
     save_bundle(DetectorBundle(model=DetectorMLP(64).eval(), features=FeatureSpec(clip_model="test-tiny", feature_mode="image")), str(path))

@@ -18,10 +18,10 @@ import pytest
 from PIL import Image
 
 from detector_core import schema as S
-from detector_core.extractors import FeatureSpec, preprocess_for
-from detector_core.features import build_preprocess, clip_input
-from detector_core.images import decode_image
-from detector_core.jpeg_header import read_header, route
+from detector_core.method.extractors import FeatureSpec, preprocess_for
+from detector_core.method.features import build_preprocess, clip_input
+from detector_core.sources.images import decode_image
+from detector_core.sources.jpeg_header import read_header, route
 
 MAX_PIXELS = 1 << 26
 
@@ -107,7 +107,7 @@ def test_router_sends_baseline_ycbcr_jpegs_to_the_gpu_and_everything_else_to_the
     # The header's metadata is what the CPU decode records.
     d = decode_image(baseline)
     h = read_header(baseline)
-    from detector_core.images import quality_from_table_sum
+    from detector_core.sources.images import quality_from_table_sum
 
     assert (h.width, h.height, quality_from_table_sum(h.luma_table_sum), h.exif) == (d.width, d.height, d.jpeg_quality, d.exif) == \
         (320, 240, 90, False)
@@ -117,7 +117,7 @@ def test_router_sends_baseline_ycbcr_jpegs_to_the_gpu_and_everything_else_to_the
 def test_gpu_path_on_cpu_equals_the_backends_cpu_path_for_every_exif_orientation(orientation):
     """The nvjpeg backend's two paths are one function of the pixels: decode_inputs (the GPU's code, run on the CPU)
     gives exactly what the CPU fallback (Pillow, exif_transpose, the same tensor resize) gives."""
-    from detector_core.device_decode import decode_inputs
+    from detector_core.sources.device_decode import decode_inputs
 
     data = _with_orientation(_photo(np.random.default_rng(orientation), 300, 200), orientation)
     h = read_header(data)
@@ -135,8 +135,8 @@ def test_gpu_path_on_cpu_equals_the_backends_cpu_path_for_every_exif_orientation
 def test_load_images_routes_by_header_and_the_embedder_fills_the_gpu_rows(tmp_path):
     import torch
 
-    from jobs.decoding import ENCODED, PIXELS, load_images
-    from jobs.pipeline import Embedder
+    from jobs.scanning.decoding import ENCODED, PIXELS, load_images
+    from jobs.scanning.pipeline import Embedder
 
     rng = np.random.default_rng(5)
     files = {"base.jpg": _jpeg(_photo(rng), quality=85), "turned.jpg": _with_orientation(_photo(rng, 200, 300), 6),
@@ -176,7 +176,7 @@ def test_decode_backend_is_part_of_the_spec_and_old_records_keep_their_ids():
     assert FeatureSpec(extractor="dnf", decode="nvjpeg").decode == "pil"  # a CLIP setting: DNF decodes on CPU workers
     with pytest.raises(ValueError, match="decode backend"):
         FeatureSpec(decode="dali")
-    from jobs.pipeline import check_decode
+    from jobs.scanning.pipeline import check_decode
 
     check_decode([gpu], gpu=True)
     with pytest.raises(ValueError, match="needs a GPU"):
@@ -188,10 +188,10 @@ def test_decode_backend_is_part_of_the_spec_and_old_records_keep_their_ids():
 def test_a_scan_of_a_gpu_decode_detector_without_a_gpu_fails_in_one_line(tmp_path, bundle_dir):
     import torch
 
-    from detector_core.bundle import DetectorBundle, save_bundle
-    from detector_core.model import DetectorMLP
+    from detector_core.method.bundle import DetectorBundle, save_bundle
+    from detector_core.method.model import DetectorMLP
     from jobs import scan
-    from jobs.common import JobError
+    from jobs.common.errors import JobError
 
     torch.manual_seed(0)
     path = tmp_path / "gpu-detector"
@@ -206,7 +206,7 @@ def test_a_scan_of_a_gpu_decode_detector_without_a_gpu_fails_in_one_line(tmp_pat
 
 
 def test_shortcut_report_sees_a_decode_path_that_predicts_the_label():
-    from detector_core.shortcuts import metadata_matrix, shortcut_report
+    from detector_core.method.shortcuts import metadata_matrix, shortcut_report
 
     n = 200
     label = np.array([0, 1] * (n // 2), dtype=np.int8)

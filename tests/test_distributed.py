@@ -23,8 +23,8 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from detector_core.model import DetectorMLP
-from detector_core.training import OptimConfig, all_gather_batch, batch_loss, build_optimizer, training_step
+from detector_core.method.model import DetectorMLP
+from detector_core.method.training import OptimConfig, all_gather_batch, batch_loss, build_optimizer, training_step
 
 D, N, STEPS = 10, 48, 4
 
@@ -167,7 +167,7 @@ def test_per_worker_loss_mean_is_not_the_global_loss():
     model.load_state_dict(init)
     cfg = OptimConfig()
     z = Chunked(model, 2)(x[0])
-    from detector_core.losses import detector_loss
+    from detector_core.method.losses import detector_loss
 
     whole = detector_loss(z, y[0])
     halves = (detector_loss(z[: N // 2], y[0, : N // 2]) + detector_loss(z[N // 2 :], y[0, N // 2 :])) / 2

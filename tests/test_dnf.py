@@ -15,25 +15,25 @@ import torch
 from PIL import Image
 from safetensors.torch import save as save_safetensors
 
-from detector_core import dnf
-from detector_core.bundle import BundleError, DetectorBundle, load_bundle, save_bundle
-from detector_core.cache import features_matrix, read_features
-from detector_core.catalog import read_table
 from detector_core.demo import encode, make_image
-from detector_core.dnf import DnfExtractor, UnetNotFoundError, load_unet, unet_config
-from detector_core.extractors import FeatureSpec
-from detector_core.images import decode_image
-from detector_core.model import DetectorMLP, NoiseResNet, load_backbone
+from detector_core.method import dnf
+from detector_core.method.bundle import BundleError, DetectorBundle, load_bundle, save_bundle
+from detector_core.method.cache import features_matrix, read_features
+from detector_core.method.dnf import DnfExtractor, UnetNotFoundError, load_unet, unet_config
+from detector_core.method.extractors import FeatureSpec
+from detector_core.method.model import DetectorMLP, NoiseResNet, load_backbone
+from detector_core.sources.images import decode_image
+from detector_core.tables.catalog import read_table
 from jobs import evaluate, scan, train
-from jobs.common import JobError
-from jobs.decoding import load_images
-from jobs.pipeline import Embedder
+from jobs.common.errors import JobError
+from jobs.scanning.decoding import load_images
+from jobs.scanning.pipeline import Embedder
 
 TINY = FeatureSpec(extractor="dnf", unet="test-tiny").resolved()
 
 
 def _direct_unet():
-    """The test-tiny UNet built here from its shipped config, not through detector_core.dnf."""
+    """The test-tiny UNet built here from its shipped config, not through detector_core.method.dnf."""
     from diffusers import UNet2DModel
 
     cfg = json.loads((Path(dnf.__file__).with_name("unet_configs") / "test-tiny.json").read_text())

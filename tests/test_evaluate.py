@@ -19,12 +19,12 @@ import torch
 from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from detector_core.bundle import DetectorBundle, load_bundle, save_bundle
-from detector_core.cache import read_features
-from detector_core.extractors import FeatureSpec
-from detector_core.features import ClipEncoder
-from detector_core.images import decode_image
-from detector_core.model import DetectorMLP
+from detector_core.method.bundle import DetectorBundle, load_bundle, save_bundle
+from detector_core.method.cache import read_features
+from detector_core.method.extractors import FeatureSpec
+from detector_core.method.features import ClipEncoder
+from detector_core.method.model import DetectorMLP
+from detector_core.sources.images import decode_image
 from jobs import ablation, evaluate
 
 

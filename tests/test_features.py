@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from detector_core.demo import make_image
-from detector_core.features import ClipEncoder, WeightsNotFoundError, build_preprocess, feature_dim
+from detector_core.method.features import ClipEncoder, WeightsNotFoundError, build_preprocess, feature_dim
 
 
 def _direct_model(seed=0):

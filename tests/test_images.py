@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detector_core.images import ImageDecodeError, decode_image
+from detector_core.sources.images import ImageDecodeError, decode_image
 
 
 def _save(im: Image.Image, fmt: str, **kw) -> bytes:

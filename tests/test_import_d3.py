@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from detector_core.demo import encode, make_image
-from detector_core.images import decode_image
-from detector_core.manifest import validate_manifest
+from detector_core.sources.images import decode_image
+from detector_core.sources.manifest import validate_manifest
 from jobs.import_d3 import main
 
 
@@ -45,7 +45,7 @@ def test_d3_shard_to_manifest(tmp_path):
 def test_an_unreadable_manifest_names_the_file_and_the_bad_line(tmp_path):
     import pytest
 
-    from detector_core.manifest import ManifestError, read_manifest
+    from detector_core.sources.manifest import ManifestError, read_manifest
 
     (tmp_path / "m.csv").write_text("uri,label\na.png,1\nb.png,0,extra\n")
     (tmp_path / "m.parquet").write_bytes(b"not parquet at all")

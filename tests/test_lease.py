@@ -1,4 +1,4 @@
-"""The output lease (detector_core.lease) and the Iceberg commit protocol (detector_core.catalog), without Ray.
+"""The output lease (detector_core.tables.lease) and the Iceberg commit protocol (detector_core.tables.catalog), without Ray.
 
 The lease is checked on a local disk (O_EXCL) and on the S3 server in tests (If-None-Match):
 one holder at a time, even among racing threads; the holder is named to the loser; a dead
@@ -18,10 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from detector_core import tables as T
-from detector_core.catalog import CatalogError, ScanOutput, data_file_path, read_table
-from detector_core.lease import Lease, LeaseHeldError, LeaseLostError
 from detector_core.storage import open_fs
+from detector_core.tables import definitions as T
+from detector_core.tables.catalog import CatalogError, ScanOutput, data_file_path, read_table
+from detector_core.tables.lease import Lease, LeaseHeldError, LeaseLostError
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detector_core.losses import cvar, detector_loss, pairwise_auc_loss
+from detector_core.method.losses import cvar, detector_loss, pairwise_auc_loss
 
 
 def variational_cvar(losses: torch.Tensor, alpha: float) -> tuple[float, float]:

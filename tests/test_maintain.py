@@ -1,4 +1,4 @@
-"""The tables over many nights and under damage: commit order, maintenance (detector_core.maintenance, jobs.maintain),
+"""The tables over many nights and under damage: commit order, maintenance (detector_core.tables.maintenance, jobs.maintain),
 damage found and repaired, read-only SQL, table docs, and AWS Glue (moto). No Ray.
 
 Units are committed through the real commit path (``ScanOutput.commit_unit``) from small
@@ -23,12 +23,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from detector_core import maintenance as M
 from detector_core import schema as S
-from detector_core import tables as T
-from detector_core.catalog import LostCatalogError, ScanOutput, data_file_path, read_table
-from detector_core.views import duckdb_connection, pinned_snapshots, sql_quote
-from jobs.common import JobError
+from detector_core.tables import definitions as T
+from detector_core.tables import maintenance as M
+from detector_core.tables.catalog import LostCatalogError, ScanOutput, data_file_path, read_table
+from detector_core.tables.views import duckdb_connection, pinned_snapshots, sql_quote
+from jobs.common.errors import JobError
 
 ROOT = Path(__file__).resolve().parents[1]
 DAY = dt.date(2026, 11, 23)
@@ -53,7 +53,7 @@ def _unit(out: ScanOutput, scan_id: str, unit: int, n: int = 4, day: dt.date = D
     files = {}
     for name, rows in parts.items():
         path = data_file_path(out.uri, name, day.isoformat(), "b", scan_id)
-        fs_path = M._fs_path(path)
+        fs_path = M.fs_path(path)
         out.fs.makedirs(fs_path.rsplit("/", 1)[0], exist_ok=True)
         with out.fs.open(fs_path, "wb") as f:
             pq.write_table(rows, f)
@@ -83,7 +83,7 @@ def _uris(out: ScanOutput, name: str, snapshot_id: int | None = None) -> set[str
 KILLER = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
-from detector_core.catalog import ScanOutput
+from detector_core.tables.catalog import ScanOutput
 from test_maintain import _unit
 out = ScanOutput.open({out!r})
 step = {step!r}
@@ -173,14 +173,14 @@ def test_maintenance_beside_a_committing_scan_loses_no_commit_and_no_live_file(t
 
 def _fold_history(out: ScanOutput) -> None:
     """Move the state's mark to the newest history, as a scan's state refresh does (the files themselves need Ray to fold)."""
-    from detector_core.state_table import commit_state
+    from detector_core.tables.state_table import commit_state
 
     commit_state(out, [], [], {n: out.table(n).current_snapshot().sequence_number for n in ("scores", "errors")})
 
 
 def _answers(out_uri: str) -> dict:
     from jobs.audit import AuditConfig, answer
-    from jobs.flags import parse_config
+    from jobs.common.flags import parse_config
 
     def audit(argv):
         return answer(parse_config(AuditConfig, ["--question", argv[1], *argv[2:]]))
@@ -296,7 +296,7 @@ def test_a_lost_catalog_is_refused_in_one_line_and_repair_registers_the_tables(t
 
 
 def test_a_missing_data_file_is_found_and_repaired_and_its_objects_are_no_longer_settled(tmp_path, monkeypatch):
-    from detector_core.state_table import history_files_since
+    from detector_core.tables.state_table import history_files_since
     from jobs.audit import main as audit
     from jobs.maintain import main as maintain
 
@@ -373,9 +373,9 @@ def test_a_folder_that_is_no_scan_output_is_refused_in_one_line_and_left_untouch
 def test_a_failed_writer_releases_its_lease_even_on_a_full_disk(tmp_path, monkeypatch):
     import errno
 
-    import detector_core.lease as lease_module
-    from detector_core.lease import Lease
+    import detector_core.tables.lease as lease_module
     from detector_core.storage import open_fs
+    from detector_core.tables.lease import Lease
 
     fs, root = open_fs(str(tmp_path / "out"))
     lease = Lease(fs, root, "scan-1", ttl_s=300)

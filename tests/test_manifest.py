@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from detector_core import schema as S
-from detector_core.manifest import ManifestError, validate_manifest
+from detector_core.sources.manifest import ManifestError, validate_manifest
 
 
 def _oracle(rows: list[dict], val_fraction: float, calib_fraction: float, require_labels: bool = True):

@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import binomtest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from detector_core.metrics import (
+from detector_core.method.metrics import (
     accuracy_at,
     average_precision,
     calibrate_threshold,

@@ -11,9 +11,9 @@ import time
 import torch
 from torch import nn
 
-from detector_core.metrics import roc_auc
-from detector_core.model import DetectorMLP
-from detector_core.training import OptimConfig, fit, predict_logits
+from detector_core.method.metrics import roc_auc
+from detector_core.method.model import DetectorMLP
+from detector_core.method.training import OptimConfig, fit, predict_logits
 
 
 def test_structure_matches_the_paper():

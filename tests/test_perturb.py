@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from detector_core.demo import make_image
-from detector_core.perturb import Perturbation, parse_perturbation, parse_perturbations
+from detector_core.method.perturb import Perturbation, parse_perturbation, parse_perturbations
 
 
 @pytest.fixture

@@ -16,11 +16,11 @@ import pytest
 from test_scan import _exactly_once, _images, _tables, _write
 
 from detector_core import schema as S
-from detector_core import state as ST
 from detector_core.demo import encode, make_image
-from detector_core.listing import flat_listing, list_unit, split_prefix
+from detector_core.sources.listing import flat_listing, list_unit, split_prefix
+from detector_core.tables import state as ST
 from jobs import scan
-from jobs.common import JobError
+from jobs.common.errors import JobError
 
 
 @pytest.fixture(params=["driver", "cluster"])
@@ -76,7 +76,7 @@ def test_anti_join_matches_a_row_by_row_reference():
     state = [{"detector_id": str(rng.choice(detectors)), "uri": f"u{int(rng.integers(0, 300))}", "etag": str(rng.choice(["a", "b"])),
               "size": int(rng.choice([1, 2])), "outcome": "scored", "scan_id": "s", "scanned_at": t0 + dt.timedelta(seconds=i),
               "uri_bucket": 0} for i in range(500)]
-    work, counts = ST.anti_join(pa.Table.from_pylist(listed, schema=ST.LIST_SCHEMA), pa.Table.from_pylist(state, schema=ST.STATE_SCHEMA),
+    work, counts = ST.anti_join(pa.Table.from_pylist(listed, schema=S.LIST_SCHEMA), pa.Table.from_pylist(state, schema=ST.STATE_SCHEMA),
                                 detectors)
     want = _reference_plan(listed, state, detectors)
     got = {u: (a, b) for u, a, b in zip(work["uri"].to_pylist(), work[ST.todo_column(0)].to_pylist(), work[ST.todo_column(1)].to_pylist())}
@@ -109,7 +109,7 @@ def test_fan_out_listing_equals_flat_listing_local(tmp_path, target):
 def test_fan_out_listing_equals_flat_listing_on_s3_through_ray(ray_local, s3_bucket):
     import s3fs
 
-    from jobs.planning import listing
+    from jobs.scanning.planning import listing
 
     fs = s3fs.S3FileSystem()
     files = _tree("s3://", n_dirs=10, per_dir=120)  # 1,202 keys
@@ -176,9 +176,9 @@ def test_s3_inventory_input_every_object_exactly_once(ray_local, bundle_dir, s3_
 
 
 def test_state_deleted_is_rebuilt_from_history_and_compacts(ray_local, bundle_dir, tmp_path, where):
-    from detector_core.catalog import STATE, ScanOutput
-    from detector_core.state_table import open_state
-    from jobs.refresh import refresh_state
+    from detector_core.tables.catalog import STATE, ScanOutput
+    from detector_core.tables.state_table import open_state
+    from jobs.scanning.refresh import refresh_state
 
     bucket = tmp_path / "bucket"
     uris = _images(bucket, 10, 1)
@@ -282,8 +282,8 @@ def test_a_manifest_naming_a_fifo_or_dev_zero_directly_is_refused_not_read(ray_l
 
 def test_plan_rows_never_reach_the_driver(ray_local, bundle_dir, tmp_path):
     """The plan's result in the driver is one row per partition with work (counts and a path), whatever the object count."""
-    from detector_core.catalog import ScanOutput
-    from jobs.planning import plan
+    from detector_core.tables.catalog import ScanOutput
+    from jobs.scanning.planning import plan
 
     bucket = tmp_path / "bucket"
     _write(bucket, {f"d{i % 7}/f{i:04d}.png": b"" for i in range(3000)})
@@ -327,8 +327,8 @@ def test_an_output_inside_its_input_is_left_out_and_an_input_inside_the_output_r
 def test_driver_and_cluster_plans_give_the_same_rows(ray_local, bundle_dir, tmp_path):
     """Same input, same state: the same work rows (and counts) from the plan in the driver and the plan on the cluster;
     auto goes to the cluster when the listed rows plus the state rows they touch pass --driver-plan-max."""
-    from detector_core.catalog import ScanOutput
-    from jobs.planning import plan
+    from detector_core.tables.catalog import ScanOutput
+    from jobs.scanning.planning import plan
 
     bucket = tmp_path / "bucket"
     uris = _images(bucket, 12, 31)
@@ -368,6 +368,6 @@ def test_driver_and_cluster_plans_give_the_same_rows(ray_local, bundle_dir, tmp_
 
 def scan_id_of(o) -> str:
     """The detector id that the output's state holds."""
-    from detector_core.catalog import STATE
+    from detector_core.tables.catalog import STATE
 
     return o.read(STATE)["detector_id"][0].as_py()

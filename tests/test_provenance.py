@@ -23,8 +23,8 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from bench.bench_provenance import IPTC, make_test_ca, sign
-from detector_core.images import ImageDecodeError, decode_image
-from detector_core.provenance import MAX_TEXT_BYTES, Evidence, read_evidence
+from detector_core.sources.images import ImageDecodeError, decode_image
+from detector_core.sources.provenance import MAX_TEXT_BYTES, Evidence, read_evidence
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def test_hostile_evidence_is_bounded_recorded_and_the_image_still_decodes(ca):
 
 def test_a_scan_records_evidence_flags_declared_and_answers_agreement(ray_local, bundle_dir, ca, tmp_path):
     """A folder of known files scanned with --c2pa-trust and --flag-declared: every row's evidence, flag_reason and the recall per generator."""
-    from detector_core.catalog import read_table
+    from detector_core.tables.catalog import read_table
     from jobs import audit, scan
 
     bucket = tmp_path / "bucket"
@@ -187,7 +187,7 @@ def test_a_scan_records_evidence_flags_declared_and_answers_agreement(ray_local,
     files["cut.png"] = _image("PNG", 50, pnginfo=info)[:-300]  # declared, but its pixels are cut short: an errors row
     from imwatermark import WatermarkEncoder
 
-    from detector_core.provenance import WATERMARKS, with_watermark
+    from detector_core.sources.watermark import WATERMARKS, with_watermark
 
     enc = WatermarkEncoder()
     enc.set_watermark("bits", WATERMARKS["sdxl"][0])
@@ -251,7 +251,7 @@ def test_a_scan_records_evidence_flags_declared_and_answers_agreement(ray_local,
     import pyarrow.parquet as pq
 
     from jobs import train
-    from jobs.train_config import TrainConfig
+    from jobs.training.config import TrainConfig
 
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.table({"uri": [str(bucket / "plain_0.jpg"), str(bucket / "camera.jpg")], "label": [0, 1]}), manifest)
@@ -281,7 +281,7 @@ def test_invisible_watermarks_are_counted_in_bits_with_a_computed_false_positive
     from imwatermark import WatermarkDecoder, WatermarkEncoder
     from scipy.stats import binom
 
-    from detector_core.provenance import WATERMARKS, watermark_agreement, watermark_threshold, with_watermark
+    from detector_core.sources.watermark import WATERMARKS, watermark_agreement, watermark_threshold, with_watermark
 
     for name, (bits, _) in WATERMARKS.items():  # the bound: an unmarked image's bits as fair coins, three patterns read
         t = watermark_threshold(len(bits))
@@ -333,8 +333,8 @@ def test_a_schema_4_output_gains_the_evidence_columns_in_place(tmp_path):
     import pyarrow.parquet as pq
 
     from detector_core import schema as S
-    from detector_core import tables as T
-    from detector_core.catalog import ScanOutput, data_file_path
+    from detector_core.tables import definitions as T
+    from detector_core.tables.catalog import ScanOutput, data_file_path
     from jobs import audit
 
     root = str(tmp_path / "out")

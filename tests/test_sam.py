@@ -11,10 +11,10 @@ import copy
 import pytest
 import torch
 
-from detector_core.losses import detector_loss
-from detector_core.model import DetectorMLP
-from detector_core.sam import SAM, bn_stats_frozen
-from detector_core.training import OptimConfig, build_optimizer, build_scheduler, training_step
+from detector_core.method.losses import detector_loss
+from detector_core.method.model import DetectorMLP
+from detector_core.method.sam import SAM, bn_stats_frozen
+from detector_core.method.training import OptimConfig, build_optimizer, build_scheduler, training_step
 
 ADAMW = dict(lr=1e-2, betas=(0.9, 0.999), weight_decay=0.01)
 
@@ -160,7 +160,7 @@ def test_state_dict_round_trip_resumes_exactly():
 
 def test_dnf_reference_recipe_pieces():
     """Adam for the recipe; each row flipped or not, about half; PlateauStop's lr sequence on a hand-made accuracy curve."""
-    from detector_core.training import RECIPE_OPTIM, PlateauStop, random_hflip
+    from detector_core.method.training import RECIPE_OPTIM, PlateauStop, random_hflip
 
     model = torch.nn.Linear(4, 1)
     opt = build_optimizer(model, OptimConfig(**{k: v for k, v in RECIPE_OPTIM["dnf-reference"].items() if k != "batch_size"}))

@@ -17,14 +17,14 @@ import pytest
 import torch
 from PIL import Image
 
-from detector_core.bundle import DetectorBundle, load_bundle, save_bundle
 from detector_core.demo import encode, make_image
-from detector_core.extractors import FeatureSpec
-from detector_core.features import ClipEncoder
-from detector_core.images import decode_image
-from detector_core.model import DetectorMLP
+from detector_core.method.bundle import DetectorBundle, load_bundle, save_bundle
+from detector_core.method.extractors import FeatureSpec
+from detector_core.method.features import ClipEncoder
+from detector_core.method.model import DetectorMLP
+from detector_core.sources.images import decode_image
 from jobs import scan
-from jobs.common import JobError
+from jobs.common.errors import JobError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,14 +81,14 @@ def _write(root, files):
 
 
 def _data_files(out, name, catalog=""):
-    from detector_core.catalog import ScanOutput
+    from detector_core.tables.catalog import ScanOutput
 
     table = ScanOutput.open(str(out), catalog, create=False).table(name)
     return [t.file.file_path for t in table.scan().plan_files()]
 
 
 def _tables(out, catalog=""):
-    from detector_core.catalog import read_table
+    from detector_core.tables.catalog import read_table
 
     return {name: read_table(str(out), name, catalog=catalog) for name in ("scores", "flagged", "errors", "runs")}
 
@@ -333,8 +333,8 @@ def test_bug3_kill_9_between_table_commits_on_s3(ray_local, bundle_dir, s3_bucke
 
 
 def test_bug4_two_scans_at_once_one_refuses_naming_the_holder(ray_local, bundle_dir, tmp_path, capsys):
-    from detector_core.lease import Lease
     from detector_core.storage import open_fs
+    from detector_core.tables.lease import Lease
 
     uris = _images(tmp_path / "bucket", 6, 13)
     out = tmp_path / "out"
@@ -363,14 +363,14 @@ def test_bug4_two_scans_at_once_one_refuses_naming_the_holder(ray_local, bundle_
 def test_readers_never_see_part_of_a_commit_unit(ray_local, bundle_dir, tmp_path):
     import threading
 
-    from detector_core.catalog import ScanOutput
+    from detector_core.tables.catalog import ScanOutput
 
     uris = _images(tmp_path / "bucket", 24, 14)
     out = tmp_path / "out"
     seen, stop = [], threading.Event()
 
     def poll():
-        from detector_core.views import duckdb_connection
+        from detector_core.tables.views import duckdb_connection
 
         while not stop.is_set():
             try:
@@ -421,8 +421,8 @@ def _big_jpeg(seed: int = 5) -> bytes:
 def test_an_ensemble_decodes_each_detectors_images_as_its_training_did(tmp_path):
     """CLIP allows JPEG draft decoding, DNF does not: in one pass each gets its own decode (before, the
     ensemble turned draft off for both, so the CLIP detector saw other pixels than in training)."""
-    from detector_core.extractors import draft_size_for, preprocess_for
-    from jobs.decoding import load_images, pixel_column
+    from detector_core.method.extractors import draft_size_for, preprocess_for
+    from jobs.scanning.decoding import load_images, pixel_column
 
     data = _big_jpeg()
     (tmp_path / "big.jpg").write_bytes(data)
@@ -439,7 +439,7 @@ def test_an_ensemble_decodes_each_detectors_images_as_its_training_did(tmp_path)
 
 
 def test_a_detector_trained_with_another_decode_is_refused_and_another_precision_warned(ray_local, tmp_path, capsys):
-    from detector_core.extractors import feature_compute
+    from detector_core.method.extractors import feature_compute
 
     spec = FeatureSpec(clip_model="test-tiny", feature_mode="image")
     here = feature_compute(spec, gpu=False)
@@ -465,9 +465,9 @@ def test_a_detector_trained_with_another_decode_is_refused_and_another_precision
 def test_no_jpeg_draft_makes_png_and_jpeg_the_same_function_and_scans_follow_the_bundle(ray_local, tmp_path, capsys):
     """--no-jpeg-draft: a large picture as PNG and as JPEG q100 4:4:4 gives features no further apart than
     the JPEG's own full and draft decodes; a bundle trained so is scanned with full decodes, not refused."""
-    from detector_core.extractors import feature_compute
-    from jobs.decoding import load_images
-    from jobs.pipeline import Embedder
+    from detector_core.method.extractors import feature_compute
+    from jobs.scanning.decoding import load_images
+    from jobs.scanning.pipeline import Embedder
 
     rng = np.random.default_rng(9)
     picture = Image.fromarray(np.clip(np.asarray(make_image(rng, "real", size=(96, 128)).resize((1024, 768), Image.BICUBIC)).astype(np.int16)
@@ -496,7 +496,7 @@ def test_no_jpeg_draft_makes_png_and_jpeg_the_same_function_and_scans_follow_the
     summary = scan.main(["--detector", str(tmp_path / "full"), "--input", str(bucket), "--output", str(tmp_path / "out")])
     (d,) = summary["detectors"]
     assert d["feature_compute"]["scanned"] == full and summary["scored"] == 1
-    from detector_core.catalog import read_table
+    from detector_core.tables.catalog import read_table
 
     (logit,) = read_table(str(tmp_path / "out"), "scores")["logit"].to_pylist()
     with torch.no_grad():

@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 from detector_core import schema as S
-from detector_core.images import decode_image
-from detector_core.shortcuts import WARN_AUC, sample_rows, shortcut_report
+from detector_core.method.shortcuts import WARN_AUC, sample_rows, shortcut_report
+from detector_core.sources.images import decode_image
 
 
 def _smooth(rng, w: int, h: int) -> Image.Image:

@@ -10,13 +10,13 @@ import pytest
 import torch
 from scipy.stats import binomtest
 
-from detector_core.bundle import load_bundle
-from detector_core.features import ClipEncoder
-from detector_core.images import decode_image
-from detector_core.manifest import ManifestError, validate_manifest
-from detector_core.metrics import calibrate_threshold, roc_auc
+from detector_core.method.bundle import load_bundle
+from detector_core.method.features import ClipEncoder
+from detector_core.method.metrics import calibrate_threshold, roc_auc
+from detector_core.sources.images import decode_image
+from detector_core.sources.manifest import ManifestError, validate_manifest
 from jobs import train
-from jobs.common import JobError
+from jobs.common.errors import JobError
 
 TINY = ["--clip-model", "test-tiny", "--pretrained", "none"]  # the random test CLIP (the jobs default to the paper's ViT-L-14)
 FAST = ["--batch-size", "64", "--lr", "3e-3", "--embed-batch-size", "128", *TINY]
@@ -107,8 +107,8 @@ def test_everything_on_s3_with_reviewers_verdicts(ray_local, s3_bucket, tmp_path
     import s3fs
     from test_verdicts import commit_night, verdict
 
-    from detector_core.catalog import ScanOutput
     from detector_core.demo import write_dataset
+    from detector_core.tables.catalog import ScanOutput
     from jobs import audit
 
     rows = write_dataset(tmp_path / "images", 60, 60, seed=4)

@@ -22,12 +22,12 @@ from scipy.special import logit
 from scipy.stats import binomtest
 
 from detector_core import schema as S
-from detector_core import tables as T
-from detector_core.catalog import ScanOutput, data_file_path, read_table
 from detector_core.storage import open_fs
-from detector_core.verdicts import VerdictError, parse_verdicts, with_verdicts
+from detector_core.tables import definitions as T
+from detector_core.tables.catalog import ScanOutput, data_file_path, read_table
+from detector_core.tables.verdicts import VerdictError, parse_verdicts, with_verdicts
 from jobs import audit
-from jobs.common import JobError
+from jobs.common.errors import JobError
 
 DET = "clip-mlp-0123456789ab"
 THR = 0.5
@@ -240,7 +240,7 @@ def test_precision_from_the_stratified_sample_is_unbiased_where_convenience_is_n
     interval holds the true precision; the estimate and interval equal an independent
     computation of the stratified estimator (weights N_h / N, Wilson at the effective size).
     """
-    from detector_core.views import connect
+    from detector_core.tables.views import connect
     from jobs import report
 
     rng = np.random.default_rng(7)
@@ -352,7 +352,7 @@ def test_imports_read_utf8_with_or_without_bom_and_utf16_and_refuse_latin1_in_on
 
 def test_a_second_detector_gets_its_own_sample_beside_the_first(two_nights):
     """A night whose sample one detector already has: the next report draws the other's and returns both (one table)."""
-    from detector_core.views import connect
+    from detector_core.tables.views import connect
     from jobs import report
 
     out, night = two_nights["out"], dt.date(2026, 11, 22)

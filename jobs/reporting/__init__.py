@@ -1,0 +1,1 @@
+"""The review page's parts (``python -m jobs.report`` is the command): its config, thumbnails and the page itself."""
