@@ -65,8 +65,10 @@ def scan_process(args: list[str], tree: Path | None = None, timeout: float = 180
         env["RAY_ADDRESS"] = ray_address
     # Ray is started before the job's clock starts (as on a cluster, where it is already up);
     # both codes' init_ray() then find it running.
-    code = ("import json, resource, sys; from jobs import scan; from jobs.common.ray_setup import init_ray; init_ray(); "
-            "s = scan.main(sys.argv[1:]); "
+    code = ("import json, resource, sys\nfrom jobs import scan\n"
+            "try:\n    from jobs.common.ray_setup import init_ray\n"
+            "except ImportError:  # a tree from before jobs.common was a package\n    from jobs.common import init_ray\n"
+            "init_ray(); s = scan.main(sys.argv[1:]); "
             "s['driver_peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; "
             "print('LEGACY-SUMMARY ' + json.dumps(s, default=str))")
     res = subprocess.run([sys.executable, "-c", code, *args], cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)

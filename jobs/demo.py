@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
     if cfg.dnf:
         print(f"DNF:       {out / 'training-dnf' / 'detector'}  (val AUC {dnf_metrics['val_auc']:.3f}, threshold {dnf_metrics['threshold']:.3f})")
     print(f"tables:    Iceberg tables detector.{{scores,flagged,errors,runs}} in {out / 'scans' / 'catalog.db'} (data under {out / 'scans'}/)")
-    print(f"           python -c \"from detector_core.catalog import read_table; print(read_table('{out / 'scans'}', 'flagged'))\"")
+    print(f"           python -c \"from detector_core.tables.catalog import read_table; print(read_table('{out / 'scans'}', 'flagged'))\"")
     print(f"summary:   {out / 'scans' / 'runs' / (summary['scan_id'] + '.json')}")
     print(f"review:    {out / 'report.html'}  (open in a browser)")
     print(f"questions: python -m jobs.audit query per-day --scan {out / 'scans'}")

@@ -42,7 +42,7 @@ import pyarrow as pa
 from detector_core import schema as S
 from detector_core.storage import open_fs, s3_storage_options, write_atomic
 from detector_core.tables import definitions as T
-from detector_core.tables.questions import question_sql
+from detector_core.tables.questions import finish, question_sql
 from detector_core.tables.sampling import draw_sample, night_seed
 from detector_core.tables.verdicts import FILE_COLUMNS
 from detector_core.tables.views import connect, read_runs, sql_quote
@@ -181,7 +181,8 @@ def build_report(cfg: ReportConfig) -> tuple[str, dict]:
     failures = write_thumbnails(uris, cfg, so)
     reviewed = _reviewed(con, uris)
     every_night = connect(out, where, runs=runs)  # precision over the nights before this one too
-    precision = every_night.sql(question_sql(SimpleNamespace(question="precision"))).to_arrow_table().to_pylist()
+    ask = SimpleNamespace(question="precision")
+    precision = finish(ask, every_night.sql(question_sql(ask)).to_arrow_table()).to_pylist()
     tonight = [r for r in precision if str(r["scan_date"]) == date]
 
     summary_cols = ["scan_id", "detector_id", "detector_kind", "input", "listed", "skipped", "scored", "flagged", "errors", "seconds", "finished_at"]

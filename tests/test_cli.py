@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _configs():
-    for m in pkgutil.iter_modules(jobs.__path__):
-        mod = importlib.import_module(f"jobs.{m.name}")
+    for m in pkgutil.walk_packages(jobs.__path__, "jobs."):  # the verbs and their parts (jobs.scanning.config, ...)
+        mod = importlib.import_module(m.name)
         for v in vars(mod).values():
             if isinstance(v, type) and dataclasses.is_dataclass(v) and v.__module__ == mod.__name__ and v.__name__.endswith("Config"):
                 yield v

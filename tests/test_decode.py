@@ -64,7 +64,7 @@ def test_clip_input_equals_open_clips_transform_pixel_for_pixel(model):
 
 def test_decode_tasks_import_neither_torch_nor_open_clip():
     """What a CPU decode task runs (load_images with the driver's preps) in a fresh interpreter: no torch, no open_clip."""
-    code = ("import pickle, sys, numpy as np; from jobs.decoding import load_images; prep = pickle.loads(sys.stdin.buffer.read()); "
+    code = ("import pickle, sys, numpy as np; from jobs.scanning.decoding import load_images; prep = pickle.loads(sys.stdin.buffer.read()); "
             "out = load_images({'uri': np.array([sys.argv[1]], dtype=object)}, preps=[prep]); "
             "assert out['pixels'].shape == (1, prep.size, prep.size, 3) and out['error_stage'][0] is None, out; "
             "print(sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules))")

@@ -80,7 +80,7 @@ def test_missing_weight_file_is_a_clear_error(tmp_path):
 
 def test_tag_without_network_fails_fast_with_advice():
     code = (
-        "from detector_core.features import ClipEncoder, WeightsNotFoundError\n"
+        "from detector_core.method.features import ClipEncoder, WeightsNotFoundError\n"
         "try:\n ClipEncoder('ViT-B-32', 'openai')\n"
         "except WeightsNotFoundError as e:\n print('CLEAR', e)\n"
     )

@@ -313,7 +313,7 @@ def test_a_missing_data_file_is_found_and_repaired_and_its_objects_are_no_longer
     def killed(*a, **kw):
         raise KeyboardInterrupt  # the repair's process dies after removing the file, before mending flagged
 
-    monkeypatch.setattr(M, "_rebuild_flagged", killed)
+    monkeypatch.setattr(M.damage, "_rebuild_flagged", killed)
     with pytest.raises(KeyboardInterrupt):
         maintain(["repair", "--output", out.uri])
     monkeypatch.undo()

@@ -29,7 +29,8 @@ from detector_core.method.model import DetectorMLP
 from detector_core.sources.images import decode_image
 from detector_core.tables.catalog import read_table
 from jobs import report, scan
-from jobs.reporting import thumbnails
+from jobs.reporting.page import QUEUE_FLAGGED, QUEUE_SAMPLE
+from jobs.reporting.thumbnails import asset_name
 
 NAUGHTY = 'odd <script>alert(1) & "quote" <img src=x onerror=alert(2)>.png'  # no "/": it is one file name
 
@@ -102,7 +103,7 @@ def test_page_queue_sample_thumbnail_files_and_escaping(scanned, tmp_path):
     p = _page(tmp_path / "r.html")
     page = (tmp_path / "r.html").read_text()
     cards = p.data["cards"]
-    queue = [i for i, q in enumerate(cards["q"]) if q & page.QUEUE_FLAGGED]
+    queue = [i for i, q in enumerate(cards["q"]) if q & QUEUE_FLAGGED]
     assert counts["flagged"] == n_flagged and counts["flagged_shown"] == 3 == len(queue) and counts["band_shown"] == 4
     # the queue holds the 3 highest scores; the sample holds every flagged row (fewer than 385)
     want = sorted(scanned["flagged"]["score"].to_pylist(), reverse=True)[:3]
@@ -111,11 +112,11 @@ def test_page_queue_sample_thumbnail_files_and_escaping(scanned, tmp_path):
     assert sample.num_rows == n_flagged == counts["sample"] == counts["sample_drawn_now"]
     assert sorted(sample["uri"].to_pylist()) == sorted(scanned["flagged"]["uri"].to_pylist())
     assert sorted(sample["sample_order"].to_pylist()) == list(range(1, n_flagged + 1))
-    assert sorted(o for o, q in zip(cards["order"], cards["q"]) if q & page.QUEUE_SAMPLE) == list(range(1, n_flagged + 1))
+    assert sorted(o for o, q in zip(cards["order"], cards["q"]) if q & QUEUE_SAMPLE) == list(range(1, n_flagged + 1))
     # thumbnails are files beside the page (one per image, named by a hash of its uri), not in it
     files = tmp_path / "r_files"
     for i, name in enumerate(cards["thumb"]):
-        assert name == thumbnails.asset_name(cards["uri"][i]) and (files / "t" / name).stat().st_size > 300
+        assert name == asset_name(cards["uri"][i]) and (files / "t" / name).stat().st_size > 300
         assert (files / "p" / name).exists()
     assert "data:image" not in page and counts["page_bytes"] == len(page.encode())
     text = "".join(p.text)

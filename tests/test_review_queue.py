@@ -20,7 +20,8 @@ import pytest
 from conftest import serve
 
 from bench.bench_review import make_page
-from jobs.reporting import thumbnails
+from jobs.reporting.page import QUEUE_SAMPLE
+from jobs.reporting.thumbnails import shard_hash
 
 N = 10_000
 
@@ -128,7 +129,7 @@ def test_filters_and_sorts_agree_with_the_data(chromium, night):
     assert first == _key(min(rows, key=lambda r: (int(r["scanned_at"]), -round(r["score"], 6))))
     page.select_option("#queue", "sample")  # the precision sample: its own fixed order, whatever the sort
     cards = night["data"]["cards"]
-    order = sorted((o, i) for i, (o, q) in enumerate(zip(cards["order"], cards["q"])) if q & page.QUEUE_SAMPLE)
+    order = sorted((o, i) for i, (o, q) in enumerate(zip(cards["order"], cards["q"])) if q & QUEUE_SAMPLE)
     assert page.evaluate("window.reviewQueue.keys()") == [_key(rows[i]) for _, i in order] and len(order) == night["sample"] == 385
     assert page.locator("#sort").is_disabled()
     assert errors == []
@@ -145,7 +146,7 @@ def test_reviewer_shares_do_not_overlap_and_cover_the_queue(chromium, night):
         ctx.close()
     rows = night["rows"]
     for k, keys in enumerate(seen, start=1):
-        assert set(keys) == {_key(r) for r in rows if thumbnails.shard_hash(r["uri"]) % 3 + 1 == k}
+        assert set(keys) == {_key(r) for r in rows if shard_hash(r["uri"]) % 3 + 1 == k}
     assert sum(len(s) for s in seen) == N and len(set().union(*map(set, seen))) == N
 
 

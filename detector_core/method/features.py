@@ -15,6 +15,7 @@ unreachable weight file is an error that says what to pass; there is no fallback
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import asdict
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from detector_core.devices import resolve_precision
 from detector_core.sources.inputs import ClipInput
@@ -62,6 +64,37 @@ def _open_clip():
 
 class WeightsNotFoundError(RuntimeError):
     """CLIP weights were asked for but cannot be loaded here."""
+
+
+class _WeightsLoadedNext(TorchFunctionMode):
+    """Build a model whose every weight a checkpoint sets next, without drawing its random initialisation.
+
+    The random draws (``torch.nn.init``'s initialisers, which every module's ``reset_parameters`` and
+    open_clip's ``init_parameters`` use, and ``Tensor.normal_``/``uniform_``) fill with NaN instead: a
+    memset rather than a draw, and a weight the checkpoint did not set is then found by ``_check_loaded``
+    instead of left quietly random. A torch function mode, so it holds for this thread only.
+    """
+
+    _DRAWS = frozenset({torch.Tensor.normal_, torch.Tensor.uniform_, *(getattr(torch.nn.init, name) for name in (
+        "uniform_", "normal_", "trunc_normal_", "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_",
+        "orthogonal_", "sparse_"))})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._DRAWS:
+            tensor = args[0] if args else kwargs["tensor"]
+            with torch.no_grad():
+                return tensor.fill_(float("nan"))
+        return func(*args, **kwargs)
+
+
+def _check_loaded(model: torch.nn.Module, what: str) -> None:
+    """Refuse a model with a weight its checkpoint did not set (still NaN from ``_WeightsLoadedNext``)."""
+    unset = [name for name, t in model.state_dict().items() if t.is_floating_point() and bool(torch.isnan(t).any())]
+    if unset:
+        raise WeightsNotFoundError(f"the weights of {what} leave {len(unset)} tensors unset ({', '.join(unset[:5])}"
+                                   f"{', …' if len(unset) > 5 else ''}): pass the checkpoint of this architecture")
+
 
 
 def _is_no_weights(pretrained: str | None) -> bool:
@@ -248,8 +281,9 @@ class ClipEncoder:
         self.device = torch.device(device)
         _model_config(model_name)
         checkpoint = _resolve_pretrained(model_name, pretrained, cache_dir, storage_options)
-        # A random CLIP must be the same in the trainer and in every scan worker.
-        with torch.random.fork_rng(devices=[]):
+        # A random CLIP must be the same in the trainer and in every scan worker. A model whose weights are loaded
+        # next is built without its random initialisation (a second of CPU for ViT-B-32 in every Scorer's start).
+        with torch.random.fork_rng(devices=[]), (_WeightsLoadedNext() if checkpoint is not None else contextlib.nullcontext()):
             torch.manual_seed(seed)
             try:
                 model, _, preprocess = _open_clip().create_model_and_transforms(
@@ -262,6 +296,8 @@ class ClipEncoder:
                         f"Download them where there is network and pass --pretrained /path/to/checkpoint (or s3://...)."
                     ) from exc
                 raise
+        if checkpoint is not None:
+            _check_loaded(model, f"{model_name} from {self.pretrained}")
         self.model = model.eval().requires_grad_(False)
         self.preprocess = preprocess
         self.tokenizer = _open_clip().get_tokenizer(model_name)

@@ -23,12 +23,11 @@ from __future__ import annotations
 import pyarrow as pa
 from scipy.special import logit as scipy_logit
 
-from detector_core.method.metrics import clopper_pearson
+from detector_core.method.metrics import clopper_pearson, wilson
 from detector_core.tables.views import sql_quote
 
 QUESTIONS = ("per-day", "per-prefix", "top", "detectors", "diff", "recut", "errors", "precision", "drift", "threshold", "provenance",
              "agreement", "sql")
-WILSON_Z = 1.959963984540054  # two-sided 95 %
 DRIFT_MIN_NIGHTS = 7  # nights in the trailing window before a night is judged
 DRIFT_BAND = 3.0  # standard deviations
 
@@ -43,16 +42,6 @@ def where_clause(cfg) -> str:
     if cfg.detector_id and cfg.question != "diff":
         parts.append(f"detector_id = {sql_quote(cfg.detector_id)}")
     return " AND ".join(parts)
-
-
-def _wilson_sql(p: str, n: str) -> tuple[str, str]:
-    """SQL of the 95 % Wilson interval (low, high) of the rate ``p`` seen on ``n`` (an expression each)."""
-    z, z2 = WILSON_Z, WILSON_Z * WILSON_Z
-    centre = f"({p} + {z2!r} / (2 * {n}))"
-    half = f"{z!r} * sqrt({p} * (1 - {p}) / {n} + {z2!r} / (4 * {n} * {n}))"
-    known = f"{p} IS NOT NULL AND {n} > 0"  # greatest/least would turn a NULL rate into 0 and 1
-    return (f"CASE WHEN {known} THEN greatest(({centre} - {half}) / (1 + {z2!r} / {n}), 0) END",
-            f"CASE WHEN {known} THEN least(({centre} + {half}) / (1 + {z2!r} / {n}), 1) END")
 
 
 def _limit(cfg) -> str:
@@ -120,9 +109,7 @@ def question_sql(cfg) -> str:
         # variance sum W_h^2 p_h (1 - p_h) / n_h, and a Wilson interval at the effective size
         # p (1 - p) / variance (the reviewed count when every band is all one verdict).
         # The convenience figure counts whatever reviewers opened: labelled as such, not an estimate.
-        p_low, p_high = _wilson_sql("precision", "n_effective")
-        c_low, c_high = _wilson_sql("convenience_precision", "reviewed")
-        return f"""
+        return """
             WITH c AS (SELECT f.scan_date, f.detector_id, count(*) AS flagged,
                               count(*) FILTER (WHERE v.verdict IN ('generated', 'real')) AS reviewed,
                               count(*) FILTER (WHERE v.verdict = 'generated') AS confirmed_generated,
@@ -154,9 +141,8 @@ def question_sql(cfg) -> str:
                               confirmed_generated / nullif(reviewed, 0) AS convenience_precision
                        FROM c LEFT JOIN e USING (scan_date, detector_id))
             SELECT scan_date, detector_id, flagged, sample_size, sample_reviewed, sample_generated, sample_unsure, strata,
-                   strata_reviewed, precision, {p_low} AS precision_low, {p_high} AS precision_high, estimate,
-                   reviewed, confirmed_generated, confirmed_real, unsure, convenience_precision,
-                   {c_low} AS convenience_low, {c_high} AS convenience_high
+                   strata_reviewed, precision, n_effective, estimate,
+                   reviewed, confirmed_generated, confirmed_real, unsure, convenience_precision
             FROM j ORDER BY scan_date, detector_id"""
     if q == "drift":
         nights, k = int(cfg.nights), DRIFT_BAND
@@ -216,15 +202,13 @@ def question_sql(cfg) -> str:
     if q == "agreement":
         # The detector's recall on files that declare themselves generated (an invalid manifest does
         # not count): flagged by its score, whatever --flag-declared added.
-        low, high = _wilson_sql("recall", "declared_generated")
-        return f"""
+        return """
             WITH d AS (SELECT scan_date, detector_id, coalesce(declared_generator, '(not named)') AS generator,
                               count(*) AS declared_generated, count(*) FILTER (WHERE flag_reason IN ('score', 'both')) AS flagged_by_score
                        FROM scores WHERE declared = 'declared_generated' AND coalesce(c2pa_state, '') NOT IN ('invalid', 'unreadable')
                        GROUP BY ALL),
                  r AS (SELECT *, flagged_by_score / declared_generated AS recall FROM d)
-            SELECT scan_date, detector_id, generator, declared_generated, flagged_by_score, recall,
-                   {low} AS recall_low, {high} AS recall_high
+            SELECT scan_date, detector_id, generator, declared_generated, flagged_by_score, recall
             FROM r ORDER BY scan_date, detector_id, declared_generated DESC, generator"""
     if q == "sql":
         if not cfg.sql:
@@ -233,8 +217,33 @@ def question_sql(cfg) -> str:
     raise QuestionError(f"unknown question {q!r}; one of {', '.join(QUESTIONS)}")
 
 
+# The Wilson intervals ``finish`` adds: question -> (rate, the size it was seen on, the interval's column prefix); the
+# size columns that only serve an interval are dropped after.
+WILSON_COLUMNS = {
+    "precision": (("precision", "n_effective", "precision"), ("convenience_precision", "reviewed", "convenience")),
+    "agreement": (("recall", "declared_generated", "recall"),),
+}
+_INTERVAL_ONLY = {"precision": ("n_effective",)}
+
+
+def _with_wilson(table: pa.Table, rate: str, n: str, prefix: str) -> pa.Table:
+    """``table`` with ``<prefix>_low``/``_high``, the 95 % Wilson interval (``metrics.wilson``) of ``rate`` on ``n``, after ``rate``."""
+    lows, highs = [], []
+    for p, size in zip(table[rate].to_pylist(), table[n].to_pylist()):
+        low, high = wilson(p, size) if p is not None and size is not None else (None, None)
+        lows.append(None if low is None or low != low else low)  # nan: no interval (n = 0)
+        highs.append(None if high is None or high != high else high)
+    at = table.schema.get_field_index(rate) + 1
+    table = table.add_column(at, f"{prefix}_low", pa.array(lows, pa.float64()))
+    return table.add_column(at + 1, f"{prefix}_high", pa.array(highs, pa.float64()))
+
+
 def finish(cfg, table: pa.Table) -> pa.Table:
-    """The answer with what SQL cannot compute: ``threshold`` gets each threshold's flag rate with its 95 % Clopper-Pearson interval."""
+    """The answer with what SQL does not compute: the Wilson intervals of ``precision`` and ``agreement`` (one implementation,
+    ``metrics.wilson``), and for ``threshold`` each threshold's flag rate with its 95 % Clopper-Pearson interval."""
+    for rate, n, prefix in WILSON_COLUMNS.get(cfg.question, ()):
+        table = _with_wilson(table, rate, n, prefix)
+    table = table.drop_columns(list(_INTERVAL_ONLY.get(cfg.question, ())))
     if cfg.question != "threshold" or table.num_rows == 0:
         return table
     scored = table["scored"].to_pylist()

@@ -24,14 +24,14 @@ an optimistic Iceberg commit, tried again when a scan's commit wins the race):
   state (rebuilt from history, so the lost objects are scored again) and commits a
   ``runs`` row of status ``repair`` that pins the repaired snapshots.
 
-One module a step (``expiry``, ``compaction``, ``orphans``, ``repair``; ``shared`` is what they share);
+One module a step (``expiry``, ``compaction``, ``orphans``, ``damage``: check and repair; ``shared`` is what they share);
 this package exports each step's functions. Nothing here imports Ray; ``jobs.maintain`` is the command.
 """
 
 from detector_core.tables.maintenance.compaction import COMPACT_TARGET_ROWS, compact
+from detector_core.tables.maintenance.damage import check, register_lost, repair
 from detector_core.tables.maintenance.expiry import expire, pinned
 from detector_core.tables.maintenance.orphans import remove_orphans
-from detector_core.tables.maintenance.repair import check, register_lost, repair
 from detector_core.tables.maintenance.shared import fs_path, referenced
 
 __all__ = ["COMPACT_TARGET_ROWS", "check", "compact", "expire", "fs_path", "pinned", "referenced", "register_lost", "remove_orphans", "repair"]

@@ -1,5 +1,4 @@
-"""Compaction: each finished night's small data files rewritten into few large ones, one ``replace`` snapshot per table.
-"""
+"""Compaction: each finished night's small data files rewritten into few large ones, one ``replace`` snapshot per table."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Expiry: the snapshots nobody needs any more are dropped (metadata only; ``orphans`` deletes their files later).
-"""
+"""Expiry: the snapshots nobody needs any more are dropped (metadata only; ``orphans`` deletes their files later)."""
 
 from __future__ import annotations
 

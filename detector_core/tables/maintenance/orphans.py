@@ -1,5 +1,4 @@
-"""Orphan removal: files under an output that no live snapshot references, older than a safety age.
-"""
+"""Orphan removal: files under an output that no live snapshot references, older than a safety age."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Check and repair: referenced files that are missing, and tables a lost catalog no longer knows.
-"""
+"""Damage: referenced files that are missing, and tables a lost catalog no longer knows; found (``check``) and mended (``repair``)."""
 
 from __future__ import annotations
 
