@@ -105,6 +105,40 @@ def test_local_and_s3_checkpoints_load(tmp_path, s3_bucket, s3_server):
         ClipEncoder("test-tiny", f"{s3_bucket}/weights/nope.pt", cache_dir=str(tmp_path / "cache"))
 
 
+def test_a_model_whose_weights_load_next_draws_no_random_init_and_refuses_an_unset_weight(tmp_path, monkeypatch):
+    """From a checkpoint, the model is built without its random initialisation (the draws fill NaN instead), every weight
+    is the checkpoint's, and a weight the checkpoint leaves unset is refused, not left random."""
+    from detector_core.method import features
+
+    with features._WeightsLoadedNext():
+        bare = features._open_clip().create_model("test-tiny")  # with the package's test-tiny registered
+    unset = [k for k, v in bare.state_dict().items() if v.is_floating_point() and torch.isnan(v).all()]
+    assert len(unset) > 20 and "visual.transformer.resblocks.0.attn.in_proj_weight" in unset  # drawn by no initialiser
+    assert torch.isfinite(bare.attn_mask.nan_to_num(neginf=0)).all() and bare.attn_mask[0, 1] == float("-inf")  # computed, not drawn
+    assert not any(torch.isnan(v).any() for v in features._open_clip().create_model("test-tiny").state_dict().values())  # the mode ended
+
+    source = ClipEncoder("test-tiny", "none", seed=7)
+    path = tmp_path / "tiny.pt"
+    torch.save(source.model.state_dict(), path)
+    entered = []
+
+    class Spy(features._WeightsLoadedNext):
+        def __enter__(self):
+            entered.append(True)
+            return super().__enter__()
+
+    monkeypatch.setattr(features, "_WeightsLoadedNext", Spy)
+    ClipEncoder("test-tiny", "none")
+    assert entered == []  # random weights are drawn, as before
+    loaded = ClipEncoder("test-tiny", str(path), seed=0)
+    assert entered == [True]
+    assert all(torch.equal(a, b) for a, b in zip(source.model.state_dict().values(), loaded.model.state_dict().values()))
+
+    bare.load_state_dict({k: v for k, v in source.model.state_dict().items() if k != "text_projection"}, strict=False)
+    with pytest.raises(WeightsNotFoundError, match=r"1 tensors unset \(text_projection\)"):
+        features._check_loaded(bare, "test-tiny")
+
+
 def test_bf16_weights_stay_close_to_fp32_and_a_static_batch_pads_without_changing_rows():
     """The faster forwards (features.FORWARDS): bf16 weights differ from fp32 by bf16's rounding only, and a compiled
     tower's static batch (padding short batches, splitting long ones) gives each row what an unpadded call gives."""
