@@ -17,7 +17,7 @@ For each image set (full-size 3000x2000 JPEG photos; ~500 px JPEGs), on one mach
    forward + MLP, one process;
 3. the forward pass alone (CLIP + MLP) on pre-decoded, preprocessed tensors.
 
-    python -m bench.bench_scan [--clip-model ViT-B-32] [--photos 240] [--small 480] [--skip-legacy]
+    python -m bench.bench_scan [--clip-model ViT-B-32] [--photos 240] [--small 480] [--skip-legacy | --against REF]
 """
 
 from __future__ import annotations
@@ -80,26 +80,33 @@ def forward_only(paths, enc: ClipEncoder, mlp, batch: int) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--clip-model", default="ViT-B-32", help="open_clip model (random weights)")
+    ap.add_argument("--clip-model", default="ViT-B-32", help="open_clip model (random weights, saved to a file and loaded from it)")
     ap.add_argument("--photos", type=int, default=240, help="number of 3000x2000 photos")
     ap.add_argument("--small", type=int, default=480, help="number of ~500 px images")
     ap.add_argument("--batch-size", type=int, default=32, help="model batch of the plain loop and forward-only figures")
     ap.add_argument("--gpu", action="store_true", help="run the model on the GPU (scans get --gpu)")
     ap.add_argument("--skip-legacy", action="store_true", help="only this checkout's scan")
+    ap.add_argument("--against", default="", help="the commit whose scan to compare with (default: bench.legacy.LEGACY_REF, the per-chunk scan)")
     ap.add_argument("--json", default="", help="also write the figures here")
     args = ap.parse_args(argv)
     from bench.legacy import LEGACY_REF, legacy_tree, scan_process
 
     device = "cuda" if args.gpu else "cpu"
     tmp = Path(tempfile.mkdtemp(prefix="bench-scan-"))
+    # Random CLIP weights, loaded from a file as production loads real ones (a Scorer then builds the model
+    # without drawing its random init: that start-up cost is what production pays).
+    weights = tmp / f"{args.clip_model}.pt"
+    torch.save(ClipEncoder(args.clip_model, "none").model.state_dict(), weights)
     torch.manual_seed(0)
     mlp = DetectorMLP(feature_dim(args.clip_model, "image")).eval()
-    save_bundle(DetectorBundle(model=mlp, features=FeatureSpec(clip_model=args.clip_model, feature_mode="image")), str(tmp / "detector"))
+    save_bundle(DetectorBundle(model=mlp, features=FeatureSpec(clip_model=args.clip_model, pretrained=str(weights), feature_mode="image")),
+                str(tmp / "detector"))
     mlp = mlp.to(device)
-    enc = ClipEncoder(args.clip_model, "none", device=device)
+    enc = ClipEncoder(args.clip_model, str(weights), device=device)
     sets = {"photos 3000x2000": write_images(tmp / "photos", args.photos, (3000, 2000), 1),
             "small ~500px": write_images(tmp / "small", args.small, (500, 375), 2)}
-    codes = {"new": None} if args.skip_legacy else {"new": None, f"old {LEGACY_REF}": legacy_tree()}
+    against = args.against or LEGACY_REF
+    codes = {"new": None} if args.skip_legacy else {"new": None, f"old {against}": legacy_tree(against)}
     rows = []
 
     def command(folder: Path, n: int) -> float:
@@ -138,7 +145,7 @@ def main(argv=None):
                          "rss_mb": s_full["driver_peak_rss_mb"],
                          "commit_s": statistics.median(s_full["commit_seconds"]) if s_full.get("commit_seconds") else None,
                          "t_full": s_full["seconds"], "t_half": s_half["seconds"]})
-    print(f"\n=== bench_scan: {args.clip_model}, random weights, device {device}, default scan flags, --chunk-size N/4 ===")
+    print(f"\n=== bench_scan: {args.clip_model}, random weights from a file, device {device}, default scan flags, --chunk-size N/4 ===")
     print(f"{'images':18s} {'code':13s} {'e2e':>6s} {'steady':>7s} {'loop':>6s} {'fwd':>6s} {'e2e/loop':>9s} {'steady/fwd':>10s} "
           f"{'cmd/loop':>8s} {'loads':>5s} {'driver MB':>9s} {'commit s':>8s}   (images/s; scan s full/half)")
     for r in rows:
