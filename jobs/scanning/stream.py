@@ -149,7 +149,7 @@ def build_stream(cfg: ScanConfig, work_files: list[str], n_work: int, uris: list
                                            load_counter=counter, gpu=cfg.gpu, flag_declared=cfg.flag_declared,
                                            forward=cfg.forward, batch_size=cfg.batch_size),
         batch_size=cfg.batch_size, batch_format="numpy",
-        # Ray Data restarts a dead actor and retries its batch (tests/test_scan.py kills one);
+        # Ray Data restarts a dead actor and retries its batch (tests/test_scan_faults.py kills one);
         # MIN < MAX is the autoscaling pool.
         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), num_gpus=gpus, num_cpus=cpus,
     )
