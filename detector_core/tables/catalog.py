@@ -4,7 +4,7 @@
 and the Iceberg catalog once; everything else takes that object. Workers write plain
 Parquet data files under ``OUT/<table>/data/scan_date=…/bucket=…/`` (``data_path``) and
 return only their paths; the driver commits a *unit* of files per table as one Iceberg
-snapshot each (``commit_unit``), tagged with the snapshot properties
+snapshot each (``commit_unit``, in ``units``), tagged with the snapshot properties
 ``detector.scan-id`` / ``detector.unit``. A unit spans four tables, and Iceberg commits
 one table at a time, so before the first of its four commits the driver writes the
 unit's file list as an intent (``OUT/_intents/<scan>-<unit>.json``, written whole or not
