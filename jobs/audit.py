@@ -49,7 +49,7 @@ from detector_core.tables import definitions as T
 from detector_core.tables.catalog import CatalogError, ScanOutput
 from detector_core.tables.csv_cells import neutralise
 from detector_core.tables.questions import QUESTIONS, QuestionError, finish, question_sql, where_clause
-from detector_core.tables.views import ReadOnlyError, connect, read_only_sql, read_runs
+from detector_core.tables.views import QueryTimeout, ReadOnlyError, connect, read_only_sql, read_runs, run_query
 from jobs.common.errors import JobError, parse_date, run_main
 from jobs.common.flags import CatalogOptions, StorageOptions, opt, parse_config
 from jobs.common.outputs import open_output, write_parquet
@@ -74,7 +74,11 @@ class AuditConfig(CatalogOptions, StorageOptions):
     limit: int = opt(100, "rows to list for top / diff / recut --rows (0 = all)", within="[0, inf)")
     nights: int = opt(28, "drift: the trailing calendar days a night is compared with; threshold: the days of scans it looks at", within="[1, inf)")
     target_daily_flags: int = opt(0, "threshold: the objects a night the threshold should flag (about)", within="[0, inf)")
-    sql: str = opt("", "sql: a query over the views scores, flagged, errors, runs, verdicts")
+    sql: str = opt("", "sql: a query over the views scores, flagged, errors (current rows), scores_history, flagged_history, "
+                   "errors_history (every row), runs, verdicts, latest_verdicts, precision_sample")
+    timeout: float = opt(60.0, "seconds a query may run before it is stopped (0 = no limit)", within="[0, inf)")
+    memory_limit: str = opt("4GB", "the most memory a query may hold (DuckDB's memory_limit, e.g. 4GB); it spills to a private "
+                            "temporary folder beyond")
     format: str = opt("table", "output format: " + ", ".join(FORMATS), choices=FORMATS)
     out: str = opt("", "write the answer to this file (local or s3://) instead of stdout; required for parquet")
 
@@ -102,9 +106,15 @@ def answer(cfg: AuditConfig) -> pa.Table:
             read_only_sql(sql)
     except (QuestionError, ReadOnlyError) as exc:
         raise JobError(str(exc))
+    if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", cfg.memory_limit.strip(), re.IGNORECASE):
+        raise JobError(f"--memory-limit {cfg.memory_limit!r} is not a size (e.g. 4GB, 512MB)")
     try:
-        con = connect(out, where_clause(cfg), since, until, cfg.bucket, runs)
-        return finish(cfg, con.sql(sql).to_arrow_table())
+        con = connect(out, where_clause(cfg), since, until, cfg.bucket, memory_limit=cfg.memory_limit)
+        return finish(cfg, run_query(con, sql, cfg.timeout))
+    except QueryTimeout as exc:
+        raise JobError(str(exc))
+    except duckdb.OutOfMemoryException as exc:
+        raise JobError(f"the query needs more memory than --memory-limit {cfg.memory_limit} ({str(exc).splitlines()[0][:120]})")
     except duckdb.PermissionException as exc:
         raise JobError(f"refused: the audit reads the tables of {cfg.scan} only ({str(exc).splitlines()[0]})")
     except duckdb.IOException as exc:
@@ -218,7 +228,7 @@ def migrate(cfg: MigrateConfig) -> dict:
         raise JobError("--output (the scan output to migrate) is required")
     so = s3_storage_options(cfg.s3_endpoint or None)
     try:
-        out = ScanOutput.open(cfg.output, cfg.catalog, cfg.namespace, so)
+        out = ScanOutput.open(cfg.output, cfg.catalog, cfg.namespace, so, adopt=True)
     except CatalogError as exc:
         raise JobError(str(exc))
     afs, aroot = arrow_fs(cfg.output, so)

@@ -27,6 +27,7 @@ scan scores the lost objects again. What each run did is saved as
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import sys
 import time
@@ -41,14 +42,17 @@ from jobs.common.flags import CatalogOptions, RetentionOptions, StorageOptions, 
 from jobs.common.outputs import config_dict, new_run_id, output_lease, write_json
 
 STEPS = ("expire", "compact", "orphans")
+# A unit's data files are written before its intent names them. The longest unit measured is minutes
+# (docs/scaling.md); a day is far above it, and orphans are removed under the lease besides.
+MIN_ORPHAN_AGE_HOURS = 24.0
 
 
 @dataclass
 class MaintainConfig(RetentionOptions, CatalogOptions, StorageOptions):
     output: str = opt("", "the scan output to maintain (the --output of jobs.scan), local or s3://")
     steps: str = opt(",".join(STEPS), "comma-separated steps to run: " + ", ".join(STEPS))
-    orphan_age_hours: float = opt(72.0, "remove unreferenced files only when older than this (keep it far above a commit unit's duration)",
-                                  within="(0, inf)")
+    orphan_age_hours: float = opt(72.0, "remove unreferenced files only when older than this; at least "
+                                  f"{MIN_ORPHAN_AGE_HOURS:g} (far above a commit unit's duration)", within=f"[{MIN_ORPHAN_AGE_HOURS:g}, inf)")
     compact_min_files: int = opt(4, "rewrite a finished night's partition once it holds this many data files", within="[2, inf)")
     dry_run: bool = opt(False, "list the orphan files instead of deleting them (the other steps run as usual)")
     wait: bool = opt(False, "repair: if a scan holds the output's lease, wait for it instead of refusing")
@@ -77,6 +81,22 @@ def _count(by_table: dict) -> str:
     return ", ".join(f"{k} {v if isinstance(v, int) else len(v)}" for k, v in by_table.items() if v) or "none"
 
 
+@contextlib.contextmanager
+def _lease_if_free(out: ScanOutput, cfg: MaintainConfig):
+    """The output's lease (renewed) for the block, or None when a scan holds it."""
+    lease = Lease(out.fs, out.root, new_run_id("maintain"), cfg.lease_ttl)
+    try:
+        lease.acquire()
+    except LeaseHeldError:
+        yield None
+        return
+    lease.start_renewing()
+    try:
+        yield lease
+    finally:
+        lease.release()
+
+
 def maintain(cfg: MaintainConfig) -> dict:
     steps = [s.strip() for s in cfg.steps.split(",") if s.strip()]
     unknown = sorted(set(steps) - set(STEPS))
@@ -86,17 +106,12 @@ def maintain(cfg: MaintainConfig) -> dict:
     out.ensure_tables()  # today's table properties and docs on tables an older version made
     t0 = time.time()
     result: dict = {"steps": steps}
-    lease = Lease(out.fs, out.root, new_run_id("maintain"), cfg.lease_ttl)
-    try:
-        lease.acquire()
-    except LeaseHeldError as exc:
-        result["recovered_units"] = None
-        print(f"a scan holds the lease ({exc.holder.get('scan_id')}): its pending commit units are left to it")
-    else:
-        try:
-            result["recovered_units"] = len(out.recover(before_each=lambda step: lease.check()))
-        finally:
-            lease.release()
+    # The lease is held for the steps a running scan could be hurt by (finishing its units, removing
+    # files it has written and not yet named); expiry and compaction are optimistic commits beside it.
+    with _lease_if_free(out, cfg) as held:
+        result["recovered_units"] = len(out.recover(before_each=lambda step: held.check())) if held else None
+        if not held:
+            print("a scan holds the lease: its pending commit units are left to it")
     if "expire" in steps:
         result["expired_snapshots"] = M.expire(out, cfg.keep_days, cfg.keep_unit_hours)
         print(f"expired snapshots: {_count(result['expired_snapshots'])}")
@@ -104,9 +119,14 @@ def maintain(cfg: MaintainConfig) -> dict:
         result["compacted_files"] = M.compact(out, min_files=cfg.compact_min_files)
         print(f"compacted data files: {_count(result['compacted_files'])}")
     if "orphans" in steps:
-        removed = M.remove_orphans(out, cfg.orphan_age_hours * 3600, dry_run=cfg.dry_run)
+        with _lease_if_free(out, cfg) as held:
+            if held:
+                removed = M.remove_orphans(out, cfg.orphan_age_hours * 3600, dry_run=cfg.dry_run)
+                print(f"{'orphan files (dry run, kept)' if cfg.dry_run else 'removed orphan files'}: {_count(removed)}")
+            else:  # a running scan's workers write files that no intent names yet: only the lease knows it runs
+                removed = None
+                print("orphan files: none removed while a scan holds the lease (the next run removes them)")
         result["orphan_files"] = removed
-        print(f"{'orphan files (dry run, kept)' if cfg.dry_run else 'removed orphan files'}: {_count(removed)}")
     result["seconds"] = round(time.time() - t0, 2)
     return _record(out, cfg, "maintain", result)
 

@@ -157,7 +157,7 @@ def build_report(cfg: ReportConfig) -> tuple[str, dict]:
         raise JobError(f"no finished scans in {cfg.scan}: nothing to report")
     date = max(runs["scan_date"].to_pylist()) if cfg.date in ("", "last") else parse_date(cfg.date, "--date")
     where = f"detector_id = {sql_quote(cfg.detector_id)}" if cfg.detector_id else ""
-    con = connect(out, where, date, date, runs=runs)
+    con = connect(out, where, date, date)
     run_rows = [r for r in runs.to_pylist() if r["scan_date"] == date and (not cfg.detector_id or r["detector_id"] == cfg.detector_id)]
     if not run_rows:
         raise JobError(f"no committed scan on {date} under {cfg.scan} (dates: {', '.join(sorted(set(runs['scan_date'].to_pylist())))})")
@@ -180,7 +180,7 @@ def build_report(cfg: ReportConfig) -> tuple[str, dict]:
     uris = sorted({c["uri"] for c in cards})
     failures = write_thumbnails(uris, cfg, so)
     reviewed = _reviewed(con, uris)
-    every_night = connect(out, where, runs=runs)  # precision over the nights before this one too
+    every_night = connect(out, where)  # precision over the nights before this one too
     ask = SimpleNamespace(question="precision")
     precision = finish(ask, every_night.sql(question_sql(ask)).to_arrow_table()).to_pylist()
     tonight = [r for r in precision if str(r["scan_date"]) == date]

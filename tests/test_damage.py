@@ -98,7 +98,7 @@ def test_an_unreadable_intent_is_set_aside_naming_it_and_intents_are_written_who
     assert out.recover() == []
     said = capsys.readouterr().out
     assert "scan-9-000001.json" in said and "scan-9-000002.json" in said
-    assert sorted(p.name for p in (folder / "unreadable").iterdir()) == ["scan-9-000001.json", "scan-9-000002.json"]
+    assert sorted(p.name for p in (folder / "set-aside").iterdir()) == ["scan-9-000001.json", "scan-9-000002.json"]
     assert not [p for p in folder.iterdir() if p.is_file()]
     out.commit_unit(_unit(out, "scan-1", 1))  # the next unit commits as usual
     assert len(_uris(out, "scores")) == 8 and not list(folder.glob("*.tmp"))

@@ -12,7 +12,7 @@ import struct
 from collections.abc import Iterator
 from typing import NamedTuple
 
-__all__ = ["PNG_SIGNATURE", "MalformedJpeg", "Segment", "jpeg_segments", "png_chunks"]
+__all__ = ["PNG_SIGNATURE", "MalformedJpeg", "Segment", "jpeg_segments", "png_chunks", "png_without_text"]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _NO_LENGTH = (0xD8, 0x01, *range(0xD0, 0xD8))  # SOI, TEM, RSTn: markers without a length field
@@ -65,3 +65,16 @@ def png_chunks(data: bytes) -> Iterator[tuple[bytes, int, int]]:
         if kind == b"IEND":
             return
         pos += 12 + length
+
+
+def png_without_text(data: bytes) -> bytes:
+    """The PNG ``data`` without its text chunks (``tEXt``, ``zTXt``, ``iTXt``): the same pixels, for a decoder that refuses
+    the text (Pillow's limits on it), while the evidence reader has already read what the text declares."""
+    parts, last = [data[:8]], 8
+    for kind, pos, length in png_chunks(data):
+        end = pos + 12 + length
+        if kind in (b"tEXt", b"zTXt", b"iTXt"):
+            parts.append(data[last:pos])
+            last = end
+    parts.append(data[last:])
+    return b"".join(parts)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from detector_core.sources.containers import PNG_SIGNATURE, png_without_text
+
 __all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_PIXELS", "DecodedImage", "ImageDecodeError", "decode_image"]
 
 # Pillow's own bomb limit is ~89 MP; 2**26 (~67 MP) still admits every camera photo
@@ -103,6 +105,18 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: 
     """
     if not data:
         raise ImageDecodeError("empty", "the object has no bytes")
+    try:
+        return _decode(data, max_pixels, draft_size)
+    except ImageDecodeError as exc:
+        # Pillow refuses a PNG whose text chunks pass its limits (MAX_TEXT_CHUNK, MAX_TEXT_MEMORY), and
+        # inflates them all first. The evidence reader has already read (and bounded) that text: the
+        # pixels are decoded without it, so a file that declares itself generated is still scored.
+        if "MAX_TEXT" not in exc.message or not data.startswith(PNG_SIGNATURE):
+            raise
+    return _decode(png_without_text(data), max_pixels, draft_size)
+
+
+def _decode(data: bytes, max_pixels: int, draft_size: int | None) -> DecodedImage:
     try:
         with warnings.catch_warnings():
             # We check the pixel count ourselves, against our own limit.

@@ -59,6 +59,7 @@ SOURCES = ("c2pa", "xmp", "png_text", "exif", "watermark")
 C2PA_STATES = ("trusted", "untrusted", "invalid", "unreadable")
 MAX_XMP_BYTES = 4 << 20  # a real packet is KBs (a JPEG APP1 segment holds 64 KB)
 MAX_TEXT_BYTES = 1 << 20  # of one PNG text chunk, inflated
+MAX_TEXT_TOTAL = 4 << 20  # of all a file's PNG text chunks together, inflated: what one file may cost the reader
 MAX_NAME = 120  # characters of a generator name kept
 
 # IPTC NewsCodes digital source types (cv.iptc.org/newscodes/digitalsourcetype/), by what they declare.
@@ -203,10 +204,18 @@ def _xmp(data: bytes) -> Evidence | None:
 
 # -- PNG text ---------------------------------------------------------------------------------
 def _png_chunks(data: bytes):
-    """(keyword, text or None when refused, error) of each text chunk, walking the chunk list with bounds."""
+    """(keyword, text or None when refused, error) of each text chunk, walking the chunk list with bounds.
+
+    At most ``MAX_TEXT_TOTAL`` bytes of text are kept for the whole file (thousands of chunks each
+    under the per-chunk cap must not add up to gigabytes); the chunks after that are not read.
+    """
+    kept = 0
     for kind, pos, length in png_chunks(data):
         if kind not in (b"tEXt", b"zTXt", b"iTXt"):  # the pixels are never copied
             continue
+        if kept >= MAX_TEXT_TOTAL:
+            yield "", None, f"png_text: over {MAX_TEXT_TOTAL >> 20} MB of text in all; the chunks after are not read"
+            return
         body = data[pos + 8:pos + 8 + length]
         if len(body) < length:
             return
@@ -221,12 +230,15 @@ def _png_chunks(data: bytes):
                 flag = rest[:1] == b"\x01"
                 raw = rest[2:].split(b"\x00", 2)[-1]
                 compressed = flag
+            cap = min(MAX_TEXT_BYTES, MAX_TEXT_TOTAL - kept)
             if compressed:
                 inflater = zlib.decompressobj()
-                raw = inflater.decompress(raw, MAX_TEXT_BYTES + 1)
-            if len(raw) > MAX_TEXT_BYTES:
-                yield key, raw[:MAX_TEXT_BYTES], f"png_text: chunk {key!r} over {MAX_TEXT_BYTES >> 20} MB; read in part"
+                raw = inflater.decompress(raw, cap + 1)
+            if len(raw) > cap:
+                kept += cap
+                yield key, raw[:cap], f"png_text: chunk {key!r} over {cap >> 10} KB; read in part"
                 continue
+            kept += len(raw)
             yield key, raw, None
         except zlib.error as exc:
             yield key, None, f"png_text: chunk {key!r} does not inflate ({exc})"

@@ -92,13 +92,16 @@ class ScanOutput(UnitCommits):
 
     @classmethod
     def open(cls, output: str, catalog: str = "", namespace: str = "", storage_options: dict | None = None,
-             create: bool = True, lost_ok: bool = False) -> ScanOutput:
+             create: bool = True, lost_ok: bool = False, adopt: bool = False) -> ScanOutput:
         """Open ``output``; ``catalog``/``namespace`` default to what the output's ``_catalog.json`` recorded.
 
         ``create``: make the tables (a scan); otherwise the folder must already be a scan
         output, and nothing is created in it (``NotAScanOutputError``). A catalog that lost
         the tables whose metadata is on disk raises ``LostCatalogError`` unless ``lost_ok``
-        (``jobs.maintain repair``, which registers them again).
+        (``jobs.maintain repair``, which registers them again). A folder that holds files but no
+        marker (``_catalog.json``) nor table metadata is someone else's: refused
+        (``NotAScanOutputError``), unless ``adopt`` (``jobs.audit migrate``: an output of the
+        hive layout, before schema 3).
         """
         fs, root = open_fs(output, storage_options)
         root = root.rstrip("/")
@@ -114,18 +117,44 @@ class ScanOutput(UnitCommits):
         namespace = namespace or pointer.get("namespace", DEFAULT_NAMESPACE)
         if not create:
             _refuse_non_output(fs, root, output)
+        elif not pointer:
+            _refuse_foreign(fs, root, output, adopt)
         if not lost_ok and not catalog and not is_remote(output):
             _refuse_lost_sqlite(fs, root, output)
-        out = cls(output.rstrip("/"), fs, root, load_catalog(catalog, output, storage_options), catalog, namespace,
-                  storage_options)
-        if create:
-            out.ensure_tables(lost_ok=lost_ok)
-            if pointer.get("catalog", "") != catalog or pointer.get("namespace") != namespace:
-                fs.makedirs(out.root, exist_ok=True)
-                write_atomic(fs, f"{out.root}/{POINTER}", json.dumps({"catalog": catalog, "namespace": namespace}).encode())
-        elif not lost_ok:
-            out.refuse_lost()
+        try:
+            out = cls(output.rstrip("/"), fs, root, load_catalog(catalog, output, storage_options), catalog, namespace,
+                      storage_options)
+            if create:
+                out.ensure_tables(lost_ok=lost_ok)
+            elif not lost_ok:
+                out.refuse_lost()
+        except PermissionError as exc:
+            raise CatalogError(f"{output} cannot be written ({exc.strerror or type(exc).__name__}: {exc.filename or root}): "
+                               "give an --output this user may write") from None
         return out
+
+    def pointer(self) -> dict:
+        """``_catalog.json``: the catalog, the namespace, and each table's uuid (its lineage), or {} where there is none."""
+        try:
+            return json.loads(self.fs.cat_file(f"{self.root}/{POINTER}"))
+        except (FileNotFoundError, ValueError, UnicodeDecodeError):
+            return {}
+
+    def record_tables(self, pointer: dict | None = None, override: bool = False) -> None:
+        """Write ``_catalog.json`` (the output's marker) with the catalog, namespace and the uuid of each table now in the catalog.
+
+        The uuids are the tables' lineage: after a lost catalog, ``maintenance.register_lost``
+        registers the metadata of these tables, never a dropped table's leftovers, whatever
+        their version numbers say. A recorded uuid stays unless ``override`` (the state made
+        anew, a repair that registered the recorded lineage).
+        """
+        pointer = self.pointer() if pointer is None else pointer
+        tables = {n: str(t.metadata.table_uuid) for n in OUTPUT_TABLES if (t := self.find_table(n)) is not None}
+        merged = {**pointer.get("tables", {}), **tables} if override else {**tables, **pointer.get("tables", {})}
+        want = {"catalog": self.catalog_spec, "namespace": self.namespace, "tables": merged}
+        if want != pointer:
+            self.fs.makedirs(self.root, exist_ok=True)
+            write_atomic(self.fs, f"{self.root}/{POINTER}", json.dumps(want, sort_keys=True).encode())
 
     def metadata_files(self, name: str) -> list[str]:
         """Table ``name``'s ``*.metadata.json`` files on storage, oldest version first (whatever the catalog says)."""
@@ -187,7 +216,15 @@ class ScanOutput(UnitCommits):
                     time.sleep(0.5)
                     found.update({n: self.find_table(n) for n in missing})
                     missing = [n for n in missing if found[n] is None]
+        recorded = self.pointer().get("tables", {})
         for name, table in found.items():
+            if table is not None and recorded.get(name) and str(table.metadata.table_uuid) != recorded[name]:
+                if name != STATE:
+                    raise CatalogError(f"table {self.identifier(name)} in the catalog is not this output's (uuid "
+                                       f"{table.metadata.table_uuid}, {self.uri}/{POINTER} records {recorded[name]}): nothing was "
+                                       f"written; 'python -m jobs.maintain repair --output {self.uri}' registers the output's own")
+                self.reset_state(reason=f"in the catalog is a dropped one (uuid {table.metadata.table_uuid}, not {recorded[name]})")
+                continue
             if table is None:
                 self.create(name)
                 continue
@@ -195,6 +232,8 @@ class ScanOutput(UnitCommits):
                 raise CatalogError(f"table {self.identifier(name)} in this catalog belongs to {table.location()}, not to "
                                    f"{self.location(name)}: give this output its own --namespace")
             upgrade(self.table(name) if evolve_schema(table, name) else table, name)
+        # Every table now is the recorded one (checked above), or new: the record follows the catalog.
+        self.record_tables(override=True)
 
     def reset_state(self, exc: Exception | None = None, reason: str = "") -> None:
         """Drop an unreadable ``state`` table and create it empty: it is rebuilt from the history tables."""
@@ -202,6 +241,7 @@ class ScanOutput(UnitCommits):
         print(f"state table {self.identifier(STATE)} {why}; it is rebuilt from the history tables")
         self.catalog.drop_table(self.identifier(STATE))
         self.create(STATE)
+        self.record_tables(override=True)  # the new state's lineage: a lost catalog never brings the dropped one back
 
     def create(self, name: str) -> None:
         from pyiceberg.exceptions import TableAlreadyExistsError
@@ -312,6 +352,28 @@ def _refuse_non_output(fs, root: str, output: str) -> None:
         legacy = fs.exists(f"{root}/scores") or fs.exists(f"{root}/runs")
         raise NotAScanOutputError(f"{output} is not a scan output (no table metadata under it): give the --output of jobs.scan"
                                   + (f"; one written before schema 3 needs 'python -m jobs.audit migrate --output {output}'" if legacy else ""))
+
+
+def _refuse_foreign(fs, root: str, output: str, adopt: bool) -> None:
+    """Before a scan creates tables in ``output``: refuse a folder that holds files but is no scan output.
+
+    Only a folder with the marker (``_catalog.json``) or table metadata is an output; a new or
+    empty one becomes one. Anything else holds someone's files, which maintenance would one
+    day call orphans.
+    """
+    if fs.exists(root) and not fs.isdir(root):
+        raise NotAScanOutputError(f"--output {output} is a file, not a folder: give a folder for the scan output")
+    try:
+        entries = [e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(root, detail=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    mine = {"catalog.db", "_lease", "_intents", "_maintenance", "_plan"}
+    if _tables_on_disk(fs, root) or not [e for e in entries if e not in mine]:
+        return
+    if adopt and fs.exists(f"{root}/runs"):
+        return
+    raise NotAScanOutputError(f"--output {output} holds files ({', '.join(sorted(entries)[:3])}…) but is not a scan output "
+                              f"(no {POINTER}): give a new or empty folder, or the --output of an earlier scan")
 
 
 def _refuse_lost_sqlite(fs, root: str, output: str) -> None:

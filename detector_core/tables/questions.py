@@ -49,7 +49,12 @@ def _limit(cfg) -> str:
 
 
 def question_sql(cfg) -> str:
-    """The SQL that answers ``cfg.question`` over the views (shown by the README as examples)."""
+    """The SQL that answers ``cfg.question`` over the views (shown by the README as examples).
+
+    Every question reads the current rows (``views.current_rows``: one per object, night and
+    detector), so a night scanned again counts each object once; ``per-day`` names the repairs
+    that changed a night (``repaired_by``).
+    """
     q = cfg.question
     if q == "per-day":
         return """
@@ -57,7 +62,9 @@ def question_sql(cfg) -> str:
                        FROM scores GROUP BY ALL),
                  e AS (SELECT scan_date, detector_id, count(*) AS errors FROM errors GROUP BY ALL)
             SELECT scan_date, detector_id, coalesce(scored, 0) AS scored, coalesce(flagged, 0) AS flagged,
-                   coalesce(errors, 0) AS errors, round(coalesce(flagged, 0) / nullif(scored, 0), 4) AS flagged_rate
+                   coalesce(errors, 0) AS errors, round(coalesce(flagged, 0) / nullif(scored, 0), 4) AS flagged_rate,
+                   (SELECT string_agg(r.scan_id, ', ' ORDER BY r.committed_at) FROM runs r
+                    WHERE r.status = 'repair' AND list_contains(r.nights, scan_date)) AS repaired_by
             FROM s FULL OUTER JOIN e USING (scan_date, detector_id) ORDER BY scan_date, detector_id"""
     if q == "per-prefix":
         depth = max(0, int(cfg.depth))

@@ -27,12 +27,14 @@ def _mtime(info: dict) -> float:
 
 
 def remove_orphans(out: ScanOutput, older_than_s: float, dry_run: bool = False, now: float | None = None) -> dict[str, list[str]]:
-    """Delete the files under the output's tables (and lease/intent temporaries) that no live snapshot
-    references and that are older than ``older_than_s``; returns them per table.
+    """Delete the files in the tables' ``data/`` and ``metadata/`` folders (and lease/intent temporaries) that no live
+    snapshot references and that are older than ``older_than_s``; returns them per table. Nothing else under the
+    output is ever removed.
 
     The age is the guard against a commit in flight: a scan's workers write data files before
     the driver commits them, and a commit writes its manifests and metadata before the
-    catalog points at them. Keep it well above a commit unit's duration (default 3 days).
+    catalog points at them. Keep it well above a commit unit's duration (default 3 days); the caller holds the
+    output's lease (``jobs.maintain`` does), so that no scan writes meanwhile.
     """
     now = time.time() if now is None else now
     removed: dict[str, list[str]] = {}
@@ -40,7 +42,9 @@ def remove_orphans(out: ScanOutput, older_than_s: float, dry_run: bool = False, 
         # In this order: the files, then the pending intents, then the table's metadata. A file
         # listed here is either named by an intent still pending when read, or committed
         # before its intent went, so in the metadata loaded after (or young: see the age).
-        listed = listing(out, fs_path(out.location(name)))
+        # Only the table's own data and metadata folders: anything else under OUT/<table>/ is not ours to judge.
+        base = fs_path(out.location(name)).rstrip("/")
+        listed = {**listing(out, f"{base}/data"), **listing(out, f"{base}/metadata")}
         keep = {fs_path(p) for _, intent in out.pending_intents() if intent for paths in intent["files"].values() for p in paths}
         table = out.find_table(name)
         if table is None:
