@@ -50,7 +50,7 @@ from detector_core.tables.catalog import CatalogError, ScanOutput
 from detector_core.tables.csv_cells import neutralise
 from detector_core.tables.questions import QUESTIONS, QuestionError, finish, question_sql, where_clause
 from detector_core.tables.views import QueryTimeout, ReadOnlyError, connect, read_only_sql, read_runs, run_query
-from jobs.common.errors import JobError, parse_date, run_main
+from jobs.common.errors import JobError, parse_date, query_failed, run_main
 from jobs.common.flags import CatalogOptions, StorageOptions, opt, parse_config
 from jobs.common.outputs import open_output, write_parquet
 
@@ -117,11 +117,8 @@ def answer(cfg: AuditConfig) -> pa.Table:
         raise JobError(f"the query needs more memory than --memory-limit {cfg.memory_limit} ({str(exc).splitlines()[0][:120]})")
     except duckdb.PermissionException as exc:
         raise JobError(f"refused: the audit reads the tables of {cfg.scan} only ({str(exc).splitlines()[0]})")
-    except duckdb.IOException as exc:
-        raise JobError(f"query failed: {str(exc).splitlines()[0]}; if a file the tables reference is gone, "
-                       f"'python -m jobs.maintain check --output {cfg.scan}' lists them and 'repair' removes them")
     except duckdb.Error as exc:
-        raise JobError(f"query failed: {str(exc).splitlines()[0]}")
+        raise query_failed(exc, cfg.scan)
 
 
 def _emit(table: pa.Table, cfg: AuditConfig) -> None:

@@ -46,7 +46,7 @@ from detector_core.tables.questions import finish, question_sql
 from detector_core.tables.sampling import draw_sample, night_seed
 from detector_core.tables.verdicts import FILE_COLUMNS
 from detector_core.tables.views import connect, read_runs, sql_quote
-from jobs.common.errors import JobError, parse_date, run_main
+from jobs.common.errors import JobError, parse_date, query_failed, run_main
 from jobs.common.flags import parse_config
 from jobs.common.outputs import config_dict, open_output
 from jobs.reporting.config import ReportConfig
@@ -230,7 +230,13 @@ def run_report(cfg: ReportConfig) -> dict:
 
 
 def main(argv=None) -> dict:
-    return run_report(parse_config(ReportConfig, argv, __doc__))
+    import duckdb
+
+    cfg = parse_config(ReportConfig, argv, __doc__)
+    try:
+        return run_report(cfg)
+    except duckdb.Error as exc:  # a damaged output: named in one line, with the commands that mend it
+        raise query_failed(exc, cfg.scan) from None
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ import time
 from detector_core.method.bundle import BundleError, DetectorBundle, load_bundle
 from detector_core.method.extractors import feature_compute
 from detector_core.sources.listing import is_manifest
-from detector_core.storage import folder_prefix, join, open_fs, s3_storage_options
+from detector_core.storage import folder_prefix, is_remote, join, open_fs, s3_storage_options
 from detector_core.tables import definitions as T
 from detector_core.tables import maintenance
 from detector_core.tables.catalog import CatalogError, ScanOutput
@@ -64,7 +64,7 @@ from jobs.common.flags import parse_config
 from jobs.common.outputs import config_dict, new_run_id, output_lease, write_json
 from jobs.common.ray_setup import check_connection, init_ray
 from jobs.scanning import planning, stream
-from jobs.scanning.config import ScanConfig
+from jobs.scanning.config import DECISION_FLAGS, ScanConfig
 from jobs.scanning.pipeline import check_decode, feature_drafts, feature_specs, trained_draft
 from jobs.scanning.planning import PlanError, remove_plan
 from jobs.scanning.refresh import refresh_state
@@ -85,7 +85,9 @@ def validate(cfg: ScanConfig) -> None:
         except ValueError:
             raise JobError(f"--scan-date {cfg.scan_date!r} is not a date (YYYY-MM-DD)")
     listed_prefix = not (is_manifest(cfg.input) or cfg.input.rstrip("/").endswith("manifest.json"))  # files name their objects
-    if listed_prefix and folder_prefix(cfg.input).startswith(folder_prefix(cfg.output)):
+    if listed_prefix and (folder_prefix(cfg.input).startswith(folder_prefix(cfg.output))
+                          or (not is_remote(cfg.input) and not is_remote(cfg.output)  # through a symlink
+                              and folder_prefix(os.path.realpath(cfg.input)).startswith(folder_prefix(os.path.realpath(cfg.output))))):
         raise JobError(f"--input {cfg.input} is the output {cfg.output} or inside it: the scan would score its own tables; "
                        "write them elsewhere (an output inside the input is fine: it is left out of the listing)")
     if cfg.forward != "autocast" and not cfg.gpu:
@@ -204,6 +206,29 @@ def run_scan(cfg: ScanConfig) -> dict:
             raise JobError(f"{exc}; nothing of this scan's uncommitted work is visible, run it again")
 
 
+def _changed_decisions(out: ScanOutput, cfg) -> str:
+    """One line when a flag that changes decisions (``DECISION_FLAGS``) differs from the output's last finished scan, else ''.
+
+    The plan skips unchanged objects, so the new setting reaches only objects scored from now on.
+    """
+    from detector_core.tables.views import read_runs
+
+    runs = read_runs(out).to_pylist()
+    if not runs:
+        return ""
+    last = max(runs, key=lambda r: r["finished_at"])
+    try:
+        before = json.loads(out.read("runs", f"scan_id = '{last['scan_id']}'", selected_fields=("config",))["config"][0].as_py() or "{}")
+    except (ValueError, IndexError):
+        return ""
+    now = config_dict(cfg)
+    diff = [f"--{k.replace('_', '-')} {before.get(k)!r} -> {now.get(k)!r}" for k in DECISION_FLAGS if k in before and before[k] != now.get(k)]
+    if not diff:
+        return ""
+    return (f"note: {', '.join(diff)} since the last scan ({last['scan_id']}): only objects scored from now on get it; the unchanged "
+            f"objects keep their rows. To apply it to a night, scan it again with --full --scan-date YYYY-MM-DD")
+
+
 def _scan_under_lease(cfg, so, uris, bundles, scan_date, out: ScanOutput, scan_id: str, lease: Lease, trust_pem: str | None = None) -> dict:
     import ray
 
@@ -235,6 +260,9 @@ def _scan_under_lease(cfg, so, uris, bundles, scan_date, out: ScanOutput, scan_i
           f"in the {plan_counts['planned_in']})")
     if plan_counts.get("output_left_out"):
         print(f"the output {cfg.output} lies inside the input: its own files are left out of the listing")
+    changed = _changed_decisions(out, cfg) if counts["skipped"] else ""
+    if changed:
+        print(changed)
     base = {"scan_id": scan_id, "scan_date": scan_date, "input": cfg.input, "listed": None, "skipped": None, "model_loads": None,
             "seconds": None, "started_at": started_at, "config": json.dumps(config_dict(cfg)), "schema_version": T.SCHEMA_VERSION}
     totals = {b.detector_id: {t: 0 for t in T.TABLES} for b in bundles}

@@ -10,7 +10,8 @@ are about an object the scan output scored; ``ScanOutput.append_new(T.VERDICTS, 
 appends only the verdicts the table does not hold yet, so importing a file twice (or the
 page's next export, which repeats the earlier verdicts) adds nothing twice. A reviewer who
 changes their mind gives a later ``reviewed_at``: the latest verdict on an image counts
-(``latest``). ``with_verdicts`` turns confirmed images into labelled training rows.
+(``latest``), so a ``reviewed_at`` more than ``MAX_CLOCK_SKEW`` after the import is refused
+(it would outrank every real later verdict), and binary junk is called that, not UTF-16. ``with_verdicts`` turns confirmed images into labelled training rows.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ _BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (code
          (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 
 
+MAX_CLOCK_SKEW = dt.timedelta(minutes=10)  # a reviewer's clock ahead of the importer's by at most this
+
+
 def _text(data: bytes, name: str) -> str:
     """The file's text: UTF-8 (with or without a BOM), or UTF-16/32 with a BOM (which says so reliably); else ``VerdictError``.
 
@@ -62,9 +66,15 @@ def _text(data: bytes, name: str) -> str:
             except UnicodeDecodeError as exc:
                 raise VerdictError(f"{name} starts with a {encoding} byte-order mark but is not {encoding} (byte position "
                                    f"{exc.start}); re-export it from the review page") from None
-    if b"\x00" in data[:4096]:
-        raise VerdictError(f"{name} has NUL bytes: UTF-16 without a byte-order mark? Convert it to UTF-8, e.g. "
-                           f"iconv -f utf-16le -t utf-8 {name} > {stem}-utf8.csv")
+    head = data[:4096]
+    if b"\x00" in head:
+        # UTF-16 text of a CSV has a NUL in every other byte and printable ASCII in the rest; anything else is not text.
+        for zeros, text in ((head[1::2], head[0::2]), (head[0::2], head[1::2])):
+            if zeros.count(0) >= 0.9 * len(zeros) and sum(32 <= b < 127 or b in (9, 10, 13) for b in text) >= 0.9 * len(text):
+                raise VerdictError(f"{name} has NUL bytes: UTF-16 without a byte-order mark? Convert it to UTF-8, e.g. "
+                                   f"iconv -f utf-16le -t utf-8 {name} > {stem}-utf8.csv")
+        raise VerdictError(f"{name} is not a verdicts file: binary data ({head.count(0)} NUL bytes in its first "
+                           f"{len(head)}); give the CSV or JSON that the review page exported")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -126,6 +136,11 @@ def parse_verdicts(data: bytes, name: str, reviewer: str = "", imported_at: dt.d
                 v[S.REVIEWED_AT] = (at if at.tzinfo else at.replace(tzinfo=dt.timezone.utc)).astimezone(dt.timezone.utc)
             except ValueError:
                 problem, shown = "reviewed_at is not an ISO 8601 time", r.get(S.REVIEWED_AT)
+            else:
+                # A time in the future would outrank every later verdict on that image (the latest counts).
+                if v[S.REVIEWED_AT] > imported_at + MAX_CLOCK_SKEW:
+                    problem, shown = (f"reviewed_at in the future (over {MAX_CLOCK_SKEW.seconds // 60} minutes after "
+                                      f"{imported_at:%Y-%m-%dT%H:%M}Z)"), r.get(S.REVIEWED_AT)
         if problem:
             rows_of, values = bad.setdefault(problem, ([], []))
             rows_of.append(i)

@@ -37,6 +37,17 @@ def require_weights(spec, storage_options: dict | None = None) -> None:
         raise JobError(str(exc)) from exc
 
 
+def query_failed(exc: Exception, scan: str) -> JobError:
+    """A DuckDB error over a scan output's tables as one line; a missing or unreadable file names check and repair."""
+    import duckdb
+
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, duckdb.IOException):
+        return JobError(f"query failed: {first}; if a file the tables reference is gone, "
+                        f"'python -m jobs.maintain check --output {scan}' lists them and 'repair' removes them")
+    return JobError(f"query failed: {first}")
+
+
 def parse_date(value: str, flag: str) -> str:
     """``YYYY-MM-DD`` as given to ``flag``, or the job ends with the one line that says so."""
     try:

@@ -13,6 +13,10 @@ from detector_core.sources.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from jobs.common.flags import RayOptions, RetentionOptions, StorageOptions, opt
 from jobs.scanning.planning import DRIVER_PLAN_MAX, PLAN_WHERE
 
+# Flags that change what a scan decides or records about an object: a later scan that changes one
+# says that the objects it skips as unchanged keep their earlier rows (jobs.scan).
+DECISION_FLAGS = ("flag_declared", "evidence", "watermarks", "c2pa_trust")
+
 
 @dataclass
 class ScanConfig(RetentionOptions, RayOptions, StorageOptions):

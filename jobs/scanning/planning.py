@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -35,7 +36,7 @@ from detector_core import schema as S
 from detector_core.sources.inventory import inventory_files, inventory_rows, is_inventory
 from detector_core.sources.listing import ListingUnit, is_manifest, list_unit, manifest_rows, split_prefix
 from detector_core.sources.manifest import qualify_uri
-from detector_core.storage import folder_prefix, join, open_fs
+from detector_core.storage import folder_prefix, is_remote, join, open_fs
 from detector_core.tables import state as ST
 from detector_core.tables.catalog import PROP_PARTITIONS, ScanOutput
 from detector_core.tables.state_table import open_state
@@ -83,10 +84,17 @@ def _bucketed(fn, n: int, caption: bool = False):
     return typed_udf(fn, CAPTIONS_SCHEMA if caption else S.LIST_SCHEMA, functools.partial(_with_bucket, n=n, caption=caption))
 
 
-def _list_units(batch: pa.Table, storage_options: dict | None, exclude: str = "") -> Iterator[pa.Table]:
+def _list_units(batch: pa.Table, storage_options: dict | None, exclude: str = "", exclude_real: str = "") -> Iterator[pa.Table]:
+    """Ray task: listing units -> ``LIST_SCHEMA`` rows, without the output's own files (``exclude``; on local disks also any
+    path that reaches the output through a symlink, ``exclude_real``)."""
     for prefix, recursive in zip(batch["prefix"].to_pylist(), batch["recursive"].to_pylist()):
         for rows in list_unit(ListingUnit(prefix, recursive), storage_options):
-            yield rows.filter(pc.invert(pc.fill_null(pc.starts_with(rows[S.URI], exclude), False))) if exclude else rows
+            if exclude:
+                rows = rows.filter(pc.invert(pc.fill_null(pc.starts_with(rows[S.URI], exclude), False)))
+            if exclude_real and rows.num_rows:
+                keep = [not os.path.realpath(u.removeprefix("file://")).startswith(exclude_real) for u in rows[S.URI].to_pylist()]
+                rows = rows.filter(pa.array(keep))
+            yield rows
 
 
 def _open(path: str, storage_options: dict | None):
@@ -143,13 +151,17 @@ def _sources(source: str, storage_options: dict | None, fan_out: int, exclude: s
     """
     kind = _source_kind(source, storage_options)
     if kind == "prefix":
-        if exclude and folder_prefix(source).startswith(exclude):
+        # On local disks a symlink may lead into the output from anywhere: compared after resolving links.
+        local = bool(exclude) and not is_remote(source) and not is_remote(exclude)
+        real = folder_prefix(os.path.realpath(exclude.removeprefix("file://"))) if local else ""
+        if exclude and (folder_prefix(source).startswith(exclude)
+                        or (local and folder_prefix(os.path.realpath(source.removeprefix("file://"))).startswith(real))):
             raise PlanError(f"--input {source} is the output or inside it: scan another prefix, or write the tables elsewhere")
         inside = bool(exclude) and exclude.startswith(folder_prefix(source))
         units = [u for u in split_prefix(source, storage_options, target=fan_out)
                  if not (exclude and folder_prefix(u.prefix).startswith(exclude))]
         items = [{"prefix": u.prefix, "recursive": u.recursive} for u in units]
-        return items, _list_units, dict(storage_options=storage_options, exclude=exclude if inside else ""), \
+        return items, _list_units, dict(storage_options=storage_options, exclude=exclude if inside else "", exclude_real=real), \
             {"input_kind": "prefix", "listing_units": len(units), "output_left_out": inside}
     if kind == "manifest":
         fmt = "parquet" if source.lower().endswith((".parquet", ".pq")) else "csv"
