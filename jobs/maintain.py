@@ -131,21 +131,31 @@ def maintain(cfg: MaintainConfig) -> dict:
     return _record(out, cfg, "maintain", result)
 
 
+_KINDS = {  # what each kind of damage that check finds is, in words (repair mends every one)
+    "data": "data file(s) referenced and missing", "manifests": "manifest file(s) referenced and missing",
+    "metadata": "metadata file(s) referenced and missing", "lineage": "table in the catalog is not the output's own",
+    "intents": "pending commit intent(s) that cannot be finished", "flagged": "partition(s) whose flagged rows are not scores' flagged rows",
+}
+
+
 def run_check(cfg: MaintainConfig) -> dict:
     out = _open(cfg)
     problems = M.check(out)
+    found = []
     for name, kinds in problems.items():
-        for kind, paths in kinds.items():
+        for kind, items in kinds.items():
             if name == "_repair":
-                print(f"a repair was cut short ({paths[0]}): run 'python -m jobs.maintain repair' again to finish it")
+                print(f"a repair was cut short ({items[0]}): run 'python -m jobs.maintain repair' again to finish it")
+                found.append("a repair was cut short")
                 continue
-            print(f"{out.identifier(name)}: {len(paths)} {kind} file(s) referenced and missing, e.g. {paths[0]}")
+            where = "" if name.startswith("_") else f"{out.identifier(name)}: "
+            print(f"{where}{len(items)} {_KINDS.get(kind, kind)}, e.g. {items[0]}")
+            found.append(f"{where}{len(items)} {_KINDS.get(kind, kind)} (e.g. {items[0]})")
     if problems:
-        damaged = [n for n in problems if n != "_repair"]
-        raise JobError(f"{cfg.output}: " + (f"referenced files are missing in {', '.join(damaged)}; " if damaged else "")
-                       + ("a repair was cut short; " if "_repair" in problems else "")
-                       + f"'python -m jobs.maintain repair --output {cfg.output}' mends it (lost objects are scored again)", code=1)
-    print(f"{cfg.output}: every file the tables' live snapshots reference is there")
+        raise JobError(f"{cfg.output}: {'; '.join(found)}; 'python -m jobs.maintain repair --output {cfg.output}' mends it "
+                       "(lost objects are scored again)", code=1)
+    print(f"{cfg.output}: every file the tables' live snapshots reference is there, the tables are the output's own, no intent "
+          "is stuck, and flagged is the flagged rows of scores")
     return {"problems": {}}
 
 
@@ -157,17 +167,22 @@ def run_repair(cfg: MaintainConfig) -> dict:
         except CatalogError as exc:
             raise JobError(str(exc))
     if done["registered"]:
-        print(f"registered again from their newest metadata: {', '.join(done['registered'])}")
+        print(f"registered again from the newest metadata of their own lineage: {', '.join(done['registered'])}")
+    for name, why in done["stale"].items():
+        print(f"{out.identifier(name)}: the catalog held another table ({why}); replaced by the output's own")
+    for intent in done["intents_set_aside"]:
+        print(f"commit intent set aside, its unit rolled forward: {intent}")
+    if done["flagged_partitions"]:
+        print(f"flagged rebuilt from scores in {', '.join(done['flagged_partitions'])}")
     for name, paths in done["removed"].items():
         print(f"{out.identifier(name)}: removed {len(paths)} missing data file(s)")
-    if done["flagged_rows_rebuilt"]:
-        print(f"flagged partitions rebuilt from scores: {done['flagged_rows_rebuilt']} rows")
     if done["state_reset"]:
         print("state dropped: the next scan rebuilds it from history and scores the lost objects again")
     for name, paths in done["unrepairable"].items():
         print(f"{out.identifier(name)}: {len(paths)} manifest or metadata file(s) missing; not repairable here "
               f"(e.g. {paths[0]})", file=sys.stderr)
-    if not (done["registered"] or done["removed"] or done["state_reset"] or done["unrepairable"]):
+    if not (done["registered"] or done["removed"] or done["state_reset"] or done["unrepairable"] or done["stale"]
+            or done["intents_set_aside"] or done["flagged_partitions"]):
         print(f"{cfg.output}: nothing to repair")
     return _record(out, cfg, "repair", done)
 

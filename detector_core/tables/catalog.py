@@ -110,6 +110,8 @@ class ScanOutput(UnitCommits):
             pointer = json.loads(fs.cat_file(f"{root}/{POINTER}"))
         except FileNotFoundError:
             pass
+        except NotADirectoryError:
+            raise NotAScanOutputError(f"{output} is a file, not a folder: give the folder of a scan output") from None
         except (ValueError, UnicodeDecodeError) as exc:
             raise CatalogError(f"{output}/{POINTER} is unreadable ({type(exc).__name__}): write it again as "
                                '{"catalog": "<what --catalog was>", "namespace": "detector"}') from None

@@ -60,12 +60,13 @@ def question_sql(cfg) -> str:
         return """
             WITH s AS (SELECT scan_date, detector_id, count(*) AS scored, count(*) FILTER (WHERE flagged) AS flagged
                        FROM scores GROUP BY ALL),
-                 e AS (SELECT scan_date, detector_id, count(*) AS errors FROM errors GROUP BY ALL)
+                 e AS (SELECT scan_date, detector_id, count(*) AS errors FROM errors GROUP BY ALL),
+                 r AS (SELECT night, string_agg(scan_id, ', ' ORDER BY committed_at) AS repaired_by
+                       FROM (SELECT scan_id, committed_at, unnest(nights) AS night FROM runs WHERE status = 'repair') GROUP BY night)
             SELECT scan_date, detector_id, coalesce(scored, 0) AS scored, coalesce(flagged, 0) AS flagged,
-                   coalesce(errors, 0) AS errors, round(coalesce(flagged, 0) / nullif(scored, 0), 4) AS flagged_rate,
-                   (SELECT string_agg(r.scan_id, ', ' ORDER BY r.committed_at) FROM runs r
-                    WHERE r.status = 'repair' AND list_contains(r.nights, scan_date)) AS repaired_by
-            FROM s FULL OUTER JOIN e USING (scan_date, detector_id) ORDER BY scan_date, detector_id"""
+                   coalesce(errors, 0) AS errors, round(coalesce(flagged, 0) / nullif(scored, 0), 4) AS flagged_rate, r.repaired_by
+            FROM s FULL OUTER JOIN e USING (scan_date, detector_id) LEFT JOIN r ON r.night = scan_date
+            ORDER BY scan_date, detector_id"""
     if q == "per-prefix":
         depth = max(0, int(cfg.depth))
         return f"""

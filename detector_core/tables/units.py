@@ -213,16 +213,33 @@ class UnitCommits:
 
         Objects whose ``errors``/``scores`` share never committed are in no table, and the state
         is derived from those tables only, so they are scored again; those that did commit stay
-        (never scored twice). A ``runs`` row of status ``recovered`` pins the result.
+        (never scored twice). A ``runs`` row of status ``recovered`` pins the result for pinned readers.
         """
+        committed = {n: self.find_commit(self.table(n), scan_id, unit) for n in COMMIT_ORDER}
+        if all(v is None for v in committed.values()):
+            return 0  # nothing of the unit is in any table: its objects are simply scored again
+        rows = self._flagged_from_scores(scan_id, unit, committed["scores"]) if committed["flagged"] is None else 0
+        if self.find_commit(self.table("runs"), scan_id, unit) is None:
+            # Pinned readers (views.pinned_snapshots) see what the newest runs row pins: this row shows what the unit committed.
+            snapshots = {n: (self.table(n).current_snapshot().snapshot_id if self.table(n).current_snapshot() else None)
+                         for n in T.TABLES}
+            when = dt.datetime.now(dt.timezone.utc)
+            row = {"scan_id": scan_id, "unit": unit, "status": "recovered", "scan_date": when.date(), "started_at": when,
+                   "committed_at": when, "flagged": rows, "schema_version": T.SCHEMA_VERSION,
+                   "config": json.dumps({"recovered": "intent set aside", "committed": sorted(n for n, v in committed.items() if v)}),
+                   **{f"{n}_snapshot_id": s for n, s in snapshots.items()}}
+            self._commit("runs", scan_id, unit, rows=T.runs_table([row]))
+        return rows
+
+    def _flagged_from_scores(self, scan_id: str, unit: int, scores_snap: int | None) -> int:
+        """Commit, as the unit's flagged share, the flagged rows of the scores files its snapshot added; returns the rows."""
         import pyarrow.parquet as pq
         from pyiceberg.manifest import ManifestEntryStatus
 
         from detector_core import schema as S
         from detector_core.tables.catalog import data_file_path
 
-        scores_snap = self.find_commit(self.table("scores"), scan_id, unit)
-        if scores_snap is None or self.find_commit(self.table("flagged"), scan_id, unit) is not None:
+        if scores_snap is None:
             return 0
         table = self.table("scores")
         snap = table.snapshot_by_id(scores_snap)
@@ -243,12 +260,6 @@ class UnitCommits:
                 paths.append(new)
                 rows += rows_k.num_rows
         self._commit("flagged", scan_id, unit, paths=paths)
-        snapshots = {n: (self.table(n).current_snapshot().snapshot_id if self.table(n).current_snapshot() else None) for n in T.TABLES}
-        when = dt.datetime.now(dt.timezone.utc)
-        row = {"scan_id": scan_id, "unit": unit, "status": "recovered", "scan_date": when.date(), "started_at": when,
-               "committed_at": when, "flagged": rows, "config": json.dumps({"recovered": "intent set aside; flagged from scores"}),
-               "schema_version": T.SCHEMA_VERSION, **{f"{n}_snapshot_id": s for n, s in snapshots.items()}}
-        self._commit("runs", scan_id, unit, rows=T.runs_table([row]))
         return rows
 
 
