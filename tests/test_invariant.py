@@ -13,7 +13,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_maintain import DAY, _unit, _uris
+from test_maintain import DAY, _unit
 
 from detector_core import schema as S
 from detector_core.tables import maintenance as M
