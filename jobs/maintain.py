@@ -14,14 +14,17 @@ rest on its own schedule (the nightly CronJob runs it after the scan and the rep
 - ``compact``: each finished night's small data files into few large ones;
 - ``orphans``: files no live snapshot references, older than ``--orphan-age-hours``.
 
-It is safe beside a running scan: every change is an optimistic Iceberg commit tried again
-when the scan's commit wins, orphans must be older than any commit in flight, and files a
-pending intent names are kept. It finishes a killed scan's half-committed units only when
-the output's lease is free (never under a running scan). ``repair`` holds the lease
-(``--wait`` for it): it registers the tables of a lost or emptied catalog again from their
-newest metadata, removes referenced files that are missing from the tables, rebuilds the
-damaged ``flagged`` partitions from ``scores``, and drops the ``state`` so that the next
-scan scores the lost objects again. What each run did is saved as
+It is safe beside a running scan: expiry and compaction are optimistic Iceberg commits tried
+again when the scan's commit wins; orphans are removed, and a killed scan's half-committed
+units finished, only while this job holds the output's lease (a running scan's workers write
+files that no intent names yet), orphans only past ``--orphan-age-hours`` (at least
+``MIN_ORPHAN_AGE_HOURS``) and only in the tables' ``data/``/``metadata/`` folders. ``check``
+names every damage that blocks a scan or hides an object; ``repair`` holds the lease
+(``--wait`` for it): it registers the tables of a lost or emptied catalog again from the
+newest metadata of their recorded lineage, replaces stale tables, sets unfinishable intents
+aside (their units rolled forward), removes referenced files that are missing from the
+tables, rebuilds the damaged ``flagged`` partitions from ``scores``, and drops the ``state``
+so that the next scan scores the lost objects again. What each run did is saved as
 ``OUT/_maintenance/<id>.json`` with its resolved config. Nothing here needs Ray.
 """
 

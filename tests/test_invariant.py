@@ -266,13 +266,20 @@ def test_a_night_scanned_again_counts_each_object_once_in_every_answer(tmp_path)
     assert history == [{"n": 16}]  # the raw history stays what it is
 
 
-def test_per_day_names_the_repair_that_changed_a_night_and_runs_shows_its_status(tmp_path):
+def test_per_day_names_the_repair_that_changed_a_night_and_runs_shows_its_status(tmp_path, capsys):
     from jobs.audit import main as audit
     from jobs.maintain import main as maintain
+    from jobs.report import main as report
 
     out = _fresh(tmp_path, units=2)
+    out.commit_unit(_unit(out, "scan-1", 2, status="completed"))
     os.remove(sorted(t.file.file_path for t in out.table("scores").scan().plan_files())[0])
+    with pytest.raises(JobError, match="jobs.maintain check") as err:  # the review page names the mend, as the audit CLI does
+        report(["--scan", out.uri, "--out", str(tmp_path / "r.html")])
+    assert "\n" not in str(err.value)
+    capsys.readouterr()
     maintain(["repair", "--output", out.uri])
+    assert capsys.readouterr().out.startswith("state table detector.state is dropped, because files it was derived from")
     per_day = audit(["query", "per-day", "--scan", out.uri]).to_pylist()
     assert per_day[0]["repaired_by"].startswith("repair-")
     runs = audit(["query", "sql", "--scan", out.uri, "--sql", "SELECT status, committed_at, nights FROM runs WHERE status = 'repair'"])

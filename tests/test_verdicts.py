@@ -127,6 +127,20 @@ def test_parse_refuses_files_without_the_columns():
     assert parse_verdicts(dup, "x.json").num_rows == 1  # a row repeated inside the file counts once
 
 
+def test_a_verdict_from_the_future_is_refused_and_junk_is_called_junk():
+    now = dt.datetime(2026, 12, 7, 12, 0, tzinfo=dt.timezone.utc)
+    ahead = json.dumps([verdict("s3://a/1.jpg", "s", "real", "2026-12-07T12:09:00Z")]).encode()
+    assert parse_verdicts(ahead, "x.json", imported_at=now).num_rows == 1  # a clock a few minutes ahead is fine
+    future = json.dumps([verdict("s3://a/1.jpg", "s", "real", "9999-12-31T00:00:00Z")]).encode()
+    with pytest.raises(VerdictError, match="reviewed_at in the future") as err:
+        parse_verdicts(future, "x.json", imported_at=now)
+    assert "\n" not in str(err.value) and "9999-12-31" in str(err.value)
+    junk = np.random.default_rng(0).bytes(1 << 20)
+    with pytest.raises(VerdictError, match="is not a verdicts file: binary data") as err:
+        parse_verdicts(junk, "junk.csv")
+    assert "UTF-16" not in str(err.value)
+
+
 def test_precision_per_night_equals_a_hand_count_with_wilson_intervals(two_nights, tmp_path):
     s1, s2 = two_nights["scans"]
     scan = str(two_nights["dir"])

@@ -4,7 +4,9 @@ Iceberg commits one table at a time. Before the first of a unit's commits the dr
 the unit's file list as an intent (``OUT/_intents/<scan>-<unit>.json``, written whole or not
 at all); ``recover`` finishes every intent a killed driver left, skipping the tables whose
 snapshot for that unit already exists (``find_commit``: the snapshot properties
-``detector.scan-id``/``detector.unit``). ``UnitCommits`` is that half of ``catalog.ScanOutput``,
+``detector.scan-id``/``detector.unit``) and the files a live snapshot already holds. An
+intent that cannot be finished is set aside, named, and its unit rolled forward from the
+snapshots it did commit (``roll_forward``), so no object is hidden or counted twice. ``UnitCommits`` is that half of ``catalog.ScanOutput``,
 kept apart because it is the part a reader of the recovery rules needs, and nothing else.
 """
 

@@ -14,15 +14,18 @@ an optimistic Iceberg commit, tried again when a scan's commit wins the race):
 - ``compact``: rewrites each finished night's small data files into few large ones (one
   ``replace`` snapshot per table, marked ``detector.compaction`` so the state never counts
   its rows twice); ``runs`` and ``verdicts`` too.
-- ``remove_orphans``: deletes files that no live snapshot references and that are older
-  than a safety age: killed units' files, compaction leftovers, replaced state files, old
+- ``remove_orphans``: deletes files in the tables' ``data/`` and ``metadata/`` folders that no
+  live snapshot references and that are older than a safety age (the caller holds the lease): killed units' files, compaction leftovers, replaced state files, old
   metadata, stale lease temporaries. Files named by a pending intent are kept (recovery
   commits them).
-- ``check`` / ``repair``: referenced files that are missing, and tables a lost catalog no
-  longer knows. ``repair`` registers lost tables from their newest metadata, removes missing
-  files from the tables (flagged rebuilt from scores where either lost rows), drops the
-  state (rebuilt from history, so the lost objects are scored again) and commits a
-  ``runs`` row of status ``repair`` that pins the repaired snapshots.
+- ``check`` / ``repair``: referenced files that are missing, tables a lost catalog no longer
+  knows or holds stale (not the lineage ``_catalog.json`` records), pending intents that
+  cannot be finished, and ``flagged`` partitions that are not ``scores``' flagged rows.
+  ``repair`` registers each lost table from the newest metadata of its own lineage, sets
+  unfinishable intents aside and rolls their units forward, removes missing files from the
+  tables (flagged rebuilt from scores where either lost rows), drops the state (rebuilt
+  from history, so the lost objects are scored again) and commits a ``runs`` row of status
+  ``repair`` that pins the repaired snapshots and names the nights it changed.
 
 One module a step (``expiry``, ``compaction``, ``orphans``, ``damage``: check and repair; ``shared`` is what they share);
 this package exports each step's functions. Nothing here imports Ray; ``jobs.maintain`` is the command.
