@@ -236,7 +236,8 @@ def _png_chunks(data: bytes):
                 raw = inflater.decompress(raw, cap + 1)
             if len(raw) > cap:
                 kept += cap
-                yield key, raw[:cap], f"png_text: chunk {key!r} over {cap >> 10} KB; read in part"
+                size = f"{cap >> 20} MB" if cap % (1 << 20) == 0 else f"{cap >> 10} KB"
+                yield key, raw[:cap], f"png_text: chunk {key!r} over {size}; read in part"
                 continue
             kept += len(raw)
             yield key, raw, None

@@ -30,18 +30,17 @@ The catalog that ``--catalog`` names is opened by ``detector_core.tables.iceberg
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
-import uuid
 from dataclasses import dataclass
 
 import pyarrow as pa
 
-from detector_core.storage import is_remote, join, open_fs, write_atomic
+from detector_core.storage import is_remote, open_fs, write_atomic
 from detector_core.tables import definitions as T
 from detector_core.tables.evolution import NO_REBASE, PROP_SCHEMA_VERSION, evolve_schema, table_properties, upgrade
 from detector_core.tables.iceberg import CatalogError, load_catalog, retrying
+from detector_core.tables.paths import data_file_path, table_location
 from detector_core.tables.state import DEFAULT_PARTITIONS, STATE_SCHEMA, URI_BUCKET
 from detector_core.tables.units import UnitCommits
 
@@ -64,16 +63,6 @@ class LostCatalogError(CatalogError):
 
 class NotAScanOutputError(CatalogError):
     """The folder holds no scan output (no catalog pointer, no table metadata)."""
-
-
-def table_location(output: str, name: str) -> str:
-    """The location of table ``name`` of a scan output (absolute for local outputs)."""
-    return join(output if is_remote(output) else os.path.abspath(output), name)
-
-
-def data_file_path(output: str, name: str, scan_date: str, bucket: str, stem: str) -> str:
-    """A fresh data-file path in table ``name``'s data folder (what workers write before the driver commits)."""
-    return join(table_location(output, name), "data", f"scan_date={scan_date}", f"bucket={bucket}", f"{stem}-{uuid.uuid4().hex}.parquet")
 
 
 @dataclass

@@ -174,14 +174,16 @@ class UnitCommits:
         from pyiceberg.expressions import And, EqualTo
 
         scan_id, unit = intent["scan_id"], int(intent["unit"])
+        missing = [n for n in COMMIT_ORDER if intent["files"].get(n) and self.find_commit(self.table(n), scan_id, unit) is None]
         runs = self.table("runs")
-        if runs.current_snapshot() is not None and runs.scan(
+        if missing and runs.current_snapshot() is not None and runs.scan(
                 row_filter=And(EqualTo("scan_id", scan_id), EqualTo("unit", unit)), selected_fields=("scan_id",)).to_arrow().num_rows:
+            # Its runs row exists, so the unit committed whole, yet these tables show no commit of it: the intent is
+            # older than the snapshots left (restored from a backup). (A driver killed after its runs row, before
+            # deleting the intent, finds every commit: nothing to do, not stale.)
             return f"is for unit {unit} of scan {scan_id}, which is committed whole already (a stale or restored intent)"
-        for name in COMMIT_ORDER:
-            if self.find_commit(self.table(name), scan_id, unit) is not None:
-                continue
-            gone = [p for p in intent["files"].get(name, []) if not self.fs.exists(_fs_path(p))]
+        for name in missing:
+            gone = [p for p in intent["files"][name] if not self.fs.exists(_fs_path(p))]
             if gone:
                 return f"names {len(gone)} {name} data file(s) that are gone (e.g. {gone[0]})"
         return ""
@@ -239,7 +241,7 @@ class UnitCommits:
         from pyiceberg.manifest import ManifestEntryStatus
 
         from detector_core import schema as S
-        from detector_core.tables.catalog import data_file_path
+        from detector_core.tables.paths import data_file_path
 
         if scores_snap is None:
             return 0

@@ -229,15 +229,15 @@ def lock_down(con: duckdb.DuckDBPyConnection, out: ScanOutput, memory_limit: str
     ``_catalog.json``), and ``read_only_sql`` refuses every statement that writes. Spills go to a
     private temporary folder (``temp_directory``), never ``.tmp`` under the working directory.
     """
-    import atexit
     import shutil
     import tempfile
+    import weakref
 
     from detector_core.tables.catalog import OUTPUT_TABLES
 
     folders = [folder_prefix(f"{out.location(n)}/{sub}") for n in OUTPUT_TABLES for sub in ("data", "metadata")]
     spill = tempfile.mkdtemp(prefix="audit-duckdb-")
-    atexit.register(shutil.rmtree, spill, True)
+    weakref.finalize(con, shutil.rmtree, spill, True)  # gone with the connection (or at exit)
     con.execute(f"SET temp_directory = {sql_quote(spill)}")
     if memory_limit:
         con.execute(f"SET memory_limit = {sql_quote(memory_limit)}")
