@@ -6,20 +6,23 @@ Each case is a PNG of ``--max-mb`` MB built to cost the most: many text chunks j
 per-chunk cap (``tEXt``), many small ``zTXt`` chunks that each inflate to the per-chunk cap,
 one ``zTXt`` of ~4 MB that inflates to 4 GiB, and a plain image of the same size for comparison;
 each declares itself generated (an Automatic1111 ``parameters`` chunk first), so the evidence
-must still be read and the pixels still scored. Each runs in a fresh process doing what a
-decode task does per object (``read_evidence`` then ``decode_image`` at the CLIP draft size):
-the figures are the process's peak RSS (``ru_maxrss``) before the bytes are made, after, and
-after evidence + decode, and whether the object decoded (a row of ``scores``) and declared.
+must still be read and the pixels still scored. Each file is written here, then read by a fresh
+process doing what a decode task does per object (its bytes, ``read_evidence``, then
+``decode_image`` at the CLIP draft size): the figures are that process's peak RSS
+(``ru_maxrss``) before it reads the bytes, after, and after evidence + decode, and whether the
+object decoded (a row of ``scores``) and declared.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import struct
 import subprocess
 import sys
+import tempfile
 import zlib
 
 from jobs.common.outputs import write_json
@@ -29,14 +32,14 @@ CASES = ("plain", "text_chunks", "ztxt_many", "ztxt_one")
 CHILD = r"""
 import json, resource, struct, sys, zlib, time
 import numpy as np
-from bench.bench_worst_file import build
 from detector_core.sources.images import decode_image
 from detector_core.sources.provenance import read_evidence
 
 def rss(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-case, max_bytes = sys.argv[1], int(sys.argv[2])
+path = sys.argv[1]
 r0 = rss()
-data = build(case, max_bytes)
+with open(path, "rb") as f:  # as a decode task holds an object: its bytes, read whole
+    data = f.read()
 r1 = rss()
 t0 = time.perf_counter()
 ev = read_evidence(data)
@@ -47,7 +50,7 @@ try:
 except Exception as exc:
     decoded, err = False, f"{type(exc).__name__}: {str(exc)[:120]}"
 t2 = time.perf_counter()
-print(json.dumps({"case": case, "file_bytes": len(data), "rss_start": r0, "rss_with_bytes": r1, "rss_peak": rss(),
+print(json.dumps({"file_bytes": len(data), "rss_start": r0, "rss_with_bytes": r1, "rss_peak": rss(),
                   "evidence_s": round(t1 - t0, 3), "decode_s": round(t2 - t1, 3), "decoded": decoded, "decode_error": err,
                   "declared": ev.declared, "evidence_error": ev.error}))
 """
@@ -76,12 +79,14 @@ def build(case: str, max_bytes: int) -> bytes:
     parts = [head, params]
     if case == "plain":
         parts.append(_chunk(b"tEXt", b"pad\x00" + b"p" * (room - 16)))
-    elif case == "text_chunks":
-        one = _chunk(b"tEXt", b"k\x00" + b"t" * (MAX_TEXT_BYTES - 16))
-        parts.extend([one] * (room // len(one)))
+    elif case == "text_chunks":  # distinct keywords: a reader that keeps each chunk's text keeps them all
+        body = b"t" * (MAX_TEXT_BYTES - 32)
+        n = room // (len(body) + 32)
+        parts.extend(_chunk(b"tEXt", b"k%d\x00" % i + body) for i in range(n))
     elif case == "ztxt_many":
-        one = _chunk(b"zTXt", b"k\x00\x00" + zlib.compress(b"z" * MAX_TEXT_BYTES, 9))
-        parts.extend([one] * (room // len(one)))
+        packed = zlib.compress(b"z" * MAX_TEXT_BYTES, 9)
+        n = room // (len(packed) + 32)
+        parts.extend(_chunk(b"zTXt", b"k%d\x00\x00" % i + packed) for i in range(n))
     elif case == "ztxt_one":  # 4 GiB of text in ~4 MB, then padding
         deflate = zlib.compressobj(9)
         zeros = b"\0" * (1 << 20)
@@ -99,9 +104,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="", help="write the results as JSON here")
     args = ap.parse_args(argv)
     rows = []
+    folder = tempfile.mkdtemp(prefix="bench-worst-")
     for case in CASES:
-        done = subprocess.run([sys.executable, "-c", CHILD, case, str(args.max_mb << 20)], capture_output=True, text=True, check=True)
-        row = json.loads(done.stdout.strip().splitlines()[-1])
+        path = os.path.join(folder, f"{case}.png")
+        with open(path, "wb") as f:
+            f.write(build(case, args.max_mb << 20))
+        done = subprocess.run([sys.executable, "-c", CHILD, path], capture_output=True, text=True, check=True)
+        os.remove(path)
+        row = {"case": case, **json.loads(done.stdout.strip().splitlines()[-1])}
         row["peak_over_bytes_mb"] = round((row["rss_peak"] - row["rss_with_bytes"]) / 2**20, 1)
         row["peak_mb"] = round(row["rss_peak"] / 2**20, 1)
         rows.append(row)
