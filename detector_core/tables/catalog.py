@@ -358,8 +358,19 @@ def _refuse_foreign(fs, root: str, output: str, adopt: bool) -> None:
         entries = [e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(root, detail=False)]
     except (FileNotFoundError, NotADirectoryError):
         return
-    mine = {"catalog.db", "_lease", "_intents", "_maintenance", "_plan"}
-    if _tables_on_disk(fs, root) or not [e for e in entries if e not in mine]:
+    mine = {"_lease", "_intents", "_maintenance", "_plan", POINTER}
+
+    def ours(entry: str) -> bool:
+        if entry in mine or entry.startswith("catalog.db"):  # the SQLite catalog and its -journal/-wal of a concurrent opener
+            return True
+        if entry not in OUTPUT_TABLES:
+            return False
+        try:  # a table folder a concurrent opener is creating: nothing in it but its metadata/data folders yet
+            return all(c.rstrip("/").rsplit("/", 1)[-1] in ("metadata", "data") for c in fs.ls(f"{root}/{entry}", detail=False))
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
+    if _tables_on_disk(fs, root) or all(ours(e) for e in entries):
         return
     if adopt and fs.exists(f"{root}/runs"):
         return
