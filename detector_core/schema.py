@@ -58,6 +58,9 @@ C2PA_STATE = "c2pa_state"
 EVIDENCE_ERROR = "evidence_error"
 WATERMARK = "watermark"
 FLAG_REASON = "flag_reason"
+
+# The features table (schema version 5 outputs gain it when a scan opens them).
+VECTOR = "vector"
 EVIDENCE_COLUMNS = (DECLARED, EVIDENCE_SOURCE, DECLARED_GENERATOR, C2PA_STATE, EVIDENCE_ERROR, WATERMARK)
 
 # Reviewers' verdicts (the verdicts table; jobs.audit verdicts import).
@@ -100,7 +103,7 @@ TYPES = {
     DETECTOR_ID: pa.string(), DETECTOR_KIND: pa.string(), SCAN_ID: pa.string(), SCANNED_AT: pa.timestamp("us", tz="UTC"),
     SCAN_DATE: pa.date32(), BUCKET: pa.string(),
     DECLARED: pa.string(), EVIDENCE_SOURCE: pa.string(), DECLARED_GENERATOR: pa.string(), C2PA_STATE: pa.string(),
-    EVIDENCE_ERROR: pa.string(), WATERMARK: pa.string(), FLAG_REASON: pa.string(),
+    EVIDENCE_ERROR: pa.string(), WATERMARK: pa.string(), FLAG_REASON: pa.string(), VECTOR: pa.binary(),
     VERDICT: pa.string(), NOTE: pa.string(), REVIEWER: pa.string(), REVIEWED_AT: pa.timestamp("us", tz="UTC"),
     REVIEW_DATE: pa.date32(), IMPORTED_AT: pa.timestamp("us", tz="UTC"),
     STRATUM: pa.int16(), STRATUM_LOW: pa.float64(), STRATUM_HIGH: pa.float64(), STRATUM_FLAGGED: pa.int64(),
@@ -115,6 +118,8 @@ LIST_SCHEMA = pa.schema([
 ])
 
 COLUMN_DOCS = {
+    VECTOR: "the exact input of the detector head for this object (the features table): little-endian float16, the feature "
+            "extractor's width (image part, then caption part where the detector uses captions); numpy.frombuffer(v, '<f2')",
     URI: "object URI (s3://bucket/key, gs://…, or a local path)",
     LABEL: "1 = generated, 0 = real",
     CAPTION: "caption or prompt of the image (needed by image+text detectors)",

@@ -123,11 +123,17 @@ def test_hostile_mix_every_object_accounted_for_and_scores_exact(ray_local, bund
 
 
 def _exactly_once(out, uris, catalog=""):
+    from detector_core.tables.catalog import read_table
+
     t = _tables(out, catalog)
     got = t["scores"]["uri"].to_pylist() + t["errors"]["uri"].to_pylist()
     assert sorted(got) == sorted(uris), "every object exactly once in scores + errors"
     flagged = t["flagged"]["uri"].to_pylist()
     assert sorted(flagged) == sorted(u for u, f in zip(t["scores"]["uri"].to_pylist(), t["scores"]["flagged"].to_pylist()) if f)
+    # Every scored object's vector, once per feature extractor: committed in the same units as its scores rows.
+    features = read_table(str(out), "features", catalog=catalog)
+    scored = {(u, f) for u, f in zip(t["scores"]["uri"].to_pylist(), t["scores"]["feature_id"].to_pylist()) if not f.startswith("dnf/")}
+    assert sorted(zip(features["uri"].to_pylist(), features["feature_id"].to_pylist())) == sorted(scored)
     return t
 
 

@@ -37,6 +37,8 @@ ADDED_COLUMNS = (*S.EVIDENCE_COLUMNS, S.FLAG_REASON)  # nullable columns that ro
 METADATA_KEY = b"diffusion_detector.schema_version"
 TABLES = ("scores", "flagged", "errors")
 ALL_TABLES = (*TABLES, "runs")
+FEATURES = "features"
+UNIT_TABLES = (FEATURES, *TABLES)  # what a commit unit adds data files to (jobs.scan); runs pins TABLES
 VERDICTS = "verdicts"
 SAMPLE = "precision_sample"
 REVIEW_TABLES = (VERDICTS, SAMPLE)  # written by people's tools (import, report), not by a scan's commit units
@@ -49,6 +51,10 @@ SCORES_COLUMNS = (S.URI, S.ETAG, S.SIZE, S.WIDTH, S.HEIGHT, S.FORMAT, S.SCORE, S
 ERRORS_COLUMNS = (S.URI, S.ETAG, S.SIZE, S.ERROR_STAGE, S.ERROR_TYPE, S.ERROR_MESSAGE, S.DETECTOR_ID, S.DETECTOR_KIND, S.SCAN_ID,
                   S.SCANNED_AT, *S.EVIDENCE_COLUMNS, *PARTITION_COLUMNS)
 SCORES_SCHEMA = pa.schema([(c, S.TYPES[c]) for c in SCORES_COLUMNS], metadata={METADATA_KEY: SCHEMA_VERSION.encode()})
+# One row per object and feature extractor a scan embedded it with (CLIP family only): the object's version
+# (etag, size) as the state keys it, and the vector its detectors' heads consumed.
+FEATURES_COLUMNS = (S.URI, S.ETAG, S.SIZE, S.FEATURE_ID, S.SCAN_ID, S.SCANNED_AT, S.VECTOR, *PARTITION_COLUMNS)
+FEATURES_SCHEMA = pa.schema([(c, S.TYPES[c]) for c in FEATURES_COLUMNS], metadata={METADATA_KEY: SCHEMA_VERSION.encode()})
 ERRORS_SCHEMA = pa.schema([(c, S.TYPES[c]) for c in ERRORS_COLUMNS], metadata={METADATA_KEY: SCHEMA_VERSION.encode()})
 RUNS_SCHEMA = pa.schema([
     ("scan_id", pa.string()), ("unit", pa.int32()), ("status", pa.string()), (S.SCAN_DATE, pa.date32()),
@@ -63,9 +69,10 @@ VERDICTS_SCHEMA = pa.schema([(c, S.TYPES[c]) for c in VERDICTS_COLUMNS], metadat
 SAMPLE_COLUMNS = (S.URI, S.DETECTOR_ID, S.SCAN_ID, S.SCORE, S.STRATUM, S.STRATUM_LOW, S.STRATUM_HIGH, S.STRATUM_FLAGGED,
                   S.NIGHT_FLAGGED, S.SAMPLE_SIZE, S.SAMPLE_ORDER, S.SAMPLE_SEED, S.DRAWN_AT, *PARTITION_COLUMNS)
 SAMPLE_SCHEMA = pa.schema([(c, S.TYPES[c]) for c in SAMPLE_COLUMNS], metadata={METADATA_KEY: SCHEMA_VERSION.encode()})
-TABLE_SCHEMAS = {"scores": SCORES_SCHEMA, "flagged": SCORES_SCHEMA, "errors": ERRORS_SCHEMA, "runs": RUNS_SCHEMA,
+TABLE_SCHEMAS = {"scores": SCORES_SCHEMA, "flagged": SCORES_SCHEMA, "errors": ERRORS_SCHEMA, "runs": RUNS_SCHEMA, FEATURES: FEATURES_SCHEMA,
                  VERDICTS: VERDICTS_SCHEMA, SAMPLE: SAMPLE_SCHEMA}
 PARTITIONED = {"scores": PARTITION_COLUMNS, "flagged": PARTITION_COLUMNS, "errors": PARTITION_COLUMNS, "runs": (),
+               FEATURES: PARTITION_COLUMNS,
                VERDICTS: (S.REVIEW_DATE,), SAMPLE: (S.SCAN_DATE,)}
 
 # What each table is, for the catalog (Iceberg's ``comment`` property: Glue, Athena and Spark show it).
@@ -73,6 +80,8 @@ TABLE_DOCS = {
     "scores": "one row per scanned object and detector: the score, the threshold and whether it flagged (diffusion-detector)",
     "flagged": "the rows of scores at or above the detector's threshold; committed after scores, so each has its scores row",
     "errors": "one row per object and detector that could not be scored: where and why it failed",
+    FEATURES: "the feature vector each scored object's detector head consumed (CLIP family), float16, committed in the same "
+              "unit as its scores: re-score, compare and train without reading the image again",
     "runs": "one row per commit unit (status 'unit') and finished scan (status 'completed') and detector, with the snapshot ids "
             "of scores, flagged and errors as of that row: pin them to read whole units",
     VERDICTS: "reviewers' verdicts on flagged images (generated, real, unsure), imported from the review page's exports",

@@ -24,7 +24,9 @@ from detector_core.tables import definitions as T
 
 PROP_SCAN = "detector.scan-id"
 PROP_UNIT = "detector.unit"
-COMMIT_ORDER = ("errors", "scores", "flagged")  # flagged after scores: an unpinned reader never sees flagged without scores
+# features first (a scores row's vector is committed whenever it is), flagged after scores (an unpinned reader never
+# sees a flagged row without its scores row).
+COMMIT_ORDER = (T.FEATURES, "errors", "scores", "flagged")
 # Clock skew allowed between the driver that wrote an intent and the one that recovers it.
 INTENT_SKEW_MS = 15 * 60 * 1000
 
@@ -55,6 +57,9 @@ class UnitCommits:
 
         props = {PROP_SCAN: scan_id, PROP_UNIT: str(unit)}
         for attempt in range(retries):
+            if not paths and rows is None:  # nothing of this table in the unit (an output older than the table may lack it)
+                found = self.find_table(name)
+                return found.current_snapshot().snapshot_id if found is not None and found.current_snapshot() else None
             table = self.table(name)
             if check_first or attempt:
                 done = self.find_commit(table, scan_id, unit, since_ms)
@@ -82,7 +87,8 @@ class UnitCommits:
         return f"{self.root}/_intents/{scan_id}-{unit:06d}.json"
 
     def commit_unit(self, intent: dict, check_first: bool = False, before_each=None, only_new: bool = False) -> dict:
-        """Commit a unit: intent first, then errors, scores, flagged (``COMMIT_ORDER``), then its ``runs`` rows; returns snapshot ids.
+        """Commit a unit: intent first, then features, errors, scores, flagged (``COMMIT_ORDER``), then its ``runs`` rows; returns
+        snapshot ids.
 
         ``intent``: ``scan_id``, ``unit``, ``files`` ({table: [paths]}) and ``runs`` (rows, as
         dicts without the snapshot ids). ``before_each(step)`` runs before every commit (the
@@ -219,7 +225,7 @@ class UnitCommits:
         is derived from those tables only, so they are scored again; those that did commit stay
         (never scored twice). A ``runs`` row of status ``recovered`` pins the result for pinned readers.
         """
-        committed = {n: self.find_commit(self.table(n), scan_id, unit) for n in COMMIT_ORDER}
+        committed = {n: self.find_commit(t, scan_id, unit) if (t := self.find_table(n)) is not None else None for n in COMMIT_ORDER}
         if all(v is None for v in committed.values()):
             return 0  # nothing of the unit is in any table: its objects are simply scored again
         rows = self._flagged_from_scores(scan_id, unit, committed["scores"]) if committed["flagged"] is None else 0

@@ -47,6 +47,9 @@ class ScanConfig(RetentionOptions, RayOptions, StorageOptions):
     evidence: bool = opt(True, "read what each file declares about its origin (C2PA, IPTC/XMP DigitalSourceType, generator PNG chunks, EXIF Software) into the evidence columns, from the bytes already read (--no-evidence: not)")
     c2pa_trust: str = opt("", "PEM file of C2PA trust anchors (local or s3://): a manifest whose signer chains to one reads as trusted; none given, a valid manifest reads as untrusted")
     watermarks: bool = opt(False, "also read the Stable Diffusion / SDXL invisible watermark (DWT-DCT, invisible-watermark's decoder): a full-resolution decode and transform per image, ~0.1 s per megapixel per pattern on one core (docs/scaling.md)")
+    keep_features: bool = opt(True, "keep each scored object's feature vector (the CLIP-family head's input, float16, ~1.5 KB for "
+                              "768 values) in the features table, committed with its scores, to re-score, compare and train without "
+                              "reading the image again (--no-keep-features: not; DNF features are never kept: a noise map an image)")
     flag_declared: bool = opt(False, "flag files that declare themselves generated (not by an invalid manifest) whatever their score; flag_reason says declared, score or both")
     crash_actor_once: str = opt("", "testing: the first Scorer batch kills its actor process if this marker file does not exist yet")
     kill_at: str = opt("", "testing: STEP:UNIT kills the driver with SIGKILL before commit step STEP (intent, errors, scores, flagged, runs, done) of unit UNIT")

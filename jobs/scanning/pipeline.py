@@ -33,6 +33,7 @@ from detector_core.method.training import predict_logits
 from detector_core.sources.device_decode import decode_inputs
 from detector_core.sources.images import ImageDecodeError, decode_image
 from detector_core.sources.provenance import flag_decision
+from detector_core.tables.features import encode as encode_vectors
 from detector_core.tables.state import todo_column
 from jobs.scanning.decoding import ENCODED, INTERNAL_COLUMNS, ORIENTATION, PIXELS, has_error, pixel_column
 
@@ -122,6 +123,12 @@ COLUMN_TYPES = {c: S.TYPES[c] for c in (S.URI, S.LABEL, S.CAPTION, S.GENERATOR, 
                                         *S.EVIDENCE_COLUMNS)}
 
 
+def vectors(x: torch.Tensor, ok: np.ndarray) -> pa.Array:
+    """The head's input rows ``x`` (one per ``ok`` row) as the features table's ``vector`` cells (``tables.features.encode``):
+    the same vector the head consumed, rounded to float16 (docs/method.md: what that changes in a score)."""
+    return encode_vectors(x.detach().float().cpu().numpy(), ok)
+
+
 def to_table(batch: dict[str, np.ndarray], extra: dict[str, pa.Array]) -> pa.Table:
     """The batch without pixels, plus ``extra`` columns, as an Arrow table."""
     cols = {}
@@ -190,8 +197,9 @@ class Scorer:
 
     def __init__(self, bundle_uris: list[str], scan_id: str, storage_options: dict | None = None, crash_marker: str = "",
                  load_counter=None, device: str | None = None, gpu: bool = False, flag_declared: bool = False, forward: str = "autocast",
-                 batch_size: int = 0):
+                 batch_size: int = 0, keep_features: bool = False):
         self.crash_marker = crash_marker
+        self.keep_features = keep_features  # each scored row carries its head's input vector (CLIP family), for the features table
         self.flag_declared = flag_declared  # declared-generated files are flagged whatever their score (flag_reason says so)
         self.device = torch.device(device) if device else select_device(gpu)
         self.bundles = [load_bundle(u, storage_options, device=self.device) for u in bundle_uris]
@@ -223,6 +231,7 @@ class Scorer:
             logits = np.full(n, np.nan, dtype=np.float64)
             if ok.any():
                 logits[ok] = predict_logits(b.model, x).double().cpu().numpy()
+            extra = {S.VECTOR: vectors(x, ok)} if self.keep_features and b.features.extractor == "clip" else {}
             scores = expit(logits)
             declared = batch.get(S.DECLARED, np.full(n, None, dtype=object))
             flagged, reason = flag_decision(logits >= b.threshold_logit, declared,
@@ -238,6 +247,7 @@ class Scorer:
                 S.FEATURE_ID: pa.array([b.features.id] * n, pa.string()),
                 S.SCAN_ID: pa.array([self.scan_id] * n, pa.string()),
                 S.SCANNED_AT: pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+                **extra,
             })
             parts.append(table if rows.all() else table.filter(pa.array(rows)))
         # Never empty: a chunk holds only objects that some detector still needs.

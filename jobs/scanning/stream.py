@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -67,8 +68,11 @@ def write_results(batch: pa.Table, output: str, scan_id: str, scan_date: str, st
     failed = pc.is_valid(batch[S.ERROR_STAGE])
     rows = batch.append_column(S.SCAN_DATE, pa.array([dt.date.fromisoformat(scan_date)] * batch.num_rows, pa.date32()))
     rows = rows.append_column(S.BUCKET, T.bucket_column(rows[S.URI]))
-    scores = T.conform(rows.filter(pc.invert(failed)), "scores")
+    scored = rows.filter(pc.invert(failed))
+    scores = T.conform(scored, "scores")
     parts = {"scores": scores, "flagged": scores.filter(pc.fill_null(scores[S.FLAGGED], False)), "errors": T.conform(rows.filter(failed), "errors")}
+    if S.VECTOR in scored.column_names:
+        parts[T.FEATURES] = _features(scored)
     records, call = [], uuid.uuid4().hex
     for name, table in parts.items():
         if table.num_rows == 0:
@@ -77,10 +81,21 @@ def write_results(batch: pa.Table, output: str, scan_id: str, scan_date: str, st
             part = table.filter(pc.equal(table[S.BUCKET], bucket))
             path = data_file_path(output, name, scan_date, bucket, scan_id)  # workers write; only the driver commits
             write_parquet(part, path, storage_options)
-            counts = pc.value_counts(part[S.DETECTOR_ID]).to_pylist()
+            counts = pc.value_counts(part[S.DETECTOR_ID]).to_pylist() if S.DETECTOR_ID in part.column_names else []
             records.append({"call": call, "table": name, "path": path, "rows": part.num_rows,
                             "counts": json.dumps({c["values"]: c["counts"] for c in counts})})
     return pa.Table.from_pylist(records, schema=FILE_RECORD)
+
+
+def _features(scored: pa.Table) -> pa.Table:
+    """The features rows of a batch of scored rows: one per object and feature extractor (detectors that share an
+    extractor carry the same vector), those with a vector only."""
+    with_vector = scored.filter(pc.is_valid(scored[S.VECTOR]))
+    if with_vector.num_rows == 0:
+        return T.FEATURES_SCHEMA.empty_table()
+    indexed = with_vector.append_column("_row", pa.array(np.arange(with_vector.num_rows)))
+    first = indexed.group_by([S.URI, S.FEATURE_ID], use_threads=False).aggregate([("_row", "min")])["_row_min"]
+    return T.conform(with_vector.take(pc.take(first, pc.sort_indices(first))), T.FEATURES)
 
 
 def actor_resources(cfg: ScanConfig) -> tuple[float, int]:
@@ -147,7 +162,7 @@ def build_stream(cfg: ScanConfig, work_files: list[str], n_work: int, uris: list
     ds = ds.map_batches(
         Scorer, fn_constructor_kwargs=dict(bundle_uris=uris, scan_id=scan_id, storage_options=so, crash_marker=cfg.crash_actor_once,
                                            load_counter=counter, gpu=cfg.gpu, flag_declared=cfg.flag_declared,
-                                           forward=cfg.forward, batch_size=cfg.batch_size),
+                                           forward=cfg.forward, batch_size=cfg.batch_size, keep_features=cfg.keep_features),
         batch_size=cfg.batch_size, batch_format="numpy",
         # Ray Data restarts a dead actor and retries its batch (tests/test_scan_faults.py kills one);
         # MIN < MAX is the autoscaling pool.
@@ -206,7 +221,7 @@ def commit_records(stream, chunk_size: int, detector_ids: list[str],
     (the same rows) always commit together.
     """
     def empty():
-        return {t: [] for t in T.TABLES}, {d: {t: 0 for t in T.TABLES} for d in detector_ids}
+        return {t: [] for t in T.UNIT_TABLES}, {d: {t: 0 for t in T.TABLES} for d in detector_ids}
 
     files, counts = empty()
     pending_rows = records = n_files = 0
@@ -225,7 +240,7 @@ def commit_records(stream, chunk_size: int, detector_ids: list[str],
             files[rec["table"]].append(rec["path"])
             for d, n in json.loads(rec["counts"]).items():
                 counts[d][rec["table"]] += n
-            if rec["table"] != "flagged":
+            if rec["table"] in ("scores", "errors"):  # a unit's size: result rows, not their flagged copies or vectors
                 pending_rows += rec["rows"]
         if pending_rows >= chunk_size:  # a block holds whole calls
             commit(files, counts)
