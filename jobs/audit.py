@@ -13,6 +13,7 @@
     python -m jobs.audit query threshold  --scan s3://audit/scans --target-daily-flags 200
     python -m jobs.audit query provenance --scan s3://audit/scans --since 2026-11-01      # what files declare, by source
     python -m jobs.audit query agreement  --scan s3://audit/scans                          # recall on declared-generated files
+    python -m jobs.audit query compare    --scan s3://audit/scans --challenger NEW_ID [--rows]   # after jobs.rescore
     python -m jobs.audit verdicts import verdicts-2026-11-23.csv --scan s3://audit/scans --reviewer alice
     python -m jobs.audit migrate --output s3://audit/scans --catalog detector     # hive Parquet (schema 1-2) -> Iceberg
     ray job submit --address http://127.0.0.1:8265 --runtime-env cluster/runtime_env.yaml -- \
@@ -68,8 +69,9 @@ class AuditConfig(CatalogOptions, StorageOptions):
     bucket: str = opt("", "only objects in this bucket ('local' for local paths)")
     detector_id: str = opt("", "only rows of this detector id (diff: the old detector)")
     against_id: str = opt("", "diff: the new detector id to compare --detector-id with")
+    challenger: str = opt("", "compare: the challenger's detector id (what jobs.rescore wrote); --detector-id: production's")
     threshold: float = opt(float("nan"), "recut: the new threshold on the score scale (0..1)", within="[0, 1]")
-    rows: bool = opt(False, "recut: list the rows flagged at --threshold instead of counts per day")
+    rows: bool = opt(False, "recut: list the rows flagged at --threshold instead of counts per day; compare: the disagreements")
     depth: int = opt(1, "per-prefix: how many folder levels below the bucket make a prefix", within="[1, inf)")
     limit: int = opt(100, "rows to list for top / diff / recut --rows (0 = all)", within="[0, inf)")
     nights: int = opt(28, "drift: the trailing calendar days a night is compared with; threshold: the days of scans it looks at", within="[1, inf)")

@@ -42,7 +42,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Files by how long they run, longest first (2 cores, `make test`): pytest-xdist's workers take
 # whole files in collection order, so the long ones start at once and short files fill the end.
 LONGEST_FIRST = ("test_dnf.py", "test_cluster_head.py", "test_plan.py", "test_train.py", "test_scan_faults.py", "test_scan.py", "test_audit.py",
-                 "test_evaluate.py", "test_rescan.py", "test_invariant.py")
+                 "test_evaluate.py", "test_rescore.py", "test_rescan.py", "test_invariant.py", "test_kept_features.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -130,10 +130,13 @@ def _exactly_once(out, uris, catalog=""):
     assert sorted(got) == sorted(uris), "every object exactly once in scores + errors"
     flagged = t["flagged"]["uri"].to_pylist()
     assert sorted(flagged) == sorted(u for u, f in zip(t["scores"]["uri"].to_pylist(), t["scores"]["flagged"].to_pylist()) if f)
-    # Every scored object's vector, once per feature extractor: committed in the same units as its scores rows.
+    # Every scored object's vector (CLIP family), committed in the same units as its scores rows: once per scan that
+    # embedded it (a repair's lost objects are embedded again by the next scan: a later version, not a double).
     features = read_table(str(out), "features", catalog=catalog)
+    kept = list(zip(features["uri"].to_pylist(), features["feature_id"].to_pylist(), features["scan_id"].to_pylist()))
+    assert len(kept) == len(set(kept)), "a vector committed twice by one scan"
     scored = {(u, f) for u, f in zip(t["scores"]["uri"].to_pylist(), t["scores"]["feature_id"].to_pylist()) if not f.startswith("dnf/")}
-    assert sorted(zip(features["uri"].to_pylist(), features["feature_id"].to_pylist())) == sorted(scored)
+    assert {(u, f) for u, f, _ in kept} == scored
     return t
 
 
@@ -180,7 +183,7 @@ def test_one_stream_models_built_once_per_actor_and_rows_never_reach_the_driver(
     assert summary["model_loads"] == 2  # one pipeline: each of the 2 actors built its models once, for all units
     # What the driver received: exactly one record per data file the tables reference (counted
     # independently from the Iceberg metadata), not one per object.
-    referenced = sum(len(_data_files(out, name)) for name in ("scores", "flagged", "errors"))
+    referenced = sum(len(_data_files(out, name)) for name in ("scores", "flagged", "errors", "features"))
     assert summary["driver_rows_received"] == summary["data_files"] == referenced
     units = sorted((r for r in _tables(out)["runs"].to_pylist() if r["status"] == "unit"), key=lambda r: r["unit"])
     sizes = [r["scored"] + r["errors"] for r in units]

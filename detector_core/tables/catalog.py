@@ -47,7 +47,7 @@ from detector_core.tables.units import UnitCommits
 __all__ = ["CatalogError", "LostCatalogError", "NotAScanOutputError", "ScanOutput", "read_table", "table_location", "data_file_path"]
 
 STATE = "state"
-OUTPUT_TABLES = (*T.ALL_TABLES, T.FEATURES, *T.REVIEW_TABLES, STATE)  # every table a scan output holds
+OUTPUT_TABLES = (*T.ALL_TABLES, T.FEATURES, T.CHALLENGER, *T.REVIEW_TABLES, STATE)  # every table a scan output holds
 HISTORY = ("scores", "errors")  # the tables the state is derived from
 PROP_MARK = "detector.state-history-mark"
 PROP_PARTITIONS = "detector.state-partitions"
@@ -157,7 +157,7 @@ class ScanOutput(UnitCommits):
         ``missing``: the tables known to be missing from the catalog (default: looked up).
         The state is not history (it is rebuilt), so its leftovers never count.
         """
-        history = (*T.ALL_TABLES, T.FEATURES, *T.REVIEW_TABLES)
+        history = (*T.ALL_TABLES, T.FEATURES, T.CHALLENGER, *T.REVIEW_TABLES)
         missing = [n for n in history if self.find_table(n) is None] if missing is None else [n for n in missing if n in history]
         lost = [n for n in missing if self.metadata_files(n)]
         if lost:

@@ -39,6 +39,7 @@ TABLES = ("scores", "flagged", "errors")
 ALL_TABLES = (*TABLES, "runs")
 FEATURES = "features"
 UNIT_TABLES = (FEATURES, *TABLES)  # what a commit unit adds data files to (jobs.scan); runs pins TABLES
+CHALLENGER = "challenger_scores"  # jobs.rescore's rows, keyed by the challenger's detector_id; never production's
 VERDICTS = "verdicts"
 SAMPLE = "precision_sample"
 REVIEW_TABLES = (VERDICTS, SAMPLE)  # written by people's tools (import, report), not by a scan's commit units
@@ -69,10 +70,10 @@ VERDICTS_SCHEMA = pa.schema([(c, S.TYPES[c]) for c in VERDICTS_COLUMNS], metadat
 SAMPLE_COLUMNS = (S.URI, S.DETECTOR_ID, S.SCAN_ID, S.SCORE, S.STRATUM, S.STRATUM_LOW, S.STRATUM_HIGH, S.STRATUM_FLAGGED,
                   S.NIGHT_FLAGGED, S.SAMPLE_SIZE, S.SAMPLE_ORDER, S.SAMPLE_SEED, S.DRAWN_AT, *PARTITION_COLUMNS)
 SAMPLE_SCHEMA = pa.schema([(c, S.TYPES[c]) for c in SAMPLE_COLUMNS], metadata={METADATA_KEY: SCHEMA_VERSION.encode()})
-TABLE_SCHEMAS = {"scores": SCORES_SCHEMA, "flagged": SCORES_SCHEMA, "errors": ERRORS_SCHEMA, "runs": RUNS_SCHEMA, FEATURES: FEATURES_SCHEMA,
+TABLE_SCHEMAS = {"scores": SCORES_SCHEMA, "flagged": SCORES_SCHEMA, "errors": ERRORS_SCHEMA, "runs": RUNS_SCHEMA, FEATURES: FEATURES_SCHEMA, CHALLENGER: SCORES_SCHEMA,
                  VERDICTS: VERDICTS_SCHEMA, SAMPLE: SAMPLE_SCHEMA}
 PARTITIONED = {"scores": PARTITION_COLUMNS, "flagged": PARTITION_COLUMNS, "errors": PARTITION_COLUMNS, "runs": (),
-               FEATURES: PARTITION_COLUMNS,
+               FEATURES: PARTITION_COLUMNS, CHALLENGER: PARTITION_COLUMNS,
                VERDICTS: (S.REVIEW_DATE,), SAMPLE: (S.SCAN_DATE,)}
 
 # What each table is, for the catalog (Iceberg's ``comment`` property: Glue, Athena and Spark show it).
@@ -82,6 +83,8 @@ TABLE_DOCS = {
     "errors": "one row per object and detector that could not be scored: where and why it failed",
     FEATURES: "the feature vector each scored object's detector head consumed (CLIP family), float16, committed in the same "
               "unit as its scores: re-score, compare and train without reading the image again",
+    CHALLENGER: "what a challenger detector says of the objects production scored: jobs.rescore's rows from the stored features, "
+                "with the scores schema, keyed by the challenger's detector_id (query compare); never read as production",
     "runs": "one row per commit unit (status 'unit') and finished scan (status 'completed') and detector, with the snapshot ids "
             "of scores, flagged and errors as of that row: pin them to read whole units",
     VERDICTS: "reviewers' verdicts on flagged images (generated, real, unsure), imported from the review page's exports",

@@ -15,7 +15,11 @@ rate each would have given, with its 95 % Clopper-Pearson interval). The evidenc
 ``provenance`` (per night and bucket, objects by the evidence's source, what it declares and
 the C2PA state) and ``agreement`` (on files that declare themselves generated, the
 detector's recall per generator name and night, with a Wilson interval: production recall
-on the generators users meet, which no held-out set gives).
+on the generators users meet, which no held-out set gives). ``compare`` (a challenger that
+``jobs.rescore`` scored from the stored features against production, per night and bucket:
+flag counts, both / either / neither, agreement and Cohen's κ, the score shift, reviewers'
+verdicts on the disagreements, and each detector's recall on declared-generated files;
+``--rows``: the disagreements themselves).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from detector_core.method.metrics import clopper_pearson, wilson
 from detector_core.tables.views import sql_quote
 
 QUESTIONS = ("per-day", "per-prefix", "top", "detectors", "diff", "recut", "errors", "precision", "drift", "threshold", "provenance",
-             "agreement", "sql")
+             "agreement", "compare", "sql")
 DRIFT_MIN_NIGHTS = 7  # nights in the trailing window before a night is judged
 DRIFT_BAND = 3.0  # standard deviations
 
@@ -39,7 +43,7 @@ class QuestionError(ValueError):
 def where_clause(cfg) -> str:
     """The SQL condition every table view gets (``views.connect(where=…)``): the ``--detector-id`` filter, except for diff."""
     parts = []
-    if cfg.detector_id and cfg.question != "diff":
+    if cfg.detector_id and cfg.question not in ("diff", "compare"):
         parts.append(f"detector_id = {sql_quote(cfg.detector_id)}")
     return " AND ".join(parts)
 
@@ -218,6 +222,50 @@ def question_sql(cfg) -> str:
                  r AS (SELECT *, flagged_by_score / declared_generated AS recall FROM d)
             SELECT scan_date, detector_id, generator, declared_generated, flagged_by_score, recall
             FROM r ORDER BY scan_date, detector_id, declared_generated DESC, generator"""
+    if q == "compare":
+        if not cfg.challenger:
+            raise QuestionError("compare needs --challenger ID (a detector id jobs.rescore wrote; list them with: query sql --sql "
+                                "\"SELECT DISTINCT detector_id FROM challenger_scores\")")
+        prod = f"detector_id = {sql_quote(cfg.detector_id)}" if cfg.detector_id else "true"
+        chal = sql_quote(cfg.challenger)
+        # Production: the current rows (one per object and night). The challenger: its latest row per object and night.
+        joined = f"""
+            p AS (SELECT uri, scan_date, bucket, flagged AS pf, score AS ps, declared, c2pa_state FROM scores WHERE {prod}),
+            c AS (SELECT uri, scan_date, arg_max(flagged, scanned_at) AS cf, arg_max(score, scanned_at) AS cs
+                  FROM challenger_scores WHERE detector_id = {chal} GROUP BY uri, scan_date),
+            j AS (SELECT p.*, c.cf, c.cs, v.verdict FROM p JOIN c USING (uri, scan_date) LEFT JOIN latest_verdicts v USING (uri))"""
+        if cfg.rows:
+            return f"""WITH {joined}
+                SELECT scan_date, bucket, uri, CASE WHEN cf THEN 'challenger only' ELSE 'production only' END AS flagged_by,
+                       ps AS score_production, cs AS score_challenger, verdict
+                FROM j WHERE pf <> cf ORDER BY scan_date, flagged_by, abs(cs - ps) DESC, uri{_limit(cfg)}"""
+        return f"""WITH {joined},
+            a AS (SELECT scan_date, bucket, count(*) AS objects, count(*) FILTER (WHERE pf) AS flagged_production,
+                         count(*) FILTER (WHERE cf) AS flagged_challenger, count(*) FILTER (WHERE pf AND cf) AS flagged_both,
+                         count(*) FILTER (WHERE pf <> cf) AS flagged_either_only, count(*) FILTER (WHERE NOT pf AND NOT cf) AS flagged_neither,
+                         avg(cs - ps) AS mean_score_shift, quantile_cont(cs, 0.9) - quantile_cont(ps, 0.9) AS p90_score_shift,
+                         count(*) FILTER (WHERE pf <> cf AND verdict IN ('generated', 'real')) AS disagreements_reviewed,
+                         count(*) FILTER (WHERE pf <> cf AND ((cf AND verdict = 'generated') OR (pf AND verdict = 'real')))
+                             AS challenger_right,
+                         count(*) FILTER (WHERE declared = 'declared_generated' AND coalesce(c2pa_state, '') NOT IN ('invalid', 'unreadable'))
+                             AS declared_generated,
+                         count(*) FILTER (WHERE pf AND declared = 'declared_generated' AND coalesce(c2pa_state, '') NOT IN ('invalid', 'unreadable'))
+                             AS declared_flagged_production,
+                         count(*) FILTER (WHERE cf AND declared = 'declared_generated' AND coalesce(c2pa_state, '') NOT IN ('invalid', 'unreadable'))
+                             AS declared_flagged_challenger
+                  FROM j GROUP BY ALL)
+            SELECT *, (flagged_both + flagged_neither) / objects AS agreement,
+                   -- Cohen's kappa: observed agreement against the agreement two independent raters with these rates would reach
+                   CASE WHEN 1 - ((flagged_production * flagged_challenger) + (objects - flagged_production) * (objects - flagged_challenger))
+                             / (objects * objects) = 0 THEN NULL
+                        ELSE ((flagged_both + flagged_neither) / objects
+                              - ((flagged_production * flagged_challenger) + (objects - flagged_production) * (objects - flagged_challenger))
+                                / (objects * objects))
+                             / (1 - ((flagged_production * flagged_challenger) + (objects - flagged_production) * (objects - flagged_challenger))
+                                    / (objects * objects)) END AS cohens_kappa,
+                   declared_flagged_production / nullif(declared_generated, 0) AS recall_declared_production,
+                   declared_flagged_challenger / nullif(declared_generated, 0) AS recall_declared_challenger
+            FROM a ORDER BY scan_date, bucket"""
     if q == "sql":
         if not cfg.sql:
             raise QuestionError("sql needs --sql 'SELECT … FROM scores|flagged|errors|runs|verdicts'")

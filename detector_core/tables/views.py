@@ -157,6 +157,7 @@ def connect(out: ScanOutput, where: str = "", since: str = "", until: str = "", 
     if bucket:
         conds.append(f"bucket = {sql_quote(bucket)}")
     cond = " AND ".join(conds) or "true"
+    nights = " AND ".join(conds[1:] if where else conds) or "true"  # the partition filters alone: not production's detector
     pins = pinned_snapshots(out)
     for name in T.TABLES:
         if pins[name] is not None:
@@ -172,7 +173,8 @@ def connect(out: ScanOutput, where: str = "", since: str = "", until: str = "", 
     current_rows(con, rescanned_nights(out))
     # Verdicts are about images, not one scan: every verdict, whatever the filters. The precision
     # sample: the nights in range, as the report drew them. (An output older than a table has none.)
-    for name, view, where_ in ((T.VERDICTS, "verdicts", "true"), (T.SAMPLE, "precision_sample", cond)):
+    # The challengers' rows (jobs.rescore): the nights in range, every challenger (query compare picks one).
+    for name, view, where_ in ((T.VERDICTS, "verdicts", "true"), (T.SAMPLE, "precision_sample", cond), (T.CHALLENGER, T.CHALLENGER, nights)):
         table = out.find_table(name)
         if table is not None and table.current_snapshot() is not None:
             con.execute(f"CREATE VIEW {view} AS SELECT * FROM iceberg_scan({sql_quote(table.metadata_location)}) WHERE {where_}")

@@ -28,7 +28,7 @@ def _with_field_ids(schema: pa.Schema, iceberg_schema) -> pa.Schema:
 
 
 def _new_path(out: ScanOutput, name: str, key: tuple) -> str:
-    if name in T.UNIT_TABLES:
+    if name in (*T.UNIT_TABLES, T.CHALLENGER):
         return data_file_path(out.uri, name, night_of(name, key).isoformat(), key[1], "compacted")
     if name in T.REVIEW_TABLES:
         return join(out.location(name), "data", f"{T.PARTITIONED[name][0]}={night_of(name, key).isoformat()}",
@@ -61,7 +61,7 @@ def _rewrite(out: ScanOutput, name: str, key: tuple, files: list, target_rows: i
 
 
 def compact(out: ScanOutput, before: dt.date | None = None, min_files: int = 4, target_rows: int = COMPACT_TARGET_ROWS,
-            tables: tuple[str, ...] = (*T.ALL_TABLES, T.FEATURES, *T.REVIEW_TABLES)) -> dict[str, int]:
+            tables: tuple[str, ...] = (*T.ALL_TABLES, T.FEATURES, T.CHALLENGER, *T.REVIEW_TABLES)) -> dict[str, int]:
     """Rewrite the small files of each finished night's partitions into few large ones; returns files replaced per table.
 
     A night is finished when its date is before ``before`` (default: yesterday, UTC, so a scan
