@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from detector_core.storage import write_atomic
 from detector_core.tables import definitions as T
+from detector_core.tables.paths import fs_path
 
 PROP_SCAN = "detector.scan-id"
 PROP_UNIT = "detector.unit"
@@ -68,8 +69,8 @@ class UnitCommits:
             if paths and only_new and table.current_snapshot() is not None:
                 # Recovery commits only what no live snapshot holds yet: a file restored from a backup,
                 # or named twice, would otherwise count its rows twice.
-                held = {_fs_path(t.file.file_path) for t in table.scan().plan_files()}
-                paths = [p for p in paths if _fs_path(p) not in held]
+                held = {fs_path(t.file.file_path) for t in table.scan().plan_files()}
+                paths = [p for p in paths if fs_path(p) not in held]
             if not paths and rows is None:
                 return table.current_snapshot().snapshot_id if table.current_snapshot() else None
             try:
@@ -154,9 +155,9 @@ class UnitCommits:
         for name, paths in files.items():
             if name not in COMMIT_ORDER or not isinstance(paths, list):
                 return None
-            folder = _fs_path(f"{self.location(name).rstrip('/')}/data/")
+            folder = fs_path(f"{self.location(name).rstrip('/')}/data/")
             for path in paths:
-                if not (isinstance(path, str) and _fs_path(path).startswith(folder) and ".." not in path.split("/")
+                if not (isinstance(path, str) and fs_path(path).startswith(folder) and ".." not in path.split("/")
                         and scan_id in path.rsplit("/", 1)[-1]):
                     return None
         return intent
@@ -189,7 +190,7 @@ class UnitCommits:
             # deleting the intent, finds every commit: nothing to do, not stale.)
             return f"is for unit {unit} of scan {scan_id}, which is committed whole already (a stale or restored intent)"
         for name in missing:
-            gone = [p for p in intent["files"][name] if not self.fs.exists(_fs_path(p))]
+            gone = [p for p in intent["files"][name] if not self.fs.exists(fs_path(p))]
             if gone:
                 return f"names {len(gone)} {name} data file(s) that are gone (e.g. {gone[0]})"
         return ""
@@ -258,24 +259,19 @@ class UnitCommits:
                  if e.snapshot_id == scores_snap and e.status == ManifestEntryStatus.ADDED]
         paths, rows = [], 0
         for path in added:
-            with self.fs.open(_fs_path(path), "rb") as f:
+            with self.fs.open(fs_path(path), "rb") as f:
                 part = pq.read_table(f)
             part = T.conform(part.filter(part[S.FLAGGED]), "flagged")
             for key in part.group_by([S.SCAN_DATE, S.BUCKET]).aggregate([]).to_pylist():
                 rows_k = part.filter(_eq(part, key))
                 new = data_file_path(self.uri, "flagged", key[S.SCAN_DATE].isoformat(), key[S.BUCKET], scan_id)
-                self.fs.makedirs(_fs_path(new).rsplit("/", 1)[0], exist_ok=True)
-                with self.fs.open(_fs_path(new), "wb") as f:
+                self.fs.makedirs(fs_path(new).rsplit("/", 1)[0], exist_ok=True)
+                with self.fs.open(fs_path(new), "wb") as f:
                     pq.write_table(rows_k, f)
                 paths.append(new)
                 rows += rows_k.num_rows
         self._commit("flagged", scan_id, unit, paths=paths)
         return rows
-
-
-def _fs_path(path: str) -> str:
-    """A path without its scheme, as the output's fsspec filesystem names it."""
-    return path.split("://", 1)[1] if "://" in path else path
 
 
 def _unit_from_name(path: str) -> tuple[str, int] | None:

@@ -9,11 +9,11 @@ import time
 
 from detector_core.tables import definitions as T
 from detector_core.tables.catalog import ScanOutput
+from detector_core.tables.paths import fs_path
 from detector_core.tables.units import PROP_SCAN, PROP_UNIT
 
 SNAPSHOT_COLUMNS = tuple(f"{t}_snapshot_id" for t in T.TABLES)
 EPOCH = dt.date(1970, 1, 1)
-_SCHEMES = ("file://", "s3://", "s3a://", "gs://", "gcs://")
 
 
 def epoch_ms(value: dt.datetime) -> int:
@@ -41,14 +41,6 @@ def retry_commit(fn, what: str, attempts: int = 6):
 def unit_of(snapshot) -> tuple[str | None, str | None]:
     props = snapshot.summary.additional_properties if snapshot.summary else {}
     return props.get(PROP_SCAN), props.get(PROP_UNIT)
-
-
-def fs_path(path: str) -> str:
-    """A table's file path as the output's fsspec filesystem names it (no scheme)."""
-    for scheme in _SCHEMES:
-        if path.startswith(scheme):
-            return path[len(scheme):]
-    return path
 
 
 def referenced(table) -> dict[str, set[str]]:
