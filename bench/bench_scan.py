@@ -17,7 +17,7 @@ For each image set (full-size 3000x2000 JPEG photos; ~500 px JPEGs), on one mach
    forward + MLP, one process;
 3. the forward pass alone (CLIP + MLP) on pre-decoded, preprocessed tensors.
 
-    python -m bench.bench_scan [--clip-model ViT-B-32] [--photos 240] [--small 480] [--skip-legacy | --against REF]
+    python -m bench.bench_scan [--clip-model ViT-B-32] [--photos 240] [--small 480] [--skip-legacy | --against REF] [--also=FLAGS]
 """
 
 from __future__ import annotations
@@ -87,6 +87,8 @@ def main(argv=None):
     ap.add_argument("--gpu", action="store_true", help="run the model on the GPU (scans get --gpu)")
     ap.add_argument("--skip-legacy", action="store_true", help="only this checkout's scan")
     ap.add_argument("--against", default="", help="the commit whose scan to compare with (default: bench.legacy.LEGACY_REF, the per-chunk scan)")
+    ap.add_argument("--also", default="", help="this checkout's scan again with these extra flags, as its own row "
+                    "(e.g. --also=--no-keep-features: what keeping features costs)")
     ap.add_argument("--json", default="", help="also write the figures here")
     args = ap.parse_args(argv)
     from bench.legacy import LEGACY_REF, legacy_tree, scan_process
@@ -107,6 +109,8 @@ def main(argv=None):
             "small ~500px": write_images(tmp / "small", args.small, (500, 375), 2)}
     against = args.against or LEGACY_REF
     codes = {"new": None} if args.skip_legacy else {"new": None, f"old {against}": legacy_tree(against)}
+    extra = {f"new {args.also}": args.also.split()} if args.also else {}
+    codes.update({name: None for name in extra})
     rows = []
 
     def command(folder: Path, n: int) -> float:
@@ -122,9 +126,9 @@ def main(argv=None):
                        capture_output=True, cwd=Path(__file__).resolve().parents[1])
         return time.perf_counter() - t0
 
-    def run(tree, folder: Path, n: int) -> dict:
+    def run(tree, folder: Path, n: int, flags: list[str]) -> dict:
         return scan_process(["--detector", str(tmp / "detector"), "--input", str(folder), "--output", str(tmp / f"out-{uuid.uuid4().hex[:6]}"),
-                             "--chunk-size", str(max(1, n // 4)), *(["--gpu"] if args.gpu else [])], tree)
+                             "--chunk-size", str(max(1, n // 4)), *(["--gpu"] if args.gpu else []), *flags], tree)
 
     for name, paths in sets.items():
         half = paths[0].parent.with_name(paths[0].parent.name + "-half")
@@ -134,8 +138,8 @@ def main(argv=None):
         loop = plain_loop(paths, enc, mlp, args.batch_size)
         fwd = forward_only(paths, enc, mlp, args.batch_size)
         for code, tree in codes.items():
-            s_half = run(tree, half, len(paths) // 2)
-            s_full = run(tree, paths[0].parent, len(paths))
+            s_half = run(tree, half, len(paths) // 2, extra.get(code, []))
+            s_full = run(tree, paths[0].parent, len(paths), extra.get(code, []))
             steady = (len(paths) - len(paths) // 2) / max(s_full["seconds"] - s_half["seconds"], 1e-9)
             cmd = len(paths) / command(paths[0].parent, len(paths)) if code == "new" else None
             rows.append({"images": name, "code": code, "e2e": len(paths) / s_full["seconds"], "steady": steady, "loop": loop, "fwd": fwd,
