@@ -15,7 +15,7 @@ from test_scan import _exactly_once, _images
 from detector_core import schema as S
 from detector_core.method.bundle import load_bundle
 from detector_core.method.training import predict_logits
-from detector_core.tables.catalog import read_table
+from detector_core.tables.catalog import ScanOutput, read_table
 from detector_core.tables.features import decode
 from jobs import scan
 
@@ -67,3 +67,6 @@ def test_the_readmes_features_snippet_runs_as_written(ray_local, bundle_dir, tmp
     exec(compile(block, "README.md (features)", "exec"), {})
     rows, shape = capsys.readouterr().out.split(" ", 1)
     assert rows == "4" and shape.startswith("(4, ")
+    # A relative --output: the workers (another working directory) wrote under this one, where the driver meant.
+    written = [t.file.file_path for name in ("features", "scores") for t in ScanOutput.open("scans").table(name).scan().plan_files()]
+    assert written and all(p.startswith(str(tmp_path / "scans") + "/") for p in written), written

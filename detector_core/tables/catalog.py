@@ -30,6 +30,7 @@ The catalog that ``--catalog`` names is opened by ``detector_core.tables.iceberg
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -113,7 +114,9 @@ class ScanOutput(UnitCommits):
         if not lost_ok and not catalog and not is_remote(output):
             _refuse_lost_sqlite(fs, root, output)
         try:
-            out = cls(output.rstrip("/"), fs, root, load_catalog(catalog, output, storage_options), catalog, namespace,
+            # A local output by its absolute path: workers in other processes (another working directory) write under it.
+            uri = output.rstrip("/") if is_remote(output) else os.path.abspath(output.removeprefix("file://")).rstrip("/")
+            out = cls(uri, fs, root, load_catalog(catalog, output, storage_options), catalog, namespace,
                       storage_options)
             if create:
                 out.ensure_tables(lost_ok=lost_ok)
